@@ -1,0 +1,32 @@
+"""edgekit: ship small open LLMs to laptops and edge boxes.
+
+``build`` turns a checkpoint into a package (ONNX variants plus a manifest); ``load`` runs a package.
+Importing edgekit is light: torch and transformers load only when a build needs them.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from edgekit.build import BuildResult, build
+    from edgekit.runtimes.model import Model, load
+
+__all__ = ["BuildResult", "Model", "__version__", "build", "load"]
+
+_LAZY = {
+    "build": "edgekit.build",
+    "BuildResult": "edgekit.build",
+    "load": "edgekit.runtimes.model",
+    "Model": "edgekit.runtimes.model",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'edgekit' has no attribute {name!r}")

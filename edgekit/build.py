@@ -1,0 +1,243 @@
+"""``edgekit build``: checkpoint in, verified package out.
+
+The steps: resolve and check the source (no weights read), stage it (dequantizing a GGUF file), export
+every variant with onnxruntime-genai's builder, check the fp32 reference against PyTorch, write the
+manifest, and rename the finished package into place.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from edgekit import __version__
+from edgekit.errors import MissingDependencyError
+from edgekit.exporters.onnx_builder import output_to_log, run_builder
+from edgekit.exporters.registry import Architecture
+from edgekit.exporters.sources import (
+    CheckedFolder,
+    SourceSpec,
+    check_folder,
+    check_gguf_source,
+    classify_source,
+    download_hub_snapshot,
+    stage_folder,
+)
+from edgekit.exporters.validate import ParityResult, check_reference
+from edgekit.package import sha256_file, staged_output, write_manifest
+from edgekit.progress import StepRecord, StepReporter
+from edgekit.quant.schemes import REFERENCE_VARIANT, VariantSpec, plan_variants
+from edgekit.targets import Target, get_target
+
+BUILD_LOG = "build.log"
+_TOOLS = ("onnxruntime", "onnxruntime-genai", "onnx", "transformers", "torch", "gguf", "numpy")
+
+
+@dataclass
+class BuildResult:
+    """What a build produced."""
+
+    out: Path
+    manifest: dict[str, Any]
+    steps: list[StepRecord] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def build(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    target: str = "laptop-cpu",
+    *,
+    force: bool = False,
+    allow_pickle: bool = False,
+    targets_file: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+) -> BuildResult:
+    """Build a package at ``out`` from a Hugging Face folder, a GGUF file or a hub id, for ``target``."""
+    _require_export_extra()
+    profile = get_target(target, None if targets_file is None else Path(targets_file))
+    spec = classify_source(source)
+    out_path = Path(out)
+    # Everything that can be checked without reading weights is checked before anything is written.
+    prechecked = _precheck(spec, allow_pickle)
+    with (
+        staged_output(out_path, force=force) as staging,
+        tempfile.TemporaryDirectory(prefix="edgekit-") as work,StepReporter(enabled=progress) as reporter
+    ):
+        result = _build_into(spec, prechecked, profile, staging, Path(work), reporter, allow_pickle)
+    result.out = out_path.absolute()
+    return result
+
+
+def _precheck(spec: SourceSpec, allow_pickle: bool) -> CheckedFolder | None:
+    """Checks that need no weights: the folder's config, architecture and file headers, or the GGUF layout."""
+    if spec.kind == "folder":
+        assert spec.path is not None
+        return check_folder(spec.path, allow_pickle=allow_pickle)
+    if spec.kind == "gguf":
+        assert spec.path is not None
+        from edgekit.exporters.gguf_import import gguf_architecture
+
+        check_gguf_source(spec.path)
+        gguf_architecture(spec.path)
+    return None
+
+
+def _build_into(
+    spec: SourceSpec,
+    prechecked: CheckedFolder | None,
+    target: Target,
+    staging: Path,
+    work: Path,
+    reporter: StepReporter,
+    allow_pickle: bool,
+) -> BuildResult:
+    log_path = staging / BUILD_LOG
+    log_path.touch()
+    with output_to_log(log_path):  # transformers' and the builder's progress bars belong in the log
+        hf_folder, checked, source_files = _prepare_source(spec, prechecked, work, reporter, allow_pickle)
+    variants: dict[str, dict[str, Any]] = {}
+    for variant in plan_variants(target):
+        with reporter.step(f"export {variant.name} ({variant.precision}, {variant.provider})"):
+            run_builder(
+                hf_folder,
+                staging / variant.name,
+                precision=variant.precision,
+                provider=variant.provider,
+                options=variant.builder_options(),
+                cache_dir=work / "builder-cache",
+                log_path=log_path,
+            )
+            fix_tokenizer_class(staging / variant.name, checked.architecture)
+        variants[variant.name] = _variant_entry(variant, staging)
+    with reporter.step("validate fp32 ONNX against PyTorch"), output_to_log(log_path):
+        architecture = checked.architecture
+        parity = check_reference(
+            hf_folder, staging / REFERENCE_VARIANT, architecture.builder_class, architecture.tolerance
+        )
+    manifest = _manifest(spec, target, checked, source_files, variants, parity, reporter.records)
+    with reporter.step("write manifest"):
+        write_manifest(staging, manifest)
+    return BuildResult(staging, manifest, reporter.records, checked.warnings)
+
+
+def _prepare_source(
+    spec: SourceSpec, prechecked: CheckedFolder | None, work: Path, reporter: StepReporter, allow_pickle: bool
+) -> tuple[Path, CheckedFolder, list[Path]]:
+    """Stage the source as a Hugging Face folder the builder can read (dequantizing or downloading it)."""
+    if spec.kind == "gguf":
+        assert spec.path is not None
+        from edgekit.exporters.gguf_import import import_gguf
+
+        with reporter.step("dequantize GGUF to fp32 (transformers) and verify"):
+            imported = import_gguf(spec.path, work / "gguf-hf")
+        checked = check_folder(work / "gguf-hf")
+        checked.warnings.append(f"verified {imported.tensors_checked} tensors against the GGUF file")
+        source_files = [spec.path]
+    elif prechecked is not None:
+        checked, source_files = prechecked, prechecked.weight_files
+    else:
+        with reporter.step(f"download {spec.origin}"):
+            folder = download_hub_snapshot(spec.origin)
+            checked = check_folder(folder, allow_pickle=allow_pickle)
+        source_files = checked.weight_files
+    with reporter.step("stage checkpoint for the builder"):
+        staged = stage_folder(checked, work / "staged")
+        if not checked.parameter_count:
+            checked.parameter_count = _count_parameters(staged)
+    return staged, checked, source_files
+
+
+def fix_tokenizer_class(variant_folder: Path, architecture: Architecture) -> None:
+    """Point the exported tokenizer_config.json at a class onnxruntime-genai loads, where needed."""
+    if architecture.genai_tokenizer_class is None:
+        return
+    path = variant_folder / "tokenizer_config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    config["tokenizer_class"] = architecture.genai_tokenizer_class
+    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _count_parameters(folder: Path) -> int:
+    from edgekit.exporters.weight_files import read_safetensors_header
+
+    total = 0
+    for path in folder.glob("*.safetensors"):
+        for info in read_safetensors_header(path.resolve()):
+            count = 1
+            for dim in info.shape:
+                count *= dim
+            total += count
+    return total
+
+
+def _variant_entry(variant: VariantSpec, root: Path) -> dict[str, Any]:
+    folder = root / variant.name
+    return {
+        "path": variant.name,
+        "precision": variant.precision,
+        "method": variant.method,
+        "provider": variant.provider,
+        "block_size": variant.block_size,
+        "accuracy_level": variant.accuracy_level,
+        "bytes": sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()),
+    }
+
+
+def _manifest(
+    spec: SourceSpec,
+    target: Target,
+    checked: CheckedFolder,
+    source_files: list[Path],
+    variants: dict[str, dict[str, Any]],
+    parity: ParityResult,
+    steps: list[StepRecord],
+) -> dict[str, Any]:
+    architecture: Architecture = checked.architecture
+    deployed = list(variants)[-1]
+    return {
+        "edgekit_version": __version__,
+        "source": {
+            "kind": spec.kind,
+            "location": spec.origin,
+            "weights": [{"name": p.name, "sha256": sha256_file(p)} for p in source_files],
+        },
+        "architecture": architecture.model_type,
+        "parameter_count": checked.parameter_count,
+        "target": target.name,
+        "default_variant": deployed,
+        "targets": {target.name: {"variant": deployed, "providers": [p.value for p in target.providers]}},
+        "variants": variants,
+        "validation": {
+            "variant": REFERENCE_VARIANT,
+            "prompt": parity.prompt,
+            "tokens": parity.tokens,
+            "max_abs_diff": parity.max_abs_diff,
+            "tolerance": parity.tolerance,
+            "top1_agreement": parity.top1_agreement,
+        },
+        "tools": {"python": platform.python_version(), **{name: _version(name) for name in _TOOLS}},
+        "build_steps": [record.as_dict() for record in steps],
+    }
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _require_export_extra() -> None:
+    missing = [name for name in ("torch", "transformers", "safetensors") if _version(name) is None]
+    if missing:
+        raise MissingDependencyError(
+            f"building needs {', '.join(missing)}, which are not installed",
+            fix="pip install 'edgekit[export]' (with torch==2.13.0 for the CPU build)",
+        )

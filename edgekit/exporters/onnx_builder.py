@@ -1,0 +1,85 @@
+"""Run onnxruntime-genai's model builder in-process, with its console output sent to a log file.
+
+The builder prints freely (options, per-layer progress, tqdm bars, onnxruntime's C++ warnings), so the
+process's stdout and stderr file descriptors are pointed at the package's build log for the duration of
+the call; edgekit's own progress display writes to a saved copy of the terminal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from edgekit.errors import ExportError
+
+
+@contextlib.contextmanager
+def output_to_log(log_path: Path) -> Iterator[None]:
+    """Send everything written to fd 1 and fd 2 (Python and native code alike) to ``log_path``."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with log_path.open("ab") as log:
+        try:
+            os.dup2(log.fileno(), 1)
+            os.dup2(log.fileno(), 2)
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def run_builder(
+    hf_folder: Path,
+    out_dir: Path,
+    *,
+    precision: str,
+    provider: str,
+    options: dict[str, str],
+    cache_dir: Path,
+    log_path: Path,
+) -> None:
+    """Export ``hf_folder`` to an onnxruntime-genai model folder at ``out_dir``.
+
+    ``options`` are the builder's ``extra_options`` (``block_size``, ``accuracy_level``, ...). Any builder
+    failure becomes an ``ExportError`` that points at the log.
+    """
+    try:
+        from onnxruntime_genai.models.builder import create_model, parse_extra_options
+    except ImportError as exc:
+        raise ExportError(
+            f"onnxruntime-genai's model builder cannot be imported ({exc})",
+            fix="pip install 'edgekit[export]'",
+        ) from None
+    # hf_token=false: a local folder never needs the network, and a stored token must not leak into logs.
+    pairs = [f"{key}={value}" for key, value in {"hf_token": "false", **options}.items()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    failure: Exception | None = None
+    with output_to_log(log_path):
+        print(f"== edgekit: builder {precision}/{provider} {pairs} -> {out_dir.name}", flush=True)
+        try:
+            parsed = parse_extra_options(
+                None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), pairs
+            )
+            create_model(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), **parsed)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            failure = exc
+    if failure is not None:
+        raise ExportError(
+            f"onnxruntime-genai's builder failed on the {precision} {provider} export "
+            f"({type(failure).__name__}: {failure})",
+            path=log_path,
+            fix="see the log for the builder's traceback",
+        )

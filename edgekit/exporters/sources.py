@@ -1,0 +1,209 @@
+"""Build sources: a local Hugging Face folder, a GGUF file, or a hub id, checked and staged for export.
+
+Everything here runs before a single weight is read: config.json is parsed, the architecture looked up,
+remote code and pickle weights refused, weight-file headers checked. Staging then makes a private
+folder for the builder (adapted config.json, links to the user's files) so the user's checkpoint is never
+modified.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import SourceError
+from edgekit.exporters.registry import Architecture, lookup_architecture, supported_architectures
+from edgekit.exporters.weight_files import check_gguf, read_safetensors_header
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a model folder may hand the builder; code (*.py) and pickles are never staged.
+_STAGED_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt", ".tiktoken")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+_FOLDER_FIX = (
+    "point at a Hugging Face model folder (config.json, *.safetensors, tokenizer files) or a .gguf file"
+)
+
+
+@dataclass
+class SourceSpec:
+    """Where a build's checkpoint comes from, as the user named it."""
+
+    kind: str  # "folder", "gguf" or "hub"
+    origin: str
+    path: Path | None = None
+
+
+@dataclass
+class CheckedFolder:
+    """A Hugging Face folder that passed every pre-load check."""
+
+    folder: Path
+    config: dict[str, Any]
+    architecture: Architecture
+    weight_files: list[Path]
+    pickle_weights: bool = False
+    parameter_count: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def classify_source(source: str | os.PathLike[str]) -> SourceSpec:
+    """Decide whether ``source`` is a folder, a GGUF file or a hub id; errors when it is none of them."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return SourceSpec("folder", text, path.resolve())
+    if path.is_file():
+        if path.suffix.lower() == ".gguf" or _starts_with(path, b"GGUF"):
+            return SourceSpec("gguf", text, path.resolve())
+        raise SourceError("is a file but not a GGUF file", path=path, fix=_FOLDER_FIX)
+    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        return SourceSpec("hub", text)
+    raise SourceError("does not exist", path=path, fix=_FOLDER_FIX)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """Parse a folder's config.json, with an error naming the file when it is missing or invalid."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise SourceError("no config.json in this folder", path=folder, fix=_FOLDER_FIX)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SourceError(
+            f"is not valid JSON ({exc})", path=path, fix="restore config.json from the model's source"
+        ) from None
+    if not isinstance(config, dict):
+        raise SourceError(
+            "must hold a JSON object", path=path, fix="restore config.json from the model's source"
+        )
+    return config
+
+
+def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
+    """Run every check that needs no weights: config, architecture, remote code, weights, tokenizer."""
+    config = read_config(folder)
+    config_path = folder / "config.json"
+    if "auto_map" in config and config.get("model_type") not in supported_architectures():
+        raise SourceError(
+            f"declares custom model code (auto_map) for architecture '{config.get('model_type')}'; "
+            "edgekit never runs code shipped with a checkpoint",
+            path=config_path,
+            fix="use a checkpoint of an architecture transformers implements: "
+            + ", ".join(supported_architectures()),
+        )
+    architecture = lookup_architecture(config, config_path)
+    warnings = []
+    if "auto_map" in config:
+        warnings.append(
+            f"{config_path}: ignoring auto_map; the built-in {architecture.model_type} code is used"
+        )
+    safetensors = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
+    if safetensors:
+        parameter_count = sum(
+            _numel(info.shape) for path in safetensors for info in read_safetensors_header(path)
+        )
+        weights, is_pickle = safetensors, False
+    elif pickles:
+        if not allow_pickle:
+            raise SourceError(
+                "holds only pickle weights, which can run code when loaded",
+                path=pickles[0],
+                fix="convert them to safetensors, or pass --allow-pickle to load them with "
+                "torch.load(weights_only=True)",
+            )
+        weights, is_pickle, parameter_count = pickles, True, 0
+    else:
+        raise SourceError("no weight files (*.safetensors) in this folder", path=folder, fix=_FOLDER_FIX)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise SourceError(
+            "no tokenizer (tokenizer.json or tokenizer.model) in this folder",
+            path=folder,
+            fix="copy the model's tokenizer files next to its weights",
+        )
+    return CheckedFolder(folder, config, architecture, weights, is_pickle, parameter_count, warnings)
+
+
+def stage_folder(checked: CheckedFolder, stage: Path) -> Path:
+    """Make the builder's private copy of a checked folder: adapted config.json, links to the rest.
+
+    Pickle weights are loaded with ``torch.load(weights_only=True)`` and rewritten as safetensors here,
+    so no later library ever unpickles them.
+    """
+    stage.mkdir(parents=True, exist_ok=True)
+    config = checked.architecture.builder_config(checked.config)
+    (stage / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    for item in sorted(checked.folder.iterdir()):
+        if item.name == "config.json" or not item.is_file() or not item.name.endswith(_STAGED_SUFFIXES):
+            continue
+        (stage / item.name).symlink_to(item.resolve())
+    if checked.pickle_weights:
+        _convert_pickles(checked.weight_files, stage / "model.safetensors")
+        for index in stage.glob("pytorch_model*.index.json"):
+            index.unlink()
+    return stage
+
+
+def download_hub_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path:
+    """Download a hub repository's config, safetensors and tokenizer files (never code or pickles)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise SourceError(
+            "hub ids need huggingface_hub", path=repo_id, fix="pip install 'edgekit[export]'"
+        ) from exc
+    try:
+        folder = snapshot_download(
+            repo_id,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            allow_patterns=[f"*{suffix}" for suffix in _STAGED_SUFFIXES],
+        )
+    except Exception as exc:  # network, auth and missing-repo errors all end the same way for the user
+        raise SourceError(
+            f"cannot download from the Hugging Face hub ({type(exc).__name__}: {exc})",
+            path=repo_id,
+            fix="check the id and your network, or download the model and pass its folder",
+        ) from None
+    return Path(folder)
+
+
+def check_gguf_source(path: Path) -> None:
+    """Check a GGUF file's structure before transformers dequantizes it."""
+    check_gguf(path)
+
+
+def _convert_pickles(pickles: list[Path], target: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    for path in pickles:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise SourceError(
+                f"cannot be loaded safely ({type(exc).__name__}: {exc})",
+                path=path,
+                fix="convert the checkpoint to safetensors with the tool that made it",
+            ) from None
+        tensors.update({name: value.contiguous() for name, value in state.items()})
+    save_file(tensors, str(target), metadata={"format": "pt"})
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with path.open("rb") as handle:
+        return handle.read(len(magic)) == magic

@@ -1,0 +1,134 @@
+"""Parity of the exported fp32 reference against PyTorch, the check every build ends with."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import ValidationError
+
+VALIDATION_PROMPT = "The capital of France is Paris. Edge devices run small language models because"
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    """How far the ONNX logits are from PyTorch's on the validation prompt."""
+
+    prompt: str
+    tokens: int
+    max_abs_diff: float
+    tolerance: float
+    top1_agreement: float
+
+    @property
+    def passed(self) -> bool:
+        """True when the difference is within tolerance and every position picks the same token."""
+        return self.max_abs_diff <= self.tolerance and self.top1_agreement == 1.0
+
+
+def onnx_logits(model_dir: Path, input_ids: np.ndarray) -> np.ndarray:
+    """Run an onnxruntime-genai model folder's decoder on ``input_ids`` [1, S] with an empty cache."""
+    import onnxruntime as ort
+
+    genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(
+        str(model_dir / genai["filename"]), options, providers=["CPUExecutionProvider"]
+    )
+    seq = input_ids.shape[1]
+    feed: dict[str, np.ndarray] = {}
+    for spec in session.get_inputs():
+        if spec.name == "input_ids":
+            feed[spec.name] = input_ids.astype(np.int64)
+        elif spec.name == "attention_mask":
+            feed[spec.name] = np.ones((1, seq), dtype=np.int64)
+        elif spec.name == "position_ids":
+            positions = np.arange(seq, dtype=np.int64)
+            # Multimodal-rope decoders (Qwen3.5) take [3, batch, seq]: one row per rope section.
+            feed[spec.name] = positions[None, :] if len(spec.shape) == 2 else np.tile(positions, (3, 1, 1))
+        else:
+            feed[spec.name] = _empty_state(spec, genai)
+    logits = session.run(["logits"], feed)[0]
+    return np.asarray(logits, dtype=np.float32)
+
+
+def _empty_state(spec: Any, genai: dict[str, Any]) -> np.ndarray:
+    """A zero-length cache (or zeroed recurrent state) for one past-state input of the decoder."""
+    dims = []
+    for dim in spec.shape:
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif "batch" in dim:
+            dims.append(1)
+        elif dim == "past_sliding_length":
+            # A sliding-window cache has a fixed capacity; its valid length comes from attention_mask.
+            dims.append(int((genai.get("sliding_window") or {}).get("window_size", 0)))
+        elif "sequence" in dim or "past" in dim:
+            dims.append(0)
+        elif dim in ("kv_cache_dim", "head_size"):
+            dims.append(int(genai["head_size"]))
+        else:
+            raise ValueError(f"cannot size input '{spec.name}': unknown dimension '{dim}'")
+    dtype = {
+        "tensor(float)": np.float32,
+        "tensor(float16)": np.float16,
+        "tensor(int64)": np.int64,
+        "tensor(int32)": np.int32,
+    }[spec.type]
+    return np.zeros(dims, dtype=dtype)
+
+
+def torch_logits(hf_folder: Path, input_ids: np.ndarray, model_class: str) -> np.ndarray:
+    """Logits of the Hugging Face model in ``hf_folder`` (fp32, eager attention) on ``input_ids``.
+
+    ``model_class`` is the transformers class the builder read the weights with, so both sides load the
+    same modules (a multimodal checkpoint's text path, for instance).
+    """
+    import torch
+    import transformers
+
+    loader = getattr(transformers, model_class)
+    model = loader.from_pretrained(str(hf_folder), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    with torch.no_grad():
+        logits = model(torch.from_numpy(input_ids.astype(np.int64))).logits
+    return logits.float().numpy()
+
+
+def encode_prompt(hf_folder: Path, prompt: str = VALIDATION_PROMPT) -> np.ndarray:
+    """Token ids [1, S] of ``prompt`` with the checkpoint's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder))
+    ids = tokenizer(prompt, return_tensors="np")["input_ids"]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def check_reference(hf_folder: Path, onnx_dir: Path, model_class: str, tolerance: float) -> ParityResult:
+    """Compare the fp32 ONNX export with PyTorch; raises ``ValidationError`` when they disagree."""
+    ids = encode_prompt(hf_folder)
+    expected = torch_logits(hf_folder, ids, model_class)
+    actual = onnx_logits(onnx_dir, ids)
+    result = compare_logits(expected, actual, tolerance)
+    if not result.passed:
+        raise ValidationError(
+            f"fp32 ONNX logits differ from PyTorch by {result.max_abs_diff:.3g} (tolerance {tolerance:g}, "
+            f"top-1 agreement {result.top1_agreement:.1%})",
+            path=onnx_dir,
+            fix="the export is wrong for this checkpoint; report it with the build log",
+        )
+    return result
+
+
+def compare_logits(expected: np.ndarray, actual: np.ndarray, tolerance: float) -> ParityResult:
+    """Max absolute difference and top-1 agreement between two [1, S, V] logit arrays."""
+    if expected.shape != actual.shape:
+        raise ValidationError(f"ONNX logits have shape {actual.shape}, PyTorch's {expected.shape}")
+    diff = float(np.abs(expected - actual).max())
+    agreement = float((expected.argmax(-1) == actual.argmax(-1)).mean())
+    return ParityResult(VALIDATION_PROMPT, int(expected.shape[1]), diff, tolerance, agreement)

@@ -1,0 +1,161 @@
+"""Cheap structural checks of weight files, done before any library is allowed to read them.
+
+A truncated or crafted file must give a typed error that names it, quickly and in little memory, instead
+of a crash deep inside a loader. These checks read headers only, never tensor data.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import CorruptFileError
+
+# safetensors' own loader caps the header at 100 MB; a real header is a few hundred KB.
+MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
+    "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4,
+    "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+_FIX_REDOWNLOAD = "download or copy the file again; it is truncated or not a safetensors file"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Name, dtype and shape of one tensor as a weight file's header declares it."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_safetensors_header(path: Path) -> list[TensorInfo]:
+    """Validate a safetensors file's header against its size and return its tensors.
+
+    Checks the declared header length, that the header is a JSON object, each tensor's dtype, that its
+    byte range matches its shape, and that the ranges tile the data section exactly (no overlap, no gap,
+    no truncation).
+    """
+    size = _file_size(path)
+    with path.open("rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise CorruptFileError("shorter than a safetensors header", path=path, fix=_FIX_REDOWNLOAD)
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > MAX_SAFETENSORS_HEADER or 8 + header_len > size:
+            raise CorruptFileError(
+                f"declares a {header_len}-byte header in a {size}-byte file", path=path, fix=_FIX_REDOWNLOAD
+            )
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptFileError(f"header is not JSON ({exc})", path=path, fix=_FIX_REDOWNLOAD) from None
+    if not isinstance(header, dict):
+        raise CorruptFileError("header is not a JSON object", path=path, fix=_FIX_REDOWNLOAD)
+    data_size = size - 8 - header_len
+    tensors: list[TensorInfo] = []
+    ranges: list[tuple[int, int, str]] = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        info, begin, end = _parse_tensor_entry(path, name, entry)
+        tensors.append(info)
+        ranges.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(ranges):
+        if begin != position:
+            problem = "overlaps the tensor before it" if begin < position else "leaves a gap before it"
+            raise CorruptFileError(f"tensor '{name}' {problem}", path=path, fix=_FIX_REDOWNLOAD)
+        position = end
+    if position != data_size:
+        raise CorruptFileError(
+            f"tensors need {position} bytes of data but the file holds {data_size}",
+            path=path,
+            fix=_FIX_REDOWNLOAD,
+        )
+    return tensors
+
+
+def _parse_tensor_entry(path: Path, name: str, entry: object) -> tuple[TensorInfo, int, int]:
+    if not isinstance(entry, dict):
+        raise CorruptFileError(
+            f"tensor '{name}' has a malformed header entry", path=path, fix=_FIX_REDOWNLOAD
+        )
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in _DTYPE_BYTES:
+        raise CorruptFileError(f"tensor '{name}' has unknown dtype {dtype!r}", path=path, fix=_FIX_REDOWNLOAD)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise CorruptFileError(f"tensor '{name}' has a malformed shape", path=path, fix=_FIX_REDOWNLOAD)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise CorruptFileError(f"tensor '{name}' has malformed data_offsets", path=path, fix=_FIX_REDOWNLOAD)
+    # Python integers do not overflow, so a crafted shape cannot wrap around to a small byte count.
+    expected = math.prod(shape) * _DTYPE_BYTES[dtype]
+    if expected != offsets[1] - offsets[0]:
+        raise CorruptFileError(
+            f"tensor '{name}' of shape {shape} needs {expected} bytes but spans {offsets[1] - offsets[0]}",
+            path=path,
+            fix=_FIX_REDOWNLOAD,
+        )
+    return TensorInfo(name, dtype, tuple(shape)), offsets[0], offsets[1]
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_reader(path: str, size: int, mtime_ns: int) -> Any:
+    from gguf import GGUFReader
+
+    return GGUFReader(path)
+
+
+def open_gguf(path: Path) -> Any:
+    """A ``gguf.GGUFReader`` for ``path``, shared between callers while the file is unchanged.
+
+    Parsing the metadata of a real file takes seconds (a tokenizer's vocabulary is tens of thousands of
+    fields), so the check, the architecture lookup and the import verification read it once.
+    """
+    stat = path.stat()
+    return _gguf_reader(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def check_gguf(path: Path) -> None:
+    """Check that a GGUF file opens and that every tensor's data lies inside the file."""
+    size = _file_size(path)
+    fix = "download or copy the GGUF file again; it is truncated or not a GGUF file"
+    with path.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise CorruptFileError("does not start with the GGUF magic bytes", path=path, fix=fix)
+    try:
+        reader = open_gguf(path)
+    except ImportError:
+        raise
+    except Exception as exc:  # the reader fails with bare IndexError/ValueError on damaged files
+        raise CorruptFileError(
+            f"cannot be parsed as GGUF ({type(exc).__name__}: {exc})", path=path, fix=fix
+        ) from None
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise CorruptFileError(
+                f"tensor '{tensor.name}' ends at byte {end}, past the end of the {size}-byte file",
+                path=path,
+                fix=fix,
+            )
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError as exc:
+        raise CorruptFileError(f"cannot be read ({exc.strerror})", path=path) from None

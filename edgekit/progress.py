@@ -1,0 +1,115 @@
+"""Progress of long work: one live line per step, and the seconds and peak memory each step took.
+
+The console writes to a duplicate of the terminal's stderr taken when the reporter starts, so it keeps
+showing while the builder's own output is redirected into the build log.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from typing import IO, Any
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+
+@dataclass
+class StepRecord:
+    """How long a step took and the process's peak resident memory during it."""
+
+    name: str
+    seconds: float
+    peak_rss_mb: float
+
+    def as_dict(self) -> dict[str, Any]:
+        """The record as plain JSON-able data."""
+        return asdict(self)
+
+
+def current_rss_mb() -> float:
+    """Resident memory of this process now, in MiB (Linux /proc; elsewhere the lifetime peak)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class _PeakSampler(threading.Thread):
+    def __init__(self, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.peak = current_rss_mb()
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval):
+            self.peak = max(self.peak, current_rss_mb())
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, current_rss_mb())
+
+
+class StepReporter:
+    """Shows each step of a long job as it runs and records its time and peak memory."""
+
+    def __init__(self, *, enabled: bool = True, stream: IO[str] | None = None) -> None:
+        self.records: list[StepRecord] = []
+        self.enabled = enabled
+        self._stream = stream
+        self._owned: IO[str] | None = None
+        self._progress: Progress | None = None
+
+    def __enter__(self) -> StepReporter:
+        if self.enabled:
+            stream = self._stream
+            if stream is None:
+                # A private copy of stderr: the builder's redirection of fd 2 must not swallow progress.
+                stream = self._owned = os.fdopen(os.dup(2), "w", buffering=1)
+            self.console = Console(file=stream, stderr=False)
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=20),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=False,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._owned is not None:
+            self._owned.close()
+
+    @contextlib.contextmanager
+    def step(self, name: str) -> Iterator[None]:
+        """Run the body as one named step."""
+        task = self._progress.add_task(name, total=1) if self._progress is not None else None
+        sampler = _PeakSampler()
+        sampler.start()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds = time.perf_counter() - start
+            peak = sampler.stop()
+            self.records.append(StepRecord(name, round(seconds, 2), round(peak, 1)))
+            if self._progress is not None and task is not None:
+                self._progress.update(task, completed=1, description=f"{name} [dim]({peak:,.0f} MiB)[/dim]")
+
+    def print(self, *objects: Any) -> None:
+        """Print below the progress lines (no-op when disabled)."""
+        if self._progress is not None:
+            self._progress.console.print(*objects)

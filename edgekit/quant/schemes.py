@@ -1,0 +1,61 @@
+"""The variants a build makes, as typed specs, and how each maps onto builder options.
+
+Every package holds an fp32 reference (exported for the CPU, which is what validation and accuracy
+measurement run on) and the variant its target deploys: INT4 round-to-nearest with the target's block
+size and MatMulNBits accuracy level, or fp16/fp32 for targets that ask for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgekit.targets import Precision, Provider, Target
+
+REFERENCE_VARIANT = "fp32"
+
+
+@dataclass(frozen=True)
+class VariantSpec:
+    """One variant of a package: its folder name and how the builder makes it."""
+
+    name: str
+    precision: str  # fp32 | fp16 | int4
+    method: str  # none | rtn
+    provider: str
+    block_size: int | None = None
+    accuracy_level: int | None = None
+    """MatMulNBits compute type; ``None`` leaves the builder's default for the provider."""
+
+    def builder_options(self) -> dict[str, str]:
+        """The builder ``extra_options`` that make this variant."""
+        options: dict[str, str] = {}
+        if self.precision == "int4":
+            options["block_size"] = str(self.block_size)
+            if self.accuracy_level is not None:
+                options["accuracy_level"] = str(self.accuracy_level)
+        return options
+
+
+def reference_variant() -> VariantSpec:
+    """The fp32 CPU reference every package carries."""
+    return VariantSpec(REFERENCE_VARIANT, "fp32", "none", Provider.CPU.value)
+
+
+def deploy_variant(target: Target) -> VariantSpec:
+    """The variant ``target`` runs: its precision, block size and accuracy level on its first provider."""
+    provider = target.build_provider.value
+    if target.precision is Precision.INT4:
+        level = target.accuracy_level or None
+        return VariantSpec("int4-rtn", "int4", "rtn", provider, target.block_size, level)
+    if target.precision is Precision.FP16:
+        return VariantSpec("fp16", "fp16", "none", provider)
+    return reference_variant()
+
+
+def plan_variants(target: Target) -> list[VariantSpec]:
+    """The variants a build for ``target`` makes, reference first, without duplicates."""
+    plan = [reference_variant()]
+    deployed = deploy_variant(target)
+    if deployed != plan[0]:
+        plan.append(deployed)
+    return plan

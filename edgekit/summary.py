@@ -1,0 +1,104 @@
+"""Human-readable output of builds, manifests and targets (rich tables on stdout)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from edgekit.build import BuildResult
+    from edgekit.targets import Target
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def _variants_table(manifest: dict[str, Any]) -> Table:
+    table = Table(title="variants")
+    for column in ("variant", "precision", "method", "provider", "block", "acc. level", "size"):
+        table.add_column(column)
+    default = manifest.get("default_variant")
+    for name, entry in manifest.get("variants", {}).items():
+        table.add_row(
+            f"{name} *" if name == default else name,
+            entry["precision"],
+            entry["method"],
+            entry["provider"],
+            str(entry.get("block_size") or "-"),
+            str(entry.get("accuracy_level") if entry.get("accuracy_level") is not None else "default"),
+            _mb(entry["bytes"]),
+        )
+    return table
+
+
+def print_build_summary(result: BuildResult, console: Console | None = None) -> None:
+    """One screen after a build: variants, validation, step times, where things are, what to run next."""
+    console = console or Console()
+    manifest = result.manifest
+    validation = manifest["validation"]
+    console.print(_variants_table(manifest))
+    steps = Table(title="steps")
+    for column in ("step", "seconds", "peak RSS"):
+        steps.add_column(column)
+    for record in result.steps:
+        steps.add_row(record.name, f"{record.seconds:.1f}", f"{record.peak_rss_mb:,.0f} MiB")
+    console.print(steps)
+    console.print(
+        f"validation: fp32 ONNX vs PyTorch max |Δlogit| = {validation['max_abs_diff']:.2e} "
+        f"(tolerance {validation['tolerance']:g}), top-1 agreement {validation['top1_agreement']:.0%}"
+    )
+    for warning in result.warnings:
+        console.print(f"note: {warning}")
+    console.print(f"package: {result.out}  (* = deployed for {manifest['target']}; log: build.log)")
+    console.print(f'next: edgekit run {result.out} --prompt "..."')
+
+
+def print_manifest(root: Path, manifest: dict[str, Any], console: Console | None = None) -> None:
+    """Readable form of a package's manifest."""
+    console = console or Console()
+    source = manifest["source"]
+    console.print(
+        f"[bold]{root}[/bold]  edgekit {manifest['edgekit_version']}, schema {manifest['schema_version']}"
+    )
+    console.print(f"source: {source['kind']} {source['location']}")
+    for weight in source.get("weights", []):
+        console.print(f"  {weight['name']}  sha256 {weight['sha256']}")
+    console.print(f"architecture: {manifest['architecture']}, {manifest['parameter_count']:,} parameters")
+    console.print(_variants_table(manifest))
+    for name, entry in manifest.get("targets", {}).items():
+        console.print(f"target {name}: runs '{entry['variant']}' on {' -> '.join(entry['providers'])}")
+    validation = manifest.get("validation", {})
+    if validation:
+        console.print(
+            f"validation: {validation['variant']} vs PyTorch max |Δlogit| {validation['max_abs_diff']:.2e} "
+            f"(tolerance {validation['tolerance']:g}) on {validation['tokens']} tokens"
+        )
+    tools = ", ".join(f"{k} {v}" for k, v in manifest.get("tools", {}).items() if v)
+    console.print(f"tools: {tools}")
+    console.print(
+        f"files: {len(manifest.get('files', []))}, {_mb(sum(f['size'] for f in manifest.get('files', [])))}"
+    )
+
+
+def print_targets(targets: dict[str, Target], console: Console | None = None) -> None:
+    """Table of targets, and which of their providers this machine can start."""
+    from edgekit.runtimes.providers import available_providers
+
+    console = console or Console()
+    here = set(available_providers())
+    table = Table(title=f"targets (providers on this machine: {', '.join(sorted(here))})")
+    for column in ("target", "providers", "precision", "block", "memory", "description"):
+        table.add_column(column)
+    for target in targets.values():
+        chain = " -> ".join(
+            p.value if p.value in here else f"[dim]{p.value} (absent)[/dim]" for p in target.providers
+        )
+        memory = f"{target.memory_limit_mb} MB" if target.memory_limit_mb else "-"
+        table.add_row(
+            target.name, chain, target.precision.value, str(target.block_size), memory, target.description
+        )
+    console.print(table)

