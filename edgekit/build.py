@@ -68,7 +68,8 @@ def build(
     prechecked = _precheck(spec, allow_pickle)
     with (
         staged_output(out_path, force=force) as staging,
-        tempfile.TemporaryDirectory(prefix="edgekit-") as work,StepReporter(enabled=progress) as reporter
+        tempfile.TemporaryDirectory(prefix="edgekit-") as work,
+        StepReporter(enabled=progress) as reporter,
     ):
         result = _build_into(spec, prechecked, profile, staging, Path(work), reporter, allow_pickle)
     result.out = out_path.absolute()

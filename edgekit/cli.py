@@ -196,7 +196,7 @@ def demo(out: Path, prompt: str, rebuild: bool) -> None:
         print_build_summary(build_package(demo_gguf_path(), out, DEFAULT_TARGET, force=True))
     with load(out, DEFAULT_TARGET) as model:
         click.echo(f"\n[{model.info.variant} on {model.info.provider}] {prompt}", err=True)
-        _echo_stream(model.chat([{"role": "user", "content": prompt}], stream=True))
+        _echo_stream(model.chat([{"role": "user", "content": prompt}], stream=True, max_new_tokens=64))
 
 
 if __name__ == "__main__":
