@@ -15,8 +15,8 @@ from pathlib import Path
 
 from machine import describe_machine
 
-from edgekit.build import build
 from edgekit.demo import demo_gguf_path
+from edgekit.pipeline import build
 
 
 def main() -> None:

@@ -11,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
-    from edgekit.build import BuildResult, build
+    from edgekit.pipeline import BuildResult, build
     from edgekit.runtimes.model import Model, load
 
 __all__ = ["BuildResult", "Model", "__version__", "build", "load"]
 
 _LAZY = {
-    "build": "edgekit.build",
-    "BuildResult": "edgekit.build",
+    "build": "edgekit.pipeline",
+    "BuildResult": "edgekit.pipeline",
     "load": "edgekit.runtimes.model",
     "Model": "edgekit.runtimes.model",
 }

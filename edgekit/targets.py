@@ -98,9 +98,7 @@ def parse_targets(data: Any, path: str | Path = "targets.yaml") -> dict[str, Tar
         raise TargetError("the top level must be a mapping with 'schema_version' and 'targets'", path=path)
     _reject_unknown(data, {"schema_version", "targets"}, "top level", path)
     if data.get("schema_version") != SCHEMA_VERSION:
-        raise TargetError(
-            f"schema_version must be {SCHEMA_VERSION}, got {data.get('schema_version')!r}", path=path
-        )
+        raise TargetError(f"schema_version must be {SCHEMA_VERSION}, got {data.get('schema_version')!r}", path=path)
     entries = data.get("targets")
     if not isinstance(entries, Mapping) or not entries:
         raise TargetError("'targets' must be a non-empty mapping of target names to profiles", path=path)
@@ -112,9 +110,7 @@ def get_target(name: str, path: str | Path | None = None) -> Target:
     targets = load_targets(path)
     if name not in targets:
         known = ", ".join(sorted(targets))
-        raise TargetError(
-            f"unknown target '{name}'", path=path or bundled_targets_path(), fix=f"use one of: {known}"
-        )
+        raise TargetError(f"unknown target '{name}'", path=path or bundled_targets_path(), fix=f"use one of: {known}")
     return targets[name]
 
 
@@ -131,13 +127,13 @@ def _parse_target(name: str, body: Any, path: str | Path) -> Target:
         raise TargetError(f"{where}: 'providers' must be a non-empty list", path=path)
     precision = _enum(Precision, body.get("precision", "int4"), f"{where}: precision", path)
     block_size = body.get("block_size", 32)
-    if block_size not in _BLOCK_SIZES:
+    if isinstance(block_size, bool) or block_size not in _BLOCK_SIZES:
         raise TargetError(f"{where}: block_size {block_size!r} is not one of {list(_BLOCK_SIZES)}", path=path)
     accuracy_level = body.get("accuracy_level", 0)
-    if accuracy_level not in (0, 1, 2, 3, 4):
+    if isinstance(accuracy_level, bool) or accuracy_level not in (0, 1, 2, 3, 4):
         raise TargetError(f"{where}: accuracy_level {accuracy_level!r} is not 0..4", path=path)
     memory = body.get("memory_limit_mb")
-    if memory is not None and (not isinstance(memory, int) or memory <= 0):
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
         raise TargetError(f"{where}: memory_limit_mb must be a positive integer", path=path)
     return Target(
         name=name,

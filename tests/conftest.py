@@ -36,7 +36,7 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def tiny_llama_package(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A package built once from the tiny llama checkpoint."""
-    from edgekit.build import build
+    from edgekit.pipeline import build
 
     out = tmp_path_factory.mktemp("pkg") / "llama"
     build(tiny_checkpoints("llama"), out, "laptop-cpu", progress=False)

@@ -18,9 +18,7 @@ def smollm2_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from click.testing import CliRunner
 
     out = tmp_path_factory.mktemp("smollm2") / "pkg"
-    result = CliRunner().invoke(
-        main, ["build", str(demo_gguf_path()), "-o", str(out), "--target", "laptop-cpu"]
-    )
+    result = CliRunner().invoke(main, ["build", str(demo_gguf_path()), "-o", str(out), "--target", "laptop-cpu"])
     assert result.exit_code == 0, result.output
     return out
 

@@ -92,9 +92,7 @@ def import_gguf(path: Path, out: Path) -> GGUFImport:
     return GGUFImport(config, architecture, checked)
 
 
-def verify_against_file(
-    path: Path, state: dict[str, Any], model_type: str, n_head: int, n_kv_head: int
-) -> int:
+def verify_against_file(path: Path, state: dict[str, Any], model_type: str, n_head: int, n_kv_head: int) -> int:
     """Compare imported tensors with the GGUF file dequantized by ``gguf``; returns how many matched.
 
     Raises ``ExportError`` naming the first tensor whose values differ.

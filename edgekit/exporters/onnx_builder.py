@@ -22,11 +22,13 @@ def output_to_log(log_path: Path) -> Iterator[None]:
     sys.stdout.flush()
     sys.stderr.flush()
     saved = os.dup(1), os.dup(2)
-    with log_path.open("ab") as log:
+    with log_path.open("ab") as log, open(log.fileno(), "w", closefd=False, buffering=1) as text:
         try:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
-            yield
+            # Where sys.stdout is not fd 1 (an embedding app, click's test runner), redirect it too.
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+                yield
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
@@ -65,9 +67,7 @@ def run_builder(
     with output_to_log(log_path):
         print(f"== edgekit: builder {precision}/{provider} {pairs} -> {out_dir.name}", flush=True)
         try:
-            parsed = parse_extra_options(
-                None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), pairs
-            )
+            parsed = parse_extra_options(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), pairs)
             create_model(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), **parsed)
         except (KeyboardInterrupt, MemoryError):
             raise

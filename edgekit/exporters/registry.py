@@ -40,9 +40,7 @@ class Architecture:
         """The config.json to hand the builder: the user's, with ``architectures`` set and fixes applied."""
         adapted = copy.deepcopy(dict(config))
         adapted["architectures"] = [self.builder_class]
-        adapted.pop(
-            "auto_map", None
-        )  # custom code is never run; the builder must not even see a pointer to it
+        adapted.pop("auto_map", None)  # custom code is never run; the builder must not even see a pointer to it
         for fix in self.config_fixes:
             adapted = fix(adapted)
         return adapted

@@ -26,9 +26,7 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a model folder may hand the builder; code (*.py) and pickles are never staged.
 _STAGED_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt", ".tiktoken")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
-_FOLDER_FIX = (
-    "point at a Hugging Face model folder (config.json, *.safetensors, tokenizer files) or a .gguf file"
-)
+_FOLDER_FIX = "point at a Hugging Face model folder (config.json, *.safetensors, tokenizer files) or a .gguf file"
 
 
 @dataclass
@@ -80,9 +78,7 @@ def read_config(folder: Path) -> dict[str, Any]:
             f"is not valid JSON ({exc})", path=path, fix="restore config.json from the model's source"
         ) from None
     if not isinstance(config, dict):
-        raise SourceError(
-            "must hold a JSON object", path=path, fix="restore config.json from the model's source"
-        )
+        raise SourceError("must hold a JSON object", path=path, fix="restore config.json from the model's source")
     return config
 
 
@@ -95,21 +91,16 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
             f"declares custom model code (auto_map) for architecture '{config.get('model_type')}'; "
             "edgekit never runs code shipped with a checkpoint",
             path=config_path,
-            fix="use a checkpoint of an architecture transformers implements: "
-            + ", ".join(supported_architectures()),
+            fix="use a checkpoint of an architecture transformers implements: " + ", ".join(supported_architectures()),
         )
     architecture = lookup_architecture(config, config_path)
     warnings = []
     if "auto_map" in config:
-        warnings.append(
-            f"{config_path}: ignoring auto_map; the built-in {architecture.model_type} code is used"
-        )
+        warnings.append(f"{config_path}: ignoring auto_map; the built-in {architecture.model_type} code is used")
     safetensors = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
     if safetensors:
-        parameter_count = sum(
-            _numel(info.shape) for path in safetensors for info in read_safetensors_header(path)
-        )
+        parameter_count = sum(_numel(info.shape) for path in safetensors for info in read_safetensors_header(path))
         weights, is_pickle = safetensors, False
     elif pickles:
         if not allow_pickle:
@@ -156,9 +147,7 @@ def download_hub_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
-        raise SourceError(
-            "hub ids need huggingface_hub", path=repo_id, fix="pip install 'edgekit[export]'"
-        ) from exc
+        raise SourceError("hub ids need huggingface_hub", path=repo_id, fix="pip install 'edgekit[export]'") from exc
     try:
         folder = snapshot_download(
             repo_id,

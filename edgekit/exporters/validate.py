@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from edgekit.errors import ValidationError
+from edgekit.runtimes.decoder_session import DecoderSession
 
 VALIDATION_PROMPT = "The capital of France is Paris. Edge devices run small language models because"
 
@@ -32,55 +31,7 @@ class ParityResult:
 
 def onnx_logits(model_dir: Path, input_ids: np.ndarray) -> np.ndarray:
     """Run an onnxruntime-genai model folder's decoder on ``input_ids`` [1, S] with an empty cache."""
-    import onnxruntime as ort
-
-    genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(
-        str(model_dir / genai["filename"]), options, providers=["CPUExecutionProvider"]
-    )
-    seq = input_ids.shape[1]
-    feed: dict[str, np.ndarray] = {}
-    for spec in session.get_inputs():
-        if spec.name == "input_ids":
-            feed[spec.name] = input_ids.astype(np.int64)
-        elif spec.name == "attention_mask":
-            feed[spec.name] = np.ones((1, seq), dtype=np.int64)
-        elif spec.name == "position_ids":
-            positions = np.arange(seq, dtype=np.int64)
-            # Multimodal-rope decoders (Qwen3.5) take [3, batch, seq]: one row per rope section.
-            feed[spec.name] = positions[None, :] if len(spec.shape) == 2 else np.tile(positions, (3, 1, 1))
-        else:
-            feed[spec.name] = _empty_state(spec, genai)
-    logits = session.run(["logits"], feed)[0]
-    return np.asarray(logits, dtype=np.float32)
-
-
-def _empty_state(spec: Any, genai: dict[str, Any]) -> np.ndarray:
-    """A zero-length cache (or zeroed recurrent state) for one past-state input of the decoder."""
-    dims = []
-    for dim in spec.shape:
-        if isinstance(dim, int):
-            dims.append(dim)
-        elif "batch" in dim:
-            dims.append(1)
-        elif dim == "past_sliding_length":
-            # A sliding-window cache has a fixed capacity; its valid length comes from attention_mask.
-            dims.append(int((genai.get("sliding_window") or {}).get("window_size", 0)))
-        elif "sequence" in dim or "past" in dim:
-            dims.append(0)
-        elif dim in ("kv_cache_dim", "head_size"):
-            dims.append(int(genai["head_size"]))
-        else:
-            raise ValueError(f"cannot size input '{spec.name}': unknown dimension '{dim}'")
-    dtype = {
-        "tensor(float)": np.float32,
-        "tensor(float16)": np.float16,
-        "tensor(int64)": np.int64,
-        "tensor(int32)": np.int32,
-    }[spec.type]
-    return np.zeros(dims, dtype=dtype)
+    return DecoderSession(model_dir).logits(input_ids)
 
 
 def torch_logits(hf_folder: Path, input_ids: np.ndarray, model_class: str) -> np.ndarray:

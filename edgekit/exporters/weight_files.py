@@ -86,9 +86,7 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
 
 def _parse_tensor_entry(path: Path, name: str, entry: object) -> tuple[TensorInfo, int, int]:
     if not isinstance(entry, dict):
-        raise CorruptFileError(
-            f"tensor '{name}' has a malformed header entry", path=path, fix=_FIX_REDOWNLOAD
-        )
+        raise CorruptFileError(f"tensor '{name}' has a malformed header entry", path=path, fix=_FIX_REDOWNLOAD)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in _DTYPE_BYTES:
         raise CorruptFileError(f"tensor '{name}' has unknown dtype {dtype!r}", path=path, fix=_FIX_REDOWNLOAD)
@@ -141,9 +139,7 @@ def check_gguf(path: Path) -> None:
     except ImportError:
         raise
     except Exception as exc:  # the reader fails with bare IndexError/ValueError on damaged files
-        raise CorruptFileError(
-            f"cannot be parsed as GGUF ({type(exc).__name__}: {exc})", path=path, fix=fix
-        ) from None
+        raise CorruptFileError(f"cannot be parsed as GGUF ({type(exc).__name__}: {exc})", path=path, fix=fix) from None
     for tensor in reader.tensors:
         end = int(tensor.data_offset) + int(tensor.n_bytes)
         if end > size:

@@ -80,9 +80,7 @@ class Model:
     def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
         """The prompt text for ``messages`` under the model's chat template."""
         self._require_open()
-        return str(
-            self._tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True)
-        )
+        return str(self._tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True))
 
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
         """Yield the completion of ``prompt`` piece by piece, as whole UTF-8 characters."""
@@ -180,9 +178,7 @@ def load(
     chain = list(providers or _default_chain(manifest, name, target))
     unknown = [p for p in chain if p not in PROVIDERS]
     if unknown:
-        raise PackageError(
-            f"unknown provider '{unknown[0]}'", path=root, fix=f"use one of: {', '.join(PROVIDERS)}"
-        )
+        raise PackageError(f"unknown provider '{unknown[0]}'", path=root, fix=f"use one of: {', '.join(PROVIDERS)}")
     present = set(available_providers())
     tried: list[str] = []
     for provider in chain:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit import __version__
-from edgekit.errors import MissingDependencyError
+from edgekit.errors import MissingDependencyError, OutputExistsError
 from edgekit.exporters.onnx_builder import output_to_log, run_builder
 from edgekit.exporters.registry import Architecture
 from edgekit.exporters.sources import (
@@ -64,6 +64,12 @@ def build(
     profile = get_target(target, None if targets_file is None else Path(targets_file))
     spec = classify_source(source)
     out_path = Path(out)
+    if spec.path is not None and (out_path.resolve() == spec.path or out_path.resolve() in spec.path.parents):
+        raise OutputExistsError(
+            "is the source checkpoint or holds it; --force would delete the source",
+            path=out_path,
+            fix="choose an output folder outside the checkpoint",
+        )
     # Everything that can be checked without reading weights is checked before anything is written.
     prechecked = _precheck(spec, allow_pickle)
     with (

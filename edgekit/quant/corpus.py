@@ -1,0 +1,83 @@
+"""Evaluation and calibration text: user files, or the built-in corpus, cut into token windows.
+
+The built-in corpus is the Python reference manual every interpreter carries (``pydoc_data.topics``),
+so edgekit ships no copied text. Its topics are split by a hash of their names into a calibration part
+and an evaluation part that never overlap: GPTQ calibrates on the first, ``edgekit eval`` measures on
+the second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import UsageError
+
+BUILTIN = "builtin"
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """A text and where it came from."""
+
+    name: str
+    text: str
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the text as UTF-8."""
+        return hashlib.sha256(self.text.encode("utf-8")).hexdigest()
+
+
+def builtin_corpus(part: str) -> Corpus:
+    """The ``calibration`` or ``evaluation`` part of the Python reference manual."""
+    from pydoc_data.topics import topics
+
+    if part not in ("calibration", "evaluation"):
+        raise ValueError(f"part must be 'calibration' or 'evaluation', not {part!r}")
+    wanted = 0 if part == "calibration" else 1
+    chosen = [topics[name] for name in sorted(topics) if hashlib.sha256(name.encode()).digest()[0] % 2 == wanted]
+    return Corpus(f"{BUILTIN}:{part}", "\n\n".join(chosen))
+
+
+def load_text(path: str | Path) -> Corpus:
+    """Read a ``.txt`` file, or a ``.jsonl`` file whose lines carry a ``text`` field."""
+    path = Path(path)
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read the text ({exc})", path=path, fix="pass a UTF-8 .txt or .jsonl file") from None
+    if path.suffix.lower() != ".jsonl":
+        text = raw
+    else:
+        parts = []
+        for number, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                raise UsageError(f"line {number} is not JSON", path=path, fix="one JSON object per line") from None
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise UsageError(f"line {number} has no 'text' string", path=path, fix='write {"text": "..."}')
+            parts.append(record["text"])
+        text = "\n\n".join(parts)
+    if not text.strip():
+        raise UsageError("holds no text", path=path, fix="pass a file with text in it")
+    return Corpus(str(path), text)
+
+
+def token_windows(ids: np.ndarray, ctx: int, count: int | None) -> np.ndarray:
+    """Non-overlapping windows of ``ctx`` tokens from the start of ``ids``: [windows, ctx]."""
+    available = len(ids) // ctx
+    if available == 0:
+        raise UsageError(
+            f"the text has {len(ids)} tokens, fewer than one window of {ctx}",
+            fix="use a longer text or a smaller --ctx",
+        )
+    n = available if count is None else min(count, available)
+    return np.asarray(ids[: n * ctx], dtype=np.int64).reshape(n, ctx)

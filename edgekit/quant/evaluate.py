@@ -1,0 +1,248 @@
+"""``edgekit eval``: how much accuracy each variant lost against the package's fp32 reference.
+
+Protocol (llama.cpp's perplexity tool): the text is tokenized once and cut into non-overlapping windows
+of ``ctx`` tokens; each window runs from an empty cache and only its second half is scored (logits at
+positions ctx/2 .. ctx-2 predict the next token), so every scored token has at least ctx/2 of context.
+Variants run through the same ``model.onnx`` the runtime loads, so MatMulNBits' accuracy level is the
+one users get.
+
+The reference is cached in the package. Its full log-probabilities would be hundreds of MB, so the
+cache holds what determines them exactly: the final hidden states of the scored positions. The fp32
+export's LM head is a plain MatMul, and its weight is read from the export, so the reference logits are
+recomputed bit for bit as ``hidden @ W`` in one matrix product per window.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import PackageError
+from edgekit.package import read_manifest
+from edgekit.quant.corpus import Corpus, builtin_corpus, token_windows
+from edgekit.quant.metrics import kl_divergence, log_softmax, percentile, perplexity, token_nll
+from edgekit.quant.schemes import REFERENCE_VARIANT
+from edgekit.runtimes.decoder_session import DecoderSession
+
+EVAL_DIR = "eval"
+REPORT_SCHEMA_VERSION = 1
+_CACHE_VERSION = 1
+DEFAULT_CTX = 512
+DEFAULT_WINDOWS = 20
+
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """What was scored: the text, its token count, the windows and the scored positions."""
+
+    text_name: str
+    text_sha256: str
+    text_tokens: int
+    ctx: int
+    windows: int
+
+    @property
+    def scored_per_window(self) -> int:
+        """Positions scored in each window (the second half, less the last position)."""
+        return self.ctx - 1 - self.ctx // 2
+
+    def as_dict(self) -> dict[str, Any]:
+        """The protocol as report data."""
+        return {
+            "text": self.text_name,
+            "text_sha256": self.text_sha256,
+            "text_tokens": self.text_tokens,
+            "ctx": self.ctx,
+            "windows": self.windows,
+            "scored_positions": f"{self.ctx // 2}..{self.ctx - 2} of each window",
+            "tokens_scored": self.windows * self.scored_per_window,
+        }
+
+
+class _Reference:
+    """Reference log-probabilities per window, from the cache or computed and cached."""
+
+    def __init__(self, root: Path, windows: np.ndarray, protocol: Protocol, manifest: dict[str, Any]) -> None:
+        self.folder = root / manifest["variants"][REFERENCE_VARIANT]["path"]
+        self.session = DecoderSession(self.folder)
+        self.head = lm_head_weight(self.folder) if "hidden_states" in self.session.output_names else None
+        self.windows = windows
+        self.start = protocol.ctx // 2
+        key_material = json.dumps(
+            {
+                "cache": _CACHE_VERSION,
+                "protocol": protocol.as_dict(),
+                "files": sorted(
+                    (f["path"], f["sha256"])
+                    for f in manifest.get("files", [])
+                    if f["path"].startswith(f"{REFERENCE_VARIANT}/")
+                ),
+            },
+            sort_keys=True,
+        )
+        self.key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
+        self.cache_path = root / EVAL_DIR / f"reference-{self.key}.npz"
+        self.cache_hit = False
+        self.hidden: np.ndarray | None = None
+        if self.head is not None and self.cache_path.is_file():
+            with np.load(self.cache_path) as cached:
+                self.hidden = cached["hidden"]
+            self.cache_hit = True
+
+    def logprobs(self, index: int) -> np.ndarray:
+        """Log-probabilities [scored, vocab] of window ``index``."""
+        end = self.windows.shape[1] - 1
+        if self.hidden is not None and self.head is not None:
+            return log_softmax(self.hidden[index] @ self.head)
+        if self.head is None:
+            logits = self.session.logits(self.windows[index : index + 1])[0, self.start : end]
+            return log_softmax(logits)
+        raise RuntimeError("reference hidden states were not computed")
+
+    def compute(self, progress: Progress) -> None:
+        """Run the reference over every window once, keeping the hidden states to cache."""
+        if self.cache_hit or self.head is None:
+            return
+        end = self.windows.shape[1] - 1
+        hidden = []
+        for index in range(len(self.windows)):
+            progress(f"reference window {index + 1}/{len(self.windows)}")
+            (states,) = self.session.run(self.windows[index : index + 1], ["hidden_states"])
+            hidden.append(states[0, self.start : end])
+        self.hidden = np.stack(hidden).astype(np.float32)
+
+    def save(self, eval_dir: Path) -> None:
+        """Write the cache file, replacing caches of other texts or protocols."""
+        if self.hidden is None or self.cache_hit:
+            return
+        eval_dir.mkdir(parents=True, exist_ok=True)
+        for stale in eval_dir.glob("reference-*.npz"):
+            stale.unlink()
+        np.savez(eval_dir / self.cache_path.name, hidden=self.hidden)
+
+
+def lm_head_weight(model_dir: Path) -> np.ndarray | None:
+    """The weight [hidden, vocab] of the MatMul that produces ``logits``, or None if it is not one."""
+    import onnx
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    genai = json.loads((model_dir / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
+    model = onnx.load(str(model_dir / genai["filename"]), load_external_data=False)
+    producer = next((node for node in model.graph.node if "logits" in node.output), None)
+    if producer is None or producer.op_type != "MatMul" or producer.input[0] != "hidden_states":
+        return None
+    tensor = next((t for t in model.graph.initializer if t.name == producer.input[1]), None)
+    if tensor is None:
+        return None
+    if uses_external_data(tensor):
+        load_external_data_for_tensor(tensor, str(model_dir))
+    return np.asarray(numpy_helper.to_array(tensor), dtype=np.float32)
+
+
+def evaluate_package(
+    package: str | Path,
+    *,
+    corpus: Corpus | None = None,
+    windows: int = DEFAULT_WINDOWS,
+    ctx: int = DEFAULT_CTX,
+    variants: list[str] | None = None,
+    progress: Progress | None = None,
+    write: bool = True,
+) -> dict[str, Any]:
+    """Score every variant of ``package`` against its fp32 reference; returns the report.
+
+    With ``write`` the report (JSON, markdown, PNG chart) and the reference cache go to ``OUT/eval/``.
+    """
+    from tokenizers import Tokenizer
+
+    root = Path(package)
+    manifest = read_manifest(root)
+    if REFERENCE_VARIANT not in manifest.get("variants", {}):
+        raise PackageError("has no fp32 reference variant to measure against", path=root, fix="rebuild the package")
+    say = progress or (lambda _message: None)
+    corpus = corpus or builtin_corpus("evaluation")
+    reference_dir = root / manifest["variants"][REFERENCE_VARIANT]["path"]
+    tokenizer = Tokenizer.from_file(str(reference_dir / "tokenizer.json"))
+    ids = np.asarray(tokenizer.encode(corpus.text, add_special_tokens=False).ids, dtype=np.int64)
+    context_length = int(json.loads((reference_dir / "genai_config.json").read_text())["model"]["context_length"])
+    ctx = min(ctx, context_length)
+    token_grid = token_windows(ids, ctx, windows)
+    protocol = Protocol(corpus.name, corpus.sha256, len(ids), ctx, len(token_grid))
+    reference = _Reference(root, token_grid, protocol, manifest)
+    reference.compute(say)
+    targets = token_grid[:, ctx // 2 + 1 :]
+    names = [n for n in (variants or list(manifest["variants"])) if n != REFERENCE_VARIANT]
+    for name in names:
+        if name not in manifest["variants"]:
+            raise PackageError(
+                f"has no variant '{name}'", path=root, fix=f"use one of: {', '.join(manifest['variants'])}"
+            )
+    sessions = {name: DecoderSession(root / manifest["variants"][name]["path"]) for name in names}
+    reference_nll: list[np.ndarray] = []
+    per_variant: dict[str, dict[str, list[np.ndarray]]] = {n: {"nll": [], "kl": [], "agree": []} for n in names}
+    for index in range(len(token_grid)):
+        say(f"window {index + 1}/{len(token_grid)}")
+        ref_logprobs = reference.logprobs(index)
+        reference_nll.append(token_nll(ref_logprobs, targets[index]))
+        ref_top1 = ref_logprobs.argmax(-1)
+        for name, session in sessions.items():
+            logits = session.logits(token_grid[index : index + 1])[0, ctx // 2 : ctx - 1]
+            logprobs = log_softmax(logits)
+            per_variant[name]["nll"].append(token_nll(logprobs, targets[index]))
+            per_variant[name]["kl"].append(kl_divergence(ref_logprobs, logprobs))
+            per_variant[name]["agree"].append(ref_top1 == logprobs.argmax(-1))
+    ref_ppl = perplexity(np.concatenate(reference_nll))
+    parameters = int(manifest.get("parameter_count") or 0)
+    rows = {REFERENCE_VARIANT: _row(manifest, REFERENCE_VARIANT, ref_ppl, ref_ppl, None, None, parameters)}
+    for name in names:
+        data = {key: np.concatenate(values) for key, values in per_variant[name].items()}
+        rows[name] = _row(manifest, name, perplexity(data["nll"]), ref_ppl, data["kl"], data["agree"], parameters)
+    report = {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "package": str(root),
+        "protocol": protocol.as_dict(),
+        "reference_cache": "hit" if reference.cache_hit else ("stored" if reference.head is not None else "off"),
+        "variants": rows,
+    }
+    if write:
+        reference.save(root / EVAL_DIR)
+    return report
+
+
+def _row(
+    manifest: dict[str, Any],
+    name: str,
+    ppl: float,
+    ref_ppl: float,
+    kl: np.ndarray | None,
+    agree: np.ndarray | None,
+    parameters: int,
+) -> dict[str, Any]:
+    entry = manifest["variants"][name]
+    # Bits per weight count the graph and its weights (embedding and head included), not the tokenizer.
+    weight_bytes = sum(
+        f["size"]
+        for f in manifest.get("files", [])
+        if f["path"].startswith(f"{entry['path']}/") and f["path"].endswith((".onnx", ".onnx.data"))
+    )
+    return {
+        "precision": entry["precision"],
+        "method": entry["method"],
+        "perplexity": ppl,
+        "ppl_ratio": ppl / ref_ppl,
+        "kl_mean": 0.0 if kl is None else float(kl.mean()),
+        "kl_p99": 0.0 if kl is None else percentile(kl, 99),
+        "top1_agreement": 1.0 if agree is None else float(agree.mean()),
+        "bytes": entry["bytes"],
+        "weight_bytes": weight_bytes,
+        "bits_per_weight": weight_bytes * 8 / parameters if parameters else None,
+    }

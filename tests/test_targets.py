@@ -1,0 +1,290 @@
+"""targets.yaml: the bundled profiles, every kind of typo, the JSON Schema, and `edgekit targets`."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from edgekit.cli import main
+from edgekit.errors import TargetError, UsageError
+from edgekit.targets import (
+    Precision,
+    Provider,
+    bundled_targets_path,
+    get_target,
+    load_targets,
+    targets_json_schema,
+)
+
+EXPECTED_CHAINS = {
+    "laptop-cpu": ("cpu",),
+    "laptop-dml": ("dml", "cpu"),
+    "edge-cuda": ("cuda", "cpu"),
+    "edge-arm-cpu": ("cpu",),
+}
+
+
+def bundled_data() -> dict[str, Any]:
+    return yaml.safe_load(bundled_targets_path().read_text(encoding="utf-8"))
+
+
+def write_targets(tmp_path: Path, data: Any, name: str = "targets.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    return path
+
+
+def mutated(change) -> dict[str, Any]:
+    data = copy.deepcopy(bundled_data())
+    change(data)
+    return data
+
+
+# --- the bundled file ------------------------------------------------------------------------------
+
+
+def test_bundled_targets_yaml_parses_with_the_expected_provider_chains() -> None:
+    targets = load_targets()
+    assert {name: tuple(p.value for p in t.providers) for name, t in targets.items()} == EXPECTED_CHAINS
+    for name, target in targets.items():
+        assert target.name == name
+        assert target.description
+        assert target.precision is Precision.INT4
+        assert target.block_size == 32
+        assert target.build_provider is target.providers[0]
+    assert targets["laptop-dml"].build_provider is Provider.DML
+    assert targets["edge-cuda"].build_provider is Provider.CUDA
+    assert targets["laptop-cpu"].memory_limit_mb == 8192
+    assert targets["edge-arm-cpu"].memory_limit_mb == 4096
+
+
+def test_get_target_returns_the_named_profile() -> None:
+    target = get_target("edge-cuda")
+    assert target.name == "edge-cuda"
+    assert target.providers == (Provider.CUDA, Provider.CPU)
+
+
+def test_get_target_of_an_unknown_name_lists_the_known_ones() -> None:
+    with pytest.raises(TargetError) as info:
+        get_target("raspberry-pi")
+    message = str(info.value)
+    assert "unknown target 'raspberry-pi'" in message
+    for name in EXPECTED_CHAINS:
+        assert name in message
+    assert str(bundled_targets_path()) in message
+    assert info.value.exit_code == 2
+
+
+def test_get_target_from_a_custom_file(tmp_path: Path) -> None:
+    path = write_targets(
+        tmp_path,
+        {"schema_version": 1, "targets": {"tiny-box": {"description": "d", "providers": ["cpu"]}}},
+    )
+    target = get_target("tiny-box", path)
+    assert target.providers == (Provider.CPU,)
+    assert target.block_size == 32  # the default
+    with pytest.raises(TargetError) as info:
+        get_target("laptop-cpu", path)
+    assert "tiny-box" in str(info.value)
+    assert str(path) in str(info.value)
+
+
+# --- every kind of mistake is an error naming the key or value and the file ---------------------------
+
+
+def _set(target: str, key: str, value: Any):
+    def change(data: dict[str, Any]) -> None:
+        data["targets"][target][key] = value
+
+    return change
+
+
+def _delete(target: str, key: str):
+    def change(data: dict[str, Any]) -> None:
+        del data["targets"][target][key]
+
+    return change
+
+
+def _replace_target(target: str, value: Any):
+    def change(data: dict[str, Any]) -> None:
+        data["targets"][target] = value
+
+    return change
+
+
+def _top(key: str, value: Any):
+    def change(data: dict[str, Any]) -> None:
+        data[key] = value
+
+    return change
+
+
+BAD_FILES = {
+    "unknown top-level key": (_top("tragets", {}), ["unknown key 'tragets'", "top level"]),
+    "wrong schema_version": (_top("schema_version", 2), ["schema_version", "2"]),
+    "unknown target key": (
+        _set("laptop-cpu", "blocksize", 64),
+        ["laptop-cpu", "unknown key 'blocksize'", "block_size"],  # the fix lists the allowed keys
+    ),
+    "unknown provider": (
+        _set("edge-cuda", "providers", ["cuda", "tpu"]),
+        ["edge-cuda", "'tpu' is unknown", "cpu, cuda, dml"],
+    ),
+    "unknown precision": (_set("laptop-cpu", "precision", "int3"), ["laptop-cpu", "'int3'", "fp32"]),
+    "bad block_size": (_set("laptop-dml", "block_size", 48), ["laptop-dml", "block_size 48"]),
+    "bad accuracy_level": (_set("edge-arm-cpu", "accuracy_level", 7), ["edge-arm-cpu", "accuracy_level 7"]),
+    "negative budget value": (
+        _set("laptop-cpu", "budget", {"max_kl_mean": -0.5}),
+        ["laptop-cpu", "'max_kl_mean'", "non-negative"],
+    ),
+    "non-number budget value": (
+        _set("laptop-cpu", "budget", {"max_ppl_ratio": "low"}),
+        ["laptop-cpu", "'max_ppl_ratio'", "non-negative number"],
+    ),
+    "unknown budget key": (
+        _set("laptop-cpu", "budget", {"max_kl": 0.1}),
+        ["laptop-cpu", "unknown key 'max_kl'"],
+    ),
+    "non-mapping budget": (_set("edge-cuda", "budget", [0.1]), ["edge-cuda", "'budget' must be a mapping"]),
+    "missing providers": (_delete("laptop-cpu", "providers"), ["laptop-cpu", "'providers'"]),
+    "missing description": (_delete("edge-cuda", "description"), ["edge-cuda", "'description'"]),
+    "empty providers": (_set("laptop-cpu", "providers", []), ["laptop-cpu", "'providers'", "non-empty"]),
+    "providers not a list": (_set("laptop-cpu", "providers", "cpu"), ["laptop-cpu", "'providers'"]),
+    "non-positive memory_limit_mb": (_set("laptop-cpu", "memory_limit_mb", 0), ["laptop-cpu", "memory_limit_mb"]),
+    "target not a mapping": (_replace_target("laptop-cpu", "cpu"), ["laptop-cpu", "must be a mapping"]),
+    "empty targets": (_top("targets", {}), ["'targets'", "non-empty"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_a_mistake_in_targets_yaml_is_a_target_error_naming_the_key_and_the_file(case: str, tmp_path: Path) -> None:
+    change, phrases = BAD_FILES[case]
+    path = write_targets(tmp_path, mutated(change))
+    with pytest.raises(TargetError) as info:
+        load_targets(path)
+    message = str(info.value)
+    assert isinstance(info.value, UsageError) and info.value.exit_code == 2
+    assert str(path) in message, message
+    for phrase in phrases:
+        assert phrase in message, f"{phrase!r} not in {message!r}"
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_the_json_schema_rejects_what_the_parser_rejects(case: str) -> None:
+    change, _ = BAD_FILES[case]
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(mutated(change), targets_json_schema())
+
+
+# Values YAML turns into booleans (`yes`, `true`) are not numbers; the JSON Schema says so, and the
+# parser must agree instead of reading `true` as 1.
+BOOLEAN_VALUES = {
+    "accuracy_level: true": _set("laptop-cpu", "accuracy_level", True),
+    "memory_limit_mb: true": _set("laptop-cpu", "memory_limit_mb", True),
+    "block_size: true": _set("laptop-cpu", "block_size", True),
+    "budget value true": _set("laptop-cpu", "budget", {"max_kl_mean": True}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BOOLEAN_VALUES))
+def test_a_boolean_where_a_number_belongs_is_rejected_by_schema_and_parser(case: str, tmp_path: Path) -> None:
+    data = mutated(BOOLEAN_VALUES[case])
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, targets_json_schema())
+    path = write_targets(tmp_path, data)
+    with pytest.raises(TargetError) as info:
+        load_targets(path)
+    assert str(path) in str(info.value)
+
+
+def test_invalid_yaml_and_a_missing_file_are_target_errors(tmp_path: Path) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("schema_version: 1\ntargets: {laptop-cpu: [unclosed\n", encoding="utf-8")
+    with pytest.raises(TargetError) as info:
+        load_targets(broken)
+    assert str(broken) in str(info.value)
+    assert "YAML" in str(info.value)
+
+    missing = tmp_path / "nope.yaml"
+    with pytest.raises(TargetError) as info:
+        load_targets(missing)
+    assert str(missing) in str(info.value)
+
+    not_mapping = write_targets(tmp_path, ["laptop-cpu"], "list.yaml")
+    with pytest.raises(TargetError) as info:
+        load_targets(not_mapping)
+    assert str(not_mapping) in str(info.value)
+
+
+# --- JSON Schema -----------------------------------------------------------------------------------
+
+
+def test_the_json_schema_is_valid_and_accepts_the_bundled_file() -> None:
+    schema = targets_json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    jsonschema.validate(bundled_data(), schema)
+
+
+def test_the_json_schema_rejects_an_unknown_key() -> None:
+    data = mutated(_set("laptop-cpu", "blocksize", 32))
+    with pytest.raises(jsonschema.ValidationError) as info:
+        jsonschema.validate(data, targets_json_schema())
+    assert "blocksize" in str(info.value.message)
+
+
+def test_the_json_schema_knows_every_key_the_parser_accepts() -> None:
+    from edgekit.targets import Target
+
+    target_schema = targets_json_schema()["properties"]["targets"]["additionalProperties"]
+    fields = {f for f in Target.__dataclass_fields__ if f != "name"}
+    assert set(target_schema["properties"]) == fields
+
+
+# --- the CLI ---------------------------------------------------------------------------------------
+
+
+def test_edgekit_targets_lists_every_target_and_says_cpu_is_available(runner) -> None:
+    result = runner.invoke(main, ["targets"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for name in EXPECTED_CHAINS:
+        assert name in result.stdout
+    assert "providers on this machine:" in result.stdout
+    here = result.stdout.split("providers on this machine:", 1)[1].split(")", 1)[0]
+    assert "cpu" in [p.strip() for p in here.split(",")]
+    assert "dml" in result.stdout and "cuda" in result.stdout
+
+
+def test_edgekit_targets_with_a_targets_file(runner, tmp_path: Path) -> None:
+    path = write_targets(
+        tmp_path,
+        {"schema_version": 1, "targets": {"my-board": {"description": "mine", "providers": ["cpu"]}}},
+    )
+    result = runner.invoke(main, ["targets", "--targets-file", str(path)], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "my-board" in result.stdout
+    assert "laptop-cpu" not in result.stdout
+
+
+def test_edgekit_targets_with_a_bad_targets_file_exits_2(runner, tmp_path: Path) -> None:
+    path = write_targets(tmp_path, mutated(_set("laptop-cpu", "colour", "red")))
+    result = runner.invoke(main, ["targets", "--targets-file", str(path)])
+    assert result.exit_code == 2
+    assert "colour" in result.stderr
+    assert str(path) in result.stderr
+    assert result.stderr.startswith("edgekit: error:")
+
+
+def test_edgekit_targets_schema_prints_the_json_schema(runner) -> None:
+    result = runner.invoke(main, ["targets", "--schema"])
+    assert result.exit_code == 0, result.output
+    schema = json.loads(result.stdout)
+    assert schema == targets_json_schema()
+    assert schema["required"] == ["schema_version", "targets"]
