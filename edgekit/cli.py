@@ -57,19 +57,24 @@ def main() -> None:
     help="Use this targets.yaml instead of the bundled one.",
 )
 @click.option("-q", "--quiet", is_flag=True, help="No progress display.")
-def build(
-    source: str,
-    out: Path,
-    target: str,
-    force: bool,
-    allow_pickle: bool,
-    targets_file: Path | None,
-    quiet: bool,
-) -> None:
+@click.option("--no-eval", is_flag=True, help="Skip measuring the variants against the fp32 reference.")
+@click.option(
+    "--eval-text", type=click.Path(path_type=Path), help="Text (.txt/.jsonl) to evaluate on (default: built-in)."
+)
+@click.option("--eval-windows", default=20, show_default=True, type=click.IntRange(1), help="Windows to score.")
+@click.option("--eval-ctx", default=512, show_default=True, type=click.IntRange(8), help="Tokens per window.")
+def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, targets_file: Path | None,
+          quiet: bool, no_eval: bool, eval_text: Path | None, eval_windows: int, eval_ctx: int) -> None:  # fmt: skip
     """Build a package from SOURCE: a Hugging Face folder, a .gguf file, or a hub id."""
+    from edgekit.pipeline import EvalSettings
     from edgekit.pipeline import build as build_package
+    from edgekit.quant.corpus import load_text
     from edgekit.summary import print_build_summary
 
+    evaluation = None
+    if not no_eval:
+        corpus = load_text(eval_text) if eval_text else None
+        evaluation = EvalSettings(corpus, eval_windows, eval_ctx)
     result = build_package(
         source,
         out,
@@ -78,8 +83,58 @@ def build(
         allow_pickle=allow_pickle,
         targets_file=targets_file,
         progress=not quiet,
+        evaluation=evaluation,
     )
     print_build_summary(result)
+
+
+@main.command("eval")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option(
+    "--text", type=click.Path(path_type=Path), help="A .txt or .jsonl (field 'text') file; default: built-in."
+)
+@click.option("--windows", default=20, show_default=True, type=click.IntRange(1), help="Windows to score.")
+@click.option("--ctx", default=512, show_default=True, type=click.IntRange(8), help="Tokens per window.")
+@click.option("--targets-file", type=click.Path(path_type=Path), help="Judge budgets from this targets.yaml.")
+def evaluate(package: Path, text: Path | None, windows: int, ctx: int, targets_file: Path | None) -> None:
+    """Measure every variant of PACKAGE against its fp32 reference; writes PACKAGE/eval/."""
+    from edgekit.quant.corpus import load_text
+    from edgekit.quant.gate import evaluate_and_record
+    from edgekit.summary import print_eval_report, progress_callback
+
+    corpus = load_text(text) if text else None
+    with progress_callback("evaluating") as progress:
+        report = evaluate_and_record(
+            package, corpus=corpus, windows=windows, ctx=ctx, targets_file=targets_file, progress=progress
+        )
+    print_eval_report(report)
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-t", "--target", required=True, help="Target whose budget to enforce.")
+@click.option("--junit", type=click.Path(path_type=Path), help="Write JUnit XML (one case per variant and metric).")
+@click.option("--markdown", type=click.Path(path_type=Path), help="Write a markdown summary for a CI job page.")
+@click.option("--baseline", type=click.Path(path_type=Path), help="A stored report.json; fail on regressions.")
+@click.option("--baseline-tolerance", default=0.05, show_default=True, type=click.FloatRange(0),
+              help="Relative worsening allowed against --baseline.")  # fmt: skip
+@click.option("--targets-file", type=click.Path(path_type=Path), help="Read budgets from this targets.yaml.")
+def check(package: Path, target: str, junit: Path | None, markdown: Path | None, baseline: Path | None,
+          baseline_tolerance: float, targets_file: Path | None) -> None:  # fmt: skip
+    """Exit 0 when PACKAGE's variant for TARGET meets its accuracy budget, 1 when it does not."""
+    from edgekit.quant.gate import check_package
+    from edgekit.quant.report import check_markdown, write_junit
+    from edgekit.summary import print_check
+
+    result = check_package(
+        package, target, targets_file=targets_file, baseline=baseline, baseline_tolerance=baseline_tolerance
+    )
+    print_check(result)
+    if junit:
+        write_junit(junit, result.target, result.checks)
+    if markdown:
+        markdown.write_text(check_markdown(result.target, result.variant, result.passed, result.checks), "utf-8")
+    sys.exit(0 if result.passed else 1)
 
 
 @main.command()

@@ -52,10 +52,13 @@ def file_entries(root: Path) -> list[dict[str, Any]]:
 
 
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` (with the file list computed now) into ``root``."""
-    manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, **manifest, "files": file_entries(root)}
+    """Write ``manifest.json`` (with the file list computed now) into ``root``, atomically."""
+    body = {key: value for key, value in manifest.items() if key not in ("schema_version", "files")}
+    manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, **body, "files": file_entries(root)}
     path = root / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    partial = root / f".{MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)
     return path
 
 

@@ -30,8 +30,11 @@ from edgekit.exporters.sources import (
     stage_folder,
 )
 from edgekit.exporters.validate import ParityResult, check_reference
-from edgekit.package import sha256_file, staged_output, write_manifest
+from edgekit.package import read_manifest, sha256_file, staged_output, write_manifest
 from edgekit.progress import StepRecord, StepReporter
+from edgekit.quant.corpus import Corpus
+from edgekit.quant.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS
+from edgekit.quant.gate import evaluate_and_record
 from edgekit.quant.schemes import REFERENCE_VARIANT, VariantSpec, plan_variants
 from edgekit.targets import Target, get_target
 
@@ -49,6 +52,16 @@ class BuildResult:
     warnings: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How a build evaluates its variants (``None`` in place of this: it does not)."""
+
+    corpus: Corpus | None = None
+    """The text to score; the built-in corpus's evaluation part by default."""
+    windows: int = DEFAULT_WINDOWS
+    ctx: int = DEFAULT_CTX
+
+
 def build(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -58,10 +71,16 @@ def build(
     allow_pickle: bool = False,
     targets_file: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    evaluation: EvalSettings | None = EvalSettings(),
 ) -> BuildResult:
-    """Build a package at ``out`` from a Hugging Face folder, a GGUF file or a hub id, for ``target``."""
+    """Build a package at ``out`` from a Hugging Face folder, a GGUF file or a hub id, for ``target``.
+
+    ``evaluation`` scores every variant against the fp32 reference and judges it against every target's
+    budget (``None`` skips it).
+    """
     _require_export_extra()
-    profile = get_target(target, None if targets_file is None else Path(targets_file))
+    targets_path = None if targets_file is None else Path(targets_file)
+    profile = get_target(target, targets_path)
     spec = classify_source(source)
     out_path = Path(out)
     if spec.path is not None and (out_path.resolve() == spec.path or out_path.resolve() in spec.path.parents):
@@ -77,7 +96,9 @@ def build(
         tempfile.TemporaryDirectory(prefix="edgekit-") as work,
         StepReporter(enabled=progress) as reporter,
     ):
-        result = _build_into(spec, prechecked, profile, staging, Path(work), reporter, allow_pickle)
+        result = _build_into(
+            spec, prechecked, profile, staging, Path(work), reporter, allow_pickle, evaluation, targets_path
+        )
     result.out = out_path.absolute()
     return result
 
@@ -104,6 +125,8 @@ def _build_into(
     work: Path,
     reporter: StepReporter,
     allow_pickle: bool,
+    evaluation: EvalSettings | None,
+    targets_file: Path | None,
 ) -> BuildResult:
     log_path = staging / BUILD_LOG
     log_path.touch()
@@ -131,6 +154,19 @@ def _build_into(
     manifest = _manifest(spec, target, checked, source_files, variants, parity, reporter.records)
     with reporter.step("write manifest"):
         write_manifest(staging, manifest)
+    if evaluation is not None:
+        windows = evaluation.windows
+        with reporter.step(f"evaluate variants against fp32 ({windows} windows of {evaluation.ctx})") as detail:
+            evaluate_and_record(
+                staging,
+                corpus=evaluation.corpus,
+                windows=windows,
+                ctx=evaluation.ctx,
+                targets_file=targets_file,
+                progress=detail,
+                verify=False,
+            )
+        manifest = read_manifest(staging)
     return BuildResult(staging, manifest, reporter.records, checked.warnings)
 
 

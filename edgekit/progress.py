@@ -11,7 +11,7 @@ import os
 import resource
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from typing import IO, Any
 
@@ -94,14 +94,19 @@ class StepReporter:
             self._owned.close()
 
     @contextlib.contextmanager
-    def step(self, name: str) -> Iterator[None]:
-        """Run the body as one named step."""
+    def step(self, name: str) -> Iterator[Callable[[str], None]]:
+        """Run the body as one named step; it receives a function that shows a detail (``window 3/20``)."""
         task = self._progress.add_task(name, total=1) if self._progress is not None else None
+
+        def detail(text: str) -> None:
+            if self._progress is not None and task is not None:
+                self._progress.update(task, description=f"{name} [dim]{text}[/dim]")
+
         sampler = _PeakSampler()
         sampler.start()
         start = time.perf_counter()
         try:
-            yield
+            yield detail
         finally:
             seconds = time.perf_counter() - start
             peak = sampler.stop()

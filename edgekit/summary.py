@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +12,7 @@ from rich.table import Table
 
 if TYPE_CHECKING:
     from edgekit.pipeline import BuildResult
+    from edgekit.quant.gate import CheckResult
     from edgekit.targets import Target
 
 
@@ -94,3 +97,50 @@ def print_targets(targets: dict[str, Target], console: Console | None = None) ->
         memory = f"{target.memory_limit_mb} MB" if target.memory_limit_mb else "-"
         table.add_row(target.name, chain, target.precision.value, str(target.block_size), memory, target.description)
     console.print(table)
+
+
+@contextlib.contextmanager
+def progress_callback(title: str) -> Iterator[Callable[[str], None]]:
+    """A spinner on stderr whose text the callback replaces (``window 3/20``)."""
+    console = Console(stderr=True)
+    with console.status(title) as status:
+        yield lambda text: status.update(f"{title}: {text}")
+
+
+def print_eval_report(report: dict[str, Any], console: Console | None = None) -> None:
+    """The variants x metrics table of an evaluation report, and the budget verdicts."""
+    from edgekit.quant.report import format_metric
+
+    console = console or Console()
+    protocol = report["protocol"]
+    columns = ("perplexity", "ppl_ratio", "kl_mean", "kl_p99", "top1_agreement", "bytes", "bits_per_weight")
+    table = Table(title=f"{protocol['text']}: {protocol['windows']} x {protocol['ctx']} tokens")
+    table.add_column("variant")
+    for column in columns:
+        table.add_column(column, justify="right")
+    for name, row in report["variants"].items():
+        table.add_row(name, *(format_metric(c, row.get(c)) for c in columns))
+    console.print(table)
+    for target, variants in report.get("budgets", {}).items():
+        verdicts = ", ".join(f"{v} {'pass' if r['passed'] else 'FAIL'}" for v, r in variants.items())
+        console.print(f"budget {target}: {verdicts}")
+    console.print(f"reference cache: {report['reference_cache']}")
+
+
+def print_check(result: CheckResult, console: Console | None = None) -> None:
+    """The table of ``edgekit check``: variant x metric, value, limit, pass/fail, and the verdict."""
+    from edgekit.quant.report import format_metric
+
+    console = console or Console()
+    table = Table(title=f"edgekit check {result.target} (deploys {result.variant})")
+    for column in ("variant", "check", "metric", "value", "limit", "result"):
+        table.add_column(column)
+    for c in result.checks:
+        outcome = "[green]pass[/green]" if c.passed else "[red]FAIL[/red]"
+        table.add_row(
+            c.variant, c.kind, c.metric, format_metric(c.metric, c.value), format_metric(c.metric, c.limit), outcome
+        )
+    console.print(table)
+    if not result.checks:
+        console.print(f"target {result.target} sets no accuracy budget; nothing to check")
+    console.print("PASS" if result.passed else "FAIL")

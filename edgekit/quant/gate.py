@@ -1,0 +1,137 @@
+"""``edgekit eval`` and ``edgekit check``: record accuracy in the package, and gate CI on it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import PackageError, UsageError
+from edgekit.package import read_manifest, verify_files, write_manifest
+from edgekit.quant.budget import Check, budget_verdicts, judge_baseline, judge_budget
+from edgekit.quant.corpus import Corpus
+from edgekit.quant.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS, EVAL_DIR, Progress, evaluate_package
+from edgekit.quant.report import REPORT_JSON, write_report
+from edgekit.quant.schemes import REFERENCE_VARIANT, deploy_variant
+from edgekit.targets import get_target, load_targets
+
+DEFAULT_BASELINE_TOLERANCE = 0.05
+
+
+def evaluate_and_record(
+    package: str | Path,
+    *,
+    corpus: Corpus | None = None,
+    windows: int = DEFAULT_WINDOWS,
+    ctx: int = DEFAULT_CTX,
+    targets_file: str | Path | None = None,
+    progress: Progress | None = None,
+    verify: bool = True,
+) -> dict[str, Any]:
+    """Evaluate every variant, judge it against every target's budget, and record both in the package.
+
+    Writes ``eval/report.json``, ``report.md``, ``report.png`` and the reference cache, and adds an
+    ``evaluation`` section to the manifest (whose file list is rewritten). The package is verified
+    first, so a tampered file is never blessed by the new file list.
+    """
+    root = Path(package)
+    manifest = read_manifest(root)
+    if verify:
+        verify_files(root, manifest)
+    report = evaluate_package(root, corpus=corpus, windows=windows, ctx=ctx, progress=progress)
+    report["budgets"] = budget_verdicts(report, load_targets(targets_file))
+    write_report(root / EVAL_DIR, report)
+    manifest["evaluation"] = {
+        "report": f"{EVAL_DIR}/{REPORT_JSON}",
+        "protocol": report["protocol"],
+        "variants": report["variants"],
+        "budgets": {
+            target: {variant: verdict["passed"] for variant, verdict in variants.items()}
+            for target, variants in report["budgets"].items()
+        },
+    }
+    write_manifest(root, manifest)
+    return report
+
+
+@dataclass
+class CheckResult:
+    """The verdict of ``edgekit check`` for one target."""
+
+    target: str
+    variant: str
+    passed: bool
+    checks: list[Check] = field(default_factory=list)
+
+
+def check_package(
+    package: str | Path,
+    target: str,
+    *,
+    targets_file: str | Path | None = None,
+    baseline: str | Path | None = None,
+    baseline_tolerance: float = DEFAULT_BASELINE_TOLERANCE,
+) -> CheckResult:
+    """Judge a package's stored evaluation against ``target``'s budget (and a baseline report).
+
+    Passes when the variant the package deploys for ``target`` meets every limit of the budget and, with
+    ``baseline``, no variant got worse than the baseline's by more than ``baseline_tolerance``. Budgets are
+    read from targets.yaml now, so a changed budget applies without re-evaluating.
+    """
+    root = Path(package)
+    manifest = read_manifest(root)
+    report = _load_report(root / EVAL_DIR / REPORT_JSON, missing_fix=f"run `edgekit eval {root}` first")
+    profile = get_target(target, None if targets_file is None else Path(targets_file))
+    chosen = _chosen_variant(root, manifest, target, report)
+    checks: list[Check] = []
+    for variant, metrics in report["variants"].items():
+        if variant != REFERENCE_VARIANT:
+            checks.extend(judge_budget(variant, metrics, profile.budget))
+    passed = all(c.passed for c in checks if c.variant == chosen)
+    if baseline is not None:
+        old = _load_report(Path(baseline), missing_fix="pass a report.json written by `edgekit eval`")
+        _require_same_protocol(report, old, Path(baseline))
+        for variant, metrics in report["variants"].items():
+            if variant in old["variants"] and variant != REFERENCE_VARIANT:
+                baseline_checks = judge_baseline(variant, metrics, old["variants"][variant], baseline_tolerance)
+                checks.extend(baseline_checks)
+                passed = passed and all(c.passed for c in baseline_checks)
+    return CheckResult(target, chosen, passed, checks)
+
+
+def _chosen_variant(root: Path, manifest: dict[str, Any], target: str, report: dict[str, Any]) -> str:
+    recorded = manifest.get("targets", {}).get(target)
+    name = recorded["variant"] if recorded else deploy_variant(get_target(target)).name
+    if name not in report["variants"]:
+        built_for = ", ".join(manifest.get("targets", {})) or "no target"
+        raise UsageError(
+            f"has no evaluated variant for target '{target}' (built for {built_for})",
+            path=root,
+            fix=f"check one of the targets it was built for, or rebuild it with --target {target}",
+        )
+    return str(name)
+
+
+def _load_report(path: Path, *, missing_fix: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise PackageError("no evaluation report", path=path, fix=missing_fix)
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageError(f"is not valid JSON ({exc})", path=path, fix=missing_fix) from None
+    if not isinstance(report, dict) or not isinstance(report.get("variants"), dict):
+        raise PackageError("is not an edgekit evaluation report", path=path, fix=missing_fix)
+    return report
+
+
+def _require_same_protocol(report: dict[str, Any], baseline: dict[str, Any], path: Path) -> None:
+    keys = ("text_sha256", "ctx", "windows")
+    ours = {k: report["protocol"].get(k) for k in keys}
+    theirs = {k: baseline.get("protocol", {}).get(k) for k in keys}
+    if ours != theirs:
+        raise UsageError(
+            f"was measured with another protocol ({theirs}) than this package's report ({ours})",
+            path=path,
+            fix="evaluate both with the same --text, --windows and --ctx",
+        )
