@@ -54,6 +54,20 @@ def print_build_summary(result: BuildResult, console: Console | None = None) -> 
         f"validation: fp32 ONNX vs PyTorch max |Δlogit| = {validation['max_abs_diff']:.2e} "
         f"(tolerance {validation['tolerance']:g}), top-1 agreement {validation['top1_agreement']:.0%}"
     )
+    evaluation = manifest.get("evaluation")
+    if evaluation:
+        from edgekit.quant.report import format_metric
+
+        protocol = evaluation["protocol"]
+        console.print(f"accuracy on {protocol['text']} ({protocol['tokens_scored']:,} tokens scored):")
+        for name, row in evaluation["variants"].items():
+            verdict = evaluation["budgets"].get(manifest["target"], {}).get(name)
+            console.print(
+                f"  {name}: KL {format_metric('kl_mean', row['kl_mean'])}, top-1 "
+                f"{format_metric('top1_agreement', row['top1_agreement'])}, PPL ratio "
+                f"{format_metric('ppl_ratio', row['ppl_ratio'])}, budget {manifest['target']}: "
+                f"{'pass' if verdict else 'FAIL'}"
+            )
     for warning in result.warnings:
         console.print(f"note: {warning}")
     console.print(f"package: {result.out}  (* = deployed for {manifest['target']}; log: build.log)")
