@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +179,9 @@ def evaluate_package(
     token_grid = token_windows(ids, ctx, windows)
     protocol = Protocol(corpus.name, corpus.sha256, len(ids), ctx, len(token_grid))
     reference = _Reference(root, token_grid, protocol, manifest)
+    started = time.perf_counter()
     reference.compute(say)
+    seconds = {REFERENCE_VARIANT: time.perf_counter() - started}
     targets = token_grid[:, ctx // 2 + 1 :]
     names = [n for n in (variants or list(manifest["variants"])) if n != REFERENCE_VARIANT]
     for name in names:
@@ -195,7 +198,9 @@ def evaluate_package(
         reference_nll.append(token_nll(ref_logprobs, targets[index]))
         ref_top1 = ref_logprobs.argmax(-1)
         for name, session in sessions.items():
+            started = time.perf_counter()
             logits = session.logits(token_grid[index : index + 1])[0, ctx // 2 : ctx - 1]
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
             logprobs = log_softmax(logits)
             per_variant[name]["nll"].append(token_nll(logprobs, targets[index]))
             per_variant[name]["kl"].append(kl_divergence(ref_logprobs, logprobs))
@@ -206,6 +211,12 @@ def evaluate_package(
     for name in names:
         data = {key: np.concatenate(values) for key, values in per_variant[name].items()}
         rows[name] = _row(manifest, name, perplexity(data["nll"]), ref_ppl, data["kl"], data["agree"], parameters)
+    processed = token_grid.size
+    for name, row in rows.items():
+        # The speed of the model runs alone (tokens through the network per second), not of the scoring.
+        spent = seconds.get(name, 0.0)
+        row["eval_seconds"] = round(spent, 2)
+        row["eval_tokens_per_second"] = round(processed / spent, 1) if spent > 0 else None
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "package": str(root),
