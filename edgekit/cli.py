@@ -216,6 +216,30 @@ def info(package: Path, as_json: bool) -> None:
 
 
 @main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--variant", "variants", multiple=True, help="Variant to time (repeatable; default: all).")
+@click.option("-t", "--target", help="Use the provider chain the manifest records for this target.")
+@click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--gen-tokens", default=128, show_default=True, type=click.IntRange(2))
+@click.option("--runs", default=5, show_default=True, type=click.IntRange(1))
+@click.option("--threads", type=click.IntRange(1), help="Intra-op threads (default: onnxruntime's choice).")
+@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+def bench(package: Path, variants: tuple[str, ...], target: str | None, prompt_tokens: int, gen_tokens: int,
+          runs: int, threads: int | None, json_path: Path | None) -> None:  # fmt: skip
+    """Time to first token, prefill and decode tokens/s, and peak RSS of PACKAGE's variants."""
+    from edgekit.runtimes.bench import BenchSettings, bench_package
+    from edgekit.summary import print_bench, progress_callback
+
+    settings = BenchSettings(prompt_tokens, gen_tokens, runs, threads)
+    with progress_callback("benchmarking") as progress:
+        results = bench_package(package, variants=list(variants) or None, target=target, settings=settings,
+                                progress=progress)  # fmt: skip
+    print_bench(results)
+    if json_path:
+        json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+@main.command()
 @click.option("--targets-file", type=click.Path(path_type=Path), help="Read this targets.yaml instead.")
 @click.option("--schema", is_flag=True, help="Print the JSON Schema of targets.yaml.")
 def targets(targets_file: Path | None, schema: bool) -> None:

@@ -129,7 +129,7 @@ def print_eval_report(report: dict[str, Any], console: Console | None = None) ->
     protocol = report["protocol"]
     columns = ("perplexity", "ppl_ratio", "kl_mean", "kl_p99", "top1_agreement", "bytes", "bits_per_weight")
     table = Table(title=f"{protocol['text']}: {protocol['windows']} x {protocol['ctx']} tokens")
-    table.add_column("variant")
+    table.add_column("variant", no_wrap=True)
     for column in columns:
         table.add_column(column, justify="right")
     for name, row in report["variants"].items():
@@ -158,3 +158,33 @@ def print_check(result: CheckResult, console: Console | None = None) -> None:
     if not result.checks:
         console.print(f"target {result.target} sets no accuracy budget; nothing to check")
     console.print("PASS" if result.passed else "FAIL")
+
+
+def print_bench(results: list[dict[str, Any]], console: Console | None = None) -> None:
+    """One row per variant: TTFT, prefill and decode tokens/s (median, min..max), peak RSS, bytes."""
+    console = console or Console()
+    if not results:
+        return
+    first = results[0]
+    table = Table(
+        title=f"prompt {first['prompt_tokens']} tokens, {first['gen_tokens']} generated, {first['runs']} runs"
+    )
+    for column in ("variant", "provider", "TTFT s", "prefill tok/s", "decode tok/s", "peak RSS", "size"):
+        table.add_column(column)
+
+    def spread(stats: dict[str, float] | None, digits: int) -> str:
+        if not stats:
+            return "-"
+        return f"{stats['median']:.{digits}f} ({stats['min']:.{digits}f}..{stats['max']:.{digits}f})"
+
+    for row in results:
+        table.add_row(
+            row["variant"],
+            row["provider"],
+            spread(row["ttft_s"], 3),
+            spread(row["prefill_tps"], 0),
+            spread(row["decode_tps"], 1),
+            f"{row['peak_rss_mb']:,.0f} MiB",
+            _mb(row["model_bytes"]) if row.get("model_bytes") else "-",
+        )
+    console.print(table)

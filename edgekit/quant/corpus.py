@@ -39,9 +39,22 @@ def builtin_corpus(part: str) -> Corpus:
 
     if part not in ("calibration", "evaluation"):
         raise ValueError(f"part must be 'calibration' or 'evaluation', not {part!r}")
-    wanted = 0 if part == "calibration" else 1
-    chosen = [topics[name] for name in sorted(topics) if hashlib.sha256(name.encode()).digest()[0] % 2 == wanted]
-    return Corpus(f"{BUILTIN}:{part}", "\n\n".join(chosen))
+    calibration: list[str] = []
+    evaluation: list[str] = []
+    for name in sorted(topics):
+        side = calibration if hashlib.sha256(name.encode()).digest()[0] % 2 == 0 else evaluation
+        side.extend(p.strip() for p in topics[name].split("\n\n") if p.strip())
+    # Many topics quote others whole (specialnames holds attribute-access, compound holds while/if/else),
+    # so each paragraph is kept once, on the calibration side when both have it: nothing measured was
+    # seen in calibration.
+    seen: set[str] = set()
+    parts: dict[str, list[str]] = {"calibration": [], "evaluation": []}
+    for side_name, paragraphs in (("calibration", calibration), ("evaluation", evaluation)):
+        for paragraph in paragraphs:
+            if paragraph not in seen:
+                seen.add(paragraph)
+                parts[side_name].append(paragraph)
+    return Corpus(f"{BUILTIN}:{part}", "\n\n".join(parts[part]))
 
 
 def load_text(path: str | Path) -> Corpus:

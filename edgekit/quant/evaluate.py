@@ -221,12 +221,20 @@ def evaluate_package(
         "schema_version": REPORT_SCHEMA_VERSION,
         "package": str(root),
         "protocol": protocol.as_dict(),
-        "reference_cache": "hit" if reference.cache_hit else ("stored" if reference.head is not None else "off"),
+        "reference_cache": _cache_state(reference, write),
         "variants": rows,
     }
     if write:
         reference.save(root / EVAL_DIR)
     return report
+
+
+def _cache_state(reference: _Reference, write: bool) -> str:
+    if reference.cache_hit:
+        return "hit"
+    if reference.head is None:
+        return "off"
+    return "stored" if write else "computed"
 
 
 def _row(

@@ -14,7 +14,7 @@ from edgekit.quant.corpus import Corpus
 from edgekit.quant.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS, EVAL_DIR, Progress, evaluate_package
 from edgekit.quant.report import REPORT_JSON, write_report
 from edgekit.quant.schemes import REFERENCE_VARIANT, deploy_variant
-from edgekit.targets import get_target, load_targets
+from edgekit.targets import Target, get_target, load_targets
 
 DEFAULT_BASELINE_TOLERANCE = 0.05
 
@@ -83,7 +83,7 @@ def check_package(
     manifest = read_manifest(root)
     report = _load_report(root / EVAL_DIR / REPORT_JSON, missing_fix=f"run `edgekit eval {root}` first")
     profile = get_target(target, None if targets_file is None else Path(targets_file))
-    chosen = _chosen_variant(root, manifest, target, report)
+    chosen = _chosen_variant(root, manifest, profile, report)
     checks: list[Check] = []
     for variant, metrics in report["variants"].items():
         if variant != REFERENCE_VARIANT:
@@ -100,9 +100,10 @@ def check_package(
     return CheckResult(target, chosen, passed, checks)
 
 
-def _chosen_variant(root: Path, manifest: dict[str, Any], target: str, report: dict[str, Any]) -> str:
+def _chosen_variant(root: Path, manifest: dict[str, Any], profile: Target, report: dict[str, Any]) -> str:
+    target = profile.name
     recorded = manifest.get("targets", {}).get(target)
-    name = recorded["variant"] if recorded else deploy_variant(get_target(target)).name
+    name = recorded["variant"] if recorded else deploy_variant(profile).name
     if name not in report["variants"]:
         built_for = ", ".join(manifest.get("targets", {})) or "no target"
         raise UsageError(

@@ -1,0 +1,109 @@
+"""``edgekit bench``: time to first token, prefill and decode speed, and memory, per variant.
+
+Decode speed excludes the first generated token, as llama-bench's ``tg`` does; prefill speed is the
+prompt length over the time to the first token. Each variant runs in its own loaded model, ``runs`` times;
+the table reports the median and the spread (min..max).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.package import read_manifest
+from edgekit.progress import current_rss_mb
+from edgekit.runtimes.model import load
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What one benchmark run does."""
+
+    prompt_tokens: int = 512
+    gen_tokens: int = 128
+    runs: int = 5
+    threads: int | None = None
+    seed: int = 0
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def bench_variant(package: Path, variant: str, settings: BenchSettings, target: str | None = None) -> dict[str, Any]:
+    """Benchmark one variant: one warm-up, then ``settings.runs`` timed runs."""
+    import onnxruntime_genai as og
+
+    with load(package, target, variant=variant, threads=settings.threads) as model:
+        vocab = int(read_manifest(package).get("vocab_size") or 0) or _vocab_size(model)
+        rng = np.random.default_rng(settings.seed)
+        # Random ids from the lower vocabulary: ordinary tokens, no special ones, same for every variant.
+        prompt = rng.integers(100, min(vocab, 30000), size=settings.prompt_tokens).tolist()
+        ttft, prefill, decode = [], [], []
+        for run in range(settings.runs + 1):
+            params = og.GeneratorParams(model._model)
+            params.set_search_options(
+                max_length=settings.prompt_tokens + settings.gen_tokens, min_length=0, do_sample=False
+            )
+            generator = og.Generator(model._model, params)
+            start = time.perf_counter()
+            generator.append_tokens(prompt)
+            generator.generate_next_token()
+            first = time.perf_counter()
+            produced = 1
+            while produced < settings.gen_tokens and not generator.is_done():
+                generator.generate_next_token()
+                produced += 1
+            end = time.perf_counter()
+            if run == 0:
+                continue  # warm-up: allocations, prepacking
+            ttft.append(first - start)
+            prefill.append(settings.prompt_tokens / (first - start))
+            if produced > 1:
+                decode.append((produced - 1) / (end - first))
+        return {
+            "variant": variant,
+            "provider": model.info.provider,
+            "prompt_tokens": settings.prompt_tokens,
+            "gen_tokens": settings.gen_tokens,
+            "runs": settings.runs,
+            "ttft_s": _stats(ttft),
+            "prefill_tps": _stats(prefill),
+            "decode_tps": _stats(decode) if decode else None,
+            "peak_rss_mb": round(current_rss_mb(), 1),
+        }
+
+
+def _vocab_size(model: Any) -> int:
+    import json
+
+    config = json.loads((Path(model.info.package) / model.info.variant / "genai_config.json").read_text())
+    return int(config["model"]["vocab_size"])
+
+
+def bench_package(
+    package: str | Path,
+    *,
+    variants: list[str] | None = None,
+    target: str | None = None,
+    settings: BenchSettings = BenchSettings(),
+    progress: Callable[[str], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Benchmark the named variants (default: all) of a package; one result per variant."""
+    root = Path(package)
+    manifest = read_manifest(root)
+    names = variants or list(manifest["variants"])
+    results = []
+    for name in names:
+        if progress:
+            progress(name)
+        result = bench_variant(root, name, settings, target)
+        result["model_bytes"] = manifest["variants"][name]["bytes"] if name in manifest["variants"] else None
+        results.append(result)
+    return results
