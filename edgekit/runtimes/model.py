@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import PackageError, ProviderUnavailableError
-from edgekit.package import read_manifest, variant_dir, verify_files
+from edgekit.package import read_manifest, variant_dir
 from edgekit.runtimes.providers import PROVIDERS, available_providers
+from edgekit.runtimes.verify_cache import verify_variant
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def load(
         variant = entry["variant"] if entry else None
     name, folder = variant_dir(root, manifest, variant)
     if verify:
-        verify_files(root, manifest, manifest["variants"][name]["path"])
+        verify_variant(root, manifest, manifest["variants"][name]["path"])
     chain = list(providers or _default_chain(manifest, name, target))
     unknown = [p for p in chain if p not in PROVIDERS]
     if unknown:

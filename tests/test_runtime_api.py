@@ -1,0 +1,89 @@
+"""The embedding API: thread safety, streaming, closing, and the README's code running as written."""
+
+from __future__ import annotations
+
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from edgekit.errors import PackageError
+from edgekit.runtimes.model import load
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMPTS = [f"the quick brown fox {i}" for i in range(8)]
+
+
+def test_eight_threads_get_the_serial_greedy_outputs(tiny_llama_package: Path) -> None:
+    with load(tiny_llama_package, variant="fp32") as model:
+        serial = [model.generate(p, max_new_tokens=12) for p in PROMPTS]
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            parallel = list(pool.map(lambda p: model.generate(p, max_new_tokens=12), PROMPTS))
+    assert parallel == serial
+    assert len(set(serial)) > 1, "prompts should give different completions"
+
+
+def test_streamed_pieces_join_to_the_generated_text(tiny_llama_package: Path) -> None:
+    with load(tiny_llama_package) as model:
+        whole = model.generate("hello world", max_new_tokens=16)
+        pieces = list(model.stream("hello world", max_new_tokens=16))
+    assert "".join(pieces) == whole
+    assert all(isinstance(p, str) and p for p in pieces)
+
+
+def test_max_new_tokens_bounds_the_output(tiny_llama_package: Path) -> None:
+    with load(tiny_llama_package, variant="fp32") as model:
+        tokens = model.generate_tokens([5, 6, 7, 8], max_new_tokens=5)
+    assert 1 <= len(tokens) <= 5
+
+
+def test_a_closed_model_refuses_to_generate(tiny_llama_package: Path) -> None:
+    model = load(tiny_llama_package)
+    with model:
+        assert model.info.variant == "int4-rtn"
+    with pytest.raises(PackageError, match="closed"):
+        model.generate("hello")
+
+
+def _python_blocks(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.DOTALL)
+
+
+@pytest.mark.slow
+def test_readme_python_code_runs_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
+    from edgekit.demo import demo_gguf_path
+
+    blocks = _python_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
+    assert blocks, "README.md has no python code block"
+    # The README names the GGUF file by its own name, as a user who downloaded it would.
+    os.symlink(demo_gguf_path(), tmp_path / demo_gguf_path().name)
+    monkeypatch.chdir(tmp_path)
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
+    assert "Paris" in capsys.readouterr().out
+
+
+def test_second_load_uses_the_cached_verdict_and_a_changed_file_is_rehashed(
+    tiny_llama_package: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import shutil
+
+    from edgekit.package import read_manifest
+    from edgekit.runtimes.verify_cache import verify_variant
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    package = tmp_path / "pkg"
+    shutil.copytree(tiny_llama_package, package)
+    manifest = read_manifest(package)
+    assert verify_variant(package, manifest, "int4-rtn") is False
+    assert verify_variant(package, manifest, "int4-rtn") is True
+    data = package / "int4-rtn" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(PackageError, match="sha256"):
+        verify_variant(package, manifest, "int4-rtn")
+    with pytest.raises(PackageError, match="sha256"):
+        load(package)
