@@ -63,10 +63,15 @@ def main() -> None:
 )
 @click.option("--eval-windows", default=20, show_default=True, type=click.IntRange(1), help="Windows to score.")
 @click.option("--eval-ctx", default=512, show_default=True, type=click.IntRange(8), help="Tokens per window.")
+@click.option("--calibration", type=click.Path(path_type=Path), help="GPTQ calibration text (.txt/.jsonl).")
+@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(1), help="GPTQ samples.")
+@click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(8), help="Tokens per sample.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration sampling.")
 def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, targets_file: Path | None,
-          quiet: bool, no_eval: bool, eval_text: Path | None, eval_windows: int, eval_ctx: int) -> None:  # fmt: skip
+          quiet: bool, no_eval: bool, eval_text: Path | None, eval_windows: int, eval_ctx: int,
+          calibration: Path | None, calib_samples: int, calib_seq_len: int, seed: int) -> None:  # fmt: skip
     """Build a package from SOURCE: a Hugging Face folder, a .gguf file, or a hub id."""
-    from edgekit.pipeline import EvalSettings
+    from edgekit.pipeline import CalibrationSettings, EvalSettings
     from edgekit.pipeline import build as build_package
     from edgekit.quant.corpus import load_text
     from edgekit.summary import print_build_summary
@@ -75,6 +80,8 @@ def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, 
     if not no_eval:
         corpus = load_text(eval_text) if eval_text else None
         evaluation = EvalSettings(corpus, eval_windows, eval_ctx)
+    calibration_corpus = load_text(calibration) if calibration else None
+    calibration_settings = CalibrationSettings(calibration_corpus, calib_samples, calib_seq_len, seed)
     result = build_package(
         source,
         out,
@@ -84,6 +91,7 @@ def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, 
         targets_file=targets_file,
         progress=not quiet,
         evaluation=evaluation,
+        calibration=calibration_settings,
     )
     print_build_summary(result)
 

@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -32,11 +33,11 @@ from edgekit.exporters.sources import (
 from edgekit.exporters.validate import ParityResult, check_reference
 from edgekit.package import read_manifest, sha256_file, staged_output, write_manifest
 from edgekit.progress import StepRecord, StepReporter
-from edgekit.quant.corpus import Corpus
+from edgekit.quant.corpus import Corpus, builtin_corpus
 from edgekit.quant.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS
 from edgekit.quant.gate import evaluate_and_record
-from edgekit.quant.schemes import REFERENCE_VARIANT, VariantSpec, plan_variants
-from edgekit.targets import Target, get_target
+from edgekit.quant.schemes import REFERENCE_VARIANT, VariantSpec, plan_variants, uses_gptq
+from edgekit.targets import Int4Method, Target, get_target
 
 BUILD_LOG = "build.log"
 _TOOLS = ("onnxruntime", "onnxruntime-genai", "onnx", "transformers", "torch", "gguf", "numpy")
@@ -72,6 +73,7 @@ def build(
     targets_file: str | os.PathLike[str] | None = None,
     progress: bool = True,
     evaluation: EvalSettings | None = EvalSettings(),
+    calibration: CalibrationSettings | None = None,
 ) -> BuildResult:
     """Build a package at ``out`` from a Hugging Face folder, a GGUF file or a hub id, for ``target``.
 
@@ -97,7 +99,16 @@ def build(
         StepReporter(enabled=progress) as reporter,
     ):
         result = _build_into(
-            spec, prechecked, profile, staging, Path(work), reporter, allow_pickle, evaluation, targets_path
+            spec,
+            prechecked,
+            profile,
+            staging,
+            Path(work),
+            reporter,
+            allow_pickle,
+            evaluation,
+            targets_path,
+            calibration,
         )
     result.out = out_path.absolute()
     return result
@@ -117,6 +128,34 @@ def _precheck(spec: SourceSpec, allow_pickle: bool) -> CheckedFolder | None:
     return None
 
 
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Calibration of GPTQ variants: text, sample count and length, seed."""
+
+    corpus: Corpus | None = None
+    """The text to calibrate on; the built-in corpus's calibration part by default."""
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
+
+
+def _make_gptq_checkpoint(
+    hf_folder: Path,
+    out: Path,
+    target: Target,
+    settings: CalibrationSettings,
+    detail: Callable[[str], None],
+    log_path: Path,
+) -> None:
+    from edgekit.quant.gptq import GPTQConfig
+    from edgekit.quant.gptq_checkpoint import calibration_tokens, write_gptq_checkpoint
+
+    corpus = settings.corpus or builtin_corpus("calibration")
+    tokens = calibration_tokens(hf_folder / "tokenizer.json", corpus, settings.samples, settings.seq_len, settings.seed)
+    with output_to_log(log_path):
+        write_gptq_checkpoint(hf_folder, out, GPTQConfig(group_size=target.block_size), tokens, progress=detail)
+
+
 def _build_into(
     spec: SourceSpec,
     prechecked: CheckedFolder | None,
@@ -127,16 +166,23 @@ def _build_into(
     allow_pickle: bool,
     evaluation: EvalSettings | None,
     targets_file: Path | None,
+    calibration: CalibrationSettings | None,
 ) -> BuildResult:
     log_path = staging / BUILD_LOG
     log_path.touch()
     with output_to_log(log_path):  # transformers' and the builder's progress bars belong in the log
         hf_folder, checked, source_files = _prepare_source(spec, prechecked, work, reporter, allow_pickle)
     variants: dict[str, dict[str, Any]] = {}
+    gptq_folder = None
+    if uses_gptq(target):
+        settings = calibration or CalibrationSettings()
+        gptq_folder = work / "gptq-hf"
+        with reporter.step(f"GPTQ ({settings.samples} x {settings.seq_len} calibration tokens)") as detail:
+            _make_gptq_checkpoint(hf_folder, gptq_folder, target, settings, detail, log_path)
     for variant in plan_variants(target):
         with reporter.step(f"export {variant.name} ({variant.precision}, {variant.provider})"):
             run_builder(
-                hf_folder,
+                gptq_folder if variant.method == Int4Method.GPTQ.value and gptq_folder else hf_folder,
                 staging / variant.name,
                 precision=variant.precision,
                 provider=variant.provider,

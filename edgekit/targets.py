@@ -29,6 +29,20 @@ class Provider(str, enum.Enum):
     DML = "dml"
 
 
+class Int4Method(str, enum.Enum):
+    """How an INT4 variant is quantized."""
+
+    RTN = "rtn"
+    GPTQ = "gptq"
+
+
+class HeadPrecision(str, enum.Enum):
+    """Precision of the LM head in INT4 variants (``float``: the model's own, unquantized)."""
+
+    INT4 = "int4"
+    FLOAT = "float"
+
+
 class Precision(str, enum.Enum):
     """Weight precision of a target's deployed variant."""
 
@@ -58,6 +72,9 @@ class Target:
     accuracy_level: int = 0
     memory_limit_mb: int | None = None
     budget: AccuracyBudget = field(default_factory=AccuracyBudget)
+    int4_methods: tuple[Int4Method, ...] = (Int4Method.RTN,)
+    """INT4 variants to build; the last one is the variant the target deploys."""
+    lm_head: HeadPrecision = HeadPrecision.INT4
 
     @property
     def build_provider(self) -> Provider:
@@ -144,7 +161,18 @@ def _parse_target(name: str, body: Any, path: str | Path) -> Target:
         accuracy_level=accuracy_level,
         memory_limit_mb=memory,
         budget=_parse_budget(body.get("budget") or {}, where, path),
+        int4_methods=_parse_methods(body.get("int4_methods", ["rtn"]), where, path),
+        lm_head=_enum(HeadPrecision, body.get("lm_head", "int4"), f"{where}: lm_head", path),
     )
+
+
+def _parse_methods(methods: Any, where: str, path: str | Path) -> tuple[Int4Method, ...]:
+    if not isinstance(methods, list) or not methods:
+        raise TargetError(f"{where}: 'int4_methods' must be a non-empty list", path=path)
+    parsed = tuple(_enum(Int4Method, m, f"{where}: int4 method", path) for m in methods)
+    if len(set(parsed)) != len(parsed):
+        raise TargetError(f"{where}: 'int4_methods' lists a method twice", path=path)
+    return parsed
 
 
 def _parse_budget(body: Any, where: str, path: str | Path) -> AccuracyBudget:
@@ -195,6 +223,13 @@ def targets_json_schema() -> dict[str, Any]:
             "block_size": {"enum": list(_BLOCK_SIZES)},
             "accuracy_level": {"enum": [0, 1, 2, 3, 4]},
             "memory_limit_mb": {"type": "integer", "minimum": 1},
+            "int4_methods": {
+                "type": "array",
+                "minItems": 1,
+                "uniqueItems": True,
+                "items": {"enum": [m.value for m in Int4Method]},
+            },
+            "lm_head": {"enum": [h.value for h in HeadPrecision]},
             "budget": budget,
         },
     }

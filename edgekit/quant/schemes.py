@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from edgekit.targets import Precision, Provider, Target
+from edgekit.targets import HeadPrecision, Int4Method, Precision, Provider, Target
 
 REFERENCE_VARIANT = "fp32"
 
@@ -25,6 +25,8 @@ class VariantSpec:
     block_size: int | None = None
     accuracy_level: int | None = None
     """MatMulNBits compute type; ``None`` leaves the builder's default for the provider."""
+    lm_head: str = "int4"
+    """``int4`` or ``float`` (the head MatMul left unquantized)."""
 
     def builder_options(self) -> dict[str, str]:
         """The builder ``extra_options`` that make this variant."""
@@ -36,6 +38,8 @@ class VariantSpec:
             options["block_size"] = str(self.block_size)
             if self.accuracy_level is not None:
                 options["accuracy_level"] = str(self.accuracy_level)
+            if self.lm_head == HeadPrecision.FLOAT.value:
+                options["nodes_to_exclude"] = "/lm_head/MatMul"
         return options
 
 
@@ -44,21 +48,32 @@ def reference_variant() -> VariantSpec:
     return VariantSpec(REFERENCE_VARIANT, "fp32", "none", Provider.CPU.value)
 
 
-def deploy_variant(target: Target) -> VariantSpec:
-    """The variant ``target`` runs: its precision, block size and accuracy level on its first provider."""
+def target_variants(target: Target) -> list[VariantSpec]:
+    """The quantized or half-precision variants ``target`` asks for; the last is the one it deploys."""
     provider = target.build_provider.value
     if target.precision is Precision.INT4:
         level = target.accuracy_level or None
-        return VariantSpec("int4-rtn", "int4", "rtn", provider, target.block_size, level)
+        head = target.lm_head.value
+        return [
+            VariantSpec(f"int4-{method.value}", "int4", method.value, provider, target.block_size, level, head)
+            for method in target.int4_methods
+        ]
     if target.precision is Precision.FP16:
-        return VariantSpec("fp16", "fp16", "none", provider)
-    return reference_variant()
+        return [VariantSpec("fp16", "fp16", "none", provider)]
+    return []
+
+
+def deploy_variant(target: Target) -> VariantSpec:
+    """The variant ``target`` runs on its first provider."""
+    variants = target_variants(target)
+    return variants[-1] if variants else reference_variant()
 
 
 def plan_variants(target: Target) -> list[VariantSpec]:
-    """The variants a build for ``target`` makes, reference first, without duplicates."""
-    plan = [reference_variant()]
-    deployed = deploy_variant(target)
-    if deployed != plan[0]:
-        plan.append(deployed)
-    return plan
+    """The variants a build for ``target`` makes, reference first, the deployed one last."""
+    return [reference_variant(), *target_variants(target)]
+
+
+def uses_gptq(target: Target) -> bool:
+    """Whether a build for ``target`` runs GPTQ."""
+    return any(v.method == Int4Method.GPTQ.value for v in target_variants(target))

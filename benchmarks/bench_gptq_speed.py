@@ -1,0 +1,71 @@
+"""How long GPTQ takes on a real checkpoint, and how much memory it peaks at.
+
+    python benchmarks/bench_gptq_speed.py HF_FOLDER TEXT.txt [--samples 128] [--seq-len 512]
+
+Loads the checkpoint in float32 (sdpa attention), tokenizes the text, draws ``--samples`` random windows
+of ``--seq-len`` tokens with a seeded numpy Generator, runs ``gptq_quantize_model`` and prints the wall
+time, the time per phase and the peak resident memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import describe_machine
+
+
+def main() -> None:
+    """Run the benchmark from the command line."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("checkpoint", type=Path)
+    parser.add_argument("text", type=Path)
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--bits", type=int, default=4)
+    parser.add_argument("--group-size", type=int, default=32)
+    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa or eager)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    import torch
+    import transformers
+
+    from edgekit.quant.gptq import GPTQConfig, gptq_quantize_model
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.checkpoint))
+    ids = np.asarray(tokenizer(args.text.read_text(encoding="utf-8"))["input_ids"], dtype=np.int64)
+    starts = np.random.default_rng(args.seed).integers(0, len(ids) - args.seq_len, size=args.samples)
+    calibration = torch.from_numpy(np.stack([ids[s : s + args.seq_len] for s in starts]))
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(args.checkpoint), dtype=torch.float32, attn_implementation=args.attn
+    ).eval()
+
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    results = gptq_quantize_model(
+        model,
+        calibration,
+        GPTQConfig(bits=args.bits, group_size=args.group_size),
+        batch_size=args.batch_size,
+        progress=lambda line: print(f"  {time.perf_counter() - started:7.1f}s {line}", flush=True),
+        timings=timings,
+    )
+    wall = time.perf_counter() - started
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(describe_machine())
+    print(f"{len(results)} linears, {args.samples} x {args.seq_len} tokens, attn={args.attn}, batch {args.batch_size}")
+    print(f"GPTQ wall time {wall:.1f} s; peak RSS {peak_mib:,.0f} MiB")
+    for phase, seconds in timings.items():
+        print(f"  {phase:16s} {seconds:7.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,438 @@
+"""GPTQ (Frantar et al., 2022) weight quantization on the CPU, and the sequential driver over a decoder.
+
+The solver follows the reference ``fasterquant``: dead input columns are zeroed, the Hessian is damped by
+a fraction of its mean diagonal, its inverse is factored by Cholesky (upper), and columns are quantized in
+blocks, each column's rounding error fed back into the columns not yet quantized.
+
+Act-order uses *static groups*: every group's scale and zero point comes from the original weight, one
+group per ``group_size`` contiguous input columns in the original order, before any permutation or error
+feedback. Columns are then visited in descending ``diag(H)`` order, each rounded with its own group's
+parameters. The group of input column ``i`` is therefore ``i // group_size`` and the checkpoint's g_idx is
+trivial: onnxruntime's MatMulNBits keeps its prepacked fast path, which it skips when a g_idx is given.
+
+Scales are rounded to float16 when they are chosen, because the GPTQ checkpoint stores them in float16:
+codes are computed against the scale the runtime will use, and ``QuantizedWeight.dequantized`` is exactly
+the weight the checkpoint represents.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+Progress = Callable[[str], None]
+
+_BITS = (4, 8)
+_GROUP_SIZES = (32, 64, 128)
+# Smallest and largest normal float16: scales are stored in float16, so they must survive the cast.
+_FP16_TINY = float(torch.finfo(torch.float16).tiny)
+_FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """How GPTQ quantizes: bit width, grouping, symmetry, damping, column order and block size."""
+
+    bits: int = 4
+    group_size: int = 32
+    """Input columns that share one scale and zero point (contiguous, in the original order)."""
+    sym: bool = True
+    damp: float = 0.01
+    """Added to the Hessian's diagonal, as a fraction of its mean diagonal."""
+    act_order: bool = True
+    """Quantize columns in descending diag(H) order (with static groups, so g_idx stays trivial)."""
+    block_size: int = 128
+    """Columns per lazy batch update; only speed depends on it."""
+
+    def __post_init__(self) -> None:
+        if self.bits not in _BITS:
+            raise ValueError(f"GPTQ bits must be one of {_BITS}, not {self.bits!r}")
+        if self.group_size not in _GROUP_SIZES:
+            raise ValueError(f"GPTQ group_size must be one of {_GROUP_SIZES}, not {self.group_size!r}")
+        if not isinstance(self.sym, bool) or not isinstance(self.act_order, bool):
+            raise ValueError("GPTQ sym and act_order must be booleans")
+        if not 0.0 < self.damp < 1.0:
+            raise ValueError(f"GPTQ damp must be a fraction of the mean Hessian diagonal in (0, 1), not {self.damp!r}")
+        if not isinstance(self.block_size, int) or self.block_size < 1:
+            raise ValueError(f"GPTQ block_size must be a positive integer, not {self.block_size!r}")
+
+    @property
+    def maxq(self) -> int:
+        """The largest code: 2**bits - 1."""
+        return (1 << self.bits) - 1
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One quantized weight matrix, in the original column order.
+
+    ``codes`` [out, in] and ``zeros`` [out, groups] are uint8, ``scales`` [out, groups] float32 holding
+    float16-exact values, and ``dequantized`` [out, in] float32 is ``scales * (codes - zeros)`` per group:
+    bit for bit the weight a GPTQ checkpoint of these tensors represents.
+    """
+
+    codes: Tensor
+    scales: Tensor
+    zeros: Tensor
+    dequantized: Tensor
+    bits: int
+    group_size: int
+
+    def rows(self, start: int, stop: int) -> QuantizedWeight:
+        """Output rows ``start:stop`` (to split a fused q/k/v or gate/up solve back into modules)."""
+        return QuantizedWeight(
+            self.codes[start:stop].clone(),
+            self.scales[start:stop].clone(),
+            self.zeros[start:stop].clone(),
+            self.dequantized[start:stop].clone(),
+            self.bits,
+            self.group_size,
+        )
+
+
+def dequantize(codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> Tensor:
+    """``scales * (codes - zeros)`` with each group's parameters repeated over its columns, in float32."""
+    out, columns = codes.shape
+    grouped = codes.to(torch.float32).reshape(out, columns // group_size, group_size)
+    shifted = grouped - zeros.to(torch.float32).unsqueeze(-1)
+    return (shifted * scales.to(torch.float32).unsqueeze(-1)).reshape(out, columns)
+
+
+def group_parameters(weight: Tensor, config: GPTQConfig) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of every contiguous group of ``group_size`` input columns: [out, groups] each.
+
+    Asymmetric: ``scale = (max - min) / maxq`` over a range that includes 0, ``zero = round(-min / scale)``.
+    Symmetric: ``scale = 2 * max|w| / maxq``, ``zero = (maxq + 1) / 2``. Scales are rounded to float16 (as
+    stored) and kept within float16's normal range, which also guards all-zero groups (scale 0).
+    """
+    out, columns = weight.shape
+    if columns % config.group_size:
+        raise ValueError(f"{columns} input columns are not a multiple of group_size {config.group_size}")
+    grouped = weight.to(torch.float32).reshape(out, columns // config.group_size, config.group_size)
+    # Like the reference Quantizer, the range always includes 0 so that 0 is representable.
+    low = grouped.amin(dim=-1).clamp(max=0.0)
+    high = grouped.amax(dim=-1).clamp(min=0.0)
+    scales = 2.0 * torch.maximum(low.abs(), high) / config.maxq if config.sym else (high - low) / config.maxq
+    scales = scales.clamp(min=_FP16_TINY, max=_FP16_MAX).to(torch.float16).to(torch.float32)
+    if config.sym:
+        zeros = torch.full_like(scales, (config.maxq + 1) // 2)
+    else:
+        zeros = torch.round(-low / scales).clamp(0, config.maxq)
+    return scales, zeros.to(torch.uint8)
+
+
+def _round_to_codes(weight: Tensor, scales: Tensor, zeros: Tensor, maxq: int) -> Tensor:
+    """Codes of ``weight`` under per-element (broadcast) scales and zeros, as float32 in [0, maxq]."""
+    return torch.clamp(torch.round(weight / scales) + zeros, 0, maxq)
+
+
+def rtn_quantize_weight(weight: Tensor, config: GPTQConfig) -> QuantizedWeight:
+    """Round-to-nearest quantization with GPTQ's grouping and parameters (the baseline GPTQ improves on)."""
+    scales, zeros = group_parameters(weight, config)
+    out, columns = weight.shape
+    groups = columns // config.group_size
+    grouped = weight.to(torch.float32).reshape(out, groups, config.group_size)
+    codes = _round_to_codes(grouped, scales.unsqueeze(-1), zeros.to(torch.float32).unsqueeze(-1), config.maxq)
+    codes_u8 = codes.reshape(out, columns).to(torch.uint8)
+    return QuantizedWeight(
+        codes_u8, scales, zeros, dequantize(codes_u8, scales, zeros, config.group_size), config.bits, config.group_size
+    )
+
+
+def accumulate_hessian(hessian: Tensor, inputs: Tensor) -> int:
+    """Add ``X^T X`` of ``inputs`` (any leading shape, last dim = in features) to ``hessian`` in place.
+
+    A plain sum, not the reference's running average of ``2 X^T X / n``: GPTQ's result does not change
+    when H is scaled (damping is relative to its mean diagonal), and the sum is cheaper and exact to
+    reproduce. Returns the number of rows added.
+    """
+    rows = inputs.reshape(-1, inputs.shape[-1]).to(torch.float32)
+    hessian.addmm_(rows.t(), rows)
+    return rows.shape[0]
+
+
+def quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> QuantizedWeight:
+    """GPTQ-quantize ``weight`` [out, in] given the Hessian ``hessian`` [in, in] of its inputs.
+
+    The reference ``fasterquant`` with static groups (see the module docstring). Rows are independent
+    given H, so weights that share an input (q/k/v, gate/up) can be solved as one stacked matrix.
+    """
+    _out, columns = weight.shape
+    if hessian.shape != (columns, columns):
+        raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match {columns} input columns")
+    maxq = config.maxq
+    W = weight.to(torch.float32).clone()
+    H = hessian.to(torch.float32).clone()
+    # Inputs that were always zero carry no information: pin H's diagonal and quantize the column to 0.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    scales, zeros = group_parameters(W, config)
+
+    group_of_column = torch.arange(columns) // config.group_size
+    if config.act_order:
+        # Stable sort, so ties (e.g. dead columns) keep their order and runs are deterministic.
+        perm = torch.argsort(torch.diag(H), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        group_of_column = group_of_column[perm]
+    else:
+        perm = None
+
+    # GPTQ is invariant to scaling H. Normalizing its mean diagonal to 1 keeps H^-1 and the error updates
+    # near unit scale; a raw sum over many tokens gives tiny entries whose products underflow to
+    # subnormal floats, which are ~10x slower on x86.
+    H.div_(torch.mean(torch.diag(H)))
+    H.diagonal().add_(config.damp)
+    Hinv = _upper_cholesky_of_inverse(H)
+
+    # Work on the transpose so that one input column is one contiguous row.
+    Wt = W.t().contiguous()
+    codes_t = torch.empty_like(Wt)
+    col_scales = scales.t()[group_of_column].contiguous()  # [in (processing order), out]
+    col_zeros = zeros.t()[group_of_column].to(torch.float32).contiguous()
+    for start in range(0, columns, config.block_size):
+        stop = min(start + config.block_size, columns)
+        block = Wt[start:stop].clone()
+        errors = torch.empty_like(block)
+        hinv_block = Hinv[start:stop, start:stop]
+        for i in range(stop - start):
+            column = block[i]
+            scale, zero = col_scales[start + i], col_zeros[start + i]
+            code = _round_to_codes(column, scale, zero, maxq)
+            codes_t[start + i] = code
+            error = (column - scale * (code - zero)) / hinv_block[i, i]
+            errors[i] = error
+            # Feed the error forward to the block's remaining columns (rank-1 update).
+            block[i + 1 :].addr_(hinv_block[i, i + 1 :], error, alpha=-1.0)
+        # Lazy batch update of every later column with the whole block's errors at once.
+        Wt[stop:].addmm_(Hinv[start:stop, stop:].t(), errors, alpha=-1.0)
+
+    codes = codes_t.t()
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    codes_u8 = codes.contiguous().to(torch.uint8)
+    return QuantizedWeight(
+        codes_u8, scales, zeros, dequantize(codes_u8, scales, zeros, config.group_size), config.bits, config.group_size
+    )
+
+
+def _upper_cholesky_of_inverse(H: Tensor) -> Tensor:
+    """Upper Cholesky factor of ``H^-1``, the form the reference solver reads its updates from."""
+    lower = torch.linalg.cholesky(H)
+    inverse = torch.cholesky_inverse(lower)
+    return torch.linalg.cholesky(inverse, upper=True)
+
+
+# --- the sequential driver -------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early (once the wanted inputs are recorded)."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a transformers causal LM (``model.model.layers``; Qwen3.5's text model too).
+
+    Raises ``ValueError`` naming the model class when the layout is not one edgekit knows.
+    """
+    inner = getattr(model, "model", None)
+    for holder in (inner, getattr(inner, "language_model", None)):
+        layers = getattr(holder, "layers", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return layers
+    raise ValueError(
+        f"cannot find the decoder layers of {type(model).__name__}: GPTQ supports models whose layers are "
+        "model.model.layers (llama, mistral, qwen2, qwen3, phi3, gemma3) or model.model.language_model.layers"
+    )
+
+
+class _Catcher(nn.Module):
+    """Stands in for a decoder layer while capturing: records its keyword arguments and passes through.
+
+    Layer 0's stand-in also records the hidden states. Keyword arguments (masks, position embeddings)
+    depend only on the batch shape, since calibration windows are unpadded and start at position 0, so
+    they are kept once per (layer, batch size). Gemma3 gives sliding and full layers different masks,
+    hence one record per layer.
+    """
+
+    def __init__(self, index: int, last: bool, state: dict[str, Any]) -> None:
+        super().__init__()
+        self.index, self.last, self.state = index, last, state
+
+    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        if args:
+            raise ValueError("GPTQ expects decoder layers to get everything but hidden_states as keywords")
+        batch = hidden_states.shape[0]
+        if self.index == 0:
+            self.state["inputs"].append(hidden_states.detach())
+            if all(batch in per_layer for per_layer in self.state["kwargs"]):
+                raise _StopForward
+        self.state["kwargs"][self.index].setdefault(batch, kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden_states
+
+
+def _capture_layer_inputs(
+    model: nn.Module, layers: nn.ModuleList, calibration: Tensor, batch_size: int
+) -> tuple[list[Tensor], list[dict[int, dict[str, Any]]]]:
+    """Layer 0's inputs per calibration batch, and every layer's keyword arguments per batch size."""
+    state: dict[str, Any] = {"inputs": [], "kwargs": [{} for _ in layers]}
+    originals = list(layers)
+    for index in range(len(layers)):
+        layers[index] = _Catcher(index, index == len(layers) - 1, state)
+    try:
+        for start in range(0, calibration.shape[0], batch_size):
+            with contextlib.suppress(_StopForward):
+                model(input_ids=calibration[start : start + batch_size], use_cache=False)
+    finally:
+        for index, layer in enumerate(originals):
+            layers[index] = layer
+    return state["inputs"], state["kwargs"]
+
+
+def _layer_output(output: Any) -> Tensor:
+    """The hidden states a decoder layer returned (transformers 5 returns a tensor, older ones a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+class _HessianCollector:
+    """Forward pre-hooks on a layer's linears that accumulate each distinct input's Hessian.
+
+    Linears fed the very same tensor in a forward (q/k/v, gate/up) share one Hessian, accumulated once
+    and solved as one stacked matrix. After the first batch the hook of the layer's last linear ends the
+    forward early: what follows it only makes the layer's output, which this pass does not need.
+    """
+
+    def __init__(self, linears: dict[str, nn.Linear]) -> None:
+        self.linears = linears
+        self.leader: dict[str, str] = {}  # module name -> the module whose Hessian it shares
+        self.hessians: dict[str, Tensor] = {}
+        self.order: list[str] = []  # execution order, learnt on the first batch
+        self.first_batch = True
+        self._seen: list[tuple[Tensor, str]] = []
+        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
+
+    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            inputs = args[0]
+            if self.first_batch:
+                self.order.append(name)
+                shared = next((leader for tensor, leader in self._seen if tensor is inputs), None)
+                self.leader[name] = shared or name
+                if shared is None:
+                    self._seen.append((inputs, name))
+            if self.leader[name] == name:
+                if name not in self.hessians:
+                    features = inputs.shape[-1]
+                    self.hessians[name] = torch.zeros(features, features, dtype=torch.float32)
+                accumulate_hessian(self.hessians[name], inputs)
+            if not self.first_batch and name == self.order[-1]:
+                raise _StopForward
+
+        return hook
+
+    def end_batch(self) -> None:
+        """Forget this batch's tensors; the grouping and order learnt on the first batch stay."""
+        self.first_batch = False
+        self._seen.clear()
+
+    def remove(self) -> None:
+        """Detach the hooks."""
+        for handle in self._handles:
+            handle.remove()
+
+    def groups(self) -> dict[str, list[str]]:
+        """Leader -> the modules (leader first, in execution order) that share its Hessian."""
+        grouped: dict[str, list[str]] = {}
+        for name in self.order:
+            grouped.setdefault(self.leader[name], []).append(name)
+        return grouped
+
+
+def gptq_quantize_model(
+    model: nn.Module,
+    calibration: Tensor,
+    config: GPTQConfig,
+    *,
+    batch_size: int = 8,
+    progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
+) -> dict[str, QuantizedWeight]:
+    """GPTQ every ``nn.Linear`` of every decoder layer of ``model``, one layer at a time, in place.
+
+    ``calibration`` is [samples, seq_len] int64 token ids (sampling them, seeded, is the caller's job).
+    Layer 0's inputs are captured once; then each layer's Hessians are accumulated from its inputs, its
+    linears quantized (``weight`` replaced by the dequantized weight) and the *quantized* layer rerun so
+    its outputs feed the next layer. Only the current layer's inputs and outputs are held. Embeddings and
+    the LM head are left alone. Load the model in float32; attention runs with whatever implementation
+    the model was loaded with (sdpa is the fast one on CPU).
+
+    Returns module name (as in ``model.named_modules()``) -> ``QuantizedWeight``. With ``timings``, the
+    seconds spent in each phase (capture, hessian_forward, solve, output_forward) are added to it.
+    """
+    if calibration.dim() != 2 or calibration.dtype != torch.int64:
+        raise ValueError("calibration must be an int64 tensor of token ids shaped [samples, seq_len]")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, not {batch_size}")
+    layers = decoder_layers(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    clock = timings if timings is not None else {}
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    was_training = model.training
+    model.eval()
+    results: dict[str, QuantizedWeight] = {}
+    try:
+        with torch.no_grad():
+            started = time.perf_counter()
+            inputs, layer_kwargs = _capture_layer_inputs(model, layers, calibration, batch_size)
+            _tick(clock, "capture", started)
+            for index, layer in enumerate(layers):
+                linears = {names[id(m)]: m for m in layer.modules() if isinstance(m, nn.Linear)}
+                collector = _HessianCollector(linears)
+                started = time.perf_counter()
+                try:
+                    for hidden in inputs:
+                        with contextlib.suppress(_StopForward):
+                            layer(hidden, **layer_kwargs[index][hidden.shape[0]])
+                        collector.end_batch()
+                finally:
+                    collector.remove()
+                _tick(clock, "hessian_forward", started)
+
+                started = time.perf_counter()
+                for leader, members in collector.groups().items():
+                    stacked = torch.cat([linears[name].weight for name in members], dim=0)
+                    quantized = quantize_weight(stacked, collector.hessians.pop(leader), config)
+                    row = 0
+                    for name in members:
+                        module = linears[name]
+                        part = quantized.rows(row, row + module.out_features)
+                        row += module.out_features
+                        module.weight.data = part.dequantized.to(module.weight.dtype)
+                        results[name] = part
+                _tick(clock, "solve", started)
+
+                started = time.perf_counter()
+                inputs = [_layer_output(layer(hidden, **layer_kwargs[index][hidden.shape[0]])) for hidden in inputs]
+                _tick(clock, "output_forward", started)
+                if progress is not None:
+                    progress(f"GPTQ layer {index + 1}/{len(layers)}: {len(linears)} linears")
+    finally:
+        torch.set_num_threads(threads)
+        model.train(was_training)
+    return results
+
+
+def _tick(clock: dict[str, float], phase: str, started: float) -> None:
+    clock[phase] = clock.get(phase, 0.0) + time.perf_counter() - started
