@@ -36,7 +36,7 @@ from edgekit.progress import StepRecord, StepReporter
 from edgekit.quant.corpus import Corpus, builtin_corpus
 from edgekit.quant.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS
 from edgekit.quant.gate import evaluate_and_record
-from edgekit.quant.schemes import REFERENCE_VARIANT, VariantSpec, plan_variants, uses_gptq
+from edgekit.quant.schemes import REFERENCE_VARIANT, VariantSpec, plan_variants, prequantized_variants, uses_gptq
 from edgekit.targets import Int4Method, Target, get_target
 
 BUILD_LOG = "build.log"
@@ -156,6 +156,39 @@ def _make_gptq_checkpoint(
         write_gptq_checkpoint(hf_folder, out, GPTQConfig(group_size=target.block_size), tokens, progress=detail)
 
 
+def _plan_sources(
+    hf_folder: Path,
+    checked: CheckedFolder,
+    target: Target,
+    work: Path,
+    reporter: StepReporter,
+    calibration: CalibrationSettings | None,
+    log_path: Path,
+) -> tuple[list[VariantSpec], dict[str, Path]]:
+    """The variants to export and the folder each is exported from (``hf_folder`` unless named).
+
+    A pre-quantized source (GPTQ, AWQ) gives its own INT4 variant, and an fp32 reference dequantized
+    from it. Otherwise, GPTQ variants come from a checkpoint calibrated here, the rest from the source.
+    """
+    if checked.quantization is not None:
+        from edgekit.exporters.quantized_sources import dequantize_checkpoint
+
+        reference_folder = work / "dequantized"
+        with reporter.step(f"dequantize the {checked.quantization} checkpoint for the fp32 reference"):
+            staged_config = json.loads((hf_folder / "config.json").read_text(encoding="utf-8"))
+            dequantize_checkpoint(hf_folder, reference_folder, staged_config, checked.quantization)
+            checked.parameter_count = _count_parameters(reference_folder)  # packed int32s are not parameters
+        return prequantized_variants(target, checked.quantization), {REFERENCE_VARIANT: reference_folder}
+    folders: dict[str, Path] = {}
+    if uses_gptq(target):
+        settings = calibration or CalibrationSettings()
+        gptq_folder = work / "gptq-hf"
+        with reporter.step(f"GPTQ ({settings.samples} x {settings.seq_len} calibration tokens)") as detail:
+            _make_gptq_checkpoint(hf_folder, gptq_folder, target, settings, detail, log_path)
+        folders = {v.name: gptq_folder for v in plan_variants(target) if v.method == Int4Method.GPTQ.value}
+    return plan_variants(target), folders
+
+
 def _build_into(
     spec: SourceSpec,
     prechecked: CheckedFolder | None,
@@ -173,16 +206,11 @@ def _build_into(
     with output_to_log(log_path):  # transformers' and the builder's progress bars belong in the log
         hf_folder, checked, source_files = _prepare_source(spec, prechecked, work, reporter, allow_pickle)
     variants: dict[str, dict[str, Any]] = {}
-    gptq_folder = None
-    if uses_gptq(target):
-        settings = calibration or CalibrationSettings()
-        gptq_folder = work / "gptq-hf"
-        with reporter.step(f"GPTQ ({settings.samples} x {settings.seq_len} calibration tokens)") as detail:
-            _make_gptq_checkpoint(hf_folder, gptq_folder, target, settings, detail, log_path)
-    for variant in plan_variants(target):
+    plan, folders = _plan_sources(hf_folder, checked, target, work, reporter, calibration, log_path)
+    for variant in plan:
         with reporter.step(f"export {variant.name} ({variant.precision}, {variant.provider})"):
             run_builder(
-                gptq_folder if variant.method == Int4Method.GPTQ.value and gptq_folder else hf_folder,
+                folders.get(variant.name, hf_folder),
                 staging / variant.name,
                 precision=variant.precision,
                 provider=variant.provider,
@@ -195,7 +223,10 @@ def _build_into(
     with reporter.step("validate fp32 ONNX against PyTorch"), output_to_log(log_path):
         architecture = checked.architecture
         parity = check_reference(
-            hf_folder, staging / REFERENCE_VARIANT, architecture.builder_class, architecture.tolerance
+            folders.get(REFERENCE_VARIANT, hf_folder),
+            staging / REFERENCE_VARIANT,
+            architecture.builder_class,
+            architecture.tolerance,
         )
     manifest = _manifest(spec, target, checked, source_files, variants, parity, reporter.records)
     with reporter.step("write manifest"):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import SourceError
+from edgekit.exporters.quantized_sources import quantization_method
 from edgekit.exporters.registry import Architecture, lookup_architecture, supported_architectures
 from edgekit.exporters.weight_files import check_gguf, read_safetensors_header
 
@@ -49,6 +50,8 @@ class CheckedFolder:
     pickle_weights: bool = False
     parameter_count: int = 0
     warnings: list[str] = field(default_factory=list)
+    quantization: str | None = None
+    """``gptq`` or ``awq`` for a pre-quantized checkpoint."""
 
 
 def classify_source(source: str | os.PathLike[str]) -> SourceSpec:
@@ -94,6 +97,7 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
             fix="use a checkpoint of an architecture transformers implements: " + ", ".join(supported_architectures()),
         )
     architecture = lookup_architecture(config, config_path)
+    quantization = quantization_method(config, config_path)
     warnings = []
     if "auto_map" in config:
         warnings.append(f"{config_path}: ignoring auto_map; the built-in {architecture.model_type} code is used")
@@ -119,7 +123,7 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
             path=folder,
             fix="copy the model's tokenizer files next to its weights",
         )
-    return CheckedFolder(folder, config, architecture, weights, is_pickle, parameter_count, warnings)
+    return CheckedFolder(folder, config, architecture, weights, is_pickle, parameter_count, warnings, quantization)
 
 
 def stage_folder(checked: CheckedFolder, stage: Path) -> Path:

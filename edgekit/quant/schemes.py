@@ -77,3 +77,14 @@ def plan_variants(target: Target) -> list[VariantSpec]:
 def uses_gptq(target: Target) -> bool:
     """Whether a build for ``target`` runs GPTQ."""
     return any(v.method == Int4Method.GPTQ.value for v in target_variants(target))
+
+
+def prequantized_variants(target: Target, method: str) -> list[VariantSpec]:
+    """Variants of a source that is already quantized (``gptq``/``awq``): the reference and the checkpoint's own.
+
+    Layers the checkpoint left unquantized (the LM head, usually) follow the target's ``lm_head``.
+    """
+    provider = target.build_provider.value
+    level = target.accuracy_level or None
+    own = VariantSpec(f"int4-{method}", "int4", method, provider, target.block_size, level, target.lm_head.value)
+    return [reference_variant(), own]

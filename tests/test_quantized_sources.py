@@ -1,0 +1,130 @@
+"""Third-party GPTQ (AutoGPTQ layout) and AWQ (GEMM layout) checkpoints as `edgekit build` sources."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from edgekit.cli import main
+from edgekit.exporters.quantized_sources import dequantize_awq, dequantize_gptq
+from edgekit.exporters.validate import onnx_logits
+from edgekit.quant.gptq import GPTQConfig, rtn_quantize_weight
+from edgekit.quant.gptq_format import pack_gptq, quantization_config
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _pack_awq(values: torch.Tensor) -> torch.Tensor:
+    """[rows, out] 4-bit values -> [rows, out/8] int32, nibbles in AWQ's interleaved order (as AutoAWQ packs)."""
+    rows, out = values.shape
+    grouped = values.to(torch.int64).reshape(rows, out // 8, 8)[:, :, list(AWQ_ORDER)]
+    words = torch.zeros(rows, out // 8, dtype=torch.int64)
+    for slot in range(8):
+        words |= grouped[:, :, slot] << (4 * slot)
+    return words.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else words.to(torch.int32)
+
+
+def _quantized_checkpoint(source: Path, out: Path, method: str) -> Path:
+    """Copy a tiny checkpoint with every decoder linear RTN-quantized into the GPTQ or AWQ layout."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, out)
+    state = load_file(str(out / "model.safetensors"))
+    config = GPTQConfig(group_size=32, sym=False)
+    packed: dict[str, torch.Tensor] = {}
+    for name, tensor in state.items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            module = name[: -len(".weight")]
+            q = rtn_quantize_weight(tensor, config)
+            if method == "gptq":
+                packed.update({f"{module}.{k}": v for k, v in pack_gptq(q, 4).items()})
+            else:
+                packed[f"{module}.qweight"] = _pack_awq(q.codes.t().contiguous())
+                packed[f"{module}.qzeros"] = _pack_awq(q.zeros.t().contiguous())
+                packed[f"{module}.scales"] = q.scales.t().contiguous().to(torch.float16)
+        else:
+            packed[name] = tensor
+    (out / "model.safetensors").unlink()
+    save_file(packed, str(out / "model.safetensors"))
+    model_config = json.loads((out / "config.json").read_text())
+    if method == "gptq":
+        model_config["quantization_config"] = quantization_config(config)
+    else:
+        model_config["quantization_config"] = {
+            "quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+        }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(model_config))
+    return out
+
+
+TARGETS = """
+schema_version: 1
+targets:
+  exact-cpu:
+    description: fp32 compute and a float head, so the INT4 graph holds exactly the checkpoint's weights
+    providers: [cpu]
+    precision: int4
+    accuracy_level: 1
+    lm_head: float
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_quantized_checkpoint_builds_with_a_dequantized_reference(
+    method, runner, tiny_checkpoints, tmp_path: Path
+) -> None:
+    source = _quantized_checkpoint(tiny_checkpoints("llama"), tmp_path / f"tiny-{method}", method)
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(TARGETS)
+    out = tmp_path / "pkg"
+    flags = ["-t", "exact-cpu", "--targets-file", str(targets), "--eval-windows", "2", "--eval-ctx", "64", "-q"]
+    result = runner.invoke(main, ["build", str(source), "-o", str(out), *flags])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["variants"]) == ["fp32", f"int4-{method}"]
+    assert manifest["targets"]["exact-cpu"]["variant"] == f"int4-{method}"
+    assert manifest["validation"]["max_abs_diff"] <= 1e-3
+    assert 100_000 < manifest["parameter_count"] < 400_000  # real parameters, not packed int32 words
+
+    # The builder's reading of the packed weights and edgekit's dequantization agree: with fp32 compute
+    # and a float head, the INT4 graph computes what the dequantized fp32 reference computes.
+    ids = np.random.default_rng(5).integers(10, 500, size=(1, 16))
+    reference = onnx_logits(out / "fp32", ids)
+    quantized = onnx_logits(out / f"int4-{method}", ids)
+    assert np.abs(reference - quantized).max() < 1e-4
+    assert manifest["evaluation"]["variants"][f"int4-{method}"]["kl_mean"] < 1e-6
+
+
+def test_dequantizers_invert_the_packers() -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(64, 96) * 0.05
+    q = rtn_quantize_weight(weight, GPTQConfig(group_size=32, sym=False))
+    gptq = dequantize_gptq(pack_gptq(q, 4), 4)
+    awq = dequantize_awq(
+        {
+            "qweight": _pack_awq(q.codes.t().contiguous()),
+            "qzeros": _pack_awq(q.zeros.t().contiguous()),
+            "scales": q.scales.t().contiguous().to(torch.float16),
+        }
+    )
+    assert torch.equal(gptq, q.dequantized)
+    assert torch.equal(awq, q.dequantized)
+
+
+def test_unsupported_quantization_is_refused_before_reading_weights(runner, tiny_checkpoints, tmp_path) -> None:
+    source = tmp_path / "src"
+    shutil.copytree(tiny_checkpoints("llama"), source)
+    config = json.loads((source / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (source / "config.json").write_text(json.dumps(config))
+    (source / "model.safetensors").write_bytes(b"not read")
+    result = runner.invoke(main, ["build", str(source), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "bitsandbytes" in result.output and "config.json" in result.output
+    assert not (tmp_path / "out").exists()
