@@ -31,6 +31,7 @@ from edgekit.exporters.sources import (
     stage_folder,
 )
 from edgekit.exporters.validate import ParityResult, check_reference
+from edgekit.exporters.weight_files import parameter_count
 from edgekit.package import read_manifest, sha256_file, staged_output, write_manifest
 from edgekit.progress import StepRecord, StepReporter
 from edgekit.quant.corpus import Corpus, builtin_corpus
@@ -177,7 +178,9 @@ def _plan_sources(
         with reporter.step(f"dequantize the {checked.quantization} checkpoint for the fp32 reference"):
             staged_config = json.loads((hf_folder / "config.json").read_text(encoding="utf-8"))
             dequantize_checkpoint(hf_folder, reference_folder, staged_config, checked.quantization)
-            checked.parameter_count = _count_parameters(reference_folder)  # packed int32s are not parameters
+            checked.parameter_count = parameter_count(
+                sorted(reference_folder.glob("*.safetensors"))
+            )  # packed int32s are not parameters
         return prequantized_variants(target, checked.quantization), {REFERENCE_VARIANT: reference_folder}
     folders: dict[str, Path] = {}
     if uses_gptq(target):
@@ -270,7 +273,7 @@ def _prepare_source(
     with reporter.step("stage checkpoint for the builder"):
         staged = stage_folder(checked, work / "staged")
         if not checked.parameter_count:
-            checked.parameter_count = _count_parameters(staged)
+            checked.parameter_count = parameter_count(sorted(staged.glob("*.safetensors")))
     return staged, checked, source_files
 
 
@@ -282,19 +285,6 @@ def fix_tokenizer_class(variant_folder: Path, architecture: Architecture) -> Non
     config = json.loads(path.read_text(encoding="utf-8"))
     config["tokenizer_class"] = architecture.genai_tokenizer_class
     path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-
-
-def _count_parameters(folder: Path) -> int:
-    from edgekit.exporters.weight_files import read_safetensors_header
-
-    total = 0
-    for path in folder.glob("*.safetensors"):
-        for info in read_safetensors_header(path.resolve()):
-            count = 1
-            for dim in info.shape:
-                count *= dim
-            total += count
-    return total
 
 
 def _variant_entry(variant: VariantSpec, root: Path) -> dict[str, Any]:

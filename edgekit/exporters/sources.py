@@ -19,7 +19,8 @@ from typing import Any
 from edgekit.errors import SourceError
 from edgekit.exporters.quantized_sources import quantization_method
 from edgekit.exporters.registry import Architecture, lookup_architecture, supported_architectures
-from edgekit.exporters.weight_files import check_gguf, read_safetensors_header
+from edgekit.exporters.weight_files import check_gguf
+from edgekit.exporters.weight_files import parameter_count as parameter_count_of
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
     safetensors = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
     if safetensors:
-        parameter_count = sum(_numel(info.shape) for path in safetensors for info in read_safetensors_header(path))
+        parameter_count = parameter_count_of(safetensors)
         weights, is_pickle = safetensors, False
     elif pickles:
         if not allow_pickle:
@@ -188,13 +189,6 @@ def _convert_pickles(pickles: list[Path], target: Path) -> None:
             ) from None
         tensors.update({name: value.contiguous() for name, value in state.items()})
     save_file(tensors, str(target), metadata={"format": "pt"})
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:

@@ -84,6 +84,11 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
     return tensors
 
 
+def parameter_count(paths: list[Path]) -> int:
+    """Total number of tensor elements declared in the headers of the given safetensors files."""
+    return sum(math.prod(info.shape) for path in paths for info in read_safetensors_header(path.resolve()))
+
+
 def _parse_tensor_entry(path: Path, name: str, entry: object) -> tuple[TensorInfo, int, int]:
     if not isinstance(entry, dict):
         raise CorruptFileError(f"tensor '{name}' has a malformed header entry", path=path, fix=_FIX_REDOWNLOAD)
