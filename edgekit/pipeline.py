@@ -1,8 +1,9 @@
 """``edgekit build``: checkpoint in, verified package out.
 
-The steps: resolve and check the source (no weights read), stage it (dequantizing a GGUF file), export
-every variant with onnxruntime-genai's builder, check the fp32 reference against PyTorch, write the
-manifest, and rename the finished package into place.
+The steps: resolve and check the source (no weights read), stage it (dequantizing a GGUF file or a
+pre-quantized checkpoint's reference, calibrating GPTQ when the target asks for it), export every variant
+with onnxruntime-genai's builder, check the fp32 reference against PyTorch, write the manifest, measure
+every variant against the reference, and rename the finished package into place.
 """
 
 from __future__ import annotations
@@ -25,13 +26,12 @@ from edgekit.exporters.sources import (
     CheckedFolder,
     SourceSpec,
     check_folder,
-    check_gguf_source,
     classify_source,
     download_hub_snapshot,
     stage_folder,
 )
 from edgekit.exporters.validate import ParityResult, check_reference
-from edgekit.exporters.weight_files import parameter_count
+from edgekit.exporters.weight_files import check_gguf, parameter_count
 from edgekit.package import read_manifest, sha256_file, staged_output, write_manifest
 from edgekit.progress import StepRecord, StepReporter
 from edgekit.quant.corpus import Corpus, builtin_corpus
@@ -62,6 +62,17 @@ class EvalSettings:
     """The text to score; the built-in corpus's evaluation part by default."""
     windows: int = DEFAULT_WINDOWS
     ctx: int = DEFAULT_CTX
+
+
+@dataclass(frozen=True)
+class CalibrationSettings:
+    """Calibration of GPTQ variants: text, sample count and length, seed."""
+
+    corpus: Corpus | None = None
+    """The text to calibrate on; the built-in corpus's calibration part by default."""
+    samples: int = 128
+    seq_len: int = 512
+    seed: int = 0
 
 
 def build(
@@ -124,20 +135,9 @@ def _precheck(spec: SourceSpec, allow_pickle: bool) -> CheckedFolder | None:
         assert spec.path is not None
         from edgekit.exporters.gguf_import import gguf_architecture
 
-        check_gguf_source(spec.path)
+        check_gguf(spec.path)
         gguf_architecture(spec.path)
     return None
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """Calibration of GPTQ variants: text, sample count and length, seed."""
-
-    corpus: Corpus | None = None
-    """The text to calibrate on; the built-in corpus's calibration part by default."""
-    samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
 
 
 def _make_gptq_checkpoint(
@@ -178,9 +178,8 @@ def _plan_sources(
         with reporter.step(f"dequantize the {checked.quantization} checkpoint for the fp32 reference"):
             staged_config = json.loads((hf_folder / "config.json").read_text(encoding="utf-8"))
             dequantize_checkpoint(hf_folder, reference_folder, staged_config, checked.quantization)
-            checked.parameter_count = parameter_count(
-                sorted(reference_folder.glob("*.safetensors"))
-            )  # packed int32s are not parameters
+            # Packed int32 words are not parameters: count the dequantized weights.
+            checked.parameter_count = parameter_count(sorted(reference_folder.glob("*.safetensors")))
         return prequantized_variants(target, checked.quantization), {REFERENCE_VARIANT: reference_folder}
     folders: dict[str, Path] = {}
     if uses_gptq(target):
@@ -221,7 +220,7 @@ def _build_into(
                 cache_dir=work / "builder-cache",
                 log_path=log_path,
             )
-            fix_tokenizer_class(staging / variant.name, checked.architecture)
+            checked.architecture.adapt_export(staging / variant.name)
         variants[variant.name] = _variant_entry(variant, staging)
     with reporter.step("validate fp32 ONNX against PyTorch"), output_to_log(log_path):
         architecture = checked.architecture
@@ -275,16 +274,6 @@ def _prepare_source(
         if not checked.parameter_count:
             checked.parameter_count = parameter_count(sorted(staged.glob("*.safetensors")))
     return staged, checked, source_files
-
-
-def fix_tokenizer_class(variant_folder: Path, architecture: Architecture) -> None:
-    """Point the exported tokenizer_config.json at a class onnxruntime-genai loads, where needed."""
-    if architecture.genai_tokenizer_class is None:
-        return
-    path = variant_folder / "tokenizer_config.json"
-    config = json.loads(path.read_text(encoding="utf-8"))
-    config["tokenizer_class"] = architecture.genai_tokenizer_class
-    path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 def _variant_entry(variant: VariantSpec, root: Path) -> dict[str, Any]:

@@ -87,3 +87,20 @@ def test_second_load_uses_the_cached_verdict_and_a_changed_file_is_rehashed(
         verify_variant(package, manifest, "int4-rtn")
     with pytest.raises(PackageError, match="sha256"):
         load(package)
+
+
+def test_bench_reports_speed_per_variant(tiny_llama_package: Path, runner, tmp_path: Path) -> None:
+    import json
+
+    from edgekit.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", str(tiny_llama_package), "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "2"]
+    result = runner.invoke(main, [*args, "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [row["variant"] for row in rows] == ["fp32", "int4-rtn"]
+    for row in rows:
+        assert row["provider"] == "cpu" and row["runs"] == 2
+        assert row["ttft_s"]["min"] <= row["ttft_s"]["median"] <= row["ttft_s"]["max"]
+        assert row["decode_tps"]["median"] > 0 and row["prefill_tps"]["median"] > 0

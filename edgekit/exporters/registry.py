@@ -9,6 +9,7 @@ architecture means adding one ``register(...)`` call and one tiny test model in 
 from __future__ import annotations
 
 import copy
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,15 @@ class Architecture:
         for fix in self.config_fixes:
             adapted = fix(adapted)
         return adapted
+
+    def adapt_export(self, variant_folder: Path) -> None:
+        """Fix what the builder wrote that onnxruntime-genai cannot load (the tokenizer class)."""
+        if self.genai_tokenizer_class is None:
+            return
+        path = variant_folder / "tokenizer_config.json"
+        config = json.loads(path.read_text(encoding="utf-8"))
+        config["tokenizer_class"] = self.genai_tokenizer_class
+        path.write_text(json.dumps(config, indent=2), encoding="utf-8")
 
 
 _REGISTRY: dict[str, Architecture] = {}

@@ -19,7 +19,6 @@ from typing import Any
 from edgekit.errors import SourceError
 from edgekit.exporters.quantized_sources import quantization_method
 from edgekit.exporters.registry import Architecture, lookup_architecture, supported_architectures
-from edgekit.exporters.weight_files import check_gguf
 from edgekit.exporters.weight_files import parameter_count as parameter_count_of
 
 log = logging.getLogger(__name__)
@@ -166,11 +165,6 @@ def download_hub_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path:
             fix="check the id and your network, or download the model and pass its folder",
         ) from None
     return Path(folder)
-
-
-def check_gguf_source(path: Path) -> None:
-    """Check a GGUF file's structure before transformers dequantizes it."""
-    check_gguf(path)
 
 
 def _convert_pickles(pickles: list[Path], target: Path) -> None:

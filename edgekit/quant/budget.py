@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from edgekit.targets import AccuracyBudget
@@ -30,14 +30,7 @@ class Check:
 
     def as_dict(self) -> dict[str, Any]:
         """Plain data for reports."""
-        return {
-            "variant": self.variant,
-            "metric": self.metric,
-            "value": self.value,
-            "limit": self.limit,
-            "passed": self.passed,
-            "kind": self.kind,
-        }
+        return asdict(self)
 
 
 def judge_budget(variant: str, metrics: dict[str, Any], budget: AccuracyBudget) -> list[Check]:

@@ -100,13 +100,11 @@ class _Reference:
 
     def logprobs(self, index: int) -> np.ndarray:
         """Log-probabilities [scored, vocab] of window ``index``."""
-        end = self.windows.shape[1] - 1
         if self.hidden is not None and self.head is not None:
             return log_softmax(self.hidden[index] @ self.head)
-        if self.head is None:
-            logits = self.session.logits(self.windows[index : index + 1])[0, self.start : end]
-            return log_softmax(logits)
-        raise RuntimeError("reference hidden states were not computed")
+        # No plain-MatMul head to rebuild logits from: run the reference window itself.
+        end = self.windows.shape[1] - 1
+        return log_softmax(self.session.logits(self.windows[index : index + 1])[0, self.start : end])
 
     def compute(self, progress: Progress) -> None:
         """Run the reference over every window once, keeping the hidden states to cache."""

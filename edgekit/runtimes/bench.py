@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.package import read_manifest
+from edgekit.package import read_manifest, variant_dir
 from edgekit.progress import current_rss_mb
 from edgekit.runtimes.model import load
 
@@ -41,7 +41,7 @@ def bench_variant(package: Path, variant: str, settings: BenchSettings, target: 
     import onnxruntime_genai as og
 
     with load(package, target, variant=variant, threads=settings.threads) as model:
-        vocab = int(read_manifest(package).get("vocab_size") or 0) or _vocab_size(model)
+        vocab = _vocab_size(package, variant)
         rng = np.random.default_rng(settings.seed)
         # Random ids from the lower vocabulary: ordinary tokens, no special ones, same for every variant.
         prompt = rng.integers(100, min(vocab, 30000), size=settings.prompt_tokens).tolist()
@@ -80,11 +80,11 @@ def bench_variant(package: Path, variant: str, settings: BenchSettings, target: 
         }
 
 
-def _vocab_size(model: Any) -> int:
+def _vocab_size(package: Path, variant: str) -> int:
     import json
 
-    config = json.loads((Path(model.info.package) / model.info.variant / "genai_config.json").read_text())
-    return int(config["model"]["vocab_size"])
+    _, folder = variant_dir(package, read_manifest(package), variant)
+    return int(json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["vocab_size"])
 
 
 def bench_package(
