@@ -1,9 +1,10 @@
 """GPTQ against RTN on the demo model: build time, peak memory, accuracy and decode speed.
 
-Run: python benchmarks/bench_gptq.py [--samples 128] [--seq-len 512] [--calibration FILE] [--text FILE]
+Run: python benchmarks/bench_gptq.py [--samples 128] [--seq-len 512] [--calibration FILE|builtin]
+          [--lm-head int4|int8|float] [--text FILE] [--runs 3]
 
-Builds SmolLM2-135M-Instruct for a laptop-cpu profile that makes both INT4 variants (block 32, int4 LM
-head, int8 compute), calibrating GPTQ on WikiText-2 validation (128 samples of 512 tokens by default),
+Builds SmolLM2-135M-Instruct for a laptop-cpu profile that makes both INT4 variants (block 32, int8
+compute, `--lm-head` head), calibrating GPTQ on WikiText-2 validation (128 samples of 512 tokens by default),
 then scores every variant on WikiText-2 test with `edgekit eval`'s protocol (20 windows of 512) and
 times decoding with `edgekit bench` (512-token prompt, 128 generated, 3 runs).
 """
@@ -18,7 +19,7 @@ from machine import describe_machine
 
 from edgekit.demo import demo_gguf_path
 from edgekit.pipeline import CalibrationSettings, build
-from edgekit.quant.corpus import load_text
+from edgekit.quant.corpus import builtin_corpus, load_text
 from edgekit.quant.evaluate import evaluate_package
 from edgekit.runtimes.bench import BenchSettings, bench_package
 
@@ -33,6 +34,7 @@ targets:
     block_size: 32
     accuracy_level: 4
     int4_methods: [rtn, gptq]
+    lm_head: {head}
 """
 
 
@@ -41,14 +43,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--calibration", type=Path, default=DATA / "wikitext2-valid.txt")
+    parser.add_argument(
+        "--calibration", default=str(DATA / "wikitext2-valid.txt"), help="text file, or 'builtin' (the built-in corpus)"
+    )
+    parser.add_argument("--lm-head", default="int4", choices=["int4", "int8", "float"], help="LM head precision")
+    parser.add_argument("--runs", type=int, default=3, help="edgekit bench runs per variant (0: no speed bench)")
     parser.add_argument("--text", type=Path, default=DATA / "wikitext2-test.txt")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         targets = Path(tmp) / "targets.yaml"
-        targets.write_text(TARGETS)
+        targets.write_text(TARGETS.format(head=args.lm_head))
         package = Path(tmp) / "pkg"
-        calibration = CalibrationSettings(load_text(args.calibration), args.samples, args.seq_len, 0)
+        corpus = builtin_corpus("calibration") if args.calibration == "builtin" else load_text(args.calibration)
+        calibration = CalibrationSettings(corpus, args.samples, args.seq_len, 0)
         result = build(
             demo_gguf_path(),
             package,
@@ -59,12 +66,20 @@ def main() -> None:
             calibration=calibration,
         )
         report = evaluate_package(package, corpus=load_text(args.text))
-        speed = {
-            row["variant"]: row
-            for row in bench_package(package, variants=["int4-rtn", "int4-gptq"], settings=BenchSettings(runs=3))
-        }
+        speed = (
+            {
+                row["variant"]: row
+                for row in bench_package(
+                    package, variants=["int4-rtn", "int4-gptq"], settings=BenchSettings(runs=args.runs)
+                )
+            }
+            if args.runs
+            else {}
+        )
     print(f"machine: {describe_machine()}")
-    print(f"calibration: {args.calibration.name}, {args.samples} x {args.seq_len} tokens\n")
+    print(
+        f"calibration: {Path(args.calibration).name}, {args.samples} x {args.seq_len} tokens; LM head {args.lm_head}\n"
+    )
     print("| step | seconds | peak RSS (MiB) |\n|---|---:|---:|")
     for record in result.steps:
         print(f"| {record.name} | {record.seconds:.1f} | {record.peak_rss_mb:,.0f} |")

@@ -3,8 +3,9 @@
     python benchmarks/bench_gptq_speed.py HF_FOLDER TEXT.txt [--samples 128] [--seq-len 512]
 
 Loads the checkpoint in float32 (sdpa attention), tokenizes the text, draws ``--samples`` random windows
-of ``--seq-len`` tokens with a seeded numpy Generator, runs ``gptq_quantize_model`` and prints the wall
-time, the time per phase and the peak resident memory.
+of ``--seq-len`` tokens with a seeded numpy Generator, runs GPTQ as ``edgekit build`` does
+(``write_gptq_checkpoint``: load in float32, quantize layer by layer, pack, write the GPTQ checkpoint) and
+prints the wall time, the time per phase and the peak resident memory beside the float32 weights' size.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,41 +30,43 @@ def main() -> None:
     parser.add_argument("text", type=Path)
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=32)
-    parser.add_argument("--attn", default="sdpa", help="attention implementation (sdpa or eager)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
     import torch
     import transformers
 
-    from edgekit.quant.gptq import GPTQConfig, gptq_quantize_model
+    from edgekit.exporters.weight_files import parameter_count
+    from edgekit.progress import current_rss_mb
+    from edgekit.quant.gptq import GPTQConfig
+    from edgekit.quant.gptq_checkpoint import write_gptq_checkpoint
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.checkpoint))
     ids = np.asarray(tokenizer(args.text.read_text(encoding="utf-8"))["input_ids"], dtype=np.int64)
     starts = np.random.default_rng(args.seed).integers(0, len(ids) - args.seq_len, size=args.samples)
     calibration = torch.from_numpy(np.stack([ids[s : s + args.seq_len] for s in starts]))
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        str(args.checkpoint), dtype=torch.float32, attn_implementation=args.attn
-    ).eval()
-
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    results = gptq_quantize_model(
-        model,
-        calibration,
-        GPTQConfig(bits=args.bits, group_size=args.group_size),
-        batch_size=args.batch_size,
-        progress=lambda line: print(f"  {time.perf_counter() - started:7.1f}s {line}", flush=True),
-        timings=timings,
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        write_gptq_checkpoint(
+            args.checkpoint,
+            Path(scratch) / "gptq",
+            GPTQConfig(bits=args.bits, group_size=args.group_size),
+            calibration,
+            progress=lambda line: print(
+                f"  {time.perf_counter() - started:7.1f}s {current_rss_mb():7.0f} MiB {line}", flush=True
+            ),
+            timings=timings,
+        )
     wall = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(describe_machine())
-    print(f"{len(results)} linears, {args.samples} x {args.seq_len} tokens, attn={args.attn}, batch {args.batch_size}")
-    print(f"GPTQ wall time {wall:.1f} s; peak RSS {peak_mib:,.0f} MiB")
+    fp32_mib = 4 * parameter_count(sorted(args.checkpoint.glob("*.safetensors"))) / 2**20
+    print(f"{args.samples} x {args.seq_len} calibration tokens, group size {args.group_size}")
+    print(f"GPTQ wall time {wall:.1f} s (load, quantize, pack, write)")
+    print(f"peak RSS {peak_mib:,.0f} MiB = {peak_mib / fp32_mib:.2f}x the float32 weights ({fp32_mib:,.0f} MiB)")
     for phase, seconds in timings.items():
         print(f"  {phase:16s} {seconds:7.1f} s")
 

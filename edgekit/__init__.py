@@ -11,16 +11,19 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from edgekit.archive import pack_package, unpack_package
     from edgekit.pipeline import BuildResult, build
     from edgekit.runtimes.model import Model, load
 
-__all__ = ["BuildResult", "Model", "__version__", "build", "load"]
+__all__ = ["BuildResult", "Model", "__version__", "build", "load", "pack_package", "unpack_package"]
 
 _LAZY = {
     "build": "edgekit.pipeline",
     "BuildResult": "edgekit.pipeline",
     "load": "edgekit.runtimes.model",
     "Model": "edgekit.runtimes.model",
+    "pack_package": "edgekit.archive",
+    "unpack_package": "edgekit.archive",
 }
 
 

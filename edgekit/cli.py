@@ -67,9 +67,11 @@ def main() -> None:
 @click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(1), help="GPTQ samples.")
 @click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(8), help="Tokens per sample.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration sampling.")
+@click.option("--streaming", is_flag=True, help="Export one layer at a time from disk (INT4 only, no fp32 reference).")
 def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, targets_file: Path | None,
           quiet: bool, no_eval: bool, eval_text: Path | None, eval_windows: int, eval_ctx: int,
-          calibration: Path | None, calib_samples: int, calib_seq_len: int, seed: int) -> None:  # fmt: skip
+          calibration: Path | None, calib_samples: int, calib_seq_len: int, seed: int,
+          streaming: bool) -> None:  # fmt: skip
     """Build a package from SOURCE: a Hugging Face folder, a .gguf file, or a hub id."""
     from edgekit.pipeline import CalibrationSettings, EvalSettings
     from edgekit.pipeline import build as build_package
@@ -92,6 +94,7 @@ def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, 
         progress=not quiet,
         evaluation=evaluation,
         calibration=calibration_settings,
+        streaming=streaming,
     )
     print_build_summary(result)
 
@@ -245,6 +248,31 @@ def bench(package: Path, variants: tuple[str, ...], target: str | None, prompt_t
     print_bench(results)
     if json_path:
         json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-o", "--out", type=click.Path(path_type=Path), help="Archive to write (default: PACKAGE.tar.gz).")
+@click.option("--force", is_flag=True, help="Replace the archive if it exists.")
+def pack(package: Path, out: Path | None, force: bool) -> None:
+    """Write PACKAGE, verified against its manifest, as one reproducible .tar.gz (or .tar) file."""
+    from edgekit.archive import pack_package
+
+    folder = package.absolute()
+    archive = pack_package(package, out or folder.with_name(f"{folder.name}.tar.gz"), force=force)
+    click.echo(f"wrote {archive}")
+
+
+@main.command()
+@click.argument("archive", type=click.Path(path_type=Path))
+@click.option("-o", "--out", required=True, type=click.Path(path_type=Path), help="Package folder to create.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the archive has been verified).")
+def unpack(archive: Path, out: Path, force: bool) -> None:
+    """Extract a package ARCHIVE into OUT, refusing unsafe members and files that do not match the manifest."""
+    from edgekit.archive import unpack_package
+
+    manifest = unpack_package(archive, out, force=force)
+    click.echo(f"unpacked {len(manifest['files'])} files into {out}")
 
 
 @main.command()

@@ -75,3 +75,7 @@ class ProviderUnavailableError(EdgekitError):
 
 class MissingDependencyError(UsageError):
     """An optional dependency (the ``export`` extra) is not installed."""
+
+
+class ResourceError(EdgekitError):
+    """This machine lacks the memory or disk a build needs (estimated before any weight is read)."""

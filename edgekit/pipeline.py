@@ -13,13 +13,14 @@ import os
 import platform
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from edgekit import __version__
 from edgekit.errors import MissingDependencyError, OutputExistsError
+from edgekit.exporters.memory_estimate import check_build_resources
 from edgekit.exporters.onnx_builder import output_to_log, run_builder
 from edgekit.exporters.registry import Architecture
 from edgekit.exporters.sources import (
@@ -30,6 +31,7 @@ from edgekit.exporters.sources import (
     download_hub_snapshot,
     stage_folder,
 )
+from edgekit.exporters.streaming import run_streaming_builder
 from edgekit.exporters.validate import ParityResult, check_reference
 from edgekit.exporters.weight_files import check_gguf, parameter_count
 from edgekit.package import read_manifest, sha256_file, staged_output, write_manifest
@@ -38,7 +40,7 @@ from edgekit.quant.corpus import Corpus, builtin_corpus
 from edgekit.quant.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS
 from edgekit.quant.gate import evaluate_and_record
 from edgekit.quant.schemes import REFERENCE_VARIANT, VariantSpec, plan_variants, prequantized_variants, uses_gptq
-from edgekit.targets import Int4Method, Target, get_target
+from edgekit.targets import HeadPrecision, Int4Method, Target, get_target
 
 BUILD_LOG = "build.log"
 _TOOLS = ("onnxruntime", "onnxruntime-genai", "onnx", "transformers", "torch", "gguf", "numpy")
@@ -86,11 +88,15 @@ def build(
     progress: bool = True,
     evaluation: EvalSettings | None = EvalSettings(),
     calibration: CalibrationSettings | None = None,
+    streaming: bool = False,
 ) -> BuildResult:
     """Build a package at ``out`` from a Hugging Face folder, a GGUF file or a hub id, for ``target``.
 
     ``evaluation`` scores every variant against the fp32 reference and judges it against every target's
-    budget (``None`` skips it).
+    budget (``None`` skips it). ``streaming`` exports one decoder layer at a time from disk
+    (``exporters/streaming.py``): memory that does not grow with the model, the target's variants only
+    (no fp32 reference, so no validation and no evaluation). Before any weight is read the build's peak
+    memory and disk are estimated, and a machine short of either is refused with the numbers.
     """
     _require_export_extra()
     targets_path = None if targets_file is None else Path(targets_file)
@@ -121,6 +127,7 @@ def build(
             evaluation,
             targets_path,
             calibration,
+            streaming,
         )
     result.out = out_path.absolute()
     return result
@@ -154,7 +161,10 @@ def _make_gptq_checkpoint(
     corpus = settings.corpus or builtin_corpus("calibration")
     tokens = calibration_tokens(hf_folder / "tokenizer.json", corpus, settings.samples, settings.seq_len, settings.seed)
     with output_to_log(log_path):
-        write_gptq_checkpoint(hf_folder, out, GPTQConfig(group_size=target.block_size), tokens, progress=detail)
+        config = GPTQConfig(
+            group_size=target.block_size, sym=target.gptq.sym, damp=target.gptq.damp, act_order=target.gptq.act_order
+        )
+        write_gptq_checkpoint(hf_folder, out, config, tokens, progress=detail)
 
 
 def _plan_sources(
@@ -202,34 +212,47 @@ def _build_into(
     evaluation: EvalSettings | None,
     targets_file: Path | None,
     calibration: CalibrationSettings | None,
+    streaming: bool = False,
 ) -> BuildResult:
     log_path = staging / BUILD_LOG
     log_path.touch()
     with output_to_log(log_path):  # transformers' and the builder's progress bars belong in the log
         hf_folder, checked, source_files = _prepare_source(spec, prechecked, work, reporter, allow_pickle)
     variants: dict[str, dict[str, Any]] = {}
+    check_build_resources(hf_folder, checked, target, staging, streaming)  # before any weight is read
     plan, folders = _plan_sources(hf_folder, checked, target, work, reporter, calibration, log_path)
+    if streaming:
+        plan = [variant for variant in plan if variant.name != REFERENCE_VARIANT]
+        evaluation = None
+        checked.warnings.append("streamed build: no fp32 reference, so no validation against PyTorch or evaluation")
+        if any(variant.lm_head == HeadPrecision.INT8.value for variant in plan):
+            # The streamed export quantizes every MatMul alike; on a large model the head is a small part.
+            plan = [replace(variant, lm_head=HeadPrecision.INT4.value) for variant in plan]
+            checked.warnings.append("streamed build: the target's int8 LM head is built int4")
+    export = run_streaming_builder if streaming else run_builder
     for variant in plan:
         with reporter.step(f"export {variant.name} ({variant.precision}, {variant.provider})"):
-            run_builder(
+            export(
                 folders.get(variant.name, hf_folder),
                 staging / variant.name,
                 precision=variant.precision,
                 provider=variant.provider,
-                options=variant.builder_options(),
+                options=variant.builder_options(tied_embeddings=bool(checked.config.get("tie_word_embeddings"))),
                 cache_dir=work / "builder-cache",
                 log_path=log_path,
             )
             checked.architecture.adapt_export(staging / variant.name)
         variants[variant.name] = _variant_entry(variant, staging)
-    with reporter.step("validate fp32 ONNX against PyTorch"), output_to_log(log_path):
-        architecture = checked.architecture
-        parity = check_reference(
-            folders.get(REFERENCE_VARIANT, hf_folder),
-            staging / REFERENCE_VARIANT,
-            architecture.builder_class,
-            architecture.tolerance,
-        )
+    parity = None
+    if not streaming:
+        with reporter.step("validate fp32 ONNX against PyTorch"), output_to_log(log_path):
+            architecture = checked.architecture
+            parity = check_reference(
+                folders.get(REFERENCE_VARIANT, hf_folder),
+                staging / REFERENCE_VARIANT,
+                architecture.builder_class,
+                architecture.tolerance,
+            )
     manifest = _manifest(spec, target, checked, source_files, variants, parity, reporter.records)
     with reporter.step("write manifest"):
         write_manifest(staging, manifest)
@@ -295,7 +318,7 @@ def _manifest(
     checked: CheckedFolder,
     source_files: list[Path],
     variants: dict[str, dict[str, Any]],
-    parity: ParityResult,
+    parity: ParityResult | None,
     steps: list[StepRecord],
 ) -> dict[str, Any]:
     architecture: Architecture = checked.architecture
@@ -313,7 +336,9 @@ def _manifest(
         "default_variant": deployed,
         "targets": {target.name: {"variant": deployed, "providers": [p.value for p in target.providers]}},
         "variants": variants,
-        "validation": {
+        "validation": {"skipped": "streamed build: no fp32 reference"}
+        if parity is None
+        else {
             "variant": REFERENCE_VARIANT,
             "prompt": parity.prompt,
             "tokens": parity.tokens,

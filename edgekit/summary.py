@@ -50,10 +50,13 @@ def print_build_summary(result: BuildResult, console: Console | None = None) -> 
     for record in result.steps:
         steps.add_row(record.name, f"{record.seconds:.1f}", f"{record.peak_rss_mb:,.0f} MiB")
     console.print(steps)
-    console.print(
-        f"validation: fp32 ONNX vs PyTorch max |Δlogit| = {validation['max_abs_diff']:.2e} "
-        f"(tolerance {validation['tolerance']:g}), top-1 agreement {validation['top1_agreement']:.0%}"
-    )
+    if "skipped" in validation:
+        console.print(f"validation: skipped ({validation['skipped']})")
+    else:
+        console.print(
+            f"validation: fp32 ONNX vs PyTorch max |Δlogit| = {validation['max_abs_diff']:.2e} "
+            f"(tolerance {validation['tolerance']:g}), top-1 agreement {validation['top1_agreement']:.0%}"
+        )
     evaluation = manifest.get("evaluation")
     if evaluation:
         from edgekit.quant.report import format_metric
@@ -87,7 +90,9 @@ def print_manifest(root: Path, manifest: dict[str, Any], console: Console | None
     for name, entry in manifest.get("targets", {}).items():
         console.print(f"target {name}: runs '{entry['variant']}' on {' -> '.join(entry['providers'])}")
     validation = manifest.get("validation", {})
-    if validation:
+    if "skipped" in validation:
+        console.print(f"validation: skipped ({validation['skipped']})")
+    elif validation:
         console.print(
             f"validation: {validation['variant']} vs PyTorch max |Δlogit| {validation['max_abs_diff']:.2e} "
             f"(tolerance {validation['tolerance']:g}) on {validation['tokens']} tokens"

@@ -40,6 +40,7 @@ class HeadPrecision(str, enum.Enum):
     """Precision of the LM head in INT4 variants (``float``: the model's own, unquantized)."""
 
     INT4 = "int4"
+    INT8 = "int8"
     FLOAT = "float"
 
 
@@ -61,6 +62,17 @@ class AccuracyBudget:
 
 
 @dataclass(frozen=True)
+class GPTQSettings:
+    """How a target's ``int4-gptq`` variant is calibrated (the group size is the target's block size)."""
+
+    sym: bool = True
+    damp: float = 0.01
+    """Added to the Hessian's diagonal, as a fraction of its mean diagonal."""
+    act_order: bool = True
+    """Quantize columns in descending Hessian-diagonal order (static groups: no g_idx at run time)."""
+
+
+@dataclass(frozen=True)
 class Target:
     """One device profile from targets.yaml."""
 
@@ -75,6 +87,7 @@ class Target:
     int4_methods: tuple[Int4Method, ...] = (Int4Method.RTN,)
     """INT4 variants to build; the last one is the variant the target deploys."""
     lm_head: HeadPrecision = HeadPrecision.INT4
+    gptq: GPTQSettings = field(default_factory=GPTQSettings)
 
     @property
     def build_provider(self) -> Provider:
@@ -84,7 +97,9 @@ class Target:
 
 _TARGET_KEYS = {f.name for f in dataclasses.fields(Target)} - {"name"}
 _BUDGET_KEYS = {f.name for f in dataclasses.fields(AccuracyBudget)}
+_GPTQ_KEYS = {f.name for f in dataclasses.fields(GPTQSettings)}
 _BLOCK_SIZES = (16, 32, 64, 128, 256)
+_GPTQ_GROUP_SIZES = (32, 64, 128)
 
 
 def bundled_targets_path() -> Path:
@@ -152,6 +167,13 @@ def _parse_target(name: str, body: Any, path: str | Path) -> Target:
     memory = body.get("memory_limit_mb")
     if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
         raise TargetError(f"{where}: memory_limit_mb must be a positive integer", path=path)
+    methods = _parse_methods(body.get("int4_methods", ["rtn"]), where, path)
+    if Int4Method.GPTQ in methods and block_size not in _GPTQ_GROUP_SIZES:
+        raise TargetError(
+            f"{where}: GPTQ groups of block_size {block_size} are not supported",
+            path=path,
+            fix=f"use a block_size of {', '.join(map(str, _GPTQ_GROUP_SIZES))} with int4_methods gptq",
+        )
     return Target(
         name=name,
         description=str(body["description"]),
@@ -161,8 +183,24 @@ def _parse_target(name: str, body: Any, path: str | Path) -> Target:
         accuracy_level=accuracy_level,
         memory_limit_mb=memory,
         budget=_parse_budget(body.get("budget") or {}, where, path),
-        int4_methods=_parse_methods(body.get("int4_methods", ["rtn"]), where, path),
+        int4_methods=methods,
         lm_head=_enum(HeadPrecision, body.get("lm_head", "int4"), f"{where}: lm_head", path),
+        gptq=_parse_gptq(body.get("gptq") or {}, where, path),
+    )
+
+
+def _parse_gptq(body: Any, where: str, path: str | Path) -> GPTQSettings:
+    if not isinstance(body, Mapping):
+        raise TargetError(f"{where}: 'gptq' must be a mapping", path=path)
+    _reject_unknown(body, _GPTQ_KEYS, f"{where} gptq", path)
+    for key in ("sym", "act_order"):
+        if key in body and not isinstance(body[key], bool):
+            raise TargetError(f"{where}: gptq '{key}' must be true or false", path=path)
+    damp = body.get("damp", GPTQSettings.damp)
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
+        raise TargetError(f"{where}: gptq 'damp' must be a number between 0 and 1", path=path)
+    return GPTQSettings(
+        sym=body.get("sym", GPTQSettings.sym), damp=float(damp), act_order=body.get("act_order", GPTQSettings.act_order)
     )
 
 
@@ -231,6 +269,15 @@ def targets_json_schema() -> dict[str, Any]:
             },
             "lm_head": {"enum": [h.value for h in HeadPrecision]},
             "budget": budget,
+            "gptq": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "sym": {"type": "boolean"},
+                    "act_order": {"type": "boolean"},
+                    "damp": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                },
+            },
         },
     }
     return {

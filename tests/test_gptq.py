@@ -11,8 +11,8 @@ torch = pytest.importorskip("torch")
 
 from edgekit.quant.gptq import (  # noqa: E402
     GPTQConfig,
+    HessianAccumulator,
     QuantizedWeight,
-    accumulate_hessian,
     decoder_layers,
     dequantize,
     gptq_quantize_model,
@@ -30,9 +30,20 @@ def correlated_layer(seed: int = 0, rows: int = 2048, features: int = 128, out: 
     latent = torch.randn(rows, features, generator=generator) * strengths
     x = latent @ torch.randn(features, features, generator=generator)
     weight = torch.randn(out, features, generator=generator) * 0.05
-    hessian = torch.zeros(features, features)
-    accumulate_hessian(hessian, x)
-    return x, weight, hessian
+    hessian = HessianAccumulator(features)
+    hessian.add(x)
+    return x, weight, hessian.matrix()
+
+
+def test_hessian_accumulator_sums_xtx_over_batches():
+    x = torch.randn(3, 50, 24, generator=torch.Generator().manual_seed(3))
+    hessian = HessianAccumulator(24)
+    hessian.add(x[:2])
+    hessian.add(x[2])
+    flat = x.reshape(-1, 24).double()
+    assert hessian.rows == 150
+    assert torch.allclose(hessian.matrix().double(), flat.T @ flat, rtol=1e-5, atol=1e-4)
+    assert torch.equal(hessian.matrix(), hessian.matrix().T)
 
 
 def output_error(x, weight, quantized: QuantizedWeight) -> float:
@@ -62,9 +73,9 @@ def test_dequantized_is_scales_times_codes_minus_zeros_with_fp16_scales():
 def test_dead_columns_quantize_to_zero():
     x, weight, _ = correlated_layer()
     x[:, 5] = 0.0
-    hessian = torch.zeros(x.shape[1], x.shape[1])
-    accumulate_hessian(hessian, x)
-    q = quantize_weight(weight, hessian, GPTQConfig(sym=False))
+    hessian = HessianAccumulator(x.shape[1])
+    hessian.add(x)
+    q = quantize_weight(weight, hessian.matrix(), GPTQConfig(sym=False))
     assert torch.all(q.dequantized[:, 5] == 0)
 
 
@@ -199,3 +210,42 @@ def test_driver_is_deterministic(tiny_checkpoints):
     for name in runs[0]:
         assert torch.equal(runs[0][name].codes, runs[1][name].codes)
         assert torch.equal(runs[0][name].scales, runs[1][name].scales)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma3_text", "phi3"])
+def test_layers_read_from_disk_give_the_same_checkpoint_as_the_whole_model(
+    tiny_checkpoints, tmp_path, monkeypatch, model_type
+):
+    """GPTQ reading one layer at a time from safetensors writes the very bytes the whole-model load does."""
+    from safetensors.torch import load_file
+    from tiny_models import VOCAB
+
+    from edgekit.quant import gptq_checkpoint
+    from edgekit.quant.lazy_model import open_lazily
+
+    source = tiny_checkpoints(model_type)
+    assert open_lazily(source) is not None
+    calibration = torch.randint(4, VOCAB, (6, 32), generator=torch.Generator().manual_seed(2))
+    gptq_checkpoint.write_gptq_checkpoint(source, tmp_path / "lazy", GPTQConfig(), calibration)
+    monkeypatch.setattr(gptq_checkpoint, "open_lazily", lambda folder: None)
+    gptq_checkpoint.write_gptq_checkpoint(source, tmp_path / "whole", GPTQConfig(), calibration)
+    lazy = load_file(tmp_path / "lazy" / "model.safetensors")
+    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    assert lazy.keys() == whole.keys()
+    assert any(name.endswith(".qweight") for name in lazy)
+    for name in lazy:
+        assert torch.equal(lazy[name], whole[name]), name
+
+
+def test_a_checkpoint_with_renamed_tensors_is_loaded_whole(tiny_checkpoints, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from edgekit.quant.lazy_model import open_lazily
+
+    folder = shutil.copytree(tiny_checkpoints("llama"), tmp_path / "renamed")
+    tensors = load_file(folder / "model.safetensors")
+    tensors["renamed.q_proj"] = tensors.pop("model.layers.0.self_attn.q_proj.weight")
+    save_file(tensors, folder / "model.safetensors")
+    assert open_lazily(folder) is None

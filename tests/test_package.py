@@ -156,6 +156,18 @@ def test_a_stale_partial_of_a_dead_process_is_removed(tmp_path: Path) -> None:
 # --- manifest and verification -----------------------------------------------------------------------
 
 
+def onnx_of_size(size: int) -> bytes:
+    """A valid (empty-graph) ONNX model of exactly ``size`` bytes, padded with its doc string."""
+    import onnx
+
+    for pad in range(size):
+        data = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []), doc_string="p" * pad)
+        raw = data.SerializeToString()
+        if len(raw) == size:
+            return raw
+    raise AssertionError(size)
+
+
 @pytest.fixture
 def package(tmp_path: Path) -> Path:
     """A hand-made package: two variants and a log, with a manifest."""
@@ -163,9 +175,9 @@ def package(tmp_path: Path) -> Path:
     (root / "fp32").mkdir(parents=True)
     (root / "int4").mkdir()
     (root / "build.log").write_text("log\n")
-    (root / "fp32" / "model.onnx").write_bytes(bytes(range(256)) * 4)
+    (root / "fp32" / "model.onnx").write_bytes(onnx_of_size(1024))
     (root / "fp32" / "genai_config.json").write_text("{}")
-    (root / "int4" / "model.onnx").write_bytes(b"\x01" * 300)
+    (root / "int4" / "model.onnx").write_bytes(onnx_of_size(300))
     write_manifest(root, {"architecture": "llama", "variants": {"fp32": {"path": "fp32"}}})
     return root
 

@@ -14,6 +14,7 @@ import yaml
 from edgekit.cli import main
 from edgekit.errors import TargetError, UsageError
 from edgekit.targets import (
+    GPTQSettings,
     Precision,
     Provider,
     bundled_targets_path,
@@ -160,6 +161,10 @@ BAD_FILES = {
     "non-positive memory_limit_mb": (_set("laptop-cpu", "memory_limit_mb", 0), ["laptop-cpu", "memory_limit_mb"]),
     "target not a mapping": (_replace_target("laptop-cpu", "cpu"), ["laptop-cpu", "must be a mapping"]),
     "empty targets": (_top("targets", {}), ["'targets'", "non-empty"]),
+    "unknown gptq key": (_set("laptop-cpu", "gptq", {"dampening": 0.1}), ["laptop-cpu", "unknown key 'dampening'"]),
+    "gptq sym not a boolean": (_set("laptop-cpu", "gptq", {"sym": "yes"}), ["laptop-cpu", "'sym'", "true or false"]),
+    "gptq damp out of range": (_set("laptop-cpu", "gptq", {"damp": 1.5}), ["laptop-cpu", "'damp'", "between 0 and 1"]),
+    "gptq not a mapping": (_set("laptop-cpu", "gptq", 0.01), ["laptop-cpu", "'gptq' must be a mapping"]),
 }
 
 
@@ -288,3 +293,17 @@ def test_edgekit_targets_schema_prints_the_json_schema(runner) -> None:
     schema = json.loads(result.stdout)
     assert schema == targets_json_schema()
     assert schema["required"] == ["schema_version", "targets"]
+
+
+def test_gptq_needs_a_block_size_it_can_group_by(tmp_path: Path) -> None:
+    data = mutated(_set("laptop-cpu", "int4_methods", ["rtn", "gptq"]))
+    data["targets"]["laptop-cpu"]["block_size"] = 16
+    with pytest.raises(TargetError, match=r"laptop-cpu.*block_size 16.*use a block_size of 32, 64, 128"):
+        load_targets(write_targets(tmp_path, data))
+
+
+def test_gptq_settings_reach_the_target(tmp_path: Path) -> None:
+    data = mutated(_set("laptop-cpu", "gptq", {"sym": False, "damp": 0.05, "act_order": False}))
+    gptq = load_targets(write_targets(tmp_path, data))["laptop-cpu"].gptq
+    assert (gptq.sym, gptq.damp, gptq.act_order) == (False, 0.05, False)
+    assert load_targets()["laptop-cpu"].gptq == GPTQSettings()

@@ -157,13 +157,17 @@ def tiny_tokenizer() -> Any:
     return fast
 
 
-def make_tiny_checkpoint(model_type: str, folder: Path, seed: int = 0) -> Path:
-    """Write a tiny random ``model_type`` checkpoint (config, safetensors, tokenizer) into ``folder``."""
+def make_tiny_checkpoint(model_type: str, folder: Path, seed: int = 0, *, tied: bool = False) -> Path:
+    """Write a tiny random ``model_type`` checkpoint (config, safetensors, tokenizer) into ``folder``.
+
+    ``tied``: the LM head shares the input embedding's weight, as in SmolLM2.
+    """
     import torch
     import transformers
 
     config, class_name = TINY_MODELS[model_type]()
     config.architectures = [class_name]
+    config.tie_word_embeddings = tied
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(config).float().eval()
     model.save_pretrained(str(folder))

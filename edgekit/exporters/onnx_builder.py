@@ -61,7 +61,8 @@ def run_builder(
             fix="pip install 'edgekit[export]'",
         ) from None
     # hf_token=false: a local folder never needs the network, and a stored token must not leak into logs.
-    pairs = [f"{key}={value}" for key, value in {"hf_token": "false", **options}.items()]
+    # hf_remote=false: never trust_remote_code (older builders defaulted it to true); it cannot be overridden.
+    pairs = [f"{key}={value}" for key, value in {"hf_token": "false", **options, "hf_remote": "false"}.items()]
     out_dir.mkdir(parents=True, exist_ok=True)
     failure: Exception | None = None
     with output_to_log(log_path):

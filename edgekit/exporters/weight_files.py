@@ -15,9 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import CorruptFileError
+from edgekit.exporters.gguf_header import FIX as GGUF_FIX
+from edgekit.exporters.gguf_header import read_gguf_header
 
-# safetensors' own loader caps the header at 100 MB; a real header is a few hundred KB.
-MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024
+# safetensors' own loader caps the header at 100 MB; a real header is a few hundred KB (about 120 bytes per
+# tensor). 100 MB of tiny JSON entries parses into over 1 GB of Python objects, so edgekit's cap is lower:
+# 16 MiB (some 130,000 tensors in one file) parses in about 200 MB.
+MAX_SAFETENSORS_HEADER = 16 * 1024 * 1024
 _DTYPE_BYTES = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "F8_E8M0": 1,
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
@@ -56,8 +60,12 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
         raw = handle.read(header_len)
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
         raise CorruptFileError(f"header is not JSON ({exc})", path=path, fix=_FIX_REDOWNLOAD) from None
+    except (RecursionError, MemoryError):  # a crafted header nested thousands deep or made of tiny items
+        raise CorruptFileError(
+            "header is nested too deeply or too large to parse", path=path, fix=_FIX_REDOWNLOAD
+        ) from None
     if not isinstance(header, dict):
         raise CorruptFileError("header is not a JSON object", path=path, fix=_FIX_REDOWNLOAD)
     data_size = size - 8 - header_len
@@ -95,12 +103,12 @@ def _parse_tensor_entry(path: Path, name: str, entry: object) -> tuple[TensorInf
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in _DTYPE_BYTES:
         raise CorruptFileError(f"tensor '{name}' has unknown dtype {dtype!r}", path=path, fix=_FIX_REDOWNLOAD)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CorruptFileError(f"tensor '{name}' has a malformed shape", path=path, fix=_FIX_REDOWNLOAD)
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
+        or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise CorruptFileError(f"tensor '{name}' has malformed data_offsets", path=path, fix=_FIX_REDOWNLOAD)
@@ -119,11 +127,21 @@ def _parse_tensor_entry(path: Path, name: str, entry: object) -> tuple[TensorInf
 def _gguf_reader(path: str, size: int, mtime_ns: int) -> Any:
     from gguf import GGUFReader
 
-    return GGUFReader(path)
+    read_gguf_header(Path(path))  # the gguf reader trusts the file's counts; check them first
+    try:
+        return GGUFReader(path)
+    except ImportError:
+        raise
+    except Exception as exc:  # the reader fails with bare IndexError/ValueError on damaged files
+        raise CorruptFileError(
+            f"cannot be parsed as GGUF ({type(exc).__name__}: {exc})", path=path, fix=GGUF_FIX
+        ) from None
 
 
 def open_gguf(path: Path) -> Any:
     """A ``gguf.GGUFReader`` for ``path``, shared between callers while the file is unchanged.
+
+    The header is checked by ``read_gguf_header`` first, so a crafted file is a ``CorruptFileError``.
 
     Parsing the metadata of a real file takes seconds (a tokenizer's vocabulary is tens of thousands of
     fields), so the check, the architecture lookup and the import verification read it once.
@@ -133,25 +151,20 @@ def open_gguf(path: Path) -> Any:
 
 
 def check_gguf(path: Path) -> None:
-    """Check that a GGUF file opens and that every tensor's data lies inside the file."""
+    """Check a GGUF file's header with edgekit's bounds-checked reader, then that ``gguf`` opens it.
+
+    ``read_gguf_header`` refuses crafted counts, lengths, shapes and offsets before the ``gguf`` package's
+    reader (which trusts them) sees the file.
+    """
     size = _file_size(path)
-    fix = "download or copy the GGUF file again; it is truncated or not a GGUF file"
-    with path.open("rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise CorruptFileError("does not start with the GGUF magic bytes", path=path, fix=fix)
-    try:
-        reader = open_gguf(path)
-    except ImportError:
-        raise
-    except Exception as exc:  # the reader fails with bare IndexError/ValueError on damaged files
-        raise CorruptFileError(f"cannot be parsed as GGUF ({type(exc).__name__}: {exc})", path=path, fix=fix) from None
+    reader = open_gguf(path)
     for tensor in reader.tensors:
         end = int(tensor.data_offset) + int(tensor.n_bytes)
         if end > size:
             raise CorruptFileError(
                 f"tensor '{tensor.name}' ends at byte {end}, past the end of the {size}-byte file",
                 path=path,
-                fix=fix,
+                fix=GGUF_FIX,
             )
 
 

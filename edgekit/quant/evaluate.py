@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import PackageError
-from edgekit.package import read_manifest
+from edgekit.package import read_manifest, verify_files
 from edgekit.quant.corpus import Corpus, builtin_corpus, token_windows
 from edgekit.quant.metrics import kl_divergence, log_softmax, percentile, perplexity, token_nll
 from edgekit.quant.schemes import REFERENCE_VARIANT
@@ -167,6 +167,8 @@ def evaluate_package(
     manifest = read_manifest(root)
     if REFERENCE_VARIANT not in manifest.get("variants", {}):
         raise PackageError("has no fp32 reference variant to measure against", path=root, fix="rebuild the package")
+    for entry in manifest["variants"].values():  # no links or paths out of the package before onnxruntime runs
+        verify_files(root, manifest, entry["path"], hashes=False)
     say = progress or (lambda _message: None)
     corpus = corpus or builtin_corpus("evaluation")
     reference_dir = root / manifest["variants"][REFERENCE_VARIANT]["path"]

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
 from edgekit.errors import UsageError
 from edgekit.quant.corpus import Corpus
-from edgekit.quant.gptq import GPTQConfig, Progress, gptq_quantize_model
+from edgekit.quant.gptq import GPTQConfig, Progress, decoder_layers, iter_gptq_layers
 from edgekit.quant.gptq_format import pack_gptq, quantization_config
+from edgekit.quant.lazy_model import open_lazily
 
 _COPIED = (".json", ".jinja", ".model", ".txt", ".tiktoken")
 
@@ -45,24 +47,52 @@ def write_gptq_checkpoint(
     calibration: Any,
     *,
     progress: Progress | None = None,
+    timings: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """GPTQ-quantize the model in ``hf_folder`` and write the checkpoint to ``out``; returns its config."""
+    """GPTQ-quantize the model in ``hf_folder`` and write the checkpoint to ``out``; returns its config.
+
+    ``timings`` gets the seconds of each GPTQ phase added (see ``iter_gptq_layers``).
+    """
     import torch
     import transformers
     from safetensors.torch import save_file
 
     model_config = json.loads((hf_folder / "config.json").read_text(encoding="utf-8"))
-    loader = getattr(transformers, model_config["architectures"][0])
-    model = loader.from_pretrained(str(hf_folder), dtype=torch.float32, attn_implementation="sdpa")
-    quantized = gptq_quantize_model(model, calibration, config, progress=progress)
+    lazy = open_lazily(hf_folder)
+    before_layer: Callable[[int, Any], None] | None = None
+    if lazy is None:  # tensor names transformers renames on load: the whole model, the ordinary way
+        loader = getattr(transformers, model_config["architectures"][0])
+        model = loader.from_pretrained(str(hf_folder), dtype=torch.float32, attn_implementation="sdpa")
+    else:
+        model = cast(Any, lazy.model)
+
+        def before_layer(index: int, layer: Any) -> None:
+            if index == 0:  # layer 0's inputs are captured: the embedding is done with
+                lazy.release(model.get_input_embeddings())
+            lazy.load(layer)
+
+    module_names = {id(module): name for name, module in model.named_modules()}
     tensors: dict[str, Any] = {}
-    for name, tensor in model.state_dict().items():
-        module = name.rsplit(".", 1)[0]
-        if module in quantized and name.endswith(".weight"):
-            for key, value in pack_gptq(quantized[module], config.bits).items():
-                tensors[f"{module}.{key}"] = value.contiguous()
-        else:
-            tensors[name] = tensor.contiguous()
+    # Each layer is packed as soon as it is quantized and then released (moved to the meta device), so
+    # no float32 layer and no dequantized copy outlives its turn.
+    for layer, quantized in iter_gptq_layers(
+        model, calibration, config, progress=progress, timings=timings, release=True, before_layer=before_layer
+    ):
+        prefix = module_names[id(layer)]
+        for name, q in quantized.items():
+            for key, value in pack_gptq(q, config.bits).items():
+                tensors[f"{name}.{key}"] = value.contiguous()
+        for name, tensor in layer.state_dict().items():
+            full = f"{prefix}.{name}"
+            if full.rsplit(".", 1)[0] not in quantized:
+                tensors[full] = tensor.clone()
+    released = tuple(f"{module_names[id(layer)]}." for layer in decoder_layers(model))
+    if lazy is None:
+        rest = {name: t for name, t in model.state_dict().items() if not name.startswith(released)}
+    else:
+        rest = {name: lazy.weights.get(name) for name in lazy.weights.names() if not name.startswith(released)}
+    for name, tensor in rest.items():
+        tensors[name] = (tensor.to(torch.float32) if tensor.is_floating_point() else tensor).contiguous()
     if model_config.get("tie_word_embeddings") and "lm_head.weight" in tensors:
         del tensors["lm_head.weight"]  # tied to the embedding; safetensors refuses shared storage
     out.mkdir(parents=True, exist_ok=True)

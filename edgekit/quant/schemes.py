@@ -26,10 +26,10 @@ class VariantSpec:
     accuracy_level: int | None = None
     """MatMulNBits compute type; ``None`` leaves the builder's default for the provider."""
     lm_head: str = "int4"
-    """``int4`` or ``float`` (the head MatMul left unquantized)."""
+    """``int4``, ``int8`` or ``float`` (the head MatMul left unquantized)."""
 
-    def builder_options(self) -> dict[str, str]:
-        """The builder ``extra_options`` that make this variant."""
+    def builder_options(self, *, tied_embeddings: bool = False) -> dict[str, str]:
+        """The builder ``extra_options`` for this variant; ``tied_embeddings``: the source's head is its embedding."""
         options: dict[str, str] = {}
         if self.name == REFERENCE_VARIANT:
             # The final hidden states let evaluation cache the reference exactly and compactly.
@@ -40,6 +40,14 @@ class VariantSpec:
                 options["accuracy_level"] = str(self.accuracy_level)
             if self.lm_head == HeadPrecision.FLOAT.value:
                 options["nodes_to_exclude"] = "/lm_head/MatMul"
+            elif self.lm_head == HeadPrecision.INT8.value:
+                # The builder's int8 head drops the weight a tied embedding shares with it (the model then
+                # fails to load), so the head gets its own int8 copy; a tied embedding stays int4
+                # (GatherBlockQuantized) as it is with an int4 head, an untied one stays float.
+                options["matmul_mixed_precision"] = "last_matmul:int8"
+                options["shared_embeddings"] = "false"
+                if tied_embeddings:
+                    options["op_types_to_quantize"] = "MatMul/Gather"
         return options
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import PackageError, ProviderUnavailableError
-from edgekit.package import read_manifest, variant_dir
+from edgekit.package import read_manifest, variant_dir, verify_files
 from edgekit.runtimes.providers import PROVIDERS, available_providers
 from edgekit.runtimes.verify_cache import verify_variant
 
@@ -162,9 +162,10 @@ def load(
 ) -> Model:
     """Load a package's variant on the first execution provider that starts.
 
-    The provider chain comes from ``providers``, else the target's entry in the manifest, else the
-    variant's own provider followed by the CPU. A provider that is missing or fails to start is skipped
-    with a warning; with ``strict=True`` it raises ``ProviderUnavailableError`` instead.
+    The variant's files are checked against the manifest before onnxruntime sees them (``verify=False``
+    skips the hashing only). The provider chain comes from ``providers``, else the target's entry in the
+    manifest, else the variant's own provider followed by the CPU. A provider that is missing or fails to
+    start is skipped with a warning; with ``strict=True`` it raises ``ProviderUnavailableError`` instead.
     """
     import onnxruntime_genai as og
 
@@ -176,6 +177,8 @@ def load(
     name, folder = variant_dir(root, manifest, variant)
     if verify:
         verify_variant(root, manifest, manifest["variants"][name]["path"])
+    else:  # no hashing, but links, unlisted files and paths out of the package are still refused
+        verify_files(root, manifest, manifest["variants"][name]["path"], hashes=False)
     chain = list(providers or _default_chain(manifest, name, target))
     unknown = [p for p in chain if p not in PROVIDERS]
     if unknown:

@@ -27,7 +27,7 @@ def _fingerprint(root: Path, subfolder: str) -> dict[str, Any]:
     for path in sorted((root / subfolder).rglob("*")):
         if path.is_file() or path.is_symlink():
             stat = path.lstat()
-            files[path.relative_to(root).as_posix()] = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+            files[path.relative_to(root).as_posix()] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_nlink]
     manifest_hash = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()
     return {"manifest": manifest_hash, "files": files}
 

@@ -1,0 +1,201 @@
+"""How much memory and disk a build will need, worked out from the weight files' headers before any weight is read.
+
+The figures are per-parameter costs measured on the development machine (see README, "Large models"):
+
+- onnxruntime-genai's own export holds the PyTorch model, then serializes the whole float graph to one
+  in-memory ModelProto before quantizing it: about 7.5 bytes of RSS per parameter on top of ~1 GiB of
+  libraries (a 1.72B Qwen3 peaked at 13.9 GB); validation and evaluation stay below that.
+- the streamed export (``exporters/streaming.py``) holds one decoder layer (bf16 as stored) and one
+  block of rows in fp32 with the quantizer's buffers, plus the same libraries: measured 0.89, 0.87 and
+  1.17 GiB for 1.7B, 4B and 9B models; the estimate (4 bytes per parameter of the largest layer, a
+  quarter GiB for the blocks) is deliberately above that, 1.4 and 2.1 GiB for the 1.7B and the 9B.
+
+A build refuses to start when the machine's available memory or the output's filesystem is short, and
+says how much is needed and which option lowers it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgekit.errors import ResourceError, UsageError
+from edgekit.exporters.sources import CheckedFolder
+from edgekit.exporters.weight_files import read_safetensors_header
+from edgekit.quant.schemes import VariantSpec
+from edgekit.targets import Target
+
+GIB = 1024**3
+BASE_BYTES = 1 * GIB
+"""Python, torch, transformers, onnxruntime and the builder, loaded."""
+WHOLE_BYTES_PER_PARAM = 7.5
+STREAMED_BYTES_PER_LAYER_PARAM = 4.0
+STREAMED_BLOCK_BYTES = GIB // 4
+"""One block of embedding or LM-head rows: bf16 read, fp32 copy, transposed copy, quantized output."""
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+_SKIPPED = ("visual.", "vision_tower.", "mtp.")  # never exported by the text builders
+
+
+@dataclass(frozen=True)
+class BuildEstimate:
+    """Peak memory and disk of one build, in bytes."""
+
+    parameters: int
+    largest_layer: int
+    """Parameters of the largest decoder layer."""
+    peak_memory: int
+    disk: int
+    streaming: bool
+
+
+def _weights(weight_files: Sequence[Path]) -> dict[str, tuple[int, ...]]:
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in weight_files:
+        for info in read_safetensors_header(path.resolve()):
+            if not any(part in info.name for part in _SKIPPED):
+                shapes[info.name] = info.shape
+    return shapes
+
+
+def _variant_bytes(shapes: dict[str, tuple[int, ...]], variant: VariantSpec, tied: bool) -> int:
+    """Bytes of one exported variant: quantized linear weights, fp32 (or fp16) for everything else."""
+    float_bytes = 2 if variant.precision == "fp16" else 4
+    if variant.precision not in ("int4", "int8"):
+        return sum(math.prod(shape) for shape in shapes.values()) * float_bytes
+    bits = 8 if variant.precision == "int8" else 4
+    per_quantized = bits / 8 + float_bytes / (variant.block_size or 32)
+    head_bytes = float_bytes if variant.lm_head == "float" else per_quantized
+    total = 0.0
+    for name, shape in shapes.items():
+        count = math.prod(shape)
+        if "embed_tokens" in name:
+            # tied: one table serves the head and the lookup (GatherBlockQuantized on the INT4 head);
+            # untied: the lookup table stays float (only MatMuls are quantized)
+            total += count * (head_bytes if tied else float_bytes)
+        elif name.startswith("lm_head"):
+            total += count * head_bytes
+        elif len(shape) == 2 and _LAYER.search(name):
+            total += count * per_quantized
+        else:
+            total += count * float_bytes
+    return int(total)
+
+
+def estimate_build(
+    weight_files: Sequence[Path], variants: Sequence[VariantSpec], *, streaming: bool, tied: bool
+) -> BuildEstimate:
+    """Estimate the peak memory and the disk of exporting ``variants`` from ``weight_files``."""
+    shapes = _weights(weight_files)
+    parameters = sum(math.prod(shape) for shape in shapes.values())
+    layers: dict[str, int] = {}
+    for name, shape in shapes.items():
+        match = _LAYER.search(name)
+        if match:
+            layers[match.group(1)] = layers.get(match.group(1), 0) + math.prod(shape)
+    largest = max(layers.values(), default=parameters)
+    if streaming:
+        peak = BASE_BYTES + STREAMED_BYTES_PER_LAYER_PARAM * largest + STREAMED_BLOCK_BYTES
+    else:
+        peak = BASE_BYTES + WHOLE_BYTES_PER_PARAM * parameters
+    disk = sum(_variant_bytes(shapes, variant, tied) for variant in variants)
+    return BuildEstimate(parameters, largest, int(peak), disk, streaming)
+
+
+def available_memory() -> int:
+    """Memory this process can still use: MemAvailable, or the cgroup's limit minus its usage when lower."""
+    available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+                    break
+    except (OSError, ValueError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return available
+
+
+def free_disk(path: Path) -> int:
+    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
+    path = path.absolute()
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def check_resources(
+    estimate: BuildEstimate,
+    out: Path,
+    *,
+    source: Path,
+    streamed: BuildEstimate | None = None,
+    memory: int | None = None,
+    disk: int | None = None,
+) -> None:
+    """Raise ``ResourceError`` when the machine lacks the estimated memory or ``out``'s disk lacks the space.
+
+    ``streamed`` is the estimate of the same build with ``--streaming``: named as the fix when it fits.
+    ``memory`` and ``disk`` default to what this machine has now.
+    """
+    memory = available_memory() if memory is None else memory
+    disk = free_disk(out) if disk is None else disk
+    if estimate.peak_memory > memory:
+        how = "streamed, one decoder layer at a time" if estimate.streaming else "whole model in memory"
+        if streamed is not None and not estimate.streaming and streamed.peak_memory <= memory:
+            fix = (
+                f"pass --streaming (peak about {streamed.peak_memory / GIB:.1f} GiB; it builds the INT4 "
+                "variants only), or free memory"
+            )
+        else:
+            fix = "free memory or build on a machine with more"
+        raise ResourceError(
+            f"this build needs about {estimate.peak_memory / GIB:.1f} GiB of memory ({how}, "
+            f"{estimate.parameters / 1e9:.2f}B parameters) but {memory / GIB:.1f} GiB is available",
+            path=source,
+            fix=fix,
+        )
+    if estimate.disk > disk:
+        raise ResourceError(
+            f"the package needs about {estimate.disk / 1e9:.1f} GB of disk but {disk / 1e9:.1f} GB is free there",
+            path=out,
+            fix="free disk space, or write the package (-o) to another disk",
+        )
+
+
+def check_build_resources(hf_folder: Path, checked: CheckedFolder, target: Target, out: Path, streaming: bool) -> None:
+    """The pipeline's check, run before any weight is read: can this build stream, and does it fit here."""
+    from edgekit.exporters.streaming import supports_streaming
+    from edgekit.quant.schemes import plan_variants, target_variants, uses_gptq
+
+    if streaming:
+        reason = None
+        if checked.quantization is not None:
+            reason = f"it is a {checked.quantization} checkpoint"
+        elif uses_gptq(target):
+            reason = f"target '{target.name}' asks for GPTQ"
+        elif not supports_streaming(checked.architecture.builder_class):
+            reason = f"architecture '{checked.architecture.model_type}' has no streamed export yet"
+        if reason is not None:
+            raise UsageError(
+                f"--streaming cannot build this: {reason}",
+                path=checked.folder,
+                fix="build without --streaming (streamed: unquantized llama, mistral, qwen2, qwen3, qwen3_5 with RTN)",
+            )
+    config = checked.config
+    tied = bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
+    files = sorted(hf_folder.glob("*.safetensors"))
+    whole = estimate_build(files, plan_variants(target), streaming=False, tied=tied)
+    streamed = estimate_build(files, target_variants(target), streaming=True, tied=tied)
+    check_resources(streamed if streaming else whole, out, source=checked.folder, streamed=streamed)

@@ -1,0 +1,113 @@
+"""A transformers model whose weights stay on disk until GPTQ reaches them.
+
+GPTQ needs one decoder layer's weights at a time. The model is built with its parameters on the meta
+device (buffers such as rotary frequencies are computed for real), the embedding is read for the capture
+of layer 0's inputs, and each decoder layer is read from the memory-mapped safetensors just before GPTQ
+quantizes it and released after. Peak memory is then one layer's weights plus the calibration
+activations, not the whole float32 model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from edgekit.quant.gptq import decoder_layers
+
+
+class SafetensorsWeights:
+    """Every tensor of a folder's ``*.safetensors`` shards, read one at a time, memory-mapped."""
+
+    def __init__(self, folder: Path) -> None:
+        from safetensors import safe_open
+
+        self._files: dict[str, Path] = {}
+        for path in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not iterable
+                    self._files[key] = path
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._files
+
+    def names(self) -> list[str]:
+        """The tensor names, sorted."""
+        return sorted(self._files)
+
+    def get(self, key: str) -> Tensor:
+        """One tensor, in the dtype it is stored in."""
+        from safetensors import safe_open
+
+        with safe_open(str(self._files[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+
+class LazyModel:
+    """A causal LM built without weights, and the checkpoint its weights are read from on demand."""
+
+    def __init__(self, model: nn.Module, weights: SafetensorsWeights) -> None:
+        self.model = model
+        self.weights = weights
+        self._names = {id(module): name for name, module in model.named_modules()}
+
+    def load(self, module: nn.Module) -> None:
+        """Read ``module``'s parameters (float32) from the checkpoint."""
+        prefix = self._names[id(module)]
+        for name, _ in list(module.named_parameters()):
+            owner, attribute = _split(module, name)
+            tensor = self.weights.get(f"{prefix}.{name}").to(torch.float32)
+            setattr(owner, attribute, nn.Parameter(tensor, requires_grad=False))
+
+    def release(self, module: nn.Module) -> None:
+        """Drop ``module``'s parameters (back to the meta device)."""
+        module.to("meta")
+
+    def module_name(self, module: nn.Module) -> str:
+        """The dotted name of ``module`` in the model."""
+        return self._names[id(module)]
+
+
+def open_lazily(hf_folder: Path) -> LazyModel | None:
+    """The model in ``hf_folder`` with its decoder layers and embeddings left on disk.
+
+    Returns ``None`` when the checkpoint's tensor names are not the model's parameter names (a layout
+    transformers renames on load): the caller then loads the whole model the ordinary way. The input
+    embedding is loaded, since capturing layer 0's inputs runs it; release it once that is done.
+    """
+    import transformers
+    from accelerate import init_empty_weights
+
+    model_config = json.loads((hf_folder / "config.json").read_text(encoding="utf-8"))
+    config = transformers.AutoConfig.from_pretrained(str(hf_folder))
+    config._attn_implementation = "sdpa"
+    loader = getattr(transformers, model_config["architectures"][0])
+    with init_empty_weights(include_buffers=False):
+        model = loader(config)
+    model.eval()
+    weights = SafetensorsWeights(hf_folder)
+    head = model.get_output_embeddings()
+    head_params = {id(p) for p in head.parameters()} if head is not None else set()
+    input_params = {id(p) for p in model.get_input_embeddings().parameters()}
+    # The LM head never runs during GPTQ (the capture stops at the last layer); a tied head is the embedding.
+    needed = [name for name, p in model.named_parameters() if id(p) not in head_params or id(p) in input_params]
+    if any(name not in weights for name in needed):
+        return None
+    lazy = LazyModel(model, weights)
+    lazy.load(model.get_input_embeddings())
+    layers = {id(p) for p in decoder_layers(model).parameters()}
+    for name, parameter in model.named_parameters():
+        # Final norms and other small non-layer parameters: read now, they are tiny.
+        if id(parameter) not in layers and id(parameter) not in head_params and parameter.device.type == "meta":
+            owner, attribute = _split(model, name)
+            setattr(owner, attribute, nn.Parameter(weights.get(name).to(torch.float32), requires_grad=False))
+    return lazy
+
+
+def _split(root: nn.Module, name: str) -> tuple[Any, str]:
+    """The module that owns parameter ``name`` (dotted, relative to ``root``) and the attribute name."""
+    path, _, attribute = name.rpartition(".")
+    return (root.get_submodule(path) if path else root), attribute

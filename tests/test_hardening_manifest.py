@@ -1,0 +1,127 @@
+"""Manifest verification fails closed (issue #5, requirement 7): malformed manifests are PackageErrors, and
+every size is compared before any file is hashed. (A listed ../ path, an unlisted file and a flipped byte
+are in test_package.py.)"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edgekit import package as package_module
+from edgekit.errors import PackageError
+from edgekit.package import MANIFEST, read_manifest, variant_dir, verify_files, write_manifest
+
+
+@pytest.fixture
+def package(tmp_path: Path) -> Path:
+    root = tmp_path / "pkg"
+    (root / "fp32").mkdir(parents=True)
+    (root / "fp32" / "a.bin").write_bytes(b"a" * 10)
+    (root / "fp32" / "z.bin").write_bytes(b"z" * 10)
+    write_manifest(root, {"variants": {"fp32": {"path": "fp32"}}, "default_variant": "fp32"})
+    return root
+
+
+def test_a_size_mismatch_is_caught_before_any_file_is_hashed(package: Path, monkeypatch) -> None:
+    (package / "fp32" / "z.bin").write_bytes(b"z" * 11)  # the last file, sorted: a.bin would be hashed first
+
+    def no_hashing(path: Path, chunk: int = 0) -> str:
+        raise AssertionError(f"hashed {path} before comparing sizes")
+
+    monkeypatch.setattr(package_module, "sha256_file", no_hashing)
+    with pytest.raises(PackageError) as info:
+        verify_files(package, read_manifest(package))
+    assert "is 11 bytes, the manifest says 10" in str(info.value)
+    assert str(package / "fp32" / "z.bin") in str(info.value)
+
+
+def rewrite(root: Path, change: Any) -> None:
+    manifest = json.loads((root / MANIFEST).read_text())
+    change(manifest)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+
+
+MALFORMED = {
+    "files-not-a-list": lambda m: m.update(files={"a": 1}),
+    "entry-not-a-mapping": lambda m: m["files"].append("fp32/a.bin"),
+    "path-not-a-string": lambda m: m["files"][0].update(path=7),
+    "size-a-string": lambda m: m["files"][0].update(size="10"),
+    "size-a-boolean": lambda m: m["files"][0].update(size=True),
+    "size-negative": lambda m: m["files"][0].update(size=-1),
+    "sha256-short": lambda m: m["files"][0].update(sha256="abc"),
+    "sha256-not-hex": lambda m: m["files"][0].update(sha256="g" * 64),
+    "variants-a-list": lambda m: m.update(variants=["fp32"]),
+    "variant-without-path": lambda m: m["variants"].update(fp32={}),
+    "default-variant-a-number": lambda m: m.update(default_variant=3),
+    "targets-malformed": lambda m: m.update(targets={"laptop-cpu": "fp32"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_a_malformed_manifest_is_refused_when_read(package: Path, case: str) -> None:
+    rewrite(package, MALFORMED[case])
+    with pytest.raises(PackageError) as info:
+        read_manifest(package)
+    assert str(package / MANIFEST) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("raw", "phrase"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"schema_version": 1, "x": ' + b"9" * 5000 + b"}", "not valid JSON"),
+        (b"\xff\xfe{}", "not valid JSON"),
+    ],
+    ids=["deep", "huge-integer", "not-utf8"],
+)
+def test_a_hostile_manifest_file(package: Path, raw: bytes, phrase: str) -> None:
+    (package / MANIFEST).write_bytes(raw)
+    with pytest.raises(PackageError, match=phrase):
+        read_manifest(package)
+
+
+def test_a_manifest_larger_than_the_cap(package: Path, monkeypatch) -> None:
+    monkeypatch.setattr(package_module, "MAX_MANIFEST_BYTES", 100)
+    with pytest.raises(PackageError, match="larger than 100 bytes"):
+        read_manifest(package)
+
+
+def test_a_manifest_that_is_a_symlink(package: Path, tmp_path: Path) -> None:
+    (package / MANIFEST).rename(tmp_path / "elsewhere.json")
+    (package / MANIFEST).symlink_to(tmp_path / "elsewhere.json")
+    with pytest.raises(PackageError, match=r"has no manifest\.json"):
+        read_manifest(package)
+
+
+def test_a_path_listed_twice(package: Path) -> None:
+    rewrite(package, lambda m: m["files"].append(dict(m["files"][0])))
+    with pytest.raises(PackageError, match="listed twice"):
+        verify_files(package, read_manifest(package))
+
+
+@pytest.mark.parametrize("listed", ["fp32\\..\\..\\x", "C:x", "", "fp32/a\x00.bin"])
+def test_a_listed_path_that_is_not_portable(package: Path, listed: str) -> None:
+    rewrite(package, lambda m: m["files"].append({"path": listed, "size": 1, "sha256": "0" * 64}))
+    with pytest.raises(PackageError, match="outside the package"):
+        verify_files(package, read_manifest(package))
+
+
+def test_a_subfolder_outside_the_package(package: Path) -> None:
+    with pytest.raises(PackageError, match="not a folder of the package"):
+        verify_files(package, read_manifest(package), "../pkg")
+    manifest = read_manifest(package)
+    manifest["variants"]["fp32"]["path"] = "../pkg"
+    with pytest.raises(PackageError, match="not a folder of the package"):
+        variant_dir(package, manifest, None)
+
+
+def test_a_fifo_in_the_package_is_refused(package: Path) -> None:
+    import os
+
+    os.mkfifo(package / "fp32" / "pipe")
+    with pytest.raises(PackageError, match="FIFO, socket or device") as info:
+        verify_files(package, read_manifest(package))
+    assert str(package / "fp32" / "pipe") in str(info.value)

@@ -1,0 +1,182 @@
+"""The streamed export against onnxruntime-genai's whole-model export, interruption, and the memory refusal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekit.errors import ResourceError, UsageError
+from edgekit.exporters import memory_estimate, streaming
+from edgekit.exporters.memory_estimate import GIB, BuildEstimate, check_resources
+from edgekit.exporters.onnx_builder import run_builder
+from edgekit.exporters.sources import check_folder, stage_folder
+from edgekit.exporters.streaming import StreamingMixin, run_streaming_builder
+from edgekit.exporters.validate import onnx_logits
+
+INT4 = {"block_size": "32", "accuracy_level": "4"}
+IDS = np.array([[5, 17, 33, 100, 7, 9, 200, 301]], dtype=np.int64)
+
+
+def _tied_qwen3(folder: Path) -> Path:
+    import torch
+    import transformers
+    from tiny_models import TINY_MODELS, tiny_tokenizer
+
+    config, class_name = TINY_MODELS["qwen3"]()
+    config.tie_word_embeddings = True
+    config.architectures = [class_name]
+    torch.manual_seed(1)
+    getattr(transformers, class_name)(config).eval().save_pretrained(str(folder))
+    tiny_tokenizer().save_pretrained(str(folder))
+    return folder
+
+
+def _graph(folder: Path) -> tuple[dict[str, np.ndarray], list[tuple[str, str, tuple[str, ...]]]]:
+    import onnx_ir as ir
+
+    model = ir.load(str(folder / "model.onnx"))
+    initializers = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
+    nodes = sorted((n.name, n.op_type, tuple(i.name if i else "" for i in n.inputs)) for n in model.graph)
+    return initializers, nodes
+
+
+def _export_both(checkpoint: Path, tmp: Path, precision: str, options: dict[str, str]) -> tuple[Path, Path]:
+    staged = stage_folder(check_folder(checkpoint), tmp / "staged")
+    log = tmp / "build.log"
+    log.touch()
+    common = dict(precision=precision, provider="cpu", options=options, log_path=log)
+    run_builder(staged, tmp / "whole", cache_dir=tmp / "cache-whole", **common)  # type: ignore[arg-type]
+    run_streaming_builder(staged, tmp / "streamed", cache_dir=tmp / "cache-streamed", **common)  # type: ignore[arg-type]
+    return tmp / "whole", tmp / "streamed"
+
+
+@pytest.mark.parametrize(
+    ("model_type", "precision"),
+    [("qwen3", "int4"), ("qwen3_5", "int4"), ("llama", "int4"), ("qwen3_5", "fp32"), ("tied-qwen3", "int4"),
+     ("tied-qwen3", "fp32")],
+)  # fmt: skip
+def test_streamed_export_equals_whole_model_export(
+    model_type: str, precision: str, tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Blocks of a few rows, so the embedding and LM head go through many blocks as a 9B model's do.
+    monkeypatch.setattr(streaming, "_BLOCK_BYTES", 4096)
+    checkpoint = _tied_qwen3(tmp_path / "tied") if model_type == "tied-qwen3" else tiny_checkpoints(model_type)
+    whole, streamed = _export_both(checkpoint, tmp_path, precision, INT4 if precision == "int4" else {})
+    whole_init, whole_nodes = _graph(whole)
+    streamed_init, streamed_nodes = _graph(streamed)
+    assert streamed_nodes == whole_nodes
+    assert sorted(streamed_init) == sorted(whole_init)
+    different = [name for name in whole_init if not np.array_equal(whole_init[name], streamed_init[name])]
+    assert different == []
+    assert np.array_equal(onnx_logits(whole, IDS), onnx_logits(streamed, IDS))
+    assert (streamed / "genai_config.json").read_text() == (whole / "genai_config.json").read_text()
+
+
+def test_interrupted_streaming_leaves_no_partial_folder(
+    tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    staged = stage_folder(check_folder(tiny_checkpoints("qwen3")), tmp_path / "staged")
+    original = StreamingMixin.make_layer
+
+    def interrupt_at_layer_one(self, layer_id, layer):  # type: ignore[no-untyped-def]
+        if layer_id == 1:
+            raise KeyboardInterrupt
+        original(self, layer_id, layer)
+
+    monkeypatch.setattr(StreamingMixin, "make_layer", interrupt_at_layer_one)
+    out = tmp_path / "pkg" / "int4"
+    log = tmp_path / "build.log"
+    log.touch()
+    with pytest.raises(KeyboardInterrupt):
+        run_streaming_builder(
+            staged, out, precision="int4", provider="cpu", options=INT4, cache_dir=tmp_path / "c", log_path=log
+        )
+    assert not (tmp_path / "pkg").exists() or list((tmp_path / "pkg").iterdir()) == []
+
+    # Through the pipeline: neither the package nor a hidden partial folder is left.
+    from edgekit.pipeline import build
+
+    with pytest.raises(KeyboardInterrupt):
+        build(tiny_checkpoints("qwen3"), tmp_path / "out" / "pkg", progress=False, evaluation=None, streaming=True)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_streamed_build_runs(tiny_checkpoints, tmp_path: Path) -> None:
+    import edgekit
+    from edgekit.pipeline import build
+
+    result = build(tiny_checkpoints("qwen3_5"), tmp_path / "pkg", progress=False, streaming=True)
+    assert list(result.manifest["variants"]) == ["int4-rtn"]
+    assert "skipped" in result.manifest["validation"]
+    with edgekit.load(tmp_path / "pkg") as model:
+        assert len(model.generate_tokens([5, 17, 33], max_new_tokens=4)) == 4
+
+
+def test_streaming_refuses_prequantized_and_gptq(tiny_checkpoints, tmp_path: Path) -> None:
+    from edgekit.pipeline import build
+
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(
+        "schema_version: 1\ntargets:\n  g:\n    description: gptq\n    providers: [cpu]\n"
+        "    int4_methods: [rtn, gptq]\n"
+    )
+    with pytest.raises(UsageError, match="--streaming cannot build this: target 'g' asks for GPTQ"):
+        build(tiny_checkpoints("qwen3"), tmp_path / "pkg", "g", targets_file=targets, progress=False, streaming=True)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_build_refuses_when_memory_is_short(
+    tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runner
+) -> None:
+    from edgekit.cli import main
+
+    monkeypatch.setattr(memory_estimate, "available_memory", lambda: 200 * 1024**2)
+    result = runner.invoke(main, ["build", str(tiny_checkpoints("qwen3")), "-o", str(tmp_path / "pkg"), "-q"])
+    assert result.exit_code == 1
+    assert "needs about 1.0 GiB of memory" in result.output
+    assert "0.2 GiB is available" in result.output
+    assert not (tmp_path / "pkg").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_memory_refusal_names_streaming_when_it_fits() -> None:
+    whole = BuildEstimate(9_000_000_000, 220_000_000, 70 * GIB, 9 * 10**9, streaming=False)
+    streamed = BuildEstimate(9_000_000_000, 220_000_000, 5 * GIB, 9 * 10**9, streaming=True)
+    with pytest.raises(ResourceError, match=r"needs about 70.0 GiB .* 20.0 GiB is available.*pass --streaming"):
+        check_resources(whole, Path("out"), source=Path("ckpt"), streamed=streamed, memory=20 * GIB, disk=10**12)
+    check_resources(streamed, Path("out"), source=Path("ckpt"), streamed=streamed, memory=20 * GIB, disk=10**12)
+    with pytest.raises(ResourceError, match=r"needs about 9.0 GB of disk but 1.0 GB is free"):
+        check_resources(streamed, Path("out"), source=Path("ckpt"), memory=20 * GIB, disk=10**9)
+
+
+def test_checkpoint_reader_reads_rows_and_tensors(tiny_checkpoints) -> None:
+    from safetensors import safe_open
+
+    from edgekit.exporters.lazy_weights import CheckpointReader
+
+    folder = tiny_checkpoints("llama")
+    reader = CheckpointReader(folder)
+    with safe_open(str(next(folder.glob("*.safetensors"))), "pt") as handle:
+        for name in handle.keys():  # noqa: SIM118 - safe_open handles are not mappings
+            expected = handle.get_tensor(name)
+            assert np.array_equal(reader.tensor(name).numpy(), expected.numpy())
+        embed = handle.get_tensor("model.embed_tokens.weight")
+    assert np.array_equal(reader.rows("model.embed_tokens.weight", 10, 20).numpy(), embed[10:20].numpy())
+    assert [name for name, _ in reader.iter_tensors("model.layers.1.")] == sorted(
+        n for n in reader.names() if n.startswith("model.layers.1.")
+    )
+
+
+def test_cli_streaming_build_and_info(tiny_checkpoints, tmp_path: Path, runner) -> None:
+    from edgekit.cli import main
+
+    out = tmp_path / "pkg"
+    result = runner.invoke(main, ["build", str(tiny_checkpoints("llama")), "-o", str(out), "-q", "--streaming"])
+    assert result.exit_code == 0, result.output
+    assert "validation: skipped (streamed build: no fp32 reference)" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["build.log", "int4-rtn", "manifest.json"]
+    info = runner.invoke(main, ["info", str(out)])
+    assert info.exit_code == 0, info.output
+    assert "validation: skipped" in info.output
