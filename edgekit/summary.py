@@ -10,6 +10,8 @@ from typing import TYPE_CHECKING, Any
 from rich.console import Console
 from rich.table import Table
 
+from edgekit.targets import Precision
+
 if TYPE_CHECKING:
     from edgekit.pipeline import BuildResult
     from edgekit.quant.gate import CheckResult
@@ -109,12 +111,16 @@ def print_targets(targets: dict[str, Target], console: Console | None = None) ->
     console = console or Console()
     here = set(available_providers())
     table = Table(title=f"targets (providers on this machine: {', '.join(sorted(here))})")
-    for column in ("target", "providers", "precision", "block", "memory", "description"):
-        table.add_column(column)
+    for column in ("target", "providers", "weights", "block", "memory", "description"):
+        table.add_column(column, no_wrap=column != "description")
     for target in targets.values():
         chain = " -> ".join(p.value if p.value in here else f"[dim]{p.value} (absent)[/dim]" for p in target.providers)
         memory = f"{target.memory_limit_mb} MB" if target.memory_limit_mb else "-"
-        table.add_row(target.name, chain, target.precision.value, str(target.block_size), memory, target.description)
+        weights = target.precision.value
+        if target.precision is Precision.INT4:
+            methods = "+".join(m.value for m in target.int4_methods)
+            weights = f"int4 {methods}, {target.lm_head.value} head"
+        table.add_row(target.name, chain, weights, str(target.block_size), memory, target.description)
     console.print(table)
 
 

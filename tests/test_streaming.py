@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from edgekit.errors import ResourceError, UsageError
@@ -110,6 +111,11 @@ def test_streamed_build_runs(tiny_checkpoints, tmp_path: Path) -> None:
     result = build(tiny_checkpoints("qwen3_5"), tmp_path / "pkg", progress=False, streaming=True)
     assert list(result.manifest["variants"]) == ["int4-rtn"]
     assert "skipped" in result.manifest["validation"]
+    # laptop-cpu asks for an int8 LM head; the streamed export makes every MatMul int4 and says so.
+    assert "streamed build: the target's int8 LM head is built int4" in result.warnings
+    graph = onnx.load(str(tmp_path / "pkg" / "int4-rtn" / "model.onnx"), load_external_data=False).graph
+    head = next(node for node in graph.node if node.name.startswith("/lm_head/"))
+    assert {a.name: a.i for a in head.attribute}["bits"] == 4
     with edgekit.load(tmp_path / "pkg") as model:
         assert len(model.generate_tokens([5, 17, 33], max_new_tokens=4)) == 4
 

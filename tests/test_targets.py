@@ -25,6 +25,7 @@ from edgekit.targets import (
 
 EXPECTED_CHAINS = {
     "laptop-cpu": ("cpu",),
+    "laptop-cpu-gptq": ("cpu",),
     "laptop-dml": ("dml", "cpu"),
     "edge-cuda": ("cuda", "cpu"),
     "edge-arm-cpu": ("cpu",),
@@ -63,6 +64,17 @@ def test_bundled_targets_yaml_parses_with_the_expected_provider_chains() -> None
     assert targets["edge-cuda"].build_provider is Provider.CUDA
     assert targets["laptop-cpu"].memory_limit_mb == 8192
     assert targets["edge-arm-cpu"].memory_limit_mb == 4096
+    # CPU targets carry the int8 head the demo model's numbers chose; GPU targets the int4 head.
+    heads = {name: t.lm_head.value for name, t in targets.items()}
+    assert heads == {
+        "laptop-cpu": "int8",
+        "laptop-cpu-gptq": "int8",
+        "laptop-dml": "int4",
+        "edge-cuda": "int4",
+        "edge-arm-cpu": "int8",
+    }
+    assert [m.value for m in targets["laptop-cpu-gptq"].int4_methods] == ["rtn", "gptq"]
+    assert [m.value for m in targets["laptop-cpu"].int4_methods] == ["rtn"]
 
 
 def test_get_target_returns_the_named_profile() -> None:

@@ -48,10 +48,12 @@ def write_gptq_checkpoint(
     *,
     progress: Progress | None = None,
     timings: dict[str, float] | None = None,
+    batch_size: int = 4,
 ) -> dict[str, Any]:
     """GPTQ-quantize the model in ``hf_folder`` and write the checkpoint to ``out``; returns its config.
 
-    ``timings`` gets the seconds of each GPTQ phase added (see ``iter_gptq_layers``).
+    ``timings`` gets the seconds of each GPTQ phase added (see ``iter_gptq_layers``); ``batch_size``
+    calibration samples go through a layer at once.
     """
     import torch
     import transformers
@@ -76,7 +78,14 @@ def write_gptq_checkpoint(
     # Each layer is packed as soon as it is quantized and then released (moved to the meta device), so
     # no float32 layer and no dequantized copy outlives its turn.
     for layer, quantized in iter_gptq_layers(
-        model, calibration, config, progress=progress, timings=timings, release=True, before_layer=before_layer
+        model,
+        calibration,
+        config,
+        progress=progress,
+        timings=timings,
+        release=True,
+        before_layer=before_layer,
+        batch_size=batch_size,
     ):
         prefix = module_names[id(layer)]
         for name, q in quantized.items():
