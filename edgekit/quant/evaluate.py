@@ -219,7 +219,6 @@ def evaluate_package(
         row["eval_tokens_per_second"] = round(processed / spent, 1) if spent > 0 else None
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
-        "package": str(root),
         "protocol": protocol.as_dict(),
         "reference_cache": _cache_state(reference, write),
         "variants": rows,
