@@ -186,3 +186,20 @@ def test_cli_streaming_build_and_info(tiny_checkpoints, tmp_path: Path, runner) 
     info = runner.invoke(main, ["info", str(out)])
     assert info.exit_code == 0, info.output
     assert "validation: skipped" in info.output
+
+
+def test_the_streamed_builder_is_told_not_to_trust_remote_code(tiny_checkpoints, tmp_path: Path, monkeypatch) -> None:
+    from edgekit.exporters import streaming
+
+    seen: dict[str, str] = {}
+    monkeypatch.setattr(streaming, "_create_model", lambda *args: seen.update(args[5]))
+    streaming.run_streaming_builder(
+        tiny_checkpoints("qwen3"),
+        tmp_path / "out",
+        precision="int4",
+        provider="cpu",
+        options={"hf_remote": "true"},  # even asked to, it does not
+        cache_dir=tmp_path / "cache",
+        log_path=tmp_path / "build.log",
+    )
+    assert seen["hf_remote"] == "false" and seen["hf_token"] == "false"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from edgekit.errors import ExportError
@@ -60,23 +60,14 @@ def run_builder(
             f"onnxruntime-genai's model builder cannot be imported ({exc})",
             fix="pip install 'edgekit[export]'",
         ) from None
-    # hf_token=false: a local folder never needs the network, and a stored token must not leak into logs.
-    # hf_remote=false: never trust_remote_code (older builders defaulted it to true); it cannot be overridden.
-    pairs = [f"{key}={value}" for key, value in {"hf_token": "false", **options, "hf_remote": "false"}.items()]
+    pairs = [f"{key}={value}" for key, value in builder_extra_options(options).items()]
     out_dir.mkdir(parents=True, exist_ok=True)
-    failure: Exception | None = None
-    with output_to_log(log_path):
-        print(f"== edgekit: builder {precision}/{provider} {pairs} -> {out_dir.name}", flush=True)
-        try:
-            parsed = parse_extra_options(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), pairs)
-            create_model(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), **parsed)
-        except (KeyboardInterrupt, MemoryError):
-            raise
-        except Exception as exc:
-            import traceback
 
-            traceback.print_exc()
-            failure = exc
+    def export() -> None:
+        parsed = parse_extra_options(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), pairs)
+        create_model(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), **parsed)
+
+    failure = run_logged(log_path, f"builder {precision}/{provider} {pairs} -> {out_dir.name}", export)
     if failure is not None:
         raise ExportError(
             f"onnxruntime-genai's builder failed on the {precision} {provider} export "
@@ -84,3 +75,32 @@ def run_builder(
             path=log_path,
             fix="see the log for the builder's traceback",
         )
+
+
+def builder_extra_options(options: dict[str, str]) -> dict[str, str]:
+    """The builder ``extra_options`` edgekit passes: the variant's, with the network and remote code off.
+
+    hf_token=false: a local folder never needs the network, and a stored token must not leak into logs.
+    hf_remote=false: never trust_remote_code (older builders defaulted it to true); it cannot be overridden.
+    """
+    return {"hf_token": "false", **options, "hf_remote": "false"}
+
+
+def run_logged(log_path: Path, title: str, work: Callable[[], None]) -> Exception | None:
+    """Run ``work`` with its console output in the build log; return the exception it raised, if any.
+
+    The traceback goes to the log, so the caller can raise a one-line error that points there.
+    Interrupts and ``MemoryError`` propagate.
+    """
+    with output_to_log(log_path):
+        print(f"== edgekit: {title}", flush=True)
+        try:
+            work()
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:
+            import traceback
+
+            traceback.print_exc()
+            return exc
+    return None

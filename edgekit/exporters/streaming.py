@@ -33,7 +33,7 @@ from typing import Any
 
 from edgekit.errors import ExportError
 from edgekit.exporters.lazy_weights import CheckpointReader
-from edgekit.exporters.onnx_builder import output_to_log
+from edgekit.exporters.onnx_builder import builder_extra_options, run_logged
 
 # builder_class (config.architectures[0]) -> (module in onnxruntime_genai.models.builders, class name)
 STREAMING_BUILDERS: dict[str, tuple[str, str]] = {
@@ -461,25 +461,18 @@ def run_streaming_builder(
             path=hf_folder / "config.json",
             fix="build without --streaming; streamed: " + ", ".join(sorted(STREAMING_BUILDERS)),
         )
-    extra = {"hf_token": "false", **options}
+    extra = builder_extra_options(options)
     if builder_class == "Qwen3_5ForConditionalGeneration":
         extra.setdefault("exclude_mtp", "true")  # transformers does not load the MTP head's weights either
     partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-    failure: Exception | None = None
     try:
-        with output_to_log(log_path):
-            print(f"== edgekit: streamed builder {precision}/{provider} {extra} -> {out_dir.name}", flush=True)
-            try:
-                _create_model(hf_folder, partial, precision, provider, cache_dir, extra, builder_class)
-            except (KeyboardInterrupt, MemoryError):
-                raise
-            except Exception as exc:
-                import traceback
-
-                traceback.print_exc()
-                failure = exc
+        failure = run_logged(
+            log_path,
+            f"streamed builder {precision}/{provider} {extra} -> {out_dir.name}",
+            lambda: _create_model(hf_folder, partial, precision, provider, cache_dir, extra, builder_class),
+        )
         if failure is not None:
             if isinstance(failure, ExportError):
                 raise failure
