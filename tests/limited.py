@@ -58,3 +58,14 @@ def run_limited(checker: str, paths: list[Path], limit: int, *, warm: tuple[str,
     assert done.returncode == 0, f"the child died: {done.returncode} {done.stderr[-2000:]}"
     results: list[dict[str, Any]] = json.loads(done.stdout.strip().splitlines()[-1])
     return results
+
+
+def assert_refused_quickly(result: dict[str, Any], path: Path, phrase: str, fix: str) -> None:
+    """``result`` (from ``run_limited``) is a one-line ``CorruptFileError`` naming ``path``, in under a second."""
+    assert result["error"] == "CorruptFileError", result
+    assert result["path"] == str(path)
+    message = result["message"]
+    assert message.startswith(f"{path}: ") and "\n" not in message
+    assert phrase in message
+    assert fix in message
+    assert result["seconds"] < 1.0, result
