@@ -99,7 +99,7 @@ def write_gptq_checkpoint(
     if lazy is None:
         rest = {name: t for name, t in model.state_dict().items() if not name.startswith(released)}
     else:
-        rest = {name: lazy.weights.get(name) for name in lazy.weights.names() if not name.startswith(released)}
+        rest = {name: lazy.weights.tensor(name) for name in lazy.weights.names() if not name.startswith(released)}
     for name, tensor in rest.items():
         tensors[name] = (tensor.to(torch.float32) if tensor.is_floating_point() else tensor).contiguous()
     if model_config.get("tie_word_embeddings") and "lm_head.weight" in tensors:

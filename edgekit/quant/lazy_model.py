@@ -2,7 +2,7 @@
 
 GPTQ needs one decoder layer's weights at a time. The model is built with its parameters on the meta
 device (buffers such as rotary frequencies are computed for real), the embedding is read for the capture
-of layer 0's inputs, and each decoder layer is read from the memory-mapped safetensors just before GPTQ
+of layer 0's inputs, and each decoder layer is read from the safetensors shards (``CheckpointReader``) just before GPTQ
 quantizes it and released after. Peak memory is then one layer's weights plus the calibration
 activations, not the whole float32 model.
 """
@@ -14,42 +14,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
+from edgekit.exporters.lazy_weights import CheckpointReader
 from edgekit.quant.gptq import decoder_layers
-
-
-class SafetensorsWeights:
-    """Every tensor of a folder's ``*.safetensors`` shards, read one at a time, memory-mapped."""
-
-    def __init__(self, folder: Path) -> None:
-        from safetensors import safe_open
-
-        self._files: dict[str, Path] = {}
-        for path in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118 - a safe_open handle is not iterable
-                    self._files[key] = path
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._files
-
-    def names(self) -> list[str]:
-        """The tensor names, sorted."""
-        return sorted(self._files)
-
-    def get(self, key: str) -> Tensor:
-        """One tensor, in the dtype it is stored in."""
-        from safetensors import safe_open
-
-        with safe_open(str(self._files[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
 
 
 class LazyModel:
     """A causal LM built without weights, and the checkpoint its weights are read from on demand."""
 
-    def __init__(self, model: nn.Module, weights: SafetensorsWeights) -> None:
+    def __init__(self, model: nn.Module, weights: CheckpointReader) -> None:
         self.model = model
         self.weights = weights
         self._names = {id(module): name for name, module in model.named_modules()}
@@ -59,16 +33,12 @@ class LazyModel:
         prefix = self._names[id(module)]
         for name, _ in list(module.named_parameters()):
             owner, attribute = _split(module, name)
-            tensor = self.weights.get(f"{prefix}.{name}").to(torch.float32)
+            tensor = self.weights.tensor(f"{prefix}.{name}").to(torch.float32)
             setattr(owner, attribute, nn.Parameter(tensor, requires_grad=False))
 
     def release(self, module: nn.Module) -> None:
         """Drop ``module``'s parameters (back to the meta device)."""
         module.to("meta")
-
-    def module_name(self, module: nn.Module) -> str:
-        """The dotted name of ``module`` in the model."""
-        return self._names[id(module)]
 
 
 def open_lazily(hf_folder: Path) -> LazyModel | None:
@@ -88,7 +58,7 @@ def open_lazily(hf_folder: Path) -> LazyModel | None:
     with init_empty_weights(include_buffers=False):
         model = loader(config)
     model.eval()
-    weights = SafetensorsWeights(hf_folder)
+    weights = CheckpointReader(hf_folder)
     head = model.get_output_embeddings()
     head_params = {id(p) for p in head.parameters()} if head is not None else set()
     input_params = {id(p) for p in model.get_input_embeddings().parameters()}
@@ -103,7 +73,7 @@ def open_lazily(hf_folder: Path) -> LazyModel | None:
         # Final norms and other small non-layer parameters: read now, they are tiny.
         if id(parameter) not in layers and id(parameter) not in head_params and parameter.device.type == "meta":
             owner, attribute = _split(model, name)
-            setattr(owner, attribute, nn.Parameter(weights.get(name).to(torch.float32), requires_grad=False))
+            setattr(owner, attribute, nn.Parameter(weights.tensor(name).to(torch.float32), requires_grad=False))
     return lazy
 
 
