@@ -107,7 +107,13 @@ def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, 
 @click.option("--windows", default=20, show_default=True, type=click.IntRange(1), help="Windows to score.")
 @click.option("--ctx", default=512, show_default=True, type=click.IntRange(8), help="Tokens per window.")
 @click.option("--targets-file", type=click.Path(path_type=Path), help="Judge budgets from this targets.yaml.")
-def evaluate(package: Path, text: Path | None, windows: int, ctx: int, targets_file: Path | None) -> None:
+@click.option(
+    "--reference-checkpoint",
+    type=click.Path(path_type=Path),
+    help="A streamed package's source folder: its reference is run from it in PyTorch, layer by layer.",
+)
+def evaluate(package: Path, text: Path | None, windows: int, ctx: int, targets_file: Path | None,
+             reference_checkpoint: Path | None) -> None:  # fmt: skip
     """Measure every variant of PACKAGE against its fp32 reference; writes PACKAGE/eval/."""
     from edgekit.quant.corpus import load_text
     from edgekit.quant.gate import evaluate_and_record
@@ -116,7 +122,13 @@ def evaluate(package: Path, text: Path | None, windows: int, ctx: int, targets_f
     corpus = load_text(text) if text else None
     with progress_callback("evaluating") as progress:
         report = evaluate_and_record(
-            package, corpus=corpus, windows=windows, ctx=ctx, targets_file=targets_file, progress=progress
+            package,
+            corpus=corpus,
+            windows=windows,
+            ctx=ctx,
+            targets_file=targets_file,
+            progress=progress,
+            reference_checkpoint=reference_checkpoint,
         )
     print_eval_report(report)
 

@@ -223,8 +223,12 @@ def _build_into(
     plan, folders = _plan_sources(hf_folder, checked, target, work, reporter, calibration, log_path)
     if streaming:
         plan = [variant for variant in plan if variant.name != REFERENCE_VARIANT]
-        evaluation = None
-        checked.warnings.append("streamed build: no fp32 reference, so no validation against PyTorch or evaluation")
+        if checked.quantization is not None:
+            evaluation = None  # packed linears cannot be run in PyTorch as the reference
+        checked.warnings.append(
+            "streamed build: no fp32 reference, so no validation against PyTorch; "
+            + ("no evaluation" if evaluation is None else "variants are evaluated against the checkpoint streamed")
+        )
         if any(variant.lm_head == HeadPrecision.INT8.value for variant in plan):
             # The streamed export quantizes every MatMul alike; on a large model the head is a small part.
             plan = [replace(variant, lm_head=HeadPrecision.INT4.value) for variant in plan]
@@ -258,7 +262,9 @@ def _build_into(
         write_manifest(staging, manifest)
     if evaluation is not None:
         windows = evaluation.windows
-        with reporter.step(f"evaluate variants against fp32 ({windows} windows of {evaluation.ctx})") as detail:
+        # A streamed build's reference is the checkpoint run in PyTorch one layer at a time.
+        against = "the checkpoint in PyTorch, layer by layer" if streaming else "fp32"
+        with reporter.step(f"evaluate variants against {against} ({windows} windows of {evaluation.ctx})") as detail:
             evaluate_and_record(
                 staging,
                 corpus=evaluation.corpus,
@@ -267,6 +273,7 @@ def _build_into(
                 targets_file=targets_file,
                 progress=detail,
                 verify=False,
+                reference_checkpoint=hf_folder if streaming else None,
             )
         manifest = read_manifest(staging)
     return BuildResult(staging, manifest, reporter.records, checked.warnings)

@@ -65,6 +65,8 @@ def print_build_summary(result: BuildResult, console: Console | None = None) -> 
 
         protocol = evaluation["protocol"]
         console.print(f"accuracy on {protocol['text']} ({protocol['tokens_scored']:,} tokens scored):")
+        if evaluation.get("reference", {}).get("kind") == "pytorch-streamed":
+            console.print(f"  reference: {evaluation['reference']['description']}")
         for name, row in evaluation["variants"].items():
             verdict = evaluation["budgets"].get(manifest["target"], {}).get(name)
             console.print(
@@ -149,6 +151,8 @@ def print_eval_report(report: dict[str, Any], console: Console | None = None) ->
     for target, variants in report.get("budgets", {}).items():
         verdicts = ", ".join(f"{v} {'pass' if r['passed'] else 'FAIL'}" for v, r in variants.items())
         console.print(f"budget {target}: {verdicts}")
+    if "reference" in report:
+        console.print(f"reference: {report['reference']['description']}")
     console.print(f"reference cache: {report['reference_cache']}")
 
 

@@ -182,7 +182,9 @@ def test_cli_streaming_build_and_info(tiny_checkpoints, tmp_path: Path, runner) 
     result = runner.invoke(main, ["build", str(tiny_checkpoints("llama")), "-o", str(out), "-q", "--streaming"])
     assert result.exit_code == 0, result.output
     assert "validation: skipped (streamed build: no fp32 reference)" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["build.log", "int4-rtn", "manifest.json"]
+    # Evaluated all the same, against the checkpoint run in PyTorch one layer at a time.
+    assert "reference: streamed PyTorch from the checkpoint (float32 weights" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["build.log", "eval", "int4-rtn", "manifest.json"]
     info = runner.invoke(main, ["info", str(out)])
     assert info.exit_code == 0, info.output
     assert "validation: skipped" in info.output

@@ -10,17 +10,22 @@ The reference is cached in the package. Its full log-probabilities would be hund
 cache holds what determines them exactly: the final hidden states of the scored positions. The fp32
 export's LM head is a plain MatMul, and its weight is read from the export, so the reference logits are
 recomputed bit for bit as ``hidden @ W`` in one matrix product per window.
+
+A package without an fp32 variant (a streamed build) is scored against its checkpoint instead, run in
+PyTorch one decoder layer at a time (``streamed_reference.py``), with the same windows, cache and metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+from typing import Protocol as TypingProtocol
 
 import numpy as np
 
@@ -30,6 +35,9 @@ from edgekit.quant.corpus import Corpus, builtin_corpus, token_windows
 from edgekit.quant.metrics import kl_divergence, log_softmax, percentile, perplexity, token_nll
 from edgekit.quant.schemes import REFERENCE_VARIANT
 from edgekit.runtimes.decoder_session import DecoderSession
+
+if TYPE_CHECKING:
+    from edgekit.quant.streamed_reference import StreamedReference
 
 EVAL_DIR = "eval"
 REPORT_SCHEMA_VERSION = 1
@@ -68,8 +76,49 @@ class Protocol:
         }
 
 
+class ReferenceSource(TypingProtocol):
+    """What the scoring loop needs of a reference: log-probabilities per window, computed once, cached."""
+
+    cache_hit: bool
+    cacheable: bool
+
+    def compute(self, progress: Progress) -> None:
+        """Run the reference over every window (nothing to do on a cache hit)."""
+
+    def logprobs(self, index: int) -> np.ndarray:
+        """Log-probabilities [scored, vocab] of window ``index``."""
+
+    def save(self, eval_dir: Path) -> None:
+        """Write the cache file."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the reference is, for the report."""
+
+
+def cache_path(root: Path, key_material: dict[str, Any]) -> Path:
+    """The reference cache file of ``root`` for this key (protocol and reference identity)."""
+    key = hashlib.sha256(json.dumps({"cache": _CACHE_VERSION, **key_material}, sort_keys=True).encode()).hexdigest()
+    return root / EVAL_DIR / f"reference-{key[:16]}.npz"
+
+
+def read_cached_hidden(path: Path) -> np.ndarray | None:
+    """The cached hidden states [windows, scored, hidden], or None when there is no cache file."""
+    if not path.is_file():
+        return None
+    with np.load(path) as cached:
+        return np.asarray(cached["hidden"])
+
+
+def write_cached_hidden(path: Path, hidden: np.ndarray) -> None:
+    """Write the cache file, replacing caches of other texts, protocols or references."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob("reference-*.npz"):
+        stale.unlink()
+    np.savez(path, hidden=hidden)
+
+
 class _Reference:
-    """Reference log-probabilities per window, from the cache or computed and cached."""
+    """Reference log-probabilities per window from the fp32 ONNX variant, from the cache or computed and cached."""
 
     def __init__(self, root: Path, windows: np.ndarray, protocol: Protocol, manifest: dict[str, Any]) -> None:
         self.folder = root / manifest["variants"][REFERENCE_VARIANT]["path"]
@@ -77,26 +126,13 @@ class _Reference:
         self.head = lm_head_weight(self.folder) if "hidden_states" in self.session.output_names else None
         self.windows = windows
         self.start = protocol.ctx // 2
-        key_material = json.dumps(
-            {
-                "cache": _CACHE_VERSION,
-                "protocol": protocol.as_dict(),
-                "files": sorted(
-                    (f["path"], f["sha256"])
-                    for f in manifest.get("files", [])
-                    if f["path"].startswith(f"{REFERENCE_VARIANT}/")
-                ),
-            },
-            sort_keys=True,
+        files = sorted(
+            (f["path"], f["sha256"]) for f in manifest.get("files", []) if f["path"].startswith(f"{REFERENCE_VARIANT}/")
         )
-        self.key = hashlib.sha256(key_material.encode()).hexdigest()[:16]
-        self.cache_path = root / EVAL_DIR / f"reference-{self.key}.npz"
-        self.cache_hit = False
-        self.hidden: np.ndarray | None = None
-        if self.head is not None and self.cache_path.is_file():
-            with np.load(self.cache_path) as cached:
-                self.hidden = cached["hidden"]
-            self.cache_hit = True
+        self.cache_path = cache_path(root, {"protocol": protocol.as_dict(), "files": files})
+        self.cacheable = self.head is not None
+        self.hidden = read_cached_hidden(self.cache_path) if self.cacheable else None
+        self.cache_hit = self.hidden is not None
 
     def logprobs(self, index: int) -> np.ndarray:
         """Log-probabilities [scored, vocab] of window ``index``."""
@@ -120,12 +156,12 @@ class _Reference:
 
     def save(self, eval_dir: Path) -> None:
         """Write the cache file, replacing caches of other texts or protocols."""
-        if self.hidden is None or self.cache_hit:
-            return
-        eval_dir.mkdir(parents=True, exist_ok=True)
-        for stale in eval_dir.glob("reference-*.npz"):
-            stale.unlink()
-        np.savez(eval_dir / self.cache_path.name, hidden=self.hidden)
+        if self.hidden is not None and not self.cache_hit:
+            write_cached_hidden(eval_dir / self.cache_path.name, self.hidden)
+
+    def describe(self) -> dict[str, Any]:
+        """The fp32 ONNX variant, run as a variant is."""
+        return {"kind": "onnx", "variant": REFERENCE_VARIANT, "description": "the package's fp32 ONNX variant"}
 
 
 def lm_head_weight(model_dir: Path) -> np.ndarray | None:
@@ -156,39 +192,84 @@ def evaluate_package(
     variants: list[str] | None = None,
     progress: Progress | None = None,
     write: bool = True,
+    reference_checkpoint: str | Path | None = None,
+    verify_checkpoint: bool = True,
 ) -> dict[str, Any]:
     """Score every variant of ``package`` against its fp32 reference; returns the report.
 
     With ``write`` the report (JSON, markdown, PNG chart) and the reference cache go to ``OUT/eval/``.
+    A package without an fp32 variant (a streamed build) needs ``reference_checkpoint``, the checkpoint
+    folder it was built from: the reference is then that checkpoint run in PyTorch one decoder layer at a
+    time, in float32. Its weight files are first checked against the manifest's source hashes
+    (``verify_checkpoint``; the build, which hands over the folder it just hashed, skips it).
     """
     from tokenizers import Tokenizer
 
     root = Path(package)
     manifest = read_manifest(root)
-    if REFERENCE_VARIANT not in manifest.get("variants", {}):
-        raise PackageError("has no fp32 reference variant to measure against", path=root, fix="rebuild the package")
+    streamed = REFERENCE_VARIANT not in manifest.get("variants", {})
+    checkpoint = None if reference_checkpoint is None else Path(reference_checkpoint)
+    if streamed and checkpoint is None:
+        raise PackageError(
+            "has no fp32 reference variant (a streamed build) to measure against",
+            path=root,
+            fix="pass the checkpoint folder it was built from with --reference-checkpoint DIR "
+            "(reference_checkpoint= in Python) to compute the reference from it layer by layer",
+        )
     for entry in manifest["variants"].values():  # no links or paths out of the package before onnxruntime runs
         verify_files(root, manifest, entry["path"], hashes=False)
     say = progress or (lambda _message: None)
     corpus = corpus or builtin_corpus("evaluation")
-    reference_dir = root / manifest["variants"][REFERENCE_VARIANT]["path"]
+    # Every variant carries the same tokenizer; the context length is the one the variants were exported for.
+    first_variant = REFERENCE_VARIANT if not streamed else next(iter(manifest["variants"]))
+    reference_dir = root / manifest["variants"][first_variant]["path"]
     tokenizer = Tokenizer.from_file(str(reference_dir / "tokenizer.json"))
     ids = np.asarray(tokenizer.encode(corpus.text, add_special_tokens=False).ids, dtype=np.int64)
     context_length = int(json.loads((reference_dir / "genai_config.json").read_text())["model"]["context_length"])
     ctx = min(ctx, context_length)
     token_grid = token_windows(ids, ctx, windows)
     protocol = Protocol(corpus.name, corpus.sha256, len(ids), ctx, len(token_grid))
-    reference = _Reference(root, token_grid, protocol, manifest)
-    started = time.perf_counter()
-    reference.compute(say)
-    seconds = {REFERENCE_VARIANT: time.perf_counter() - started}
-    targets = token_grid[:, ctx // 2 + 1 :]
+    with contextlib.ExitStack() as stack:
+        reference: ReferenceSource
+        if checkpoint is not None and streamed:
+            reference = stack.enter_context(
+                _streamed_reference(root, checkpoint, token_grid, protocol, manifest, verify_checkpoint)
+            )
+        else:
+            reference = _Reference(root, token_grid, protocol, manifest)
+        return _score(root, manifest, reference, token_grid, protocol, variants, say, write)
+
+
+def _streamed_reference(
+    root: Path, checkpoint: Path, windows: np.ndarray, protocol: Protocol, manifest: dict[str, Any], verify: bool
+) -> contextlib.AbstractContextManager[StreamedReference]:
+    from edgekit.quant.streamed_reference import open_streamed_reference
+
+    return open_streamed_reference(root, checkpoint, windows, protocol, manifest, verify=verify)
+
+
+def _score(
+    root: Path,
+    manifest: dict[str, Any],
+    reference: ReferenceSource,
+    token_grid: np.ndarray,
+    protocol: Protocol,
+    variants: list[str] | None,
+    say: Progress,
+    write: bool,
+) -> dict[str, Any]:
+    """Run every variant over the windows and compare it with ``reference``: the report."""
+    ctx = protocol.ctx
     names = [n for n in (variants or list(manifest["variants"])) if n != REFERENCE_VARIANT]
     for name in names:
         if name not in manifest["variants"]:
             raise PackageError(
                 f"has no variant '{name}'", path=root, fix=f"use one of: {', '.join(manifest['variants'])}"
             )
+    started = time.perf_counter()
+    reference.compute(say)
+    seconds = {REFERENCE_VARIANT: time.perf_counter() - started}
+    targets = token_grid[:, ctx // 2 + 1 :]
     sessions = {name: DecoderSession(root / manifest["variants"][name]["path"]) for name in names}
     reference_nll: list[np.ndarray] = []
     per_variant: dict[str, dict[str, list[np.ndarray]]] = {n: {"nll": [], "kl": [], "agree": []} for n in names}
@@ -207,7 +288,10 @@ def evaluate_package(
             per_variant[name]["agree"].append(ref_top1 == logprobs.argmax(-1))
     ref_ppl = perplexity(np.concatenate(reference_nll))
     parameters = int(manifest.get("parameter_count") or 0)
-    rows = {REFERENCE_VARIANT: _row(manifest, REFERENCE_VARIANT, ref_ppl, ref_ppl, None, None, parameters)}
+    if REFERENCE_VARIANT in manifest["variants"]:
+        rows = {REFERENCE_VARIANT: _row(manifest, REFERENCE_VARIANT, ref_ppl, ref_ppl, None, None, parameters)}
+    else:  # the streamed PyTorch reference: no files of its own in the package
+        rows = {REFERENCE_VARIANT: _reference_row(ref_ppl)}
     for name in names:
         data = {key: np.concatenate(values) for key, values in per_variant[name].items()}
         rows[name] = _row(manifest, name, perplexity(data["nll"]), ref_ppl, data["kl"], data["agree"], parameters)
@@ -220,6 +304,7 @@ def evaluate_package(
     report = {
         "schema_version": REPORT_SCHEMA_VERSION,
         "protocol": protocol.as_dict(),
+        "reference": reference.describe(),
         "reference_cache": _cache_state(reference, write),
         "variants": rows,
     }
@@ -228,12 +313,28 @@ def evaluate_package(
     return report
 
 
-def _cache_state(reference: _Reference, write: bool) -> str:
+def _cache_state(reference: ReferenceSource, write: bool) -> str:
     if reference.cache_hit:
         return "hit"
-    if reference.head is None:
+    if not reference.cacheable:
         return "off"
     return "stored" if write else "computed"
+
+
+def _reference_row(ppl: float) -> dict[str, Any]:
+    """The report row of a reference that is not a variant of the package (no files, so no sizes)."""
+    return {
+        "precision": "fp32",
+        "method": "pytorch-streamed",
+        "perplexity": ppl,
+        "ppl_ratio": 1.0,
+        "kl_mean": 0.0,
+        "kl_p99": 0.0,
+        "top1_agreement": 1.0,
+        "bytes": None,
+        "weight_bytes": None,
+        "bits_per_weight": None,
+    }
 
 
 def _row(

@@ -28,23 +28,35 @@ def evaluate_and_record(
     targets_file: str | Path | None = None,
     progress: Progress | None = None,
     verify: bool = True,
+    reference_checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Evaluate every variant, judge it against every target's budget, and record both in the package.
 
     Writes ``eval/report.json``, ``report.md``, ``report.png`` and the reference cache, and adds an
     ``evaluation`` section to the manifest (whose file list is rewritten). The package is verified
-    first, so a tampered file is never blessed by the new file list.
+    first, so a tampered file is never blessed by the new file list. A package without an fp32 variant
+    (a streamed build) is measured against ``reference_checkpoint``, the checkpoint folder it was built
+    from, run in PyTorch one layer at a time; with ``verify`` its weights are checked against the manifest.
     """
     root = Path(package)
     manifest = read_manifest(root)
     if verify:
         verify_files(root, manifest)
-    report = evaluate_package(root, corpus=corpus, windows=windows, ctx=ctx, progress=progress)
+    report = evaluate_package(
+        root,
+        corpus=corpus,
+        windows=windows,
+        ctx=ctx,
+        progress=progress,
+        reference_checkpoint=reference_checkpoint,
+        verify_checkpoint=verify,
+    )
     report["budgets"] = budget_verdicts(report, load_targets(targets_file))
     write_report(root / EVAL_DIR, report)
     manifest["evaluation"] = {
         "report": f"{EVAL_DIR}/{REPORT_JSON}",
         "protocol": report["protocol"],
+        "reference": report["reference"],
         "variants": report["variants"],
         "budgets": {
             target: {variant: verdict["passed"] for variant, verdict in variants.items()}

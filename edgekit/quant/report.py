@@ -55,6 +55,8 @@ def write_report(eval_dir: Path, report: dict[str, Any]) -> list[Path]:
         f"{protocol['windows']} windows of {protocol['ctx']} tokens, positions {protocol['scored_positions']} "
         f"scored: {protocol['tokens_scored']:,} tokens. KL is KL(reference || variant) per token, in nats.",
         "",
+        f"Reference: {_reference_description(report)}.",
+        "",
         markdown_table(report),
         "",
     ]
@@ -62,6 +64,11 @@ def write_report(eval_dir: Path, report: dict[str, Any]) -> list[Path]:
     if _write_chart(eval_dir / REPORT_PNG, report):
         written.append(eval_dir / REPORT_PNG)
     return written
+
+
+def _reference_description(report: dict[str, Any]) -> str:
+    """What the reference was (reports written before it was recorded used the fp32 ONNX variant)."""
+    return str(report.get("reference", {}).get("description", "the package's fp32 ONNX variant"))
 
 
 def _write_chart(path: Path, report: dict[str, Any]) -> bool:
@@ -74,6 +81,8 @@ def _write_chart(path: Path, report: dict[str, Any]) -> bool:
         return False
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     for name, row in report["variants"].items():
+        if row["bytes"] is None:  # a reference that is not in the package (streamed from the checkpoint)
+            continue
         axes.scatter(row["bytes"] / 1e6, row["kl_mean"], s=40)
         axes.annotate(name, (row["bytes"] / 1e6, row["kl_mean"]), textcoords="offset points", xytext=(5, 5))
     axes.set_xlabel("variant size (MB)")
