@@ -28,7 +28,10 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 from edgekit.errors import EdgekitError
 
-WORK = Path(tempfile.mkdtemp(prefix="edgekit-fuzz-"))
+# libFuzzer ends the process without running Python's exit handlers, so a temporary folder made here
+# would outlive every run; a caller that cares (the test suite) names one it cleans up itself.
+WORK = Path(os.environ.get("EDGEKIT_FUZZ_WORK") or tempfile.mkdtemp(prefix="edgekit-fuzz-"))
+WORK.mkdir(parents=True, exist_ok=True)
 
 
 def expected(call: Callable[[], object]) -> None:

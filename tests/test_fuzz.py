@@ -27,7 +27,8 @@ def start(harness: str, corpus: Path, crashes: Path, *flags: str) -> subprocess.
     crashes.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(FUZZ / f"fuzz_{harness}.py"), str(corpus / harness), *flags]
     command += [f"-artifact_prefix={crashes}/", "-rss_limit_mb=2048"]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=crashes)
+    env = {**os.environ, "EDGEKIT_FUZZ_WORK": str(crashes / "work")}  # inside pytest's tmp_path, cleaned up
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=crashes, env=env)
 
 
 def finish(process: subprocess.Popen, harness: str, timeout: float) -> str:
