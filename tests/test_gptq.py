@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import replace
 
 import pytest
@@ -217,8 +218,7 @@ def test_layers_read_from_disk_give_the_same_checkpoint_as_the_whole_model(
     tiny_checkpoints, tmp_path, monkeypatch, model_type
 ):
     """GPTQ reading one layer at a time from safetensors writes the very bytes the whole-model load does."""
-    from safetensors.torch import load_file
-    from tiny_models import VOCAB
+    from tiny_models import VOCAB, load_checkpoint_tensors
 
     from edgekit.quant import gptq_checkpoint
     from edgekit.quant.lazy_model import open_lazily
@@ -229,9 +229,11 @@ def test_layers_read_from_disk_give_the_same_checkpoint_as_the_whole_model(
     gptq_checkpoint.write_gptq_checkpoint(source, tmp_path / "lazy", GPTQConfig(), calibration)
     monkeypatch.setattr(gptq_checkpoint, "open_lazily", lambda folder: None)
     gptq_checkpoint.write_gptq_checkpoint(source, tmp_path / "whole", GPTQConfig(), calibration)
-    lazy = load_file(tmp_path / "lazy" / "model.safetensors")
-    whole = load_file(tmp_path / "whole" / "model.safetensors")
+    lazy = load_checkpoint_tensors(tmp_path / "lazy")
+    whole = load_checkpoint_tensors(tmp_path / "whole")
     assert lazy.keys() == whole.keys()
+    index = json.loads((tmp_path / "lazy" / "model.safetensors.index.json").read_text())
+    assert sorted(index["weight_map"]) == sorted(lazy)
     assert any(name.endswith(".qweight") for name in lazy)
     for name in lazy:
         assert torch.equal(lazy[name], whole[name]), name

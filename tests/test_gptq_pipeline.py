@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import load_tiny_model
+from tiny_models import fake_quantized_model, load_checkpoint_tensors
 
 from edgekit.cli import main
 from edgekit.exporters.validate import onnx_logits
-from edgekit.quant.gptq import dequantize
-from edgekit.quant.gptq_format import unpack_gptq
 
 TARGETS = """
 schema_version: 1
@@ -44,22 +43,10 @@ def _build(runner, source: Path, out: Path, targets_file: Path) -> None:
     assert result.exit_code == 0, result.output
 
 
-def _fake_quantized(source: Path, checkpoint: dict[str, torch.Tensor]) -> torch.nn.Module:
-    model = load_tiny_model(source)
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and f"{name}.qweight" in checkpoint:
-            parts = {key: checkpoint[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales", "g_idx")}
-            codes, scales, zeros = unpack_gptq(parts, 4, 32)
-            module.weight.data = dequantize(codes, scales, zeros, 32)
-    return model
-
-
 @pytest.mark.slow
 def test_gptq_variant_matches_the_fake_quantized_model_and_is_deployed(
     runner, tiny_checkpoints, targets_file: Path, tmp_path: Path, monkeypatch
 ) -> None:
-    from safetensors.torch import load_file
-
     import edgekit.quant.gptq_checkpoint as checkpoint_module
 
     source = tiny_checkpoints("llama")
@@ -68,11 +55,7 @@ def test_gptq_variant_matches_the_fake_quantized_model_and_is_deployed(
 
     def keep_copy(hf_folder, out, *args, **kwargs):  # type: ignore[no-untyped-def]
         result = original(hf_folder, out, *args, **kwargs)
-        copy = tmp_path / "gptq-checkpoint"
-        copy.mkdir()
-        (copy / "model.safetensors").write_bytes((out / "model.safetensors").read_bytes())
-        (copy / "config.json").write_text((out / "config.json").read_text())
-        kept["folder"] = copy
+        kept["folder"] = shutil.copytree(out, tmp_path / "gptq-checkpoint")
         return result
 
     monkeypatch.setattr(checkpoint_module, "write_gptq_checkpoint", keep_copy)
@@ -85,7 +68,7 @@ def test_gptq_variant_matches_the_fake_quantized_model_and_is_deployed(
     assert config["quantization_config"]["quant_method"] == "gptq"
     assert config["quantization_config"]["desc_act"] is False
 
-    model = _fake_quantized(source, load_file(str(kept["folder"] / "model.safetensors")))
+    model = fake_quantized_model(source, load_checkpoint_tensors(kept["folder"]))
     ids = np.random.default_rng(3).integers(10, 500, size=(1, 16))
     with torch.no_grad():
         expected = model(torch.from_numpy(ids)).logits.numpy()

@@ -31,6 +31,9 @@ from torch import Tensor, nn
 Progress = Callable[[str], None]
 
 _BITS = (4, 8)
+# Linears GPTQ leaves in float: onnxruntime-genai keeps Qwen3.5's linear-attention gates dense (they drive
+# the gated delta net's recurrence and hold ~0.1% of the weights) and refuses pre-quantized ones.
+KEPT_DENSE = ("linear_attn.in_proj_a", "linear_attn.in_proj_b")
 _GROUP_SIZES = (32, 64, 128)
 # Smallest and largest normal float16: scales are stored in float16, so they must survive the cast.
 _FP16_TINY = float(torch.finfo(torch.float16).tiny)
@@ -174,9 +177,13 @@ class HessianAccumulator:
         self.rows += rows.shape[0]
 
     def matrix(self) -> Tensor:
-        """The full symmetric [features, features] float32 matrix."""
-        upper = torch.triu(self._sum)
-        return upper + torch.triu(upper, 1).t()
+        """The full symmetric [features, features] float32 matrix (the accumulator is spent: add no more).
+
+        Built in place, so a 12288-wide Hessian (600 MB) costs one extra copy, not three.
+        """
+        full = self._sum.triu_()
+        full += full.triu(1).t()
+        return full
 
 
 def quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> QuantizedWeight:
@@ -184,12 +191,12 @@ def quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Quan
 
     The reference ``fasterquant`` with static groups (see the module docstring). Rows are independent
     given H, so weights that share an input (q/k/v, gate/up) can be solved as one stacked matrix.
-    Runs on one thread: the column loop is thousands of tiny tensor ops, and on worker threads each
+    The column loop runs on one thread: it is thousands of tiny tensor ops, and on worker threads each
     pays a fork/join (measured on a 1536-column weight: 1.0 s on one thread, 5-8 s on two while the
-    machine had other work).
+    machine had other work). The Cholesky factorizations and the lazy batch updates, large enough to
+    gain from every core (a 12288-column Hessian is ~2 TFLOP of factorization), run on all threads.
     """
-    with _single_thread():
-        return _quantize_weight(weight, hessian, config)
+    return _quantize_weight(weight, hessian, config)
 
 
 def _quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> QuantizedWeight:
@@ -210,7 +217,8 @@ def _quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Qua
         # Stable sort, so ties (e.g. dead columns) keep their order and runs are deterministic.
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
         W = W[:, perm]
-        H = H[perm][:, perm]
+        H = H[perm]  # two steps, so that no more than one n x n temporary is alive at a time
+        H = H[:, perm]
         group_of_column = group_of_column[perm]
     else:
         perm = None
@@ -220,7 +228,14 @@ def _quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Qua
     # subnormal floats, which are ~10x slower on x86.
     H.div_(torch.mean(torch.diag(H)))
     H.diagonal().add_(config.damp)
-    Hinv = _upper_cholesky_of_inverse(H)
+    # H^-1's upper Cholesky factor, the form the reference solver reads its updates from. Each step drops
+    # the matrix before it, so at most two n x n matrices are alive here (a 12288-wide H is 600 MB).
+    lower = torch.linalg.cholesky(H)
+    del H
+    inverse = torch.cholesky_inverse(lower)
+    del lower
+    Hinv = torch.linalg.cholesky(inverse, upper=True)
+    del inverse
 
     # Work on the transpose so that one input column is one contiguous row.
     Wt = W.t().contiguous()
@@ -232,15 +247,16 @@ def _quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Qua
         block = Wt[start:stop].clone()
         errors = torch.empty_like(block)
         hinv_block = Hinv[start:stop, start:stop]
-        for i in range(stop - start):
-            column = block[i]
-            scale, zero = col_scales[start + i], col_zeros[start + i]
-            code = _round_to_codes(column, scale, zero, maxq)
-            codes_t[start + i] = code
-            error = (column - scale * (code - zero)) / hinv_block[i, i]
-            errors[i] = error
-            # Feed the error forward to the block's remaining columns (rank-1 update).
-            block[i + 1 :].addr_(hinv_block[i, i + 1 :], error, alpha=-1.0)
+        with _single_thread():
+            for i in range(stop - start):
+                column = block[i]
+                scale, zero = col_scales[start + i], col_zeros[start + i]
+                code = _round_to_codes(column, scale, zero, maxq)
+                codes_t[start + i] = code
+                error = (column - scale * (code - zero)) / hinv_block[i, i]
+                errors[i] = error
+                # Feed the error forward to the block's remaining columns (rank-1 update).
+                block[i + 1 :].addr_(hinv_block[i, i + 1 :], error, alpha=-1.0)
         # Lazy batch update of every later column with the whole block's errors at once.
         Wt[stop:].addmm_(Hinv[start:stop, stop:].t(), errors, alpha=-1.0)
 
@@ -261,13 +277,6 @@ def _single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _upper_cholesky_of_inverse(H: Tensor) -> Tensor:
-    """Upper Cholesky factor of ``H^-1``, the form the reference solver reads its updates from."""
-    lower = torch.linalg.cholesky(H)
-    inverse = torch.cholesky_inverse(lower)
-    return torch.linalg.cholesky(inverse, upper=True)
 
 
 # --- the sequential driver -------------------------------------------------------------------------
@@ -412,9 +421,10 @@ def iter_gptq_layers(
     ``calibration`` is [samples, seq_len] int64 token ids (sampling them, seeded, is the caller's job).
     Layer 0's inputs are captured once; then each layer's Hessians are accumulated from its inputs, its
     linears quantized (``weight`` replaced by the dequantized weight) and the *quantized* layer rerun so
-    its outputs, written over its inputs batch by batch, feed the next layer: only one layer's activations
-    are held. Embeddings and the LM head are left alone. Load the model in float32; attention runs with
-    whatever implementation the model was loaded with (sdpa is the fast one on CPU).
+    its outputs, written over its inputs batch by batch, feed the next layer (the last layer is not rerun):
+    only one layer's activations are held. Embeddings and the LM head are left alone. Load the model in
+    float32; attention runs with whatever implementation the model was loaded with (sdpa is the fast one
+    on CPU).
 
     With ``release``, each layer's tensors are moved to the meta device once the caller has taken what it
     needs from the yielded layer, so the model shrinks as GPTQ proceeds (and cannot be run afterwards).
@@ -443,7 +453,11 @@ def iter_gptq_layers(
             for index, layer in enumerate(layers):
                 if before_layer is not None:
                     before_layer(index, layer)
-                linears = {names[id(m)]: m for m in layer.modules() if isinstance(m, nn.Linear)}
+                linears = {
+                    names[id(m)]: m
+                    for m in layer.modules()
+                    if isinstance(m, nn.Linear) and not names[id(m)].endswith(KEPT_DENSE)
+                }
                 collector = _HessianCollector(linears)
                 started = time.perf_counter()
                 try:
@@ -460,7 +474,9 @@ def iter_gptq_layers(
                 results: dict[str, QuantizedWeight] = {}
                 for leader, members in collector.groups().items():
                     stacked = torch.cat([linears[name].weight for name in members], dim=0)
-                    quantized = quantize_weight(stacked, collector.hessians.pop(leader).matrix(), config)
+                    hessian = collector.hessians.pop(leader).matrix()
+                    quantized = quantize_weight(stacked, hessian, config)
+                    del stacked, hessian
                     row = 0
                     for name in members:
                         module = linears[name]
@@ -471,8 +487,9 @@ def iter_gptq_layers(
                 _tick(clock, "solve", started)
 
                 started = time.perf_counter()
-                for batch, hidden in enumerate(inputs):
-                    inputs[batch] = _layer_output(layer(hidden, **layer_kwargs[index][hidden.shape[0]]))
+                if index < len(layers) - 1:  # the last layer's outputs feed nothing GPTQ quantizes
+                    for batch, hidden in enumerate(inputs):
+                        inputs[batch] = _layer_output(layer(hidden, **layer_kwargs[index][hidden.shape[0]]))
                 _tick(clock, "output_forward", started)
                 if progress is not None:
                     progress(f"GPTQ layer {index + 1}/{len(layers)}: {len(linears)} linears")

@@ -9,19 +9,22 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
 import numpy as np
 
-from edgekit.errors import UsageError
+from edgekit.errors import CorruptFileError, UsageError
+from edgekit.exporters.lazy_weights import CheckpointReader
 from edgekit.quant.corpus import Corpus
 from edgekit.quant.gptq import GPTQConfig, Progress, decoder_layers, iter_gptq_layers
 from edgekit.quant.gptq_format import pack_gptq, quantization_config
 from edgekit.quant.lazy_model import open_lazily
 
 _COPIED = (".json", ".jinja", ".model", ".txt", ".tiktoken")
+_COPY_CHUNK = 64 * 1024 * 1024
 
 
 def calibration_tokens(tokenizer_file: Path, corpus: Corpus, samples: int, seq_len: int, seed: int) -> Any:
@@ -52,6 +55,10 @@ def write_gptq_checkpoint(
 ) -> dict[str, Any]:
     """GPTQ-quantize the model in ``hf_folder`` and write the checkpoint to ``out``; returns its config.
 
+    The checkpoint is sharded the Hugging Face way (``model.safetensors.index.json``): one shard per decoder
+    layer, written as soon as the layer is quantized, and one for everything else (embeddings, final norm,
+    LM head, a vision tower), copied byte for byte from the source shards. So neither the quantized model
+    nor the unquantized tensors are ever held whole: a 9B model is calibrated in one layer's memory.
     ``timings`` gets the seconds of each GPTQ phase added (see ``iter_gptq_layers``); ``batch_size``
     calibration samples go through a layer at once.
     """
@@ -67,6 +74,7 @@ def write_gptq_checkpoint(
         model = loader.from_pretrained(str(hf_folder), dtype=torch.float32, attn_implementation="sdpa")
     else:
         model = cast(Any, lazy.model)
+        calibration = lazy.load_embedding_rows(calibration)
 
         def before_layer(index: int, layer: Any) -> None:
             if index == 0:  # layer 0's inputs are captured: the embedding is done with
@@ -74,20 +82,26 @@ def write_gptq_checkpoint(
             lazy.load(layer)
 
     module_names = {id(module): name for name, module in model.named_modules()}
-    tensors: dict[str, Any] = {}
-    # Each layer is packed as soon as it is quantized and then released (moved to the meta device), so
-    # no float32 layer and no dequantized copy outlives its turn.
-    for layer, quantized in iter_gptq_layers(
-        model,
-        calibration,
-        config,
-        progress=progress,
-        timings=timings,
-        release=True,
-        before_layer=before_layer,
-        batch_size=batch_size,
+    layers = decoder_layers(model)
+    shards = [f"model-{i:05d}-of-{len(layers) + 1:05d}.safetensors" for i in range(1, len(layers) + 2)]
+    weight_map: dict[str, str] = {}
+    out.mkdir(parents=True, exist_ok=True)
+    # Each layer is packed and written as soon as it is quantized, then released (moved to the meta
+    # device), so no float32 layer, no dequantized copy and no packed layer outlives its turn.
+    for index, (layer, quantized) in enumerate(
+        iter_gptq_layers(
+            model,
+            calibration,
+            config,
+            progress=progress,
+            timings=timings,
+            release=True,
+            before_layer=before_layer,
+            batch_size=batch_size,
+        )
     ):
         prefix = module_names[id(layer)]
+        tensors: dict[str, Any] = {}
         for name, q in quantized.items():
             for key, value in pack_gptq(q, config.bits).items():
                 tensors[f"{name}.{key}"] = value.contiguous()
@@ -95,20 +109,66 @@ def write_gptq_checkpoint(
             full = f"{prefix}.{name}"
             if full.rsplit(".", 1)[0] not in quantized:
                 tensors[full] = tensor.clone()
-    released = tuple(f"{module_names[id(layer)]}." for layer in decoder_layers(model))
+        save_file(tensors, str(out / shards[index]), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, shards[index]))
+    released = tuple(f"{module_names[id(layer)]}." for layer in layers)
+    tied = bool(model_config.get("tie_word_embeddings"))  # safetensors refuses a head sharing the embedding
     if lazy is None:
-        rest = {name: t for name, t in model.state_dict().items() if not name.startswith(released)}
+        rest = {
+            name: tensor.contiguous()
+            for name, tensor in model.state_dict().items()
+            if not name.startswith(released) and not (tied and name == "lm_head.weight")
+        }
+        save_file(rest, str(out / shards[-1]), metadata={"format": "pt"})
+        names = list(rest)
     else:
-        rest = {name: lazy.weights.tensor(name) for name in lazy.weights.names() if not name.startswith(released)}
-    for name, tensor in rest.items():
-        tensors[name] = (tensor.to(torch.float32) if tensor.is_floating_point() else tensor).contiguous()
-    if model_config.get("tie_word_embeddings") and "lm_head.weight" in tensors:
-        del tensors["lm_head.weight"]  # tied to the embedding; safetensors refuses shared storage
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        names = [n for n in lazy.weights.names() if not n.startswith(released) and not (tied and n == "lm_head.weight")]
+        copy_tensors(lazy.weights, names, out / shards[-1])
+    weight_map.update(dict.fromkeys(names, shards[-1]))
+    total = sum((out / shard).stat().st_size for shard in shards)
+    index_file = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2), encoding="utf-8")
     model_config["quantization_config"] = quantization_config(config)
     for item in sorted(hf_folder.iterdir()):
-        if item.is_file() and item.name != "config.json" and item.name.endswith(_COPIED):
+        if (
+            item.is_file()
+            and item.name not in ("config.json", "model.safetensors.index.json")
+            and item.name.endswith(_COPIED)
+        ):
             shutil.copyfile(item, out / item.name)
     (out / "config.json").write_text(json.dumps(model_config, indent=2), encoding="utf-8")
     return model_config
+
+
+def copy_tensors(reader: CheckpointReader, names: list[str], path: Path) -> None:
+    """Write tensors ``names`` of ``reader``'s checkpoint to the safetensors file ``path``, bytes copied as stored.
+
+    The copy goes through a small buffer, so a tensor of any size (a 248k-row embedding) costs no memory.
+    """
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in names:
+        location = reader.location(name)
+        header[name] = {
+            "dtype": location.dtype,
+            "shape": list(location.shape),
+            "data_offsets": [offset, offset + location.nbytes],
+        }
+        offset += location.nbytes
+    header["__metadata__"] = {"format": "pt"}
+    encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    encoded += b" " * (-len(encoded) % 8)  # safetensors pads the header so the data starts 8-byte aligned
+    with path.open("wb") as handle:
+        handle.write(struct.pack("<Q", len(encoded)))
+        handle.write(encoded)
+        for name in names:
+            location = reader.location(name)
+            with location.path.open("rb") as source:
+                source.seek(location.offset)
+                remaining = location.nbytes
+                while remaining:
+                    chunk = source.read(min(remaining, _COPY_CHUNK))
+                    if not chunk:
+                        raise CorruptFileError("ends inside a tensor", path=location.path)
+                    handle.write(chunk)
+                    remaining -= len(chunk)

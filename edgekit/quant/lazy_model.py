@@ -1,23 +1,26 @@
 """A transformers model whose weights stay on disk until GPTQ reaches them.
 
 GPTQ needs one decoder layer's weights at a time. The model is built with its parameters on the meta
-device (buffers such as rotary frequencies are computed for real), the embedding is read for the capture
-of layer 0's inputs, and each decoder layer is read from the safetensors shards (``CheckpointReader``) just before GPTQ
-quantizes it and released after. Peak memory is then one layer's weights plus the calibration
-activations, not the whole float32 model.
+device (buffers such as rotary frequencies are computed for real); for the capture of layer 0's inputs
+only the embedding rows of the calibration tokens are read (a 248k-row table is 4 GB in float32, the
+rows a calibration set uses a few MB), and each decoder layer is read from the safetensors shards
+(``CheckpointReader``) just before GPTQ quantizes it and released after. Peak memory is then one
+layer's weights plus the calibration activations, not the whole float32 model.
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from edgekit.exporters.lazy_weights import CheckpointReader
 from edgekit.quant.gptq import decoder_layers
+
+_NEVER_RUN = ("visual.", "vision_tower.", "mtp.")
 
 
 class LazyModel:
@@ -36,6 +39,27 @@ class LazyModel:
             tensor = self.weights.tensor(f"{prefix}.{name}").to(torch.float32)
             setattr(owner, attribute, nn.Parameter(tensor, requires_grad=False))
 
+    def load_embedding_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Read only the input-embedding rows that ``token_ids`` use; return the ids renumbered into them.
+
+        The embedding becomes a table of the used rows (in id order, float32); the model then computes
+        exactly what it would with the whole table when fed the renumbered ids, since calibration
+        windows are plain text (no id is looked up for anything but its embedding row).
+        """
+        embedding = cast(nn.Embedding, cast(Any, self.model).get_input_embeddings())
+        key = f"{self._names[id(embedding)]}.weight"
+        used, renumbered = torch.unique(token_ids, sorted=True, return_inverse=True)
+        ids = used.tolist()
+        blocks: list[torch.Tensor] = []
+        start = 0
+        for end in range(1, len(ids) + 1):  # one read per run of consecutive ids
+            if end == len(ids) or ids[end] != ids[end - 1] + 1:
+                blocks.append(self.weights.rows(key, ids[start], ids[end - 1] + 1).to(torch.float32))
+                start = end
+        table = torch.cat(blocks) if blocks else torch.empty(0, embedding.embedding_dim)
+        embedding.weight = nn.Parameter(table, requires_grad=False)
+        return renumbered.reshape(token_ids.shape)
+
     def release(self, module: nn.Module) -> None:
         """Drop ``module``'s parameters (back to the meta device)."""
         module.to("meta")
@@ -45,8 +69,8 @@ def open_lazily(hf_folder: Path) -> LazyModel | None:
     """The model in ``hf_folder`` with its decoder layers and embeddings left on disk.
 
     Returns ``None`` when the checkpoint's tensor names are not the model's parameter names (a layout
-    transformers renames on load): the caller then loads the whole model the ordinary way. The input
-    embedding is loaded, since capturing layer 0's inputs runs it; release it once that is done.
+    transformers renames on load): the caller then loads the whole model the ordinary way. Before the
+    capture, read the calibration tokens' embedding rows (``load_embedding_rows``); release them after.
     """
     import transformers
     from accelerate import init_empty_weights
@@ -67,11 +91,14 @@ def open_lazily(hf_folder: Path) -> LazyModel | None:
     if any(name not in weights for name in needed):
         return None
     lazy = LazyModel(model, weights)
-    lazy.load(model.get_input_embeddings())
     layers = {id(p) for p in decoder_layers(model).parameters()}
     for name, parameter in model.named_parameters():
         # Final norms and other small non-layer parameters: read now, they are tiny.
-        if id(parameter) not in layers and id(parameter) not in head_params and parameter.device.type == "meta":
+        if id(parameter) in layers or id(parameter) in head_params or id(parameter) in input_params:
+            continue
+        if name.startswith(_NEVER_RUN) or any(f".{part}" in name for part in _NEVER_RUN):
+            continue  # a vision tower or MTP head: not on the text path GPTQ runs, left on the meta device
+        if parameter.device.type == "meta":
             owner, attribute = _split(model, name)
             setattr(owner, attribute, nn.Parameter(weights.tensor(name).to(torch.float32), requires_grad=False))
     return lazy
