@@ -39,7 +39,14 @@ from edgekit.progress import StepRecord, StepReporter
 from edgekit.quant.corpus import Corpus, builtin_corpus
 from edgekit.quant.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS
 from edgekit.quant.gate import evaluate_and_record
-from edgekit.quant.schemes import REFERENCE_VARIANT, VariantSpec, plan_variants, prequantized_variants, uses_gptq
+from edgekit.quant.schemes import (
+    PREQUANTIZED_METHODS,
+    REFERENCE_VARIANT,
+    VariantSpec,
+    plan_variants,
+    prequantized_variants,
+    uses_gptq,
+)
 from edgekit.targets import HeadPrecision, Int4Method, Target, get_target
 
 BUILD_LOG = "build.log"
@@ -173,14 +180,18 @@ def _plan_sources(
     target: Target,
     work: Path,
     reporter: StepReporter,
-    calibration: CalibrationSettings | None,
+    settings: CalibrationSettings,
     log_path: Path,
+    streaming: bool,
 ) -> tuple[list[VariantSpec], dict[str, Path]]:
     """The variants to export and the folder each is exported from (``hf_folder`` unless named).
 
     A pre-quantized source (GPTQ, AWQ) gives its own INT4 variant, and an fp32 reference dequantized
-    from it. Otherwise, GPTQ variants come from a checkpoint calibrated here, the rest from the source.
+    from it (not when streamed: the packed linears are exported as they are). Otherwise, GPTQ variants
+    come from a checkpoint calibrated here, one layer at a time, the rest from the source.
     """
+    if checked.quantization is not None and streaming:
+        return prequantized_variants(target, checked.quantization), {}
     if checked.quantization is not None:
         from edgekit.exporters.quantized_sources import dequantize_checkpoint
 
@@ -193,7 +204,6 @@ def _plan_sources(
         return prequantized_variants(target, checked.quantization), {REFERENCE_VARIANT: reference_folder}
     folders: dict[str, Path] = {}
     if uses_gptq(target):
-        settings = calibration or CalibrationSettings()
         gptq_folder = work / "gptq-hf"
         with reporter.step(f"GPTQ ({settings.samples} x {settings.seq_len} calibration tokens)") as detail:
             _make_gptq_checkpoint(hf_folder, gptq_folder, target, settings, detail, log_path)
@@ -219,8 +229,10 @@ def _build_into(
     with output_to_log(log_path):  # transformers' and the builder's progress bars belong in the log
         hf_folder, checked, source_files = _prepare_source(spec, prechecked, work, reporter, allow_pickle)
     variants: dict[str, dict[str, Any]] = {}
-    check_build_resources(hf_folder, checked, target, staging, streaming)  # before any weight is read
-    plan, folders = _plan_sources(hf_folder, checked, target, work, reporter, calibration, log_path)
+    settings = calibration or CalibrationSettings()
+    # before any weight is read
+    check_build_resources(hf_folder, checked, target, staging, streaming, settings.samples * settings.seq_len)
+    plan, folders = _plan_sources(hf_folder, checked, target, work, reporter, settings, log_path, streaming)
     if streaming:
         plan = [variant for variant in plan if variant.name != REFERENCE_VARIANT]
         if checked.quantization is not None:
@@ -229,12 +241,15 @@ def _build_into(
             "streamed build: no fp32 reference, so no validation against PyTorch; "
             + ("no evaluation" if evaluation is None else "variants are evaluated against the checkpoint streamed")
         )
-        if any(variant.lm_head == HeadPrecision.INT8.value for variant in plan):
-            # The streamed export quantizes every MatMul alike; on a large model the head is a small part.
-            plan = [replace(variant, lm_head=HeadPrecision.INT4.value) for variant in plan]
-            checked.warnings.append("streamed build: the target's int8 LM head is built int4")
-    export = run_streaming_builder if streaming else run_builder
     for variant in plan:
+        # The builder's own loader cannot read every architecture's packed checkpoints (Qwen3.5's);
+        # the streamed export repacks each packed linear the builder's way and can.
+        streamed = streaming or (variant.method in PREQUANTIZED_METHODS and checked.architecture.prequantized_streamed)
+        if streamed and variant.lm_head == HeadPrecision.INT8.value:
+            # The streamed export quantizes every MatMul alike; on a large model the head is a small part.
+            variant = replace(variant, lm_head=HeadPrecision.INT4.value)
+            checked.warnings.append(f"streamed export: {variant.name}'s int8 LM head (the target's) is built int4")
+        export = run_streaming_builder if streamed else run_builder
         with reporter.step(f"export {variant.name} ({variant.precision}, {variant.provider})"):
             export(
                 folders.get(variant.name, hf_folder),

@@ -9,58 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import pack_awq, quantized_checkpoint
 
 from edgekit.cli import main
 from edgekit.exporters.quantized_sources import dequantize_awq, dequantize_gptq
 from edgekit.exporters.validate import onnx_logits
 from edgekit.quant.gptq import GPTQConfig, rtn_quantize_weight
-from edgekit.quant.gptq_format import pack_gptq, quantization_config
-
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-
-
-def _pack_awq(values: torch.Tensor) -> torch.Tensor:
-    """[rows, out] 4-bit values -> [rows, out/8] int32, nibbles in AWQ's interleaved order (as AutoAWQ packs)."""
-    rows, out = values.shape
-    grouped = values.to(torch.int64).reshape(rows, out // 8, 8)[:, :, list(AWQ_ORDER)]
-    words = torch.zeros(rows, out // 8, dtype=torch.int64)
-    for slot in range(8):
-        words |= grouped[:, :, slot] << (4 * slot)
-    return words.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else words.to(torch.int32)
-
-
-def _quantized_checkpoint(source: Path, out: Path, method: str) -> Path:
-    """Copy a tiny checkpoint with every decoder linear RTN-quantized into the GPTQ or AWQ layout."""
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(source, out)
-    state = load_file(str(out / "model.safetensors"))
-    config = GPTQConfig(group_size=32, sym=False)
-    packed: dict[str, torch.Tensor] = {}
-    for name, tensor in state.items():
-        if ".layers." in name and name.endswith("proj.weight"):
-            module = name[: -len(".weight")]
-            q = rtn_quantize_weight(tensor, config)
-            if method == "gptq":
-                packed.update({f"{module}.{k}": v for k, v in pack_gptq(q, 4).items()})
-            else:
-                packed[f"{module}.qweight"] = _pack_awq(q.codes.t().contiguous())
-                packed[f"{module}.qzeros"] = _pack_awq(q.zeros.t().contiguous())
-                packed[f"{module}.scales"] = q.scales.t().contiguous().to(torch.float16)
-        else:
-            packed[name] = tensor
-    (out / "model.safetensors").unlink()
-    save_file(packed, str(out / "model.safetensors"))
-    model_config = json.loads((out / "config.json").read_text())
-    if method == "gptq":
-        model_config["quantization_config"] = quantization_config(config)
-    else:
-        model_config["quantization_config"] = {
-            "quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
-        }  # fmt: skip
-    (out / "config.json").write_text(json.dumps(model_config))
-    return out
-
+from edgekit.quant.gptq_format import pack_gptq
 
 TARGETS = """
 schema_version: 1
@@ -79,7 +34,7 @@ targets:
 def test_quantized_checkpoint_builds_with_a_dequantized_reference(
     method, runner, tiny_checkpoints, tmp_path: Path
 ) -> None:
-    source = _quantized_checkpoint(tiny_checkpoints("llama"), tmp_path / f"tiny-{method}", method)
+    source = quantized_checkpoint(tiny_checkpoints("llama"), tmp_path / f"tiny-{method}", method)
     targets = tmp_path / "targets.yaml"
     targets.write_text(TARGETS)
     out = tmp_path / "pkg"
@@ -108,8 +63,8 @@ def test_dequantizers_invert_the_packers() -> None:
     gptq = dequantize_gptq(pack_gptq(q, 4), 4)
     awq = dequantize_awq(
         {
-            "qweight": _pack_awq(q.codes.t().contiguous()),
-            "qzeros": _pack_awq(q.zeros.t().contiguous()),
+            "qweight": pack_awq(q.codes.t().contiguous()),
+            "qzeros": pack_awq(q.zeros.t().contiguous()),
             "scales": q.scales.t().contiguous().to(torch.float16),
         }
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -75,6 +76,25 @@ def test_streamed_export_equals_whole_model_export(
     assert (streamed / "genai_config.json").read_text() == (whole / "genai_config.json").read_text()
 
 
+@pytest.mark.parametrize(("model_type", "method"), [("qwen3", "gptq"), ("llama", "gptq"), ("qwen3", "awq")])
+def test_streamed_export_of_a_prequantized_checkpoint_equals_whole_model_export(
+    model_type: str, method: str, tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tiny_models import quantized_checkpoint
+
+    monkeypatch.setattr(streaming, "_BLOCK_BYTES", 4096)
+    checkpoint = quantized_checkpoint(tiny_checkpoints(model_type), tmp_path / method, method)
+    whole, streamed = _export_both(checkpoint, tmp_path, "int4", INT4)
+    whole_init, whole_nodes = _graph(whole)
+    streamed_init, streamed_nodes = _graph(streamed)
+    assert streamed_nodes == whole_nodes
+    assert any(name.endswith(".qweight") for name in streamed_init)  # the checkpoint's codes, not re-quantized
+    assert sorted(streamed_init) == sorted(whole_init)
+    different = [name for name in whole_init if not np.array_equal(whole_init[name], streamed_init[name])]
+    assert different == []
+    assert np.array_equal(onnx_logits(whole, IDS), onnx_logits(streamed, IDS))
+
+
 def test_interrupted_streaming_leaves_no_partial_folder(
     tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -112,7 +132,7 @@ def test_streamed_build_runs(tiny_checkpoints, tmp_path: Path) -> None:
     assert list(result.manifest["variants"]) == ["int4-rtn"]
     assert "skipped" in result.manifest["validation"]
     # laptop-cpu asks for an int8 LM head; the streamed export makes every MatMul int4 and says so.
-    assert "streamed build: the target's int8 LM head is built int4" in result.warnings
+    assert "streamed export: int4-rtn's int8 LM head (the target's) is built int4" in result.warnings
     graph = onnx.load(str(tmp_path / "pkg" / "int4-rtn" / "model.onnx"), load_external_data=False).graph
     head = next(node for node in graph.node if node.name.startswith("/lm_head/"))
     assert {a.name: a.i for a in head.attribute}["bits"] == 4
@@ -120,16 +140,141 @@ def test_streamed_build_runs(tiny_checkpoints, tmp_path: Path) -> None:
         assert len(model.generate_tokens([5, 17, 33], max_new_tokens=4)) == 4
 
 
-def test_streaming_refuses_prequantized_and_gptq(tiny_checkpoints, tmp_path: Path) -> None:
-    from edgekit.pipeline import build
+GPTQ_TARGETS = """
+schema_version: 1
+targets:
+  g:
+    description: GPTQ beside RTN, float head, fp32 compute, so streamed and whole builds can be compared exactly
+    providers: [cpu]
+    precision: int4
+    block_size: 32
+    accuracy_level: 1
+    int4_methods: [rtn, gptq]
+    lm_head: float
+"""
+
+
+def test_streamed_gptq_build_equals_the_whole_model_build(tiny_checkpoints, tmp_path: Path) -> None:
+    """GPTQ from disk, then the streamed export of its checkpoint: the logits of the whole-model build."""
+    import edgekit
+    from edgekit.pipeline import CalibrationSettings, build
 
     targets = tmp_path / "targets.yaml"
-    targets.write_text(
-        "schema_version: 1\ntargets:\n  g:\n    description: gptq\n    providers: [cpu]\n"
-        "    int4_methods: [rtn, gptq]\n"
+    targets.write_text(GPTQ_TARGETS)
+    calibration = CalibrationSettings(samples=4, seq_len=48)
+    common = dict(targets_file=targets, progress=False, evaluation=None, calibration=calibration)
+    streamed = build(tiny_checkpoints("qwen3"), tmp_path / "streamed", "g", streaming=True, **common)  # type: ignore[arg-type]
+    whole = build(tiny_checkpoints("qwen3"), tmp_path / "whole", "g", **common)  # type: ignore[arg-type]
+    assert list(streamed.manifest["variants"]) == ["int4-rtn", "int4-gptq"]
+    assert streamed.manifest["default_variant"] == "int4-gptq"
+    for variant in ("int4-rtn", "int4-gptq"):
+        expected = onnx_logits(tmp_path / "whole" / variant, IDS)
+        assert np.array_equal(onnx_logits(tmp_path / "streamed" / variant, IDS), expected), variant
+    rtn = onnx_logits(tmp_path / "whole" / "int4-rtn", IDS)
+    assert not np.array_equal(onnx_logits(tmp_path / "streamed" / "int4-gptq", IDS), rtn)  # GPTQ is not RTN
+    assert whole.manifest["default_variant"] == "int4-gptq"
+    with edgekit.load(tmp_path / "streamed") as model:
+        assert len(model.generate_tokens([5, 17, 33], max_new_tokens=4)) == 4
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_gptq_of_qwen3_5_matches_the_fake_quantized_model(
+    streaming: bool, tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Qwen3.5's gated delta net reads GPTQ-packed projections right; its dense gates stay float.
+
+    Without ``--streaming`` too: the builder's loader cannot read a Qwen3.5 GPTQ checkpoint, so that
+    variant alone goes through the streamed export.
+    """
+    import torch
+    from tiny_models import fake_quantized_model, load_checkpoint_tensors
+
+    import edgekit.quant.gptq_checkpoint as checkpoint_module
+    from edgekit.pipeline import CalibrationSettings, build
+
+    kept: dict[str, Path] = {}
+    original = checkpoint_module.write_gptq_checkpoint
+
+    def keep_copy(hf_folder, out, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = original(hf_folder, out, *args, **kwargs)
+        kept["folder"] = shutil.copytree(out, tmp_path / "gptq-checkpoint")
+        return result
+
+    monkeypatch.setattr(checkpoint_module, "write_gptq_checkpoint", keep_copy)
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(GPTQ_TARGETS)
+    source = tiny_checkpoints("qwen3_5")
+    calibration = CalibrationSettings(samples=4, seq_len=48)
+    build(source, tmp_path / "pkg", "g", targets_file=targets, progress=False, evaluation=None, streaming=streaming,
+          calibration=calibration)  # fmt: skip
+    tensors = load_checkpoint_tensors(kept["folder"])
+    assert "model.language_model.layers.0.linear_attn.in_proj_qkv.qweight" in tensors
+    assert "model.language_model.layers.0.linear_attn.in_proj_a.weight" in tensors  # a dense gate
+    model = fake_quantized_model(source, tensors)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(IDS)).logits.numpy()
+    # The registry's fp32 parity tolerance for qwen3_5 (its scan sums in another order than PyTorch's);
+    # RTN's logits are about 0.1 away from these.
+    gptq = onnx_logits(tmp_path / "pkg" / "int4-gptq", IDS)
+    assert np.abs(gptq - expected).max() < 5e-3
+    assert np.abs(onnx_logits(tmp_path / "pkg" / "int4-rtn", IDS) - expected).max() > 5e-2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"quantization_config": {"dynamic": {"+:.*q_proj": {"bits": 8}}}}, "per-layer overrides"),
+        ({"intermediate_size": 256}, r"mlp.gate_proj' is packed as 64x128, but config.json makes it 64x256"),
+    ],
+)
+def test_streamed_export_refuses_packed_checkpoints_it_cannot_read(
+    change: dict, message: str, tiny_checkpoints, tmp_path: Path
+) -> None:
+    import json
+
+    from tiny_models import quantized_checkpoint
+
+    from edgekit.errors import ExportError
+
+    source = quantized_checkpoint(tiny_checkpoints("qwen3"), tmp_path / "gptq", "gptq")
+    config = json.loads((source / "config.json").read_text())
+    for key, value in change.items():
+        config[key] = {**config[key], **value} if isinstance(value, dict) else value
+    (source / "config.json").write_text(json.dumps(config))
+    log = tmp_path / "build.log"
+    log.touch()
+    with pytest.raises(ExportError, match=message):
+        run_streaming_builder(
+            source, tmp_path / "out", precision="int4", provider="cpu", options=INT4, cache_dir=tmp_path / "c",
+            log_path=log,
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_streamed_build_of_a_prequantized_checkpoint(method: str, tiny_checkpoints, tmp_path: Path) -> None:
+    from tiny_models import quantized_checkpoint
+
+    from edgekit.pipeline import build
+
+    source = quantized_checkpoint(tiny_checkpoints("qwen3"), tmp_path / method, method)
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(GPTQ_TARGETS)
+    common = dict(targets_file=targets, progress=False, evaluation=None)
+    streamed = build(source, tmp_path / "streamed", "g", streaming=True, **common)  # type: ignore[arg-type]
+    build(source, tmp_path / "whole", "g", **common)  # type: ignore[arg-type]
+    variant = f"int4-{method}"
+    assert list(streamed.manifest["variants"]) == [variant]
+    assert np.array_equal(
+        onnx_logits(tmp_path / "streamed" / variant, IDS), onnx_logits(tmp_path / "whole" / variant, IDS)
     )
-    with pytest.raises(UsageError, match="--streaming cannot build this: target 'g' asks for GPTQ"):
-        build(tiny_checkpoints("qwen3"), tmp_path / "pkg", "g", targets_file=targets, progress=False, streaming=True)
+
+
+def test_streaming_refuses_an_architecture_without_a_streamed_export(tiny_checkpoints, tmp_path: Path) -> None:
+    from edgekit.pipeline import build
+
+    with pytest.raises(UsageError, match="--streaming cannot build this: architecture 'phi3' has no streamed export"):
+        build(tiny_checkpoints("phi3"), tmp_path / "pkg", progress=False, streaming=True)
     assert not (tmp_path / "pkg").exists()
 
 
@@ -155,6 +300,36 @@ def test_memory_refusal_names_streaming_when_it_fits() -> None:
     check_resources(streamed, Path("out"), source=Path("ckpt"), streamed=streamed, memory=20 * GIB, disk=10**12)
     with pytest.raises(ResourceError, match=r"needs about 9.0 GB of disk but 1.0 GB is free"):
         check_resources(streamed, Path("out"), source=Path("ckpt"), memory=20 * GIB, disk=10**9)
+
+
+def test_the_estimate_counts_gptq_calibration(tmp_path: Path) -> None:
+    """GPTQ's peak (one fp32 layer, the calibration activations, the Hessians) joins the export's."""
+    import torch
+    from safetensors.torch import save_file
+
+    from edgekit.exporters.memory_estimate import BASE_BYTES, estimate_build
+    from edgekit.quant.schemes import target_variants
+    from edgekit.targets import get_target
+
+    hidden, inner = 1024, 4096
+    layer = {
+        "q_proj": (hidden, hidden),
+        "o_proj": (hidden, hidden),
+        "up_proj": (inner, hidden),
+        "down_proj": (hidden, inner),
+    }
+    tensors = {
+        f"model.layers.0.{name}.weight": torch.empty(shape, dtype=torch.bfloat16) for name, shape in layer.items()
+    }
+    tensors["model.embed_tokens.weight"] = torch.empty(1000, hidden, dtype=torch.bfloat16)
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    files, variants = [tmp_path / "model.safetensors"], target_variants(get_target("laptop-cpu"))
+    plain = estimate_build(files, variants, streaming=True, tied=True)
+    tokens = 128 * 512
+    gptq = estimate_build(files, variants, streaming=True, tied=True, calibration_tokens=tokens)
+    largest = 2 * hidden * hidden + 2 * inner * hidden
+    expected = BASE_BYTES + 12 * largest + 4 * tokens * hidden + 8 * (hidden * hidden + inner * inner) + 8 * inner**2
+    assert plain.peak_memory < gptq.peak_memory == expected
 
 
 def test_checkpoint_reader_reads_rows_and_tensors(tiny_checkpoints) -> None:

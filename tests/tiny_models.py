@@ -184,3 +184,86 @@ def load_tiny_model(folder: Path) -> Any:
 
     class_name = json.loads((folder / "config.json").read_text())["architectures"][0]
     return getattr(transformers, class_name).from_pretrained(str(folder), dtype=torch.float32).eval()
+
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def pack_awq(values: Any) -> Any:
+    """[rows, out] 4-bit values -> [rows, out/8] int32, nibbles in AWQ's interleaved order (as AutoAWQ packs)."""
+    import torch
+
+    rows, out = values.shape
+    grouped = values.to(torch.int64).reshape(rows, out // 8, 8)[:, :, list(AWQ_ORDER)]
+    words = torch.zeros(rows, out // 8, dtype=torch.int64)
+    for slot in range(8):
+        words |= grouped[:, :, slot] << (4 * slot)
+    return words.to(torch.uint32).view(torch.int32) if hasattr(torch, "uint32") else words.to(torch.int32)
+
+
+def quantized_checkpoint(source: Path, out: Path, method: str) -> Path:
+    """Copy a tiny checkpoint with every decoder linear RTN-quantized into the GPTQ or AWQ layout."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from edgekit.quant.gptq import GPTQConfig, rtn_quantize_weight
+    from edgekit.quant.gptq_format import pack_gptq, quantization_config
+
+    shutil.copytree(source, out)
+    state = load_file(str(out / "model.safetensors"))
+    config = GPTQConfig(group_size=32, sym=False)
+    packed: dict[str, Any] = {}
+    for name, tensor in state.items():
+        if ".layers." in name and name.endswith("proj.weight"):
+            module = name[: -len(".weight")]
+            q = rtn_quantize_weight(tensor, config)
+            if method == "gptq":
+                packed.update({f"{module}.{k}": v for k, v in pack_gptq(q, 4).items()})
+            else:
+                packed[f"{module}.qweight"] = pack_awq(q.codes.t().contiguous())
+                packed[f"{module}.qzeros"] = pack_awq(q.zeros.t().contiguous())
+                packed[f"{module}.scales"] = q.scales.t().contiguous().to(torch.float16)
+        else:
+            packed[name] = tensor
+    (out / "model.safetensors").unlink()
+    save_file(packed, str(out / "model.safetensors"))
+    model_config = json.loads((out / "config.json").read_text())
+    if method == "gptq":
+        model_config["quantization_config"] = quantization_config(config)
+    else:
+        model_config["quantization_config"] = {
+            "quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+        }  # fmt: skip
+    (out / "config.json").write_text(json.dumps(model_config))
+    return out
+
+
+def load_checkpoint_tensors(folder: Path) -> dict[str, Any]:
+    """Every tensor of the ``*.safetensors`` shards in ``folder`` (one dict, names unique across shards)."""
+    from safetensors.torch import load_file
+
+    tensors: dict[str, Any] = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        part = load_file(str(shard))
+        assert not part.keys() & tensors.keys(), f"{shard.name} repeats tensors of another shard"
+        tensors.update(part)
+    return tensors
+
+
+def fake_quantized_model(source: Path, checkpoint: dict[str, Any]) -> Any:
+    """The tiny model in ``source`` with every linear that ``checkpoint`` (GPTQ tensors) packs dequantized into it."""
+    import torch
+
+    from edgekit.quant.gptq import dequantize
+    from edgekit.quant.gptq_format import unpack_gptq
+
+    model = load_tiny_model(source)
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and f"{name}.qweight" in checkpoint:
+            parts = {key: checkpoint[f"{name}.{key}"] for key in ("qweight", "qzeros", "scales", "g_idx")}
+            codes, scales, zeros = unpack_gptq(parts, 4, 32)
+            module.weight.data = dequantize(codes, scales, zeros, 32)
+    return model

@@ -10,6 +10,12 @@ The figures are per-parameter costs measured on the development machine (see REA
   1.17 GiB for 1.7B, 4B and 9B models; the estimate (4 bytes per parameter of the largest layer, a
   quarter GiB for the blocks) is deliberately above that, 1.4 and 2.1 GiB for the 1.7B and the 9B.
 
+- GPTQ (``quant/gptq_checkpoint.py``) reads one decoder layer at a time too; it holds that layer in fp32
+  with the solver's copies (3 x 4 bytes per parameter), the calibration activations (4 bytes per token and
+  hidden unit) and the layer's Hessians (4 bytes per entry, taken twice for the inputs shared or not,
+  and two more copies of the widest while it is factored): 2.35 GiB measured on a 1.7B Qwen3 for an
+  estimate of 2.3 GiB.
+
 A build refuses to start when the machine's available memory or the output's filesystem is short, and
 says how much is needed and which option lowers it.
 """
@@ -87,21 +93,40 @@ def _variant_bytes(shapes: dict[str, tuple[int, ...]], variant: VariantSpec, tie
 
 
 def estimate_build(
-    weight_files: Sequence[Path], variants: Sequence[VariantSpec], *, streaming: bool, tied: bool
+    weight_files: Sequence[Path],
+    variants: Sequence[VariantSpec],
+    *,
+    streaming: bool,
+    tied: bool,
+    calibration_tokens: int = 0,
 ) -> BuildEstimate:
-    """Estimate the peak memory and the disk of exporting ``variants`` from ``weight_files``."""
+    """Estimate the peak memory and the disk of exporting ``variants`` from ``weight_files``.
+
+    ``calibration_tokens`` (samples x sequence length) when the build runs GPTQ first: its peak counts
+    too when it is the higher one.
+    """
     shapes = _weights(weight_files)
     parameters = sum(math.prod(shape) for shape in shapes.values())
     layers: dict[str, int] = {}
+    inputs: dict[str, set[int]] = {}
     for name, shape in shapes.items():
         match = _LAYER.search(name)
         if match:
             layers[match.group(1)] = layers.get(match.group(1), 0) + math.prod(shape)
+            if len(shape) == 2:
+                inputs.setdefault(match.group(1), set()).add(shape[1])
     largest = max(layers.values(), default=parameters)
     if streaming:
         peak = BASE_BYTES + STREAMED_BYTES_PER_LAYER_PARAM * largest + STREAMED_BLOCK_BYTES
     else:
         peak = BASE_BYTES + WHOLE_BYTES_PER_PARAM * parameters
+    if calibration_tokens:
+        hidden = max((shape[1] for name, shape in shapes.items() if "embed_tokens" in name), default=0)
+        # every input's Hessian accumulates at once (4 bytes an entry, inputs shared or not counted
+        # twice), then the widest is factored with two more of its size alive
+        hessians = max((sum(8 * n * n for n in dims) + 8 * max(dims) ** 2 for dims in inputs.values()), default=0)
+        gptq = BASE_BYTES + 12 * largest + 4 * calibration_tokens * hidden + hessians
+        peak = max(peak, gptq)
     disk = sum(_variant_bytes(shapes, variant, tied) for variant in variants)
     return BuildEstimate(parameters, largest, int(peak), disk, streaming)
 
@@ -174,28 +199,28 @@ def check_resources(
         )
 
 
-def check_build_resources(hf_folder: Path, checked: CheckedFolder, target: Target, out: Path, streaming: bool) -> None:
-    """The pipeline's check, run before any weight is read: can this build stream, and does it fit here."""
+def check_build_resources(
+    hf_folder: Path, checked: CheckedFolder, target: Target, out: Path, streaming: bool, calibration_tokens: int = 0
+) -> None:
+    """The pipeline's check, run before any weight is read: can this build stream, and does it fit here.
+
+    ``calibration_tokens`` is the GPTQ calibration's size (samples x sequence length), used when the
+    target asks for GPTQ and the source is not quantized already.
+    """
     from edgekit.exporters.streaming import supports_streaming
     from edgekit.quant.schemes import plan_variants, target_variants, uses_gptq
 
-    if streaming:
-        reason = None
-        if checked.quantization is not None:
-            reason = f"it is a {checked.quantization} checkpoint"
-        elif uses_gptq(target):
-            reason = f"target '{target.name}' asks for GPTQ"
-        elif not supports_streaming(checked.architecture.builder_class):
-            reason = f"architecture '{checked.architecture.model_type}' has no streamed export yet"
-        if reason is not None:
-            raise UsageError(
-                f"--streaming cannot build this: {reason}",
-                path=checked.folder,
-                fix="build without --streaming (streamed: unquantized llama, mistral, qwen2, qwen3, qwen3_5 with RTN)",
-            )
+    if streaming and not supports_streaming(checked.architecture.builder_class):
+        raise UsageError(
+            f"--streaming cannot build this: architecture '{checked.architecture.model_type}' "
+            "has no streamed export yet",
+            path=checked.folder,
+            fix="build without --streaming (streamed: llama, mistral, qwen2, qwen3, qwen3_5)",
+        )
     config = checked.config
     tied = bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
     files = sorted(hf_folder.glob("*.safetensors"))
-    whole = estimate_build(files, plan_variants(target), streaming=False, tied=tied)
-    streamed = estimate_build(files, target_variants(target), streaming=True, tied=tied)
+    tokens = calibration_tokens if uses_gptq(target) and checked.quantization is None else 0
+    whole = estimate_build(files, plan_variants(target), streaming=False, tied=tied, calibration_tokens=tokens)
+    streamed = estimate_build(files, target_variants(target), streaming=True, tied=tied, calibration_tokens=tokens)
     check_resources(streamed if streaming else whole, out, source=checked.folder, streamed=streamed)

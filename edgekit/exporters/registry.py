@@ -35,6 +35,8 @@ class Architecture:
     """Other ``model_type`` values (text-only variants) that map to this entry."""
     genai_tokenizer_class: str | None = None
     """Rewrite the exported tokenizer_config.json's class to this one onnxruntime-genai accepts."""
+    prequantized_streamed: bool = False
+    """The builder's own loader cannot read this architecture's GPTQ/AWQ checkpoints: export them streamed."""
     notes: str = ""
 
     def builder_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
@@ -114,6 +116,8 @@ register(
         # transformers re-saves the tokenizer as Qwen3_5Tokenizer, a class onnxruntime-genai rejects;
         # tokenizer.json itself is standard.
         genai_tokenizer_class="TokenizersBackend",
+        # The builder's loader rejects the gated delta net's tensors (A_log, conv1d) in a GPTQ checkpoint.
+        prequantized_streamed=True,
         notes="Qwen3.5 family, text path (hybrid linear/full attention)",
     )
 )

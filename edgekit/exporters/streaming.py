@@ -122,13 +122,18 @@ class StreamingMixin:
     quant_attrs: dict[str, Any]
     filename: str
 
-    def streaming_setup(self, reader: CheckpointReader, out_dir: Path) -> None:
-        """Read weights with ``reader``; write ``model.onnx.data`` into ``out_dir``."""
+    def streaming_setup(self, reader: CheckpointReader, out_dir: Path, quantization: dict[str, Any] | None) -> None:
+        """Read weights with ``reader``; write ``model.onnx.data`` into ``out_dir``.
+
+        ``quantization`` is a pre-quantized checkpoint's ``quantization_config`` (GPTQ or AWQ): its packed
+        linears are then repacked for MatMulNBits as each layer is read, as the builder's loaders do.
+        """
         self._reader = reader
         self._out_dir = out_dir
         self._data: ExternalDataFile | None = None
         self._lazy: dict[int, str] = {}  # id(meta parameter) -> checkpoint key, for tensors read in row blocks
         self._prefix: dict[int, str] = {}  # id(module) -> its qualified name
+        self._packed = PackedLinearReader(reader, quantization) if quantization is not None else None
 
     # -- weights -------------------------------------------------------------------------------------
 
@@ -167,12 +172,20 @@ class StreamingMixin:
 
         prefix = self._prefix[id(module)]
         restored: list[tuple[Any, str, Any]] = []
+        packed: list[Any] = []
         try:
+            for name, linear in module.named_modules():
+                key = f"{prefix}.{name}" if name else prefix
+                if self._packed is not None and isinstance(linear, torch.nn.Linear) and self._packed.holds(key):
+                    self._packed.attach(linear, key)
+                    packed.append(linear)
             for name, param in list(module.named_parameters()):
                 if not param.is_meta or id(param) in self._lazy:
                     continue
                 owner_path, _, leaf = name.rpartition(".")
                 owner = module.get_submodule(owner_path) if owner_path else module
+                if leaf == "weight" and any(owner is linear for linear in packed):
+                    continue  # packed in the checkpoint: the repacked tensors stand in for it
                 key = self._checkpoint_key(f"{prefix}.{name}" if prefix else name)
                 owner._parameters[leaf] = torch.nn.Parameter(self._reader.tensor(key), requires_grad=False)
                 restored.append((owner, leaf, param))
@@ -180,6 +193,8 @@ class StreamingMixin:
         finally:
             for owner, leaf, meta in restored:
                 owner._parameters[leaf] = meta
+            for linear in packed:
+                PackedLinearReader.detach(linear)
 
     def _rows(self, weight: Any) -> tuple[tuple[int, ...], Iterator[Any]]:
         """Shape of a 2-D weight and its blocks of rows (read from disk when the weight is row-streamed)."""
@@ -257,6 +272,23 @@ class StreamingMixin:
         self._register(weight_name, self.io_dtype, (cols, rows), offset, rows * cols * itemsize)
         self._make_matmul_node("MatMul", [root_input, weight_name], name, rows, kwargs)
         return name
+
+    def make_matmul_nbits(self, matmul: Any, basename: str, root_input: str, **kwargs: Any) -> str:
+        """The builder's MatMulNBits; a pre-quantized one in Qwen3.5's linear attention also under ``basename``.
+
+        The builder names a pre-quantized MatMul ``{basename}NBits`` and returns that name, but its gated
+        delta net reads ``{basename}/output_0`` without looking at the name returned (its own loader never
+        hands it pre-quantized projections). An Identity makes that output, which onnxruntime folds away.
+        """
+        name = super().make_matmul_nbits(matmul, basename, root_input, **kwargs)  # type: ignore[misc]
+        if name == basename or "/linear_attn/" not in basename:
+            return str(name)
+        output = f"{basename}/output_0"
+        self.make_node("Identity", inputs=[f"{name}/output_0"], outputs=[output], name=f"{basename}/Identity")  # type: ignore[attr-defined]
+        seq_dim = kwargs.get("seq_dim", "sequence_length")
+        shape = self.make_hidden_state_shape(seq_dim=seq_dim, last_dim=matmul.out_features)  # type: ignore[attr-defined]
+        self.make_value(output, self.io_dtype, shape=shape)  # type: ignore[attr-defined]
+        return basename
 
     # -- quantization ----------------------------------------------------------------------------------
 
@@ -415,6 +447,72 @@ class StreamingMixin:
                 raise ExportError(f"the streamed export left MatMul '{node.name}' unquantized; report this")
 
 
+class PackedLinearReader:
+    """The packed linears of a GPTQ or AWQ checkpoint, read one at a time and repacked for MatMulNBits.
+
+    The repacking is the builder's own (its ``GPTQModel``/``AWQModel`` loaders' ``repack_quantized_tensor``),
+    applied to one linear instead of the whole checkpoint at once, and the repacked tensors are set on the
+    meta module as the builder's quantized modules carry them (``qweight``, ``scales``, ``qzeros``,
+    ``g_idx``, ``bits``, ``group_size``): the builder then makes the same MatMulNBits nodes from them.
+    """
+
+    ATTRIBUTES = ("qweight", "scales", "qzeros", "g_idx", "bits", "group_size")
+
+    def __init__(self, reader: CheckpointReader, quantization: dict[str, Any]) -> None:
+        from onnxruntime_genai.models.loaders.awq import AWQModel
+        from onnxruntime_genai.models.loaders.gptq import GPTQModel
+
+        method = quantization.get("quant_method")
+        loaders = {"gptq": GPTQModel, "awq": AWQModel}
+        if method not in loaders or quantization.get("dynamic"):
+            raise ExportError(
+                f"a streamed export cannot read '{method}' checkpoints with per-layer overrides"
+                if quantization.get("dynamic")
+                else f"a streamed export cannot read '{method}' checkpoints",
+                path=reader.folder / "config.json",
+                fix="build without --streaming",
+            )
+        # The loaders' repacking methods need no state of their own beyond the method.
+        self._loader = loaders[method].__new__(loaders[method])
+        self._loader.quant_type = method
+        self._reader = reader
+        self._bits = int(quantization.get("bits", quantization.get("w_bit", 4)))
+        self._group_size = int(quantization.get("group_size", quantization.get("q_group_size", 128)))
+        self._keep_g_idx = method == "gptq" and bool(quantization.get("desc_act", False))
+
+    def holds(self, name: str) -> bool:
+        """Whether linear ``name`` is packed in the checkpoint (``NAME.qweight`` is there)."""
+        return f"{name}.qweight" in self._reader
+
+    def attach(self, linear: Any, name: str) -> None:
+        """Read linear ``name``'s packed tensors, repack them and set them on ``linear``."""
+        from onnxruntime_genai.models.loaders.base import QuantizedTensorModule
+
+        module = QuantizedTensorModule()
+        for part in ("qweight", "scales", "qzeros", "g_idx"):
+            if f"{name}.{part}" in self._reader:
+                setattr(module, part, self._reader.tensor(f"{name}.{part}"))
+        module.bits = self._bits
+        module.group_size = self._group_size
+        self._loader.set_quantized_tensor_properties(module)
+        if (module.in_features, module.out_features) != (linear.in_features, linear.out_features):
+            raise ExportError(
+                f"'{name}' is packed as {module.in_features}x{module.out_features}, but config.json makes it "
+                f"{linear.in_features}x{linear.out_features}",
+                path=self._reader.folder,
+                fix="the checkpoint's weights do not match its config.json",
+            )
+        self._loader.repack_quantized_tensor(module, clear_g_idx=not self._keep_g_idx)
+        for attribute in self.ATTRIBUTES:
+            object.__setattr__(linear, attribute, getattr(module, attribute))
+
+    @classmethod
+    def detach(cls, linear: Any) -> None:
+        """Drop what ``attach`` set, so the module is the meta module it was."""
+        for attribute in cls.ATTRIBUTES:
+            linear.__dict__.pop(attribute, None)
+
+
 def _torch_bfloat16() -> Any:
     import torch
 
@@ -524,7 +622,7 @@ def _create_model(
     if builder_class == "Qwen3_5ForConditionalGeneration" and not onnx_model.exclude_embeds:
         onnx_model.model_type = "qwen3_5_text"
     streamed = getattr(onnx_model, "decoder", onnx_model)
-    streamed.streaming_setup(CheckpointReader(hf_folder), out_dir)
+    streamed.streaming_setup(CheckpointReader(hf_folder), out_dir, getattr(config, "quantization_config", None))
     onnx_model.make_model(str(hf_folder))
     onnx_model.save_model(str(out_dir))
     onnx_model.make_genai_config(config, extra_kwargs, str(out_dir))

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from edgekit.targets import HeadPrecision, Int4Method, Precision, Provider, Target
 
 REFERENCE_VARIANT = "fp32"
+PREQUANTIZED_METHODS = ("gptq", "awq")
+"""Variant methods whose weights reach the exporter packed (a GPTQ checkpoint made here, or the source's own)."""
 
 
 @dataclass(frozen=True)
