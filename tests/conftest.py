@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,23 @@ def tiny_llama_package(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactor
     out = tmp_path_factory.mktemp("pkg") / "llama"
     build(tiny_checkpoints("llama"), out, "laptop-cpu", progress=False)
     return out
+
+
+@pytest.fixture
+def kept_gptq_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
+    """A copy of the GPTQ checkpoint the next build writes (in its temporary folder) goes to ``["folder"]``."""
+    import edgekit.quant.gptq_checkpoint as checkpoint_module
+
+    kept: dict[str, Path] = {}
+    original = checkpoint_module.write_gptq_checkpoint
+
+    def keep_copy(hf_folder, out, *args, **kwargs):  # type: ignore[no-untyped-def]
+        result = original(hf_folder, out, *args, **kwargs)
+        kept["folder"] = Path(shutil.copytree(out, tmp_path / "gptq-checkpoint"))
+        return result
+
+    monkeypatch.setattr(checkpoint_module, "write_gptq_checkpoint", keep_copy)
+    return kept
 
 
 def snapshot(folder: Path) -> set[str]:

@@ -3,37 +3,23 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import fake_quantized_model, load_checkpoint_tensors
+from tiny_models import EXACT_GPTQ_TARGETS, fake_quantized_model, load_checkpoint_tensors
 
 from edgekit.cli import main
 from edgekit.exporters.validate import onnx_logits
 
-TARGETS = """
-schema_version: 1
-targets:
-  cpu-gptq:
-    description: GPTQ beside RTN, head left in float so the parity check sees GPTQ alone
-    providers: [cpu]
-    precision: int4
-    block_size: 32
-    accuracy_level: 1
-    int4_methods: [rtn, gptq]
-    lm_head: float
-    budget: {max_kl_mean: 1.0}
-"""
 BUILD_FLAGS = ["--eval-windows", "2", "--eval-ctx", "64", "--calib-samples", "8", "--calib-seq-len", "64", "-q"]
 
 
 @pytest.fixture(scope="module")
 def targets_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("targets") / "targets.yaml"
-    path.write_text(TARGETS)
+    path.write_text(EXACT_GPTQ_TARGETS)
     return path
 
 
@@ -45,20 +31,10 @@ def _build(runner, source: Path, out: Path, targets_file: Path) -> None:
 
 @pytest.mark.slow
 def test_gptq_variant_matches_the_fake_quantized_model_and_is_deployed(
-    runner, tiny_checkpoints, targets_file: Path, tmp_path: Path, monkeypatch
+    runner, tiny_checkpoints, targets_file: Path, tmp_path: Path, kept_gptq_checkpoint: dict[str, Path]
 ) -> None:
-    import edgekit.quant.gptq_checkpoint as checkpoint_module
-
     source = tiny_checkpoints("llama")
-    kept: dict[str, Path] = {}
-    original = checkpoint_module.write_gptq_checkpoint
-
-    def keep_copy(hf_folder, out, *args, **kwargs):  # type: ignore[no-untyped-def]
-        result = original(hf_folder, out, *args, **kwargs)
-        kept["folder"] = shutil.copytree(out, tmp_path / "gptq-checkpoint")
-        return result
-
-    monkeypatch.setattr(checkpoint_module, "write_gptq_checkpoint", keep_copy)
+    kept = kept_gptq_checkpoint
     out = tmp_path / "pkg"
     _build(runner, source, out, targets_file)
     manifest = json.loads((out / "manifest.json").read_text())

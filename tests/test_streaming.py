@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from tiny_models import EXACT_GPTQ_TARGETS
 
 from edgekit.errors import ResourceError, UsageError
 from edgekit.exporters import memory_estimate, streaming
@@ -140,31 +140,17 @@ def test_streamed_build_runs(tiny_checkpoints, tmp_path: Path) -> None:
         assert len(model.generate_tokens([5, 17, 33], max_new_tokens=4)) == 4
 
 
-GPTQ_TARGETS = """
-schema_version: 1
-targets:
-  g:
-    description: GPTQ beside RTN, float head, fp32 compute, so streamed and whole builds can be compared exactly
-    providers: [cpu]
-    precision: int4
-    block_size: 32
-    accuracy_level: 1
-    int4_methods: [rtn, gptq]
-    lm_head: float
-"""
-
-
 def test_streamed_gptq_build_equals_the_whole_model_build(tiny_checkpoints, tmp_path: Path) -> None:
     """GPTQ from disk, then the streamed export of its checkpoint: the logits of the whole-model build."""
     import edgekit
     from edgekit.pipeline import CalibrationSettings, build
 
     targets = tmp_path / "targets.yaml"
-    targets.write_text(GPTQ_TARGETS)
+    targets.write_text(EXACT_GPTQ_TARGETS)
     calibration = CalibrationSettings(samples=4, seq_len=48)
     common = dict(targets_file=targets, progress=False, evaluation=None, calibration=calibration)
-    streamed = build(tiny_checkpoints("qwen3"), tmp_path / "streamed", "g", streaming=True, **common)  # type: ignore[arg-type]
-    whole = build(tiny_checkpoints("qwen3"), tmp_path / "whole", "g", **common)  # type: ignore[arg-type]
+    streamed = build(tiny_checkpoints("qwen3"), tmp_path / "streamed", "cpu-gptq", streaming=True, **common)  # type: ignore[arg-type]
+    whole = build(tiny_checkpoints("qwen3"), tmp_path / "whole", "cpu-gptq", **common)  # type: ignore[arg-type]
     assert list(streamed.manifest["variants"]) == ["int4-rtn", "int4-gptq"]
     assert streamed.manifest["default_variant"] == "int4-gptq"
     for variant in ("int4-rtn", "int4-gptq"):
@@ -179,7 +165,7 @@ def test_streamed_gptq_build_equals_the_whole_model_build(tiny_checkpoints, tmp_
 
 @pytest.mark.parametrize("streaming", [True, False])
 def test_gptq_of_qwen3_5_matches_the_fake_quantized_model(
-    streaming: bool, tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    streaming: bool, tiny_checkpoints, tmp_path: Path, kept_gptq_checkpoint: dict[str, Path]
 ) -> None:
     """Qwen3.5's gated delta net reads GPTQ-packed projections right; its dense gates stay float.
 
@@ -189,25 +175,15 @@ def test_gptq_of_qwen3_5_matches_the_fake_quantized_model(
     import torch
     from tiny_models import fake_quantized_model, load_checkpoint_tensors
 
-    import edgekit.quant.gptq_checkpoint as checkpoint_module
     from edgekit.pipeline import CalibrationSettings, build
 
-    kept: dict[str, Path] = {}
-    original = checkpoint_module.write_gptq_checkpoint
-
-    def keep_copy(hf_folder, out, *args, **kwargs):  # type: ignore[no-untyped-def]
-        result = original(hf_folder, out, *args, **kwargs)
-        kept["folder"] = shutil.copytree(out, tmp_path / "gptq-checkpoint")
-        return result
-
-    monkeypatch.setattr(checkpoint_module, "write_gptq_checkpoint", keep_copy)
     targets = tmp_path / "targets.yaml"
-    targets.write_text(GPTQ_TARGETS)
+    targets.write_text(EXACT_GPTQ_TARGETS)
     source = tiny_checkpoints("qwen3_5")
     calibration = CalibrationSettings(samples=4, seq_len=48)
-    build(source, tmp_path / "pkg", "g", targets_file=targets, progress=False, evaluation=None, streaming=streaming,
-          calibration=calibration)  # fmt: skip
-    tensors = load_checkpoint_tensors(kept["folder"])
+    common = dict(targets_file=targets, progress=False, evaluation=None, calibration=calibration)
+    build(source, tmp_path / "pkg", "cpu-gptq", streaming=streaming, **common)  # type: ignore[arg-type]
+    tensors = load_checkpoint_tensors(kept_gptq_checkpoint["folder"])
     assert "model.language_model.layers.0.linear_attn.in_proj_qkv.qweight" in tensors
     assert "model.language_model.layers.0.linear_attn.in_proj_a.weight" in tensors  # a dense gate
     model = fake_quantized_model(source, tensors)
@@ -259,10 +235,10 @@ def test_streamed_build_of_a_prequantized_checkpoint(method: str, tiny_checkpoin
 
     source = quantized_checkpoint(tiny_checkpoints("qwen3"), tmp_path / method, method)
     targets = tmp_path / "targets.yaml"
-    targets.write_text(GPTQ_TARGETS)
+    targets.write_text(EXACT_GPTQ_TARGETS)
     common = dict(targets_file=targets, progress=False, evaluation=None)
-    streamed = build(source, tmp_path / "streamed", "g", streaming=True, **common)  # type: ignore[arg-type]
-    build(source, tmp_path / "whole", "g", **common)  # type: ignore[arg-type]
+    streamed = build(source, tmp_path / "streamed", "cpu-gptq", streaming=True, **common)  # type: ignore[arg-type]
+    build(source, tmp_path / "whole", "cpu-gptq", **common)  # type: ignore[arg-type]
     variant = f"int4-{method}"
     assert list(streamed.manifest["variants"]) == [variant]
     assert np.array_equal(

@@ -267,3 +267,19 @@ def fake_quantized_model(source: Path, checkpoint: dict[str, Any]) -> Any:
             codes, scales, zeros = unpack_gptq(parts, 4, 32)
             module.weight.data = dequantize(codes, scales, zeros, 32)
     return model
+
+
+# A target whose INT4 variants' logits equal the fake-quantized PyTorch model's (to float32 rounding).
+EXACT_GPTQ_TARGETS = """
+schema_version: 1
+targets:
+  cpu-gptq:
+    description: GPTQ beside RTN, fp32 compute and a float head, so the ONNX logits are the quantized weights' alone
+    providers: [cpu]
+    precision: int4
+    block_size: 32
+    accuracy_level: 1
+    int4_methods: [rtn, gptq]
+    lm_head: float
+    budget: {max_kl_mean: 1.0}
+"""
