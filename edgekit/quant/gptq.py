@@ -90,12 +90,15 @@ class QuantizedWeight:
     group_size: int
 
     def rows(self, start: int, stop: int) -> QuantizedWeight:
-        """Output rows ``start:stop`` (to split a fused q/k/v or gate/up solve back into modules)."""
+        """Output rows ``start:stop`` (to split a fused q/k/v or gate/up solve back into modules).
+
+        Views, not copies: the parts of a stacked solve share its storage, which lives as long as any part.
+        """
         return QuantizedWeight(
-            self.codes[start:stop].clone(),
-            self.scales[start:stop].clone(),
-            self.zeros[start:stop].clone(),
-            self.dequantized[start:stop].clone(),
+            self.codes[start:stop],
+            self.scales[start:stop],
+            self.zeros[start:stop],
+            self.dequantized[start:stop],
             self.bits,
             self.group_size,
         )
@@ -240,8 +243,11 @@ def _quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Qua
     # Work on the transpose so that one input column is one contiguous row.
     Wt = W.t().contiguous()
     codes_t = torch.empty_like(Wt)
-    col_scales = scales.t()[group_of_column].contiguous()  # [in (processing order), out]
-    col_zeros = zeros.t()[group_of_column].to(torch.float32).contiguous()
+    # Each column's group parameters are looked up as it is reached: a per-column copy of them would
+    # be two more weight-sized matrices (800 MB for a 9B model's stacked gate/up projections).
+    group_scales = scales.t().contiguous()  # [groups, out]
+    group_zeros = zeros.t().to(torch.float32).contiguous()
+    column_group = group_of_column.tolist()  # processing order -> group
     for start in range(0, columns, config.block_size):
         stop = min(start + config.block_size, columns)
         block = Wt[start:stop].clone()
@@ -250,7 +256,8 @@ def _quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Qua
         with _single_thread():
             for i in range(stop - start):
                 column = block[i]
-                scale, zero = col_scales[start + i], col_zeros[start + i]
+                group = column_group[start + i]
+                scale, zero = group_scales[group], group_zeros[group]
                 code = _round_to_codes(column, scale, zero, maxq)
                 codes_t[start + i] = code
                 error = (column - scale * (code - zero)) / hinv_block[i, i]
