@@ -1,7 +1,7 @@
 """Build random-weight checkpoints of real model shapes to INT4, streamed, and print time, memory and disk.
 
 Run: python benchmarks/bench_scale.py [--sizes qwen3-1.7b,qwen3-4b,qwen3.5-9b] [--root /work/scale-ckpts]
-     [--compare-whole] [--generate] [--keep]
+     [--compare-whole] [--generate] [--keep] [--gptq SAMPLESxLEN]
 
 For each size: a checkpoint is made from the published config values with transformers on the meta device
 and random bf16 tensors written shard by shard (no download, bounded memory), then ``edgekit build
@@ -9,7 +9,9 @@ and random bf16 tensors written shard by shard (no download, bounded memory), th
 compute) and the table gets its wall time, peak RSS (the child's ``ru_maxrss``), the disk it used and the
 package's bytes. ``--compare-whole`` also runs onnxruntime-genai's own whole-model builder on the same
 checkpoint, with its peak RSS, and compares the two INT4 models' logits; ``--generate`` loads each package
-with onnxruntime-genai and generates tokens.
+with onnxruntime-genai and generates tokens. ``--gptq 16x256`` builds the ``laptop-cpu-gptq`` target
+instead (GPTQ from disk one layer at a time on that many calibration tokens of the built-in corpus, then
+both INT4 variants streamed); the peak RSS is then GPTQ's or the export's, whichever is higher.
 
 Where the configs come from: Qwen3-1.7B and Qwen3-4B are the values of the published config.json files of
 Qwen/Qwen3-1.7B and Qwen/Qwen3-4B; the 9B is transformers' ``Qwen3_5TextConfig`` defaults, which its
@@ -140,6 +142,24 @@ _STREAMED = (
     "build(sys.argv[1], sys.argv[2], 'laptop-cpu', force=True, progress=False, evaluation=None, streaming=True); "
     + _RSS
 )
+_STREAMED_GPTQ = (
+    "import sys; from edgekit.pipeline import CalibrationSettings, build; "
+    "samples, length = (int(n) for n in sys.argv[3].split('x')); "
+    "build(sys.argv[1], sys.argv[2], sys.argv[4], force=True, progress=False, evaluation=None, streaming=True, "
+    "calibration=CalibrationSettings(samples=samples, seq_len=length), targets_file=sys.argv[5] or None); " + _RSS
+)
+# laptop-cpu-gptq without the RTN variant beside it: half the export time and disk on a 9B model.
+_GPTQ_ONLY = """schema_version: 1
+targets:
+  gptq-only:
+    description: laptop-cpu-gptq's GPTQ variant alone
+    providers: [cpu]
+    precision: int4
+    block_size: 32
+    accuracy_level: 4
+    lm_head: int8
+    int4_methods: [gptq]
+"""
 _WHOLE = (
     "import sys; from pathlib import Path; from edgekit.exporters.sources import check_folder, stage_folder; "
     "from edgekit.exporters.onnx_builder import run_builder; out = Path(sys.argv[2]); out.mkdir(parents=True); "
@@ -190,6 +210,8 @@ def main() -> None:
     parser.add_argument("--compare-whole", action="store_true", help="also run the whole-model builder, compare")
     parser.add_argument("--generate", action="store_true", help="load each package and generate tokens")
     parser.add_argument("--keep", action="store_true", help="keep checkpoints and packages")
+    parser.add_argument("--gptq", metavar="SAMPLESxLEN", help="build laptop-cpu-gptq with this much calibration")
+    parser.add_argument("--gptq-only", action="store_true", help="with --gptq: skip the RTN variant beside it")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine import describe_machine
@@ -202,11 +224,27 @@ def main() -> None:
             wall, rss, _ = run_child(_CHECKPOINT, size, str(checkpoint))
             notes.append(f"{size}: checkpoint written in {wall:.0f} s, peak RSS {gib(rss)} GiB")
         params = sum(math.prod(info.shape) for f in checkpoint.glob("*.safetensors") for info in _headers(f))
-        estimates[size] = _estimates(checkpoint)
+        tokens = math.prod(int(n) for n in args.gptq.split("x")) if args.gptq else 0
+        estimates[size] = _estimates(checkpoint, tokens)
         free_before = disk_free(args.root)
-        wall, rss, _ = run_child(_STREAMED, str(checkpoint), str(package))
+        if args.gptq:
+            targets_file = ""
+            if args.gptq_only:
+                targets_file = str(args.root / "gptq-only-targets.yaml")
+                Path(targets_file).write_text(_GPTQ_ONLY)
+            target = "gptq-only" if args.gptq_only else "laptop-cpu-gptq"
+            wall, rss, _ = run_child(_STREAMED_GPTQ, str(checkpoint), str(package), args.gptq, target, targets_file)
+            kind = f"GPTQ {args.gptq} + streamed" + (" (GPTQ variant only)" if args.gptq_only else "")
+        else:
+            wall, rss, _ = run_child(_STREAMED, str(checkpoint), str(package))
+            kind = "streamed"
         used = free_before - disk_free(args.root)
-        rows.append((size, params, folder_bytes(checkpoint), "streamed", wall, rss, used, folder_bytes(package)))
+        rows.append((size, params, folder_bytes(checkpoint), kind, wall, rss, used, folder_bytes(package)))
+        steps = json.loads((package / "manifest.json").read_text())["build_steps"]
+        notes.append(
+            f"{size} ({kind}) steps: "
+            + "; ".join(f"{s['name']} {s['seconds']:.0f} s ({s['peak_rss_mb']:,.0f} MiB)" for s in steps)
+        )
         if args.compare_whole:
             whole = args.root / f"{size}-whole"
             shutil.rmtree(whole, ignore_errors=True)
@@ -220,7 +258,7 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(whole, ignore_errors=True)
         if args.generate:
-            _, rss, text = run_child(_GENERATE, str(package / "int4-rtn"))
+            _, rss, text = run_child(_GENERATE, str(package / ("int4-gptq" if args.gptq else "int4-rtn")))
             notes.append(f"{size}: {text.splitlines()[-2]} (peak RSS {gib(rss)} GiB)")
         if not args.keep:
             shutil.rmtree(package, ignore_errors=True)
@@ -240,7 +278,7 @@ def main() -> None:
         )
 
 
-def _estimates(checkpoint: Path) -> tuple[Any, Any]:
+def _estimates(checkpoint: Path, calibration_tokens: int = 0) -> tuple[Any, Any]:
     from edgekit.exporters.memory_estimate import estimate_build
     from edgekit.quant.schemes import plan_variants, target_variants
     from edgekit.targets import get_target
@@ -248,10 +286,12 @@ def _estimates(checkpoint: Path) -> tuple[Any, Any]:
     config = json.loads((checkpoint / "config.json").read_text())
     tied = bool(config.get("tie_word_embeddings", False))
     files = sorted(checkpoint.glob("*.safetensors"))
-    target = get_target("laptop-cpu")
+    target = get_target("laptop-cpu-gptq" if calibration_tokens else "laptop-cpu")
     return (
-        estimate_build(files, plan_variants(target), streaming=False, tied=tied),
-        estimate_build(files, target_variants(target), streaming=True, tied=tied),
+        estimate_build(files, plan_variants(target), streaming=False, tied=tied, calibration_tokens=calibration_tokens),
+        estimate_build(
+            files, target_variants(target), streaming=True, tied=tied, calibration_tokens=calibration_tokens
+        ),
     )
 
 
