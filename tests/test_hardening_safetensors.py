@@ -46,6 +46,11 @@ CASES = {
     "cut-inside-the-length": (lambda p: p.write_bytes(b"\x10\x00\x00"), "shorter than a safetensors header"),
     "nested-200000-deep": (lambda p: raw_header(p, b"[" * 200_000 + b"]" * 200_000), "nested too deeply"),
     "integer-of-5000-digits": (lambda p: raw_header(p, b'{"w": ' + b"9" * 5000 + b"}"), "header is not JSON"),
+    # Found by fuzz_safetensors: a dtype that is a list raised TypeError (unhashable) instead of refusing.
+    "list-dtype": (
+        lambda p: write_safetensors(p, {"w": {"dtype": [0, 32], "shape": [1], "data_offsets": [0, 1]}}, bytes(1)),
+        "tensor 'w' has unknown dtype [0, 32]",
+    ),
     "boolean-shape": (
         lambda p: write_safetensors(p, {"w": entry("U8", [True], 0, 1)}, bytes(1)),
         "tensor 'w' has a malformed shape",

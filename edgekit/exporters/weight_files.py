@@ -101,7 +101,7 @@ def _parse_tensor_entry(path: Path, name: str, entry: object) -> tuple[TensorInf
     if not isinstance(entry, dict):
         raise CorruptFileError(f"tensor '{name}' has a malformed header entry", path=path, fix=_FIX_REDOWNLOAD)
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-    if dtype not in _DTYPE_BYTES:
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:  # a list or dict is not even hashable
         raise CorruptFileError(f"tensor '{name}' has unknown dtype {dtype!r}", path=path, fix=_FIX_REDOWNLOAD)
     if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
         raise CorruptFileError(f"tensor '{name}' has a malformed shape", path=path, fix=_FIX_REDOWNLOAD)
