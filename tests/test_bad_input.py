@@ -463,6 +463,9 @@ def start_build(source: Path, out: Path) -> subprocess.Popen:
         text=True,
         cwd=out.parent,
         env=env,
+        # A test run started in the background by a shell (`./.ci/run &`) inherits SIGINT ignored, and
+        # Python then never turns it into KeyboardInterrupt: give the build the default disposition.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
