@@ -56,7 +56,8 @@ def torch_rates(rows: int, inner: int, outer: int) -> dict[str, float]:
 
     ops = 2.0 * rows * inner * outer
     a, b = torch.randn(rows, inner), torch.randn(inner, outer)
-    rates = {"torch fp32": rate(lambda: a @ b, ops), "torch bf16": rate(lambda: a.bfloat16() @ b.bfloat16(), ops)}
+    a16, b16 = a.bfloat16(), b.bfloat16()
+    rates = {"torch fp32": rate(lambda: a @ b, ops), "torch bf16": rate(lambda: a16 @ b16, ops)}
     a8 = torch.randint(-127, 127, (rows, inner), dtype=torch.int8)
     b8 = torch.randint(-8, 8, (inner, outer), dtype=torch.int8)
     with contextlib.suppress(RuntimeError):  # not every build has a CPU int8 kernel
