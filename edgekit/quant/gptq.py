@@ -477,7 +477,7 @@ def iter_gptq_layers(
                         collector.end_batch()
                 finally:
                     collector.remove()
-                _return_freed_memory()
+                return_freed_memory()
                 _tick(clock, "hessian_forward", started)
 
                 started = time.perf_counter()
@@ -506,7 +506,7 @@ def iter_gptq_layers(
                 yield layer, results
                 if release:
                     layer.to("meta")
-                _return_freed_memory()
+                return_freed_memory()
     finally:
         torch.set_num_threads(threads)
         model.train(was_training)
@@ -533,7 +533,7 @@ def gptq_quantize_model(
     return results
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Hand the heap's free pages back to the OS (glibc only; elsewhere nothing to do).
 
     Each layer frees tens of MB in blocks below glibc's dynamic mmap threshold; left in the heap they

@@ -39,12 +39,10 @@ class LazyModel:
             tensor = self.weights.tensor(f"{prefix}.{name}").to(torch.float32)
             setattr(owner, attribute, nn.Parameter(tensor, requires_grad=False))
 
-    def load_embedding_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
-        """Read only the input-embedding rows that ``token_ids`` use; return the ids renumbered into them.
+    def embedding_rows(self, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The input-embedding rows that ``token_ids`` use (in id order, float32), and the ids renumbered into them.
 
-        The embedding becomes a table of the used rows (in id order, float32); the model then computes
-        exactly what it would with the whole table when fed the renumbered ids, since calibration
-        windows are plain text (no id is looked up for anything but its embedding row).
+        Only those rows are read from disk, one read per run of consecutive ids.
         """
         embedding = cast(nn.Embedding, cast(Any, self.model).get_input_embeddings())
         key = f"{self._names[id(embedding)]}.weight"
@@ -52,13 +50,22 @@ class LazyModel:
         ids = used.tolist()
         blocks: list[torch.Tensor] = []
         start = 0
-        for end in range(1, len(ids) + 1):  # one read per run of consecutive ids
+        for end in range(1, len(ids) + 1):
             if end == len(ids) or ids[end] != ids[end - 1] + 1:
                 blocks.append(self.weights.rows(key, ids[start], ids[end - 1] + 1).to(torch.float32))
                 start = end
         table = torch.cat(blocks) if blocks else torch.empty(0, embedding.embedding_dim)
-        embedding.weight = nn.Parameter(table, requires_grad=False)
-        return renumbered.reshape(token_ids.shape)
+        return table, renumbered.reshape(token_ids.shape)
+
+    def load_embedding_rows(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Make the input embedding a table of only the rows ``token_ids`` use; return the ids renumbered into it.
+
+        The model then computes exactly what it would with the whole table when fed the renumbered ids,
+        since calibration windows are plain text (no id is looked up for anything but its embedding row).
+        """
+        table, renumbered = self.embedding_rows(token_ids)
+        cast(Any, self.model).get_input_embeddings().weight = nn.Parameter(table, requires_grad=False)
+        return renumbered
 
     def release(self, module: nn.Module) -> None:
         """Drop ``module``'s parameters (back to the meta device)."""

@@ -20,7 +20,6 @@ checkpoint itself instead, computed in float32 in memory that does not grow with
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import tempfile
 from collections.abc import Callable, Iterator
@@ -35,7 +34,7 @@ from edgekit.errors import UsageError
 from edgekit.exporters.lazy_weights import CheckpointReader
 from edgekit.package import sha256_file
 from edgekit.quant.evaluate import Protocol, cache_path, read_cached_hidden, write_cached_hidden
-from edgekit.quant.gptq import decoder_layers
+from edgekit.quant.gptq import decoder_layers, return_freed_memory
 from edgekit.quant.lazy_model import LazyModel
 from edgekit.quant.metrics import log_softmax
 
@@ -129,7 +128,7 @@ class StreamedModel:
                     for first, last in batches:
                         output = layer(hidden[first:last], **kwargs[index][last - first])
                         hidden[first:last] = output[0] if isinstance(output, tuple) else output
-                _trim_heap()
+                return_freed_memory()  # RSS stays flat, as in GPTQ
             with self._loaded(self.norm):
                 scored = self.norm(hidden[:, start:stop])
         return np.ascontiguousarray(scored.numpy(), dtype=np.float32)
@@ -165,16 +164,11 @@ class StreamedModel:
 
     def _embed(self, windows: np.ndarray) -> torch.Tensor:
         """Layer 0's input [windows, ctx, hidden]: only the rows of tokens that occur are read from disk."""
-        present, compact = np.unique(windows, return_inverse=True)
-        # One read per run of consecutive ids.
-        breaks = np.flatnonzero(np.diff(present) != 1) + 1
-        runs = np.split(present, breaks)
-        rows = torch.cat([self.weights.rows(self.embedding_name, int(r[0]), int(r[-1]) + 1) for r in runs])
+        rows, ids = self.lazy.embedding_rows(torch.from_numpy(windows.astype(np.int64)))
         meta = self.embedding.weight
         # The model's own embedding module runs (a scaled embedding scales), over a table of just these rows.
-        self.embedding.weight = nn.Parameter(rows.to(torch.float32), requires_grad=False)
+        self.embedding.weight = nn.Parameter(rows, requires_grad=False)
         try:
-            ids = torch.from_numpy(compact.reshape(windows.shape).astype(np.int64))
             return self.embedding(ids).to(torch.float32).contiguous()
         finally:
             self.embedding.weight = meta
@@ -198,12 +192,6 @@ def _final_norm(model: nn.Module, layers: nn.ModuleList) -> nn.Module:
         if getattr(module, "layers", None) is layers and isinstance(norm, nn.Module):
             return norm
     raise ValueError(f"cannot find the final norm of {type(model).__name__} beside its decoder layers")
-
-
-def _trim_heap() -> None:
-    """Hand freed heap pages back to the OS after each layer (glibc), as GPTQ does: RSS stays flat."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 class StreamedReference:
