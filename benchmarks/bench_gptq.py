@@ -1,12 +1,13 @@
 """GPTQ against RTN on the demo model: build time, peak memory, accuracy and decode speed.
 
 Run: python benchmarks/bench_gptq.py [--samples 128] [--seq-len 512] [--calibration FILE|builtin]
-          [--lm-head int4|int8|float] [--text FILE] [--runs 3]
+          [--lm-head int4|int8|float] [--one-pass] [--text FILE] [--runs 3]
 
 Builds SmolLM2-135M-Instruct for a laptop-cpu profile that makes both INT4 variants (block 32, int8
 compute, `--lm-head` head), calibrating GPTQ on WikiText-2 validation (128 samples of 512 tokens by default),
 then scores every variant on WikiText-2 test with `edgekit eval`'s protocol (20 windows of 512) and
-times decoding with `edgekit bench` (512-token prompt, 128 generated, 3 runs).
+times decoding with `edgekit bench` (512-token prompt, 128 generated, 3 runs). `--one-pass` gives the
+target `gptq: {one_pass: true}` (GPTQ's one-pass schedule).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ targets:
     accuracy_level: 4
     int4_methods: [rtn, gptq]
     lm_head: {head}
+    gptq: {{one_pass: {one_pass}}}
 """
 
 
@@ -48,11 +50,12 @@ def main() -> None:
     )
     parser.add_argument("--lm-head", default="int4", choices=["int4", "int8", "float"], help="LM head precision")
     parser.add_argument("--runs", type=int, default=3, help="edgekit bench runs per variant (0: no speed bench)")
+    parser.add_argument("--one-pass", action="store_true", help="GPTQ's one-pass schedule")
     parser.add_argument("--text", type=Path, default=DATA / "wikitext2-test.txt")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         targets = Path(tmp) / "targets.yaml"
-        targets.write_text(TARGETS.format(head=args.lm_head))
+        targets.write_text(TARGETS.format(head=args.lm_head, one_pass=str(args.one_pass).lower()))
         package = Path(tmp) / "pkg"
         corpus = builtin_corpus("calibration") if args.calibration == "builtin" else load_text(args.calibration)
         calibration = CalibrationSettings(corpus, args.samples, args.seq_len, 0)
@@ -78,7 +81,8 @@ def main() -> None:
         )
     print(f"machine: {describe_machine()}")
     print(
-        f"calibration: {Path(args.calibration).name}, {args.samples} x {args.seq_len} tokens; LM head {args.lm_head}\n"
+        f"calibration: {Path(args.calibration).name}, {args.samples} x {args.seq_len} tokens; LM head {args.lm_head}; "
+        f"{'one pass' if args.one_pass else 'two passes'} per layer\n"
     )
     print("| step | seconds | peak RSS (MiB) |\n|---|---:|---:|")
     for record in result.steps:

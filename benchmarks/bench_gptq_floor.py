@@ -9,7 +9,9 @@ to collect the Hessians, once more quantized to feed the next layer) and accumul
 config and measures the fastest matrix products this machine offers for them, on the shapes GPTQ uses:
 
 - torch float32, bfloat16 and int8 (``torch._int_mm``) products;
-- onnxruntime float32 ``MatMul`` and int8 ``DynamicQuantizeMatMul`` (MLAS, the fastest int8 kernels here).
+- onnxruntime float32 ``MatMul`` and int8 ``DynamicQuantizeMatMul`` (MLAS, the fastest int8 kernels here);
+- onnxruntime ``MatMulNBits`` on int4 weights (block 32), with float32 and with int8 compute: the kernel
+  that could run a quantized layer's forward with the runtime's own numerics.
 
 It prints each throughput and the resulting floor: one forward pass plus half the Hessians at the best
 float32 and the best int8 rate, with no solve, no attention overhead, no Python. A GPTQ time target below
@@ -66,7 +68,8 @@ def torch_rates(rows: int, inner: int, outer: int) -> dict[str, float]:
 
 
 def onnxruntime_rates(rows: int, inner: int, outer: int) -> dict[str, float]:
-    """onnxruntime's float32 MatMul and int8 DynamicQuantizeMatMul on the same shapes, in op/s."""
+    """onnxruntime's float32 MatMul, int8 DynamicQuantizeMatMul, and the runtime's int4 MatMulNBits (block
+    32) with float32 and with int8 compute (accuracy level 4), on the same shapes, in op/s."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -84,6 +87,17 @@ def onnxruntime_rates(rows: int, inner: int, outer: int) -> dict[str, float]:
             [numpy_helper.from_array(weight, "B"), numpy_helper.from_array(np.array([0.01], np.float32), "S")],
         ),
     }
+    block = 32
+    packed = rng.integers(0, 256, (outer, inner // block, block // 2)).astype(np.uint8)
+    scales = np.full(outer * (inner // block), 0.01, np.float32)
+    for level, label in ((0, "fp32 compute"), (4, "int8 compute")):
+        graphs[f"onnxruntime int4 MatMulNBits, {label}"] = (
+            helper.make_node(
+                "MatMulNBits", ["A", "B", "S"], ["Y"], domain="com.microsoft",
+                K=inner, N=outer, bits=4, block_size=block, accuracy_level=level,
+            ),
+            [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")],
+        )  # fmt: skip
     options = ort.SessionOptions()
     options.intra_op_num_threads = len(os.sched_getaffinity(0))
     activations = rng.standard_normal((rows, inner)).astype(np.float32)

@@ -1,11 +1,13 @@
 """How long GPTQ takes on a real checkpoint, and how much memory it peaks at.
 
-    python benchmarks/bench_gptq_speed.py HF_FOLDER TEXT.txt [--samples 128] [--seq-len 512]
+    python benchmarks/bench_gptq_speed.py HF_FOLDER TEXT.txt [--samples 128] [--seq-len 512] [--one-pass]
 
 Loads the checkpoint in float32 (sdpa attention), tokenizes the text, draws ``--samples`` random windows
 of ``--seq-len`` tokens with a seeded numpy Generator, runs GPTQ as ``edgekit build`` does
 (``write_gptq_checkpoint``: load in float32, quantize layer by layer, pack, write the GPTQ checkpoint) and
-prints the wall time, the time per phase and the peak resident memory beside the float32 weights' size.
+prints the wall time, the time per phase and the peak resident memory beside the float32 weights' size
+and edgekit's estimate of GPTQ's peak. ``--one-pass`` runs GPTQ's one-pass schedule (``gptq: {one_pass:
+true}`` in a target) instead of the default two passes per layer.
 """
 
 from __future__ import annotations
@@ -33,11 +35,13 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--one-pass", action="store_true", help="GPTQ's one-pass schedule")
     args = parser.parse_args()
 
     import torch
     import transformers
 
+    from edgekit.exporters.memory_estimate import estimate_build
     from edgekit.exporters.weight_files import parameter_count
     from edgekit.progress import current_rss_mb
     from edgekit.quant.gptq import GPTQConfig
@@ -53,7 +57,7 @@ def main() -> None:
         write_gptq_checkpoint(
             args.checkpoint,
             Path(scratch) / "gptq",
-            GPTQConfig(bits=args.bits, group_size=args.group_size),
+            GPTQConfig(bits=args.bits, group_size=args.group_size, one_pass=args.one_pass),
             calibration,
             progress=lambda line: print(
                 f"  {time.perf_counter() - started:7.1f}s {current_rss_mb():7.0f} MiB {line}", flush=True
@@ -63,10 +67,17 @@ def main() -> None:
     wall = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(describe_machine())
-    fp32_mib = 4 * parameter_count(sorted(args.checkpoint.glob("*.safetensors"))) / 2**20
-    print(f"{args.samples} x {args.seq_len} calibration tokens, group size {args.group_size}")
+    files = sorted(args.checkpoint.glob("*.safetensors"))
+    fp32_mib = 4 * parameter_count(files) / 2**20
+    tokens = args.samples * args.seq_len
+    estimate = estimate_build(
+        files, [], streaming=True, tied=True, calibration_tokens=tokens, gptq_one_pass=args.one_pass
+    ).peak_memory
+    schedule = "one pass" if args.one_pass else "two passes"
+    print(f"{args.samples} x {args.seq_len} calibration tokens, group size {args.group_size}, {schedule} per layer")
     print(f"GPTQ wall time {wall:.1f} s (load, quantize, pack, write)")
     print(f"peak RSS {peak_mib:,.0f} MiB = {peak_mib / fp32_mib:.2f}x the float32 weights ({fp32_mib:,.0f} MiB)")
+    print(f"edgekit's estimate of GPTQ's peak {estimate / 2**20:,.0f} MiB")
     for phase, seconds in timings.items():
         print(f"  {phase:16s} {seconds:7.1f} s")
 

@@ -34,6 +34,7 @@ from edgekit.exporters.sources import (
 from edgekit.exporters.streaming import run_streaming_builder
 from edgekit.exporters.validate import ParityResult, check_reference
 from edgekit.exporters.weight_files import check_gguf, parameter_count
+from edgekit.exporters.zero_points import drop_default_zero_points
 from edgekit.package import read_manifest, sha256_file, staged_output, write_manifest
 from edgekit.progress import StepRecord, StepReporter
 from edgekit.quant.corpus import Corpus, builtin_corpus
@@ -47,7 +48,7 @@ from edgekit.quant.schemes import (
     prequantized_variants,
     uses_gptq,
 )
-from edgekit.targets import HeadPrecision, Int4Method, Target, get_target
+from edgekit.targets import HeadPrecision, Int4Method, Precision, Target, get_target
 
 BUILD_LOG = "build.log"
 _TOOLS = ("onnxruntime", "onnxruntime-genai", "onnx", "transformers", "torch", "gguf", "numpy")
@@ -169,7 +170,11 @@ def _make_gptq_checkpoint(
     tokens = calibration_tokens(hf_folder / "tokenizer.json", corpus, settings.samples, settings.seq_len, settings.seed)
     with output_to_log(log_path):
         config = GPTQConfig(
-            group_size=target.block_size, sym=target.gptq.sym, damp=target.gptq.damp, act_order=target.gptq.act_order
+            group_size=target.block_size,
+            sym=target.gptq.sym,
+            damp=target.gptq.damp,
+            act_order=target.gptq.act_order,
+            one_pass=target.gptq.one_pass,
         )
         write_gptq_checkpoint(hf_folder, out, config, tokens, progress=detail)
 
@@ -261,6 +266,8 @@ def _build_into(
                 log_path=log_path,
             )
             checked.architecture.adapt_export(staging / variant.name)
+            if variant.precision == Precision.INT4.value:
+                drop_default_zero_points(staging / variant.name)
         variants[variant.name] = _variant_entry(variant, staging)
     parity = None
     if not streaming:

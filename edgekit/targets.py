@@ -70,6 +70,9 @@ class GPTQSettings:
     """Added to the Hessian's diagonal, as a fraction of its mean diagonal."""
     act_order: bool = True
     """Quantize columns in descending Hessian-diagonal order (static groups: no g_idx at run time)."""
+    one_pass: bool = False
+    """One forward pass per decoder layer over all calibration batches at once (true-sequential order):
+    about a fifth faster, holding every batch's activations of a layer at once."""
 
 
 @dataclass(frozen=True)
@@ -193,14 +196,17 @@ def _parse_gptq(body: Any, where: str, path: str | Path) -> GPTQSettings:
     if not isinstance(body, Mapping):
         raise TargetError(f"{where}: 'gptq' must be a mapping", path=path)
     _reject_unknown(body, _GPTQ_KEYS, f"{where} gptq", path)
-    for key in ("sym", "act_order"):
+    for key in ("sym", "act_order", "one_pass"):
         if key in body and not isinstance(body[key], bool):
             raise TargetError(f"{where}: gptq '{key}' must be true or false", path=path)
     damp = body.get("damp", GPTQSettings.damp)
     if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
         raise TargetError(f"{where}: gptq 'damp' must be a number between 0 and 1", path=path)
     return GPTQSettings(
-        sym=body.get("sym", GPTQSettings.sym), damp=float(damp), act_order=body.get("act_order", GPTQSettings.act_order)
+        sym=body.get("sym", GPTQSettings.sym),
+        damp=float(damp),
+        act_order=body.get("act_order", GPTQSettings.act_order),
+        one_pass=body.get("one_pass", GPTQSettings.one_pass),
     )
 
 
@@ -275,6 +281,7 @@ def targets_json_schema() -> dict[str, Any]:
                 "properties": {
                     "sym": {"type": "boolean"},
                     "act_order": {"type": "boolean"},
+                    "one_pass": {"type": "boolean"},
                     "damp": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
                 },
             },

@@ -14,13 +14,12 @@ from edgekit.quant.gptq import (  # noqa: E402
     GPTQConfig,
     HessianAccumulator,
     QuantizedWeight,
-    decoder_layers,
     dequantize,
-    gptq_quantize_model,
     quantize_weight,
     rtn_quantize_weight,
 )
 from edgekit.quant.gptq_format import pack_gptq, quantization_config, unpack_gptq  # noqa: E402
+from edgekit.quant.gptq_layers import decoder_layers, gptq_quantize_model  # noqa: E402
 
 
 def correlated_layer(seed: int = 0, rows: int = 2048, features: int = 128, out: int = 64):

@@ -56,7 +56,9 @@ def test_gptq_variant_matches_the_fake_quantized_model_and_is_deployed(
     graph = onnx.load(str(out / "int4-gptq" / "model.onnx"), load_external_data=False).graph
     nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
     assert len(nbits) == 2 * 5  # qkv, o, gate, up, down in each of the 2 layers
-    assert all(len(node.input) <= 4 for node in nbits), "a g_idx input would disable prepacking"
+    # No g_idx (it would disable prepacking) and no zero points: symmetric GPTQ's are all the default,
+    # and the input would slow decoding (edgekit/exporters/zero_points.py).
+    assert all(len(node.input) == 3 for node in nbits), [list(node.input) for node in nbits]
 
 
 @pytest.mark.slow
@@ -67,3 +69,29 @@ def test_two_gptq_builds_give_identical_weight_bytes(runner, tiny_checkpoints, t
     _build(runner, source, second, targets_file)
     for name in ("model.onnx", "model.onnx.data"):
         assert (first / "int4-gptq" / name).read_bytes() == (second / "int4-gptq" / name).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_targets_gptq_settings_reach_the_solver(runner, tiny_checkpoints, tmp_path: Path, monkeypatch) -> None:
+    """`gptq: {one_pass, sym, ...}` in targets.yaml is the GPTQConfig the build calibrates with."""
+    import edgekit.quant.gptq_checkpoint as checkpoint_module
+
+    configs = []
+    original = checkpoint_module.write_gptq_checkpoint
+
+    def record(hf_folder, out, config, *args, **kwargs):  # type: ignore[no-untyped-def]
+        configs.append(config)
+        return original(hf_folder, out, config, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "write_gptq_checkpoint", record)
+    targets = tmp_path / "targets.yaml"
+    targets.write_text(EXACT_GPTQ_TARGETS + "    gptq: {one_pass: true, sym: false, damp: 0.02}\n")
+    _build(runner, tiny_checkpoints("llama"), tmp_path / "pkg", targets)
+    [config] = configs
+    assert (config.one_pass, config.sym, config.damp, config.act_order, config.group_size) == (
+        True,
+        False,
+        0.02,
+        True,
+        32,
+    )

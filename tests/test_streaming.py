@@ -306,6 +306,9 @@ def test_the_estimate_counts_gptq_calibration(tmp_path: Path) -> None:
     largest = 2 * hidden * hidden + 2 * inner * hidden
     expected = BASE_BYTES + 12 * largest + 4 * tokens * hidden + 8 * (hidden * hidden + inner * inner) + 8 * inner**2
     assert plain.peak_memory < gptq.peak_memory == expected
+    # One pass holds every token's activations at the widest stop (before down_proj) and one Hessian.
+    one_pass = estimate_build(files, variants, streaming=True, tied=True, calibration_tokens=tokens, gptq_one_pass=True)
+    assert one_pass.peak_memory == BASE_BYTES + 12 * largest + 6 * tokens * (3 * hidden + inner) + 16 * inner**2
 
 
 def test_checkpoint_reader_reads_rows_and_tensors(tiny_checkpoints) -> None:

@@ -175,6 +175,10 @@ BAD_FILES = {
     "empty targets": (_top("targets", {}), ["'targets'", "non-empty"]),
     "unknown gptq key": (_set("laptop-cpu", "gptq", {"dampening": 0.1}), ["laptop-cpu", "unknown key 'dampening'"]),
     "gptq sym not a boolean": (_set("laptop-cpu", "gptq", {"sym": "yes"}), ["laptop-cpu", "'sym'", "true or false"]),
+    "gptq one_pass not a boolean": (
+        _set("laptop-cpu", "gptq", {"one_pass": 1}),
+        ["laptop-cpu", "'one_pass'", "true or false"],
+    ),
     "gptq damp out of range": (_set("laptop-cpu", "gptq", {"damp": 1.5}), ["laptop-cpu", "'damp'", "between 0 and 1"]),
     "gptq not a mapping": (_set("laptop-cpu", "gptq", 0.01), ["laptop-cpu", "'gptq' must be a mapping"]),
 }
@@ -315,7 +319,7 @@ def test_gptq_needs_a_block_size_it_can_group_by(tmp_path: Path) -> None:
 
 
 def test_gptq_settings_reach_the_target(tmp_path: Path) -> None:
-    data = mutated(_set("laptop-cpu", "gptq", {"sym": False, "damp": 0.05, "act_order": False}))
+    data = mutated(_set("laptop-cpu", "gptq", {"sym": False, "damp": 0.05, "act_order": False, "one_pass": True}))
     gptq = load_targets(write_targets(tmp_path, data))["laptop-cpu"].gptq
-    assert (gptq.sym, gptq.damp, gptq.act_order) == (False, 0.05, False)
+    assert (gptq.sym, gptq.damp, gptq.act_order, gptq.one_pass) == (False, 0.05, False, True)
     assert load_targets()["laptop-cpu"].gptq == GPTQSettings()

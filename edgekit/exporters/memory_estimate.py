@@ -99,11 +99,13 @@ def estimate_build(
     streaming: bool,
     tied: bool,
     calibration_tokens: int = 0,
+    gptq_one_pass: bool = False,
 ) -> BuildEstimate:
     """Estimate the peak memory and the disk of exporting ``variants`` from ``weight_files``.
 
     ``calibration_tokens`` (samples x sequence length) when the build runs GPTQ first: its peak counts
-    too when it is the higher one.
+    too when it is the higher one. ``gptq_one_pass``: GPTQ runs one pass per layer, holding every
+    calibration batch's activations of a layer at once.
     """
     shapes = _weights(weight_files)
     parameters = sum(math.prod(shape) for shape in shapes.values())
@@ -122,10 +124,22 @@ def estimate_build(
         peak = BASE_BYTES + WHOLE_BYTES_PER_PARAM * parameters
     if calibration_tokens:
         hidden = max((shape[1] for name, shape in shapes.items() if "embed_tokens" in name), default=0)
-        # every input's Hessian accumulates at once (4 bytes an entry, inputs shared or not counted
-        # twice), then the widest is factored with two more of its size alive
-        hessians = max((sum(8 * n * n for n in dims) + 8 * max(dims) ** 2 for dims in inputs.values()), default=0)
-        gptq = BASE_BYTES + 12 * largest + 4 * calibration_tokens * hidden + hessians
+        widest = max((max(dims) for dims in inputs.values()), default=hidden)
+        if gptq_one_pass:
+            # Every token's activations at the layer's widest stop: before down_proj, the layer's input,
+            # the residual, the MLP's input and the intermediate; before o_proj, about six hidden-wide
+            # tensors. 6 bytes a float32, not 4: with every batch's tensors alive, freed blocks fragment
+            # the heap (on the demo model the peak was 1.5x what the live tensors add up to). One Hessian
+            # at a time, factored with a few copies of its size alive.
+            activations = 6 * calibration_tokens * max(6 * hidden, 3 * hidden + widest)
+            hessians = 16 * widest**2
+        else:
+            # One hidden-wide tensor per token between layers. Every input's Hessian accumulates at once
+            # (4 bytes an entry, inputs shared or not counted twice), then the widest is factored with
+            # two more of its size alive.
+            activations = 4 * calibration_tokens * hidden
+            hessians = max((sum(8 * n * n for n in dims) + 8 * max(dims) ** 2 for dims in inputs.values()), default=0)
+        gptq = BASE_BYTES + 12 * largest + activations + hessians
         peak = max(peak, gptq)
     disk = sum(_variant_bytes(shapes, variant, tied) for variant in variants)
     return BuildEstimate(parameters, largest, int(peak), disk, streaming)
@@ -221,6 +235,11 @@ def check_build_resources(
     tied = bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
     files = sorted(hf_folder.glob("*.safetensors"))
     tokens = calibration_tokens if uses_gptq(target) and checked.quantization is None else 0
-    whole = estimate_build(files, plan_variants(target), streaming=False, tied=tied, calibration_tokens=tokens)
-    streamed = estimate_build(files, target_variants(target), streaming=True, tied=tied, calibration_tokens=tokens)
+    one_pass = target.gptq.one_pass
+    whole = estimate_build(
+        files, plan_variants(target), streaming=False, tied=tied, calibration_tokens=tokens, gptq_one_pass=one_pass
+    )
+    streamed = estimate_build(
+        files, target_variants(target), streaming=True, tied=tied, calibration_tokens=tokens, gptq_one_pass=one_pass
+    )
     check_resources(streamed if streaming else whole, out, source=checked.folder, streamed=streamed)

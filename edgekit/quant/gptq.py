@@ -1,4 +1,4 @@
-"""GPTQ (Frantar et al., 2022) weight quantization on the CPU, and the sequential driver over a decoder.
+"""GPTQ (Frantar et al., 2022) weight quantization on the CPU: the solver (the driver over a decoder is gptq_layers).
 
 The solver follows the reference ``fasterquant``: dead input columns are zeroed, the Hessian is damped by
 a fraction of its mean diagonal, its inverse is factored by Cholesky (upper), and columns are quantized in
@@ -18,15 +18,11 @@ the weight the checkpoint represents.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import os
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 Progress = Callable[[str], None]
 
@@ -54,14 +50,18 @@ class GPTQConfig:
     """Quantize columns in descending diag(H) order (with static groups, so g_idx stays trivial)."""
     block_size: int = 128
     """Columns per lazy batch update; only speed depends on it."""
+    one_pass: bool = False
+    """Run each decoder layer once over all calibration batches, quantizing each linear group as they reach
+    it (true-sequential order), instead of twice batch by batch: faster, but every batch's activations of
+    the layer are held at once (see ``edgekit.quant.gptq_layers``)."""
 
     def __post_init__(self) -> None:
         if self.bits not in _BITS:
             raise ValueError(f"GPTQ bits must be one of {_BITS}, not {self.bits!r}")
         if self.group_size not in _GROUP_SIZES:
             raise ValueError(f"GPTQ group_size must be one of {_GROUP_SIZES}, not {self.group_size!r}")
-        if not isinstance(self.sym, bool) or not isinstance(self.act_order, bool):
-            raise ValueError("GPTQ sym and act_order must be booleans")
+        if not all(isinstance(flag, bool) for flag in (self.sym, self.act_order, self.one_pass)):
+            raise ValueError("GPTQ sym, act_order and one_pass must be booleans")
         if not 0.0 < self.damp < 1.0:
             raise ValueError(f"GPTQ damp must be a fraction of the mean Hessian diagonal in (0, 1), not {self.damp!r}")
         if not isinstance(self.block_size, int) or self.block_size < 1:
@@ -287,263 +287,3 @@ def _single_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-# --- the sequential driver -------------------------------------------------------------------------
-
-
-class _StopForward(Exception):
-    """Raised from a hook to end a forward pass early (once the wanted inputs are recorded)."""
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a transformers causal LM (``model.model.layers``; Qwen3.5's text model too).
-
-    Raises ``ValueError`` naming the model class when the layout is not one edgekit knows.
-    """
-    inner = getattr(model, "model", None)
-    for holder in (inner, getattr(inner, "language_model", None)):
-        layers = getattr(holder, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return layers
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: GPTQ supports models whose layers are "
-        "model.model.layers (llama, mistral, qwen2, qwen3, phi3, gemma3) or model.model.language_model.layers"
-    )
-
-
-class _Catcher(nn.Module):
-    """Stands in for a decoder layer while capturing: records its keyword arguments and passes through.
-
-    Layer 0's stand-in also records the hidden states. Keyword arguments (masks, position embeddings)
-    depend only on the batch shape, since calibration windows are unpadded and start at position 0, so
-    they are kept once per (layer, batch size). Gemma3 gives sliding and full layers different masks,
-    hence one record per layer.
-    """
-
-    def __init__(self, index: int, last: bool, state: dict[str, Any]) -> None:
-        super().__init__()
-        self.index, self.last, self.state = index, last, state
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args:
-            raise ValueError("GPTQ expects decoder layers to get everything but hidden_states as keywords")
-        batch = hidden_states.shape[0]
-        if self.index == 0:
-            self.state["inputs"].append(hidden_states.detach())
-            if all(batch in per_layer for per_layer in self.state["kwargs"]):
-                raise _StopForward
-        self.state["kwargs"][self.index].setdefault(batch, kwargs)
-        if self.last:
-            raise _StopForward
-        return hidden_states
-
-
-def _capture_layer_inputs(
-    model: nn.Module, layers: nn.ModuleList, calibration: Tensor, batch_size: int
-) -> tuple[list[Tensor], list[dict[int, dict[str, Any]]]]:
-    """Layer 0's inputs per calibration batch, and every layer's keyword arguments per batch size."""
-    state: dict[str, Any] = {"inputs": [], "kwargs": [{} for _ in layers]}
-    originals = list(layers)
-    for index in range(len(layers)):
-        layers[index] = _Catcher(index, index == len(layers) - 1, state)
-    try:
-        for start in range(0, calibration.shape[0], batch_size):
-            with contextlib.suppress(_StopForward):
-                model(input_ids=calibration[start : start + batch_size], use_cache=False)
-    finally:
-        for index, layer in enumerate(originals):
-            layers[index] = layer
-    return state["inputs"], state["kwargs"]
-
-
-def _layer_output(output: Any) -> Tensor:
-    """The hidden states a decoder layer returned (transformers 5 returns a tensor, older ones a tuple)."""
-    return output[0] if isinstance(output, tuple) else output
-
-
-class _HessianCollector:
-    """Forward pre-hooks on a layer's linears that accumulate each distinct input's Hessian.
-
-    Linears fed the very same tensor in a forward (q/k/v, gate/up) share one Hessian, accumulated once
-    and solved as one stacked matrix. After the first batch the hook of the layer's last linear ends the
-    forward early: what follows it only makes the layer's output, which this pass does not need.
-    """
-
-    def __init__(self, linears: dict[str, nn.Linear]) -> None:
-        self.linears = linears
-        self.leader: dict[str, str] = {}  # module name -> the module whose Hessian it shares
-        self.hessians: dict[str, HessianAccumulator] = {}
-        self.order: list[str] = []  # execution order, learnt on the first batch
-        self.first_batch = True
-        self._seen: list[tuple[Tensor, str]] = []
-        self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
-
-    def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
-        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
-            inputs = args[0]
-            if self.first_batch:
-                self.order.append(name)
-                shared = next((leader for tensor, leader in self._seen if tensor is inputs), None)
-                self.leader[name] = shared or name
-                if shared is None:
-                    self._seen.append((inputs, name))
-            if self.leader[name] == name:
-                if name not in self.hessians:
-                    self.hessians[name] = HessianAccumulator(inputs.shape[-1])
-                self.hessians[name].add(inputs)
-            if not self.first_batch and name == self.order[-1]:
-                raise _StopForward
-
-        return hook
-
-    def end_batch(self) -> None:
-        """Forget this batch's tensors; the grouping and order learnt on the first batch stay."""
-        self.first_batch = False
-        self._seen.clear()
-
-    def remove(self) -> None:
-        """Detach the hooks."""
-        for handle in self._handles:
-            handle.remove()
-
-    def groups(self) -> dict[str, list[str]]:
-        """Leader -> the modules (leader first, in execution order) that share its Hessian."""
-        grouped: dict[str, list[str]] = {}
-        for name in self.order:
-            grouped.setdefault(self.leader[name], []).append(name)
-        return grouped
-
-
-def iter_gptq_layers(
-    model: nn.Module,
-    calibration: Tensor,
-    config: GPTQConfig,
-    *,
-    batch_size: int = 4,
-    progress: Progress | None = None,
-    timings: dict[str, float] | None = None,
-    release: bool = False,
-    before_layer: Callable[[int, nn.Module], None] | None = None,
-) -> Iterator[tuple[nn.Module, dict[str, QuantizedWeight]]]:
-    """GPTQ the decoder layers of ``model`` one at a time, yielding ``(layer, {module name: weight})``.
-
-    ``calibration`` is [samples, seq_len] int64 token ids (sampling them, seeded, is the caller's job).
-    Layer 0's inputs are captured once; then each layer's Hessians are accumulated from its inputs, its
-    linears quantized (``weight`` replaced by the dequantized weight) and the *quantized* layer rerun so
-    its outputs, written over its inputs batch by batch, feed the next layer (the last layer is not rerun):
-    only one layer's activations are held. Embeddings and the LM head are left alone. Load the model in
-    float32; attention runs with whatever implementation the model was loaded with (sdpa is the fast one
-    on CPU).
-
-    With ``release``, each layer's tensors are moved to the meta device once the caller has taken what it
-    needs from the yielded layer, so the model shrinks as GPTQ proceeds (and cannot be run afterwards).
-    ``before_layer(index, layer)`` runs after layer 0's inputs are captured and before each layer is
-    quantized: a model whose layers wait on disk loads them there.
-    With ``timings``, the seconds spent in each phase (capture, hessian_forward, solve, output_forward)
-    are added to it.
-    """
-    if calibration.dim() != 2 or calibration.dtype != torch.int64:
-        raise ValueError("calibration must be an int64 tensor of token ids shaped [samples, seq_len]")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, not {batch_size}")
-    layers = decoder_layers(model)
-    names = {id(module): name for name, module in model.named_modules()}
-    clock = timings if timings is not None else {}
-    threads = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(cores)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            started = time.perf_counter()
-            inputs, layer_kwargs = _capture_layer_inputs(model, layers, calibration, batch_size)
-            _tick(clock, "capture", started)
-            for index, layer in enumerate(layers):
-                if before_layer is not None:
-                    before_layer(index, layer)
-                linears = {
-                    names[id(m)]: m
-                    for m in layer.modules()
-                    if isinstance(m, nn.Linear) and not names[id(m)].endswith(KEPT_DENSE)
-                }
-                collector = _HessianCollector(linears)
-                started = time.perf_counter()
-                try:
-                    for hidden in inputs:
-                        with contextlib.suppress(_StopForward):
-                            layer(hidden, **layer_kwargs[index][hidden.shape[0]])
-                        collector.end_batch()
-                finally:
-                    collector.remove()
-                return_freed_memory()
-                _tick(clock, "hessian_forward", started)
-
-                started = time.perf_counter()
-                results: dict[str, QuantizedWeight] = {}
-                for leader, members in collector.groups().items():
-                    stacked = torch.cat([linears[name].weight for name in members], dim=0)
-                    hessian = collector.hessians.pop(leader).matrix()
-                    quantized = quantize_weight(stacked, hessian, config)
-                    del stacked, hessian
-                    row = 0
-                    for name in members:
-                        module = linears[name]
-                        part = quantized.rows(row, row + module.out_features)
-                        row += module.out_features
-                        module.weight.data = part.dequantized.to(module.weight.dtype)
-                        results[name] = part
-                _tick(clock, "solve", started)
-
-                started = time.perf_counter()
-                if index < len(layers) - 1:  # the last layer's outputs feed nothing GPTQ quantizes
-                    for batch, hidden in enumerate(inputs):
-                        inputs[batch] = _layer_output(layer(hidden, **layer_kwargs[index][hidden.shape[0]]))
-                _tick(clock, "output_forward", started)
-                if progress is not None:
-                    progress(f"GPTQ layer {index + 1}/{len(layers)}: {len(linears)} linears")
-                yield layer, results
-                if release:
-                    layer.to("meta")
-                return_freed_memory()
-    finally:
-        torch.set_num_threads(threads)
-        model.train(was_training)
-
-
-def gptq_quantize_model(
-    model: nn.Module,
-    calibration: Tensor,
-    config: GPTQConfig,
-    *,
-    batch_size: int = 4,
-    progress: Progress | None = None,
-    timings: dict[str, float] | None = None,
-) -> dict[str, QuantizedWeight]:
-    """GPTQ every ``nn.Linear`` of every decoder layer of ``model`` in place (see ``iter_gptq_layers``).
-
-    Returns module name (as in ``model.named_modules()``) -> ``QuantizedWeight``.
-    """
-    results: dict[str, QuantizedWeight] = {}
-    for _layer, quantized in iter_gptq_layers(
-        model, calibration, config, batch_size=batch_size, progress=progress, timings=timings
-    ):
-        results.update(quantized)
-    return results
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc only; elsewhere nothing to do).
-
-    Each layer frees tens of MB in blocks below glibc's dynamic mmap threshold; left in the heap they
-    fragment and the process grows by about that much per layer (+30 MiB per layer measured on
-    SmolLM2-135M; flat with a trim after each layer). Lowering the mmap threshold instead also keeps it
-    flat but makes every activation a fresh mapping, and the page faults cost 20% of GPTQ's time.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-def _tick(clock: dict[str, float], phase: str, started: float) -> None:
-    clock[phase] = clock.get(phase, 0.0) + time.perf_counter() - started

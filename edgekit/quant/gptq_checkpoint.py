@@ -19,8 +19,9 @@ import numpy as np
 from edgekit.errors import CorruptFileError, UsageError
 from edgekit.exporters.lazy_weights import CheckpointReader
 from edgekit.quant.corpus import Corpus
-from edgekit.quant.gptq import GPTQConfig, Progress, decoder_layers, iter_gptq_layers
+from edgekit.quant.gptq import GPTQConfig, Progress
 from edgekit.quant.gptq_format import pack_gptq, quantization_config
+from edgekit.quant.gptq_layers import decoder_layers, iter_gptq_layers
 from edgekit.quant.lazy_model import open_lazily
 
 _COPIED = (".json", ".jinja", ".model", ".txt", ".tiktoken")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from edgekit.exporters.lazy_weights import CheckpointReader
-from edgekit.quant.gptq import decoder_layers
+from edgekit.quant.gptq_layers import decoder_layers
 
 _NEVER_RUN = ("visual.", "vision_tower.", "mtp.")
 

@@ -34,7 +34,7 @@ from edgekit.errors import UsageError
 from edgekit.exporters.lazy_weights import CheckpointReader
 from edgekit.package import sha256_file
 from edgekit.quant.evaluate import Protocol, cache_path, read_cached_hidden, write_cached_hidden
-from edgekit.quant.gptq import decoder_layers, return_freed_memory
+from edgekit.quant.gptq_layers import decoder_layers, return_freed_memory
 from edgekit.quant.lazy_model import LazyModel
 from edgekit.quant.metrics import log_softmax
 
