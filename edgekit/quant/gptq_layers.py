@@ -114,33 +114,34 @@ class _HessianCollector:
         self.linears = linears
         self.leader: dict[str, str] = {}  # module name -> the module whose Hessian it shares
         self.hessians: dict[str, HessianAccumulator] = {}
-        self.order: list[str] = []  # execution order, learnt on the first batch
         self.first_batch = True
-        self._seen: list[tuple[Tensor, str]] = []
+        self._calls: list[tuple[str, Tensor]] = []  # the first batch's calls, in execution order
+        self._groups: list[list[str]] = []  # learnt from them once the first batch ends
+        self._last = ""  # the last linear called: after the first batch the forward stops at it
         self._handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in linears.items()]
 
     def _hook(self, name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
         def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
             inputs = args[0]
             if self.first_batch:
-                self.order.append(name)
-                shared = next((leader for tensor, leader in self._seen if tensor is inputs), None)
-                self.leader[name] = shared or name
-                if shared is None:
-                    self._seen.append((inputs, name))
+                self._calls.append((name, inputs))
+                self.leader[name] = next(group[0] for group in _group_by_input(self._calls) if name in group)
             if self.leader[name] == name:
                 if name not in self.hessians:
                     self.hessians[name] = HessianAccumulator(inputs.shape[-1])
                 self.hessians[name].add(inputs)
-            if not self.first_batch and name == self.order[-1]:
+            if not self.first_batch and name == self._last:
                 raise _StopForward
 
         return hook
 
     def end_batch(self) -> None:
         """Forget this batch's tensors; the grouping and order learnt on the first batch stay."""
+        if self.first_batch:
+            self._groups = _group_by_input(self._calls)
+            self._last = self._calls[-1][0]
         self.first_batch = False
-        self._seen.clear()
+        self._calls.clear()
 
     def remove(self) -> None:
         """Detach the hooks."""
@@ -149,10 +150,22 @@ class _HessianCollector:
 
     def groups(self) -> dict[str, list[str]]:
         """Leader -> the modules (leader first, in execution order) that share its Hessian."""
-        grouped: dict[str, list[str]] = {}
-        for name in self.order:
-            grouped.setdefault(self.leader[name], []).append(name)
-        return grouped
+        return {group[0]: group for group in self._groups}
+
+
+def _group_by_input(calls: list[tuple[str, Tensor]]) -> list[list[str]]:
+    """Linears in the order they were called, grouped by the very tensor each was handed: q/k/v share one
+    input, as do gate/up, so they share one Hessian and are solved as one stacked weight."""
+    groups: list[list[str]] = []
+    seen: list[Tensor] = []
+    for name, tensor in calls:
+        match = next((index for index, other in enumerate(seen) if other is tensor), None)
+        if match is None:
+            seen.append(tensor)
+            groups.append([name])
+        else:
+            groups[match].append(name)
+    return groups
 
 
 def _quantize_group(
@@ -203,19 +216,10 @@ def _learn_groups(
     finally:
         for handle in handles:
             handle.remove()
-    groups: list[list[str]] = []
-    seen: list[Tensor] = []
-    for name, tensor in order:
-        match = next((i for i, other in enumerate(seen) if other is tensor), None)
-        if match is None:
-            seen.append(tensor)
-            groups.append([name])
-        else:
-            groups[match].append(name)
     missing = sorted(set(linears) - {name for name, _ in order})
     if missing:
         raise ValueError(f"GPTQ: the decoder layer's forward never calls {', '.join(missing)}")
-    return groups
+    return _group_by_input(order)
 
 
 class _LayerPass:
