@@ -97,19 +97,21 @@ def _rewrite_external_data(model: Any, model_dir: Path) -> None:
     data is ever on disk. The build's staging folder is discarded if this is interrupted.
     """
     import onnx
+    from onnx.external_data_helper import ExternalDataInfo
 
-    by_file: dict[str, list[Any]] = {}
+    by_file: dict[str, list[tuple[Any, ExternalDataInfo]]] = {}
     for tensor in model.graph.initializer:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            by_file.setdefault(_entry(tensor, "location", ""), []).append(tensor)
-    for location, tensors in by_file.items():
+            info = ExternalDataInfo(tensor)  # onnx's own parser: offsets and lengths checked non-negative
+            by_file.setdefault(info.location, []).append((tensor, info))
+    for location, entries in by_file.items():
         path = model_dir / location
         size = path.stat().st_size
         end = 0
         with path.open("r+b") as handle:
-            for tensor in sorted(tensors, key=lambda t: int(_entry(t, "offset", "0"))):
-                offset = int(_entry(tensor, "offset", "0"))
-                length = int(_entry(tensor, "length", str(size - offset)))  # absent: to the end of the file
+            for tensor, info in sorted(entries, key=lambda entry: entry[1].offset or 0):
+                offset = info.offset or 0
+                length = size - offset if info.length is None else info.length  # absent: to the end of the file
                 # Keep the alignment the writer gave the tensor, up to 64 bytes (the builder's).
                 alignment = min(64, offset & -offset) if offset else 1
                 target = end + (-end % alignment)
@@ -121,18 +123,15 @@ def _rewrite_external_data(model: Any, model_dir: Path) -> None:
                             raise OSError(f"{path} ends inside tensor {tensor.name}")
                         handle.seek(target + done)
                         handle.write(chunk)
-                    _set_entry(tensor, "offset", str(target))
+                    _set_offset(tensor, target)
                 end = target + length
             handle.truncate(end)
 
 
-def _entry(tensor: Any, key: str, default: str) -> str:
-    return next((entry.value for entry in tensor.external_data if entry.key == key), default)
-
-
-def _set_entry(tensor: Any, key: str, value: str) -> None:
+def _set_offset(tensor: Any, offset: int) -> None:
+    # onnx's set_external_data needs the tensor's raw_data in memory, which a tensor stored outside has not.
     for entry in tensor.external_data:
-        if entry.key == key:
-            entry.value = value
+        if entry.key == "offset":
+            entry.value = str(offset)
             return
-    tensor.external_data.add(key=key, value=value)
+    tensor.external_data.add(key="offset", value=str(offset))
