@@ -101,8 +101,16 @@ def test_one_pass_covers_every_linear_of_every_architecture_and_is_deterministic
         assert torch.equal(runs[0][name].scales, runs[1][name].scales), name
 
 
-def _forward_hook_count(model) -> int:
-    return sum(len(module._forward_pre_hooks) for module in model.modules())
+def _refused_without_leftover_hooks(model, calibration, error: type[Exception], match: str) -> None:
+    """One-pass GPTQ over ``model`` raises ``error``, and every hook it added is gone afterwards."""
+
+    def hook_count() -> int:
+        return sum(len(module._forward_pre_hooks) for module in model.modules())
+
+    hooks = hook_count()
+    with pytest.raises(error, match=match):
+        gptq_quantize_model(model, calibration, ONE_PASS, batch_size=4)
+    assert hook_count() == hooks
 
 
 def test_an_error_inside_the_layer_stops_every_batch_and_removes_the_hooks(tiny_checkpoints):
@@ -118,12 +126,9 @@ def test_an_error_inside_the_layer_stops_every_batch_and_removes_the_hooks(tiny_
             raise RuntimeError("boom in down_proj")
 
     down.register_forward_pre_hook(fail_on_the_second_call)
-    hooks = _forward_hook_count(model)
-    with pytest.raises(RuntimeError, match="boom in down_proj"):
-        # The run that learns the grouping calls down_proj once; the second call is the pass's first
-        # batch reaching it, while the other batches are suspended at it or before it.
-        gptq_quantize_model(model, _calibration(samples=8), ONE_PASS, batch_size=4)
-    assert _forward_hook_count(model) == hooks
+    # The run that learns the grouping calls down_proj once; the second call is the pass's first batch
+    # reaching it, while the other batches are suspended at it or before it.
+    _refused_without_leftover_hooks(model, _calibration(samples=8), RuntimeError, "boom in down_proj")
 
 
 def test_batches_that_stop_at_different_linears_are_refused(tiny_checkpoints):
@@ -140,10 +145,9 @@ def test_batches_that_stop_at_different_linears_are_refused(tiny_checkpoints):
         return original(x)
 
     mlp.forward = forward
-    hooks = _forward_hook_count(model)
-    with pytest.raises(RuntimeError, match="calibration batches stopped at different linears"):
-        gptq_quantize_model(model, _calibration(samples=5), ONE_PASS, batch_size=4)
-    assert _forward_hook_count(model) == hooks
+    _refused_without_leftover_hooks(
+        model, _calibration(samples=5), RuntimeError, "calibration batches stopped at different linears"
+    )
 
 
 def test_a_linear_the_layer_never_calls_is_refused(tiny_checkpoints):
