@@ -1,6 +1,8 @@
 """edgekit: ship small open LLMs to laptops and edge boxes.
 
-``build`` turns a checkpoint into a package (ONNX variants plus a manifest); ``load`` runs a package.
+``build`` turns a checkpoint into a package (ONNX variants plus a manifest); ``load`` runs a package;
+``pack_package`` writes a package as one archive (returning a ``PackedArchive``: path, sha256, size) and
+``unpack_package`` extracts one after checking every member against its manifest.
 Importing edgekit is light: torch and transformers load only when a build needs them.
 """
 
@@ -8,20 +10,30 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if TYPE_CHECKING:
-    from edgekit.archive import pack_package, unpack_package
+    from edgekit.archive import PackedArchive, pack_package, unpack_package
     from edgekit.pipeline import BuildResult, build
     from edgekit.runtimes.model import Model, load
 
-__all__ = ["BuildResult", "Model", "__version__", "build", "load", "pack_package", "unpack_package"]
+__all__ = [
+    "BuildResult",
+    "Model",
+    "PackedArchive",
+    "__version__",
+    "build",
+    "load",
+    "pack_package",
+    "unpack_package",
+]
 
 _LAZY = {
     "build": "edgekit.pipeline",
     "BuildResult": "edgekit.pipeline",
     "load": "edgekit.runtimes.model",
     "Model": "edgekit.runtimes.model",
+    "PackedArchive": "edgekit.archive",
     "pack_package": "edgekit.archive",
     "unpack_package": "edgekit.archive",
 }

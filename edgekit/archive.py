@@ -1,66 +1,211 @@
 """Packages as single files: ``pack_package`` writes a reproducible tar archive of a verified package, and
 ``unpack_package`` reads one without trusting it.
 
-Unpacking reads every member header before anything is extracted and refuses, naming the member: names
-that are absolute, hold ``..``, backslashes, colons or control characters; links, devices and FIFOs;
-duplicate names (case-insensitively, for the file systems that fold case); a file that is also a folder;
-too many members or too many bytes. It then extracts with ``tarfile``'s ``data`` filter into a hidden
-folder next to the destination, verifies the manifest there (hashes, links, the paths configs name), and
-renames the folder into place: the destination is either the complete package or left as it was.
+The format: ``manifest.json`` is the first member, then every file the manifest lists, once each, sorted.
+Putting the manifest first lets the reader know every legitimate member's name and size before it has
+decompressed anything else, so each later header is held to the manifest as soon as it is read.
+
+Unpacking reads the manifest (at most 16 MiB) and then every other member header before anything is
+extracted, and refuses, naming the member: a first member other than ``manifest.json``; names that are
+absolute, hold ``..``, backslashes, colons or control characters; links, devices and FIFOs; duplicate
+names (case-insensitively, for the file systems that fold case); a file that is also a folder; a file the
+manifest does not list or whose size differs from the manifest's; a folder that holds no listed file; a
+listed file the archive lacks; too many members, or more bytes than the limit or the disk's free space.
+It then extracts with ``tarfile``'s ``data`` filter into a hidden folder next to the destination,
+verifies the manifest there (hashes, links, the paths configs name), and renames the folder into place:
+the destination is either the complete package or left as it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import hashlib
 import io
 import os
 import shutil
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from edgekit.errors import OutputExistsError, PackageError
-from edgekit.package import MANIFEST, read_manifest, staged_output, verify_files
+from edgekit.package import MANIFEST, MAX_MANIFEST_BYTES, parse_manifest, read_manifest, staged_output, verify_files
 
 MAX_MEMBERS = 10_000
 MAX_TOTAL_BYTES = 1 << 40  # 1 TiB of declared file data
 MAX_HEADER_READ = 16 << 20  # the longest single read tarfile may make (a pax or long-name header)
+_COPY_CHUNK = 1 << 20  # tarfile's copy buffer when packing: 1 MiB reads, one progress call each
 _FORBIDDEN_CHARACTERS = frozenset("\\:") | frozenset(chr(c) for c in range(32)) | {"\x7f"}
 _COMPRESSED = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
 _FIX_ARCHIVE = "ask for the archive again, or make one with `edgekit pack`"
+_FIX_ORDER = "repack it with `edgekit pack`, which writes manifest.json first"
+
+Progress = Callable[[int, int], None]
+"""A pack progress callback: (bytes hashed and written so far, bytes in all)."""
 
 
-def pack_package(package: str | os.PathLike[str], archive: str | os.PathLike[str], *, force: bool = False) -> Path:
-    """Write ``package`` (verified against its manifest first) as a tar archive at ``archive``.
+@dataclasses.dataclass(frozen=True)
+class PackedArchive:
+    """What ``pack_package`` wrote: the archive's path, and the sha256 and size of its bytes.
 
-    ``.tar.gz``/``.tgz`` names give a gzip archive, ``.tar`` an uncompressed one. The bytes depend only
-    on the package's files: members sorted, times, owners and the gzip header fixed. The archive is written
-    to a hidden file and renamed into place.
+    It is a path-like (``os.fspath`` gives ``path``), so it can be passed wherever a path is expected.
+    """
+
+    path: Path
+    sha256: str
+    size: int
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+
+def pack_package(
+    package: str | os.PathLike[str],
+    archive: str | os.PathLike[str],
+    *,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> PackedArchive:
+    """Write ``package``, verified against its manifest, as a tar archive at ``archive``.
+
+    ``.tar.gz``/``.tgz`` names give a gzip archive, ``.tar`` an uncompressed one. ``manifest.json`` comes
+    first, then the listed files, sorted; the bytes depend only on the package's files (times, owners and
+    the gzip header fixed). Each file's sha256 is checked against the manifest as it is copied in, so what
+    the archive holds is what was verified. ``progress(done, total)`` is called as bytes are hashed and
+    written. The archive goes to a hidden file renamed into place; the result gives its sha256 and size.
     """
     root, target = Path(package), Path(archive).absolute()
-    manifest = read_manifest(root)
-    verify_files(root, manifest)
-    if target.resolve() == root.resolve() or root.resolve() in target.resolve().parents:
-        raise PackageError("is inside the package it would hold", path=target, fix="write the archive elsewhere")
-    compress = _compression_for(target)
-    if target.exists() and not force:
-        raise OutputExistsError("already exists", path=target, fix="choose another name or pass --force to replace it")
-    names = [MANIFEST] + [entry["path"] for entry in manifest["files"]]
+    _check_target(root, target, force=force)
+    manifest_bytes = _manifest_bytes(root)
+    manifest = parse_manifest(manifest_bytes, root / MANIFEST)
+    # Sizes, links and the paths configs name; the hashes are checked below, on the bytes being written.
+    verify_files(root, manifest, hashes=False)
+    entries = sorted(manifest.get("files", []), key=lambda entry: entry["path"])
+    tally = _Tally(len(manifest_bytes) + sum(entry["size"] for entry in entries), progress)
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     try:
         with partial.open("wb") as raw:
-            stream: Any = gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) if compress else raw
-            with tarfile.open(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT) as tar:
-                for name in sorted(names):
-                    _add_file(tar, root / name, name)
-            if compress:
-                stream.close()
+            sink = _HashingWriter(raw)
+            _write_archive(sink, root, manifest_bytes, entries, tally, compress=_compression_for(target))
         os.replace(partial, target)
-    except BaseException:
+    except BaseException as exc:
         partial.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            raise _pack_error(exc, target, partial) from None
         raise
-    return target
+    return PackedArchive(target, sink.digest.hexdigest(), sink.size)
+
+
+def _check_target(root: Path, target: Path, *, force: bool) -> None:
+    """Refuse an archive path inside the package, with an unknown suffix, in no folder, or already there."""
+    if target.resolve() == root.resolve() or root.resolve() in target.resolve().parents:
+        raise PackageError("is inside the package it would hold", path=target, fix="write the archive elsewhere")
+    _compression_for(target)
+    folder = target.parent
+    if not folder.is_dir():
+        problem = "is not a folder" if folder.exists() else "does not exist"
+        raise PackageError(
+            f"{problem}, so {target.name} cannot be written there",
+            path=folder,
+            fix="create the folder first, or choose another path for the archive",
+        )
+    if target.exists() and not force:
+        raise OutputExistsError("already exists", path=target, fix="choose another name or pass --force to replace it")
+
+
+def _manifest_bytes(root: Path) -> bytes:
+    """The manifest's bytes, read after ``read_manifest``'s checks; the caller parses exactly these and packs them."""
+    read_manifest(root)
+    with (root / MANIFEST).open("rb") as handle:
+        return handle.read(MAX_MANIFEST_BYTES + 1)
+
+
+def _write_archive(
+    sink: _HashingWriter, root: Path, manifest: bytes, entries: list[dict[str, Any]], tally: _Tally, *, compress: bool
+) -> None:
+    stream: Any = gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0) if compress else sink
+    with tarfile.TarFile(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_COPY_CHUNK) as tar:
+        tar.addfile(_info(MANIFEST, len(manifest)), io.BytesIO(manifest))
+        tally.add(len(manifest))
+        for entry in entries:
+            _add_file(tar, root, entry, tally)
+    if compress:
+        stream.close()
+
+
+def _info(name: str, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
+    return info
+
+
+def _add_file(tar: tarfile.TarFile, root: Path, entry: dict[str, Any], tally: _Tally) -> None:
+    """Copy one listed file into the archive, hashing it on the way; refuse it if the hash is not the manifest's."""
+    path = root / entry["path"]
+    with path.open("rb") as handle:
+        reader = _CheckedReader(handle, path, tally)
+        tar.addfile(_info(entry["path"], entry["size"]), reader)
+    digest = reader.digest.hexdigest()
+    if digest != entry["sha256"]:
+        raise PackageError(f"has sha256 {digest}, the manifest says {entry['sha256']}", path=path)
+
+
+class _Tally:
+    """Bytes done out of a total, reported to an optional progress callback."""
+
+    def __init__(self, total: int, callback: Progress | None) -> None:
+        self.done, self.total, self.callback = 0, total, callback
+        self.add(0)
+
+    def add(self, count: int) -> None:
+        self.done += count
+        if self.callback is not None:
+            self.callback(self.done, self.total)
+
+
+class _CheckedReader:
+    """A package file as tarfile copies it: hashed as it is read, counted, and refused if it got shorter."""
+
+    def __init__(self, handle: IO[bytes], path: Path, tally: _Tally) -> None:
+        self.handle, self.path, self.tally = handle, path, tally
+        self.digest = hashlib.sha256()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size)
+        if size >= 0 and len(data) < size:  # tarfile only asks for bytes the manifest says are there
+            raise PackageError("got shorter while it was being packed", path=self.path, fix="pack it again")
+        self.digest.update(data)
+        self.tally.add(len(data))
+        return data
+
+
+class _HashingWriter:
+    """The archive file as the tar (or gzip) stream writes it: sha256 and size taken from the bytes written."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw, self.digest, self.size = raw, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.raw.write(data)
+        self.digest.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        self.raw.flush()
+
+
+def _pack_error(exc: OSError, target: Path, partial: Path) -> PackageError:
+    """An OS error while packing as a one-line error naming the package file or the archive it concerns."""
+    detail = exc.strerror or str(exc) or type(exc).__name__
+    if exc.filename is not None and str(exc.filename) != str(partial):
+        return PackageError(f"could not be read ({detail})", path=exc.filename, fix="check the package's files")
+    return PackageError(f"could not be written ({detail})", path=target, fix="choose another path or free some space")
 
 
 def unpack_package(
@@ -69,7 +214,8 @@ def unpack_package(
     """Extract a package archive into ``dest`` after checking every member; returns the package's manifest.
 
     Raises ``PackageError`` naming the archive and the member for anything unsafe or that does not match
-    the manifest; ``dest`` is then left as it was.
+    the manifest; ``dest`` is then left as it was. Every header is checked against the manifest (the
+    first member) before any file data is written.
     """
     source, out = Path(archive), Path(dest)
     if not source.is_file():
@@ -91,23 +237,20 @@ def unpack_package(
                 raise
             except Exception as exc:  # data cut short, a corrupt compressed stream
                 raise _unreadable(source, exc) from None
-            try:
-                manifest = read_manifest(staging)
-                verify_files(staging, manifest)
-            except PackageError as exc:
-                member = _member_of(exc.path, staging)
-                raise PackageError(
-                    f"member '{member}': {exc.problem}" if member else exc.problem, path=source, fix=_FIX_ARCHIVE
-                ) from None
+            return _verified(source, staging)
+
+
+def _verified(source: Path, staging: Path) -> dict[str, Any]:
+    """The extracted package's manifest, after verifying its files (hashes included) in the staged folder."""
+    try:
+        manifest = read_manifest(staging)
+        verify_files(staging, manifest)
+    except PackageError as exc:
+        member = _member_of(exc.path, staging)
+        raise PackageError(
+            f"member '{member}': {exc.problem}" if member else exc.problem, path=source, fix=_FIX_ARCHIVE
+        ) from None
     return manifest
-
-
-def _add_file(tar: tarfile.TarFile, path: Path, name: str) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = path.stat().st_size
-    info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = 0, 0o644, 0, 0, "", ""
-    with path.open("rb") as handle:
-        tar.addfile(info, handle)
 
 
 def _compression_for(target: Path) -> bool:
@@ -201,37 +344,112 @@ def _iter_members(path: Path, tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]
 
 
 def _checked_members(path: Path, tar: tarfile.TarFile, out: Path) -> list[tarfile.TarInfo]:
-    """Every member, after checking names, types, duplicates, counts and sizes; refuses naming the member."""
-    members: list[tarfile.TarInfo] = []
-    seen: dict[str, str] = {}  # case-folded name -> name
-    files: set[str] = set()
-    total = 0
-    for member in _iter_members(path, tar):
+    """Every member, each header checked against the manifest (the first member) as it is read.
+
+    The manifest's sizes bound the whole archive before the second header is read: a member that is not
+    listed, or whose header declares another size, is refused before its data is decompressed.
+    """
+    headers = _iter_members(path, tar)
+    first, manifest = _manifest_member(path, tar, next(headers, None))
+    checks = _HeaderChecks(path, manifest)
+    if checks.limit > MAX_TOTAL_BYTES:
+        raise _refuse(path, MANIFEST, f"lists {checks.limit} bytes of files, past the {MAX_TOTAL_BYTES}-byte limit")
+    if checks.limit > _free_bytes(out):
+        raise PackageError(f"needs {checks.limit} bytes but the disk has less free", path=path, fix="free some space")
+    members = [first]
+    for member in headers:
         if len(members) >= MAX_MEMBERS:
             raise PackageError(f"holds more than {MAX_MEMBERS} members", path=path, fix=_FIX_ARCHIVE)
-        name = _checked_name(path, member)
-        if not (member.isfile() or member.isdir()) or member.issparse():
-            raise _refuse(path, member.name, f"is a {_kind(member)}; package archives hold plain files only")
-        folded = name.casefold()
-        if folded in seen:
-            raise _refuse(path, member.name, "appears twice in the archive (names are compared ignoring case)")
-        seen[folded] = name
-        if member.isfile():
-            files.add(folded)
-            total += member.size
-            if total > MAX_TOTAL_BYTES:
-                raise _refuse(path, member.name, f"brings the archive past {MAX_TOTAL_BYTES} bytes")
+        checks.check(member)
         members.append(member)
-    for folded, name in seen.items():
-        parents = [p.as_posix() for p in PurePosixPath(folded).parents][:-1]
-        clash = next((p for p in parents if p in files), None)
-        if clash is not None:
-            raise _refuse(path, name, f"is inside '{seen[clash]}', which is a file")
-    if MANIFEST not in files:
-        raise PackageError(f"holds no {MANIFEST}", path=path, fix=_FIX_ARCHIVE)
-    if total > _free_bytes(out):
-        raise PackageError(f"needs {total} bytes but the disk has less free", path=path, fix="free some space")
+    checks.finish()
     return members
+
+
+def _manifest_member(path: Path, tar: tarfile.TarFile, first: tarfile.TarInfo | None) -> tuple[tarfile.TarInfo, Any]:
+    """The first member, which must be ``manifest.json`` (a plain file within the cap), and its parsed content."""
+    if first is None:
+        raise PackageError(f"holds no {MANIFEST}", path=path, fix=_FIX_ARCHIVE)
+    if _checked_name(path, first) != MANIFEST or not first.isfile() or first.issparse():
+        raise _refuse(path, first.name, f"comes first, but {MANIFEST} must be the archive's first member", _FIX_ORDER)
+    if first.size > MAX_MANIFEST_BYTES:
+        raise _refuse(path, first.name, f"is {first.size} bytes; a manifest is at most {MAX_MANIFEST_BYTES}")
+    try:
+        handle = tar.extractfile(first)
+        data = handle.read(first.size) if handle is not None else b""
+    except PackageError:
+        raise
+    except Exception as exc:  # data cut short, a corrupt compressed stream
+        raise _unreadable(path, exc) from None
+    if len(data) != first.size:
+        raise _refuse(path, first.name, f"is cut short ({len(data)} of {first.size} bytes)")
+    try:
+        return first, parse_manifest(data, MANIFEST)
+    except PackageError as exc:
+        raise _refuse(path, MANIFEST, exc.problem) from None
+
+
+class _HeaderChecks:
+    """The checks every header after the manifest must pass, one header at a time, before anything is written."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]) -> None:
+        self.path = path
+        files = manifest.get("files", [])  # parse_manifest checked its shape, not that it is there
+        self.sizes: dict[str, int] = {entry["path"]: entry["size"] for entry in files}
+        # Folders a listed file is in: the only folder members an archive of this package may hold.
+        self.folders = {p.as_posix() for name in self.sizes for p in PurePosixPath(name).parents} - {"."}
+        self.limit = sum(entry["size"] for entry in files)
+        self.seen: dict[str, str] = {MANIFEST.casefold(): MANIFEST}  # case-folded name -> name
+        self.files = {MANIFEST.casefold()}  # case-folded names of file members
+        self.inside: set[str] = set()  # case-folded folders that earlier members are in
+        self.present: set[str] = set()
+        self.total = 0
+
+    def check(self, member: tarfile.TarInfo) -> None:
+        """Refuse ``member`` (naming it) if its name, type or place is unsafe, or the manifest disagrees."""
+        name = _checked_name(self.path, member)
+        if not (member.isfile() or member.isdir()) or member.issparse():
+            raise _refuse(self.path, member.name, f"is a {_kind(member)}; package archives hold plain files only")
+        folded = name.casefold()
+        if folded in self.seen:
+            raise _refuse(self.path, member.name, "appears twice in the archive (names are compared ignoring case)")
+        parents = [p.as_posix() for p in PurePosixPath(folded).parents][:-1]
+        clash = next((p for p in parents if p in self.files), None)
+        if clash is not None:
+            raise _refuse(self.path, member.name, f"is inside '{self.seen[clash]}', which is a file")
+        if member.isfile() and folded in self.inside:
+            raise _refuse(self.path, member.name, "is a file, but earlier members are inside it")
+        self.seen[folded] = name
+        self.inside.update(parents)
+        if member.isdir():
+            if name not in self.folders:
+                raise _refuse(self.path, member.name, f"is a folder that holds no file {MANIFEST} lists")
+            return
+        self.files.add(folded)
+        self._check_listed(member, name)
+
+    def _check_listed(self, member: tarfile.TarInfo, name: str) -> None:
+        expected = self.sizes.get(name)
+        if expected is None:
+            raise _refuse(self.path, member.name, f"is not listed in the archive's {MANIFEST}")
+        if member.size != expected:
+            raise _refuse(self.path, member.name, f"is {member.size} bytes, the manifest says {expected}")
+        self.present.add(name)
+        self.total += member.size
+        # Exact sizes, each listed file once: this cannot trip today, and keeps the bound if that changes.
+        if self.total > self.limit:
+            raise _refuse(self.path, member.name, f"brings the archive past the {self.limit} bytes the manifest lists")
+
+    def finish(self) -> None:
+        """Refuse an archive that lacks a file its manifest lists (once every header has been read)."""
+        missing = sorted(set(self.sizes) - self.present)
+        if missing:
+            raise PackageError(
+                f"lacks '{missing[0]}', which its {MANIFEST} lists"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                path=self.path,
+                fix=_FIX_ARCHIVE,
+            )
 
 
 def _checked_name(path: Path, member: tarfile.TarInfo) -> str:
@@ -263,9 +481,9 @@ def _kind(member: tarfile.TarInfo) -> str:
     return f"member of tar type {member.type!r}"
 
 
-def _refuse(path: Path, member: str, problem: str) -> PackageError:
+def _refuse(path: Path, member: str, problem: str, fix: str = _FIX_ARCHIVE) -> PackageError:
     shown = "".join(c if c not in _FORBIDDEN_CHARACTERS or c in "\\:" else f"\\x{ord(c):02x}" for c in member)
-    return PackageError(f"member '{shown}' {problem}", path=path, fix=_FIX_ARCHIVE)
+    return PackageError(f"member '{shown}' {problem}", path=path, fix=fix)
 
 
 def _unreadable(path: Path, exc: BaseException) -> PackageError:

@@ -16,8 +16,10 @@ import click
 
 from edgekit import __version__
 from edgekit.errors import EdgekitError
+from edgekit.runtimes.generation import GenerationConfig
 
 DEFAULT_TARGET = "laptop-cpu"
+DEFAULTS = GenerationConfig()
 DEMO_QUESTION = "What is the capital of France?"
 
 
@@ -167,25 +169,38 @@ def check(package: Path, target: str, junit: Path | None, markdown: Path | None,
 @click.option("-p", "--prompt", help="One question; the answer streams to stdout.")
 @click.option("--chat", "interactive", is_flag=True, help="Interactive chat loop (empty line or Ctrl-D ends it).")
 @click.option("--raw", is_flag=True, help="Send the prompt as is, without the chat template.")
-@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 decodes greedily.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1))
-@click.option("--top-k", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--seed", type=int, help="Seed for sampling.")
+@click.option("--max-new-tokens", default=DEFAULTS.max_new_tokens, show_default=True, type=click.IntRange(1),
+              help="Most tokens to generate (fewer when the model's context fills).")  # fmt: skip
+@click.option("--temperature", default=DEFAULTS.temperature, show_default=True, type=click.FloatRange(0, 100),
+              help="Sampling temperature; 0 decodes greedily (always the most likely token).")  # fmt: skip
+@click.option("--top-p", default=DEFAULTS.top_p, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Sample from the fewest tokens whose probabilities add up to P (with --temperature).")  # fmt: skip
+@click.option("--top-k", default=DEFAULTS.top_k, show_default=True, type=click.IntRange(0),
+              help="Sample from the K most likely tokens only; 0 means no limit (with --temperature).")  # fmt: skip
+@click.option("--seed", type=int, help="Seed of the sampling, for repeatable output (with --temperature).")
+@click.option("--chat-template", type=click.Path(path_type=Path),
+              help="A Jinja chat template file to use instead of the package's.")  # fmt: skip
 @click.option("--provider", "providers", multiple=True, help="Provider chain to try, in order (repeatable).")
 @click.option("--strict", is_flag=True, help="Fail instead of falling back when a provider cannot start.")
 def run(package: Path, variant: str | None, target: str | None, prompt: str | None, interactive: bool,
         raw: bool, max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
-        providers: tuple[str, ...], strict: bool) -> None:  # fmt: skip
+        chat_template: Path | None, providers: tuple[str, ...], strict: bool) -> None:  # fmt: skip
     """Generate from PACKAGE: answer --prompt, or chat with --chat."""
     from edgekit.runtimes.model import load
+    from edgekit.safe_io import read_regular_file
 
     if not prompt and not interactive:
         raise click.UsageError("give --prompt TEXT or --chat")
     options = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k}
     if seed is not None:
         options["seed"] = seed
-    with load(package, target, variant=variant, providers=providers or None, strict=strict) as model:
+    template = None
+    if chat_template is not None:
+        template = read_regular_file(chat_template, 1 << 20, fix="pass a Jinja template file").decode(
+            "utf-8", "replace"
+        )
+    with load(package, target, variant=variant, providers=providers or None, strict=strict,
+              chat_template=template, on_fallback=_notice) as model:  # fmt: skip
         click.echo(f"[{model.info.variant} on {model.info.provider}]", err=True)
         if prompt:
             pieces = (
@@ -196,6 +211,10 @@ def run(package: Path, variant: str | None, target: str | None, prompt: str | No
             _echo_stream(pieces)
         if interactive:
             _chat_loop(model, options)
+
+
+def _notice(message: str) -> None:
+    click.echo(f"edgekit: note: {message}", err=True)
 
 
 def _echo_stream(pieces: Any) -> None:
@@ -212,13 +231,17 @@ def _chat_loop(model: Any, options: dict[str, Any]) -> None:
             line = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
         except (EOFError, click.Abort):
             break
+        if not sys.stdin.isatty():
+            click.echo(line)  # a piped transcript shows what was asked, as a terminal would
         if not line.strip():
             break
         history.append({"role": "user", "content": line})
+        click.echo("model> ", nl=False)
         answer = []
         for piece in model.chat(history, stream=True, **options):
             answer.append(piece)
             click.echo(piece, nl=False)
+            sys.stdout.flush()
         click.echo()
         history.append({"role": "assistant", "content": "".join(answer)})
 
@@ -268,11 +291,24 @@ def bench(package: Path, variants: tuple[str, ...], target: str | None, prompt_t
 @click.option("--force", is_flag=True, help="Replace the archive if it exists.")
 def pack(package: Path, out: Path | None, force: bool) -> None:
     """Write PACKAGE, verified against its manifest, as one reproducible .tar.gz (or .tar) file."""
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
     from edgekit.archive import pack_package
 
     folder = package.absolute()
-    archive = pack_package(package, out or folder.with_name(f"{folder.name}.tar.gz"), force=force)
-    click.echo(f"wrote {archive}")
+    console = Console(stderr=True)
+    # Hashing and writing a multi-GB package takes minutes: show bytes done on a terminal, nothing in a pipe.
+    columns = (TextColumn("packing"), BarColumn(), DownloadColumn(), TransferSpeedColumn())
+    with Progress(*columns, console=console, transient=True, disable=not console.is_terminal) as bar:
+        task = bar.add_task("packing", total=None)
+        packed = pack_package(
+            package,
+            out or folder.with_name(f"{folder.name}.tar.gz"),
+            force=force,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    click.echo(f"wrote {packed.path} ({packed.size} bytes, sha256 {packed.sha256})")
 
 
 @main.command()
@@ -314,7 +350,7 @@ def demo(out: Path, prompt: str, rebuild: bool) -> None:
 
     if rebuild or not (out / "manifest.json").is_file():
         print_build_summary(build_package(demo_gguf_path(), out, DEFAULT_TARGET, force=True))
-    with load(out, DEFAULT_TARGET) as model:
+    with load(out, DEFAULT_TARGET, on_fallback=_notice) as model:
         click.echo(f"\n[{model.info.variant} on {model.info.provider}] {prompt}", err=True)
         _echo_stream(model.chat([{"role": "user", "content": prompt}], stream=True, max_new_tokens=64))
 

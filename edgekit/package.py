@@ -22,7 +22,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import OutputExistsError, PackageError
+from edgekit.errors import EdgekitError, OutputExistsError, PackageError
+from edgekit.package_contents import check_contents
+from edgekit.safe_io import open_regular
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -31,13 +33,15 @@ _PARTIAL = ".partial-"
 _HEX = frozenset("0123456789abcdef")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while block := handle.read(chunk):
+def sha256_file(path: Path, error: type[EdgekitError] = PackageError) -> str:
+    """Hex sha256 of a regular file (a FIFO or device is ``error``, never read)."""
+    with open_regular(path, error) as handle:
+        if hasattr(hashlib, "file_digest"):  # Python 3.11+
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        while block := handle.read(1 << 20):
             digest.update(block)
-    return digest.hexdigest()
+        return digest.hexdigest()
 
 
 def file_entries(root: Path) -> list[dict[str, Any]]:
@@ -74,8 +78,15 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
         raise PackageError("has no manifest.json", path=root, fix="rebuild it with `edgekit build`")
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise PackageError(f"is larger than {MAX_MANIFEST_BYTES} bytes", path=path, fix="rebuild the package")
+    return parse_manifest(path.read_bytes(), path)
+
+
+def parse_manifest(data: bytes, path: str | Path) -> dict[str, Any]:
+    """Parse and structurally check a manifest's bytes; ``path`` names it in errors."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise PackageError(f"is larger than {MAX_MANIFEST_BYTES} bytes", path=path, fix="rebuild the package")
     try:
-        manifest = json.loads(path.read_bytes())
+        manifest = json.loads(data)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
         raise PackageError(f"is not valid JSON ({exc})", path=path, fix="rebuild the package") from None
     except RecursionError:
@@ -91,7 +102,7 @@ def read_manifest(root: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _check_structure(manifest: dict[str, Any], path: Path) -> None:
+def _check_structure(manifest: dict[str, Any], path: str | Path) -> None:
     """Refuse a manifest whose file list or variant table has the wrong shape, so later code can trust it."""
     files, variants = manifest.get("files", []), manifest.get("variants", {})
     if not isinstance(files, list) or not isinstance(variants, dict):
@@ -136,6 +147,7 @@ def verify_files(root: Path, manifest: dict[str, Any], subfolder: str | None = N
         if relative in all_listed:
             raise PackageError("is listed twice in the manifest", path=root / relative, fix="rebuild the package")
         all_listed[relative] = entry
+    check_contents(list(all_listed), str(root))
     if subfolder is not None and (not _is_inside(subfolder) or "/" in subfolder.strip("/")):
         raise PackageError(f"names the variant folder '{subfolder}', which is not a folder of the package", path=root)
     listed = {r: e for r, e in all_listed.items() if subfolder is None or r.startswith(f"{subfolder}/")}
@@ -230,6 +242,23 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch_folder(out: Path) -> Iterator[Path]:
+    """A private work folder beside ``out`` (not in $TMPDIR), removed on exit.
+
+    Its name carries this process's id, so if the process is killed outright the next build or
+    evaluation for ``out`` (``remove_stale_partials``) finds it and deletes it.
+    """
+    out = out.absolute()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_partials(out)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}{os.getpid()}-work-", dir=out.parent))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _restore_retired(out: Path) -> None:

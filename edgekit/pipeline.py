@@ -8,18 +8,25 @@ every variant against the reference, and rename the finished package into place.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
-import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from edgekit import __version__
-from edgekit.errors import MissingDependencyError, OutputExistsError
+from edgekit.errors import (
+    EdgekitError,
+    ExportError,
+    MissingDependencyError,
+    OutputExistsError,
+    SourceError,
+    ValidationError,
+)
 from edgekit.exporters.memory_estimate import check_build_resources
 from edgekit.exporters.onnx_builder import output_to_log, run_builder
 from edgekit.exporters.registry import Architecture
@@ -32,10 +39,11 @@ from edgekit.exporters.sources import (
     stage_folder,
 )
 from edgekit.exporters.streaming import run_streaming_builder
+from edgekit.exporters.tokenizer_rule import tokenizer_rule
 from edgekit.exporters.validate import ParityResult, check_reference
 from edgekit.exporters.weight_files import check_gguf, parameter_count
 from edgekit.exporters.zero_points import drop_default_zero_points
-from edgekit.package import read_manifest, sha256_file, staged_output, write_manifest
+from edgekit.package import read_manifest, scratch_folder, sha256_file, staged_output, write_manifest
 from edgekit.progress import StepRecord, StepReporter
 from edgekit.quant.corpus import Corpus, builtin_corpus
 from edgekit.quant.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS
@@ -48,7 +56,9 @@ from edgekit.quant.schemes import (
     prequantized_variants,
     uses_gptq,
 )
+from edgekit.runtimes.chat_template import read_chat_template
 from edgekit.targets import HeadPrecision, Int4Method, Precision, Target, get_target
+from edgekit.tokenizer_record import TokenizerRule
 
 BUILD_LOG = "build.log"
 _TOOLS = ("onnxruntime", "onnxruntime-genai", "onnx", "transformers", "torch", "gguf", "numpy")
@@ -121,15 +131,16 @@ def build(
     prechecked = _precheck(spec, allow_pickle)
     with (
         staged_output(out_path, force=force) as staging,
-        tempfile.TemporaryDirectory(prefix="edgekit-") as work,
+        scratch_folder(out_path) as work,
         StepReporter(enabled=progress) as reporter,
+        _log_kept_on_failure(staging, out_path),
     ):
         result = _build_into(
             spec,
             prechecked,
             profile,
             staging,
-            Path(work),
+            work,
             reporter,
             allow_pickle,
             evaluation,
@@ -139,6 +150,34 @@ def build(
         )
     result.out = out_path.absolute()
     return result
+
+
+def failed_log_path(out: Path) -> Path:
+    """Where the log of a failed build of ``out`` is kept: ``OUT.failed-build.log`` beside it."""
+    out = out.absolute()
+    return out.with_name(f"{out.name}.failed-build.log")
+
+
+@contextlib.contextmanager
+def _log_kept_on_failure(staging: Path, out: Path) -> Iterator[None]:
+    """Keep the log of a build whose work failed beside OUT (the staging folder is deleted); point the error at it.
+
+    Only export and validation failures keep it: bad input (a ``UsageError``) or a machine too small
+    (``ResourceError``) is refused before the builder runs, and its one-line error says all there is.
+    """
+    kept = failed_log_path(out)
+    try:
+        yield
+    except EdgekitError as exc:
+        log = staging / BUILD_LOG
+        if not isinstance(exc, (ExportError, ValidationError)) or not log.is_file():
+            raise
+        os.replace(log, kept)
+        if exc.path is not None and Path(exc.path).absolute().is_relative_to(staging):
+            raise type(exc)(exc.problem, path=kept, fix=exc.fix or "see the build log") from None
+        fix = f"{exc.fix or 'see the build log'}; the build log is kept at {kept}"
+        raise type(exc)(exc.problem, path=exc.path, fix=fix) from None
+    kept.unlink(missing_ok=True)  # an older failure's log no longer describes OUT
 
 
 def _precheck(spec: SourceSpec, allow_pickle: bool) -> CheckedFolder | None:
@@ -162,12 +201,16 @@ def _make_gptq_checkpoint(
     settings: CalibrationSettings,
     detail: Callable[[str], None],
     log_path: Path,
+    rule: TokenizerRule,
 ) -> None:
     from edgekit.quant.gptq import GPTQConfig
     from edgekit.quant.gptq_checkpoint import calibration_tokens, write_gptq_checkpoint
 
     corpus = settings.corpus or builtin_corpus("calibration")
-    tokens = calibration_tokens(hf_folder / "tokenizer.json", corpus, settings.samples, settings.seq_len, settings.seed)
+    bos = rule.bos_token_id if rule.add_bos_token else None
+    tokens = calibration_tokens(
+        hf_folder / "tokenizer.json", corpus, settings.samples, settings.seq_len, settings.seed, bos
+    )
     with output_to_log(log_path):
         config = GPTQConfig(
             group_size=target.block_size,
@@ -188,6 +231,7 @@ def _plan_sources(
     settings: CalibrationSettings,
     log_path: Path,
     streaming: bool,
+    rule: TokenizerRule,
 ) -> tuple[list[VariantSpec], dict[str, Path]]:
     """The variants to export and the folder each is exported from (``hf_folder`` unless named).
 
@@ -211,7 +255,7 @@ def _plan_sources(
     if uses_gptq(target):
         gptq_folder = work / "gptq-hf"
         with reporter.step(f"GPTQ ({settings.samples} x {settings.seq_len} calibration tokens)") as detail:
-            _make_gptq_checkpoint(hf_folder, gptq_folder, target, settings, detail, log_path)
+            _make_gptq_checkpoint(hf_folder, gptq_folder, target, settings, detail, log_path, rule)
         folders = {v.name: gptq_folder for v in plan_variants(target) if v.method == Int4Method.GPTQ.value}
     return plan_variants(target), folders
 
@@ -233,11 +277,12 @@ def _build_into(
     log_path.touch()
     with output_to_log(log_path):  # transformers' and the builder's progress bars belong in the log
         hf_folder, checked, source_files = _prepare_source(spec, prechecked, work, reporter, allow_pickle)
+        rule = _tokenizer_rule(spec, hf_folder)
     variants: dict[str, dict[str, Any]] = {}
     settings = calibration or CalibrationSettings()
     # before any weight is read
     check_build_resources(hf_folder, checked, target, staging, streaming, settings.samples * settings.seq_len)
-    plan, folders = _plan_sources(hf_folder, checked, target, work, reporter, settings, log_path, streaming)
+    plan, folders = _plan_sources(hf_folder, checked, target, work, reporter, settings, log_path, streaming, rule)
     if streaming:
         plan = [variant for variant in plan if variant.name != REFERENCE_VARIANT]
         if checked.quantization is not None:
@@ -279,7 +324,14 @@ def _build_into(
                 architecture.builder_class,
                 architecture.tolerance,
             )
-    manifest = _manifest(spec, target, checked, source_files, variants, parity, reporter.records)
+    has_template = read_chat_template(staging / plan[-1].name) is not None
+    if not has_template:
+        checked.warnings.append(
+            "the source has no chat template: `edgekit run --raw` and Model.generate work, chat needs "
+            "--chat-template FILE"
+        )
+    tokenizer = {**rule.as_dict(), "chat_template": has_template}
+    manifest = _manifest(spec, target, checked, source_files, variants, parity, reporter.records, tokenizer)
     with reporter.step("write manifest"):
         write_manifest(staging, manifest)
     if evaluation is not None:
@@ -299,6 +351,16 @@ def _build_into(
             )
         manifest = read_manifest(staging)
     return BuildResult(staging, manifest, reporter.records, checked.warnings)
+
+
+def _tokenizer_rule(spec: SourceSpec, hf_folder: Path) -> TokenizerRule:
+    """The source's BOS rule: a GGUF file's own metadata, else what the folder's tokenizer does."""
+    metadata = None
+    if spec.kind == "gguf" and spec.path is not None:
+        from edgekit.exporters.gguf_header import read_gguf_header
+
+        metadata = read_gguf_header(spec.path).metadata
+    return tokenizer_rule(hf_folder, metadata)
 
 
 def _prepare_source(
@@ -349,6 +411,7 @@ def _manifest(
     variants: dict[str, dict[str, Any]],
     parity: ParityResult | None,
     steps: list[StepRecord],
+    tokenizer: dict[str, Any],
 ) -> dict[str, Any]:
     architecture: Architecture = checked.architecture
     deployed = list(variants)[-1]
@@ -357,7 +420,7 @@ def _manifest(
         "source": {
             "kind": spec.kind,
             "location": spec.origin,
-            "weights": [{"name": p.name, "sha256": sha256_file(p)} for p in source_files],
+            "weights": [{"name": p.name, "sha256": sha256_file(p, SourceError)} for p in source_files],
         },
         "architecture": architecture.model_type,
         "parameter_count": checked.parameter_count,
@@ -365,6 +428,7 @@ def _manifest(
         "default_variant": deployed,
         "targets": {target.name: {"variant": deployed, "providers": [p.value for p in target.providers]}},
         "variants": variants,
+        "tokenizer": tokenizer,
         "validation": {"skipped": "streamed build: no fp32 reference"}
         if parity is None
         else {

@@ -16,11 +16,15 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from edgekit.errors import PackageError
+from edgekit.genai_config import GENAI_CONFIG, MAX_GENAI_CONFIG_BYTES, parse_genai_config
+from edgekit.safe_io import read_regular_file
 
 # The JSON files of a model folder (one with a genai_config.json) have their path-like strings checked;
 # tokenizer.json (megabytes of vocabulary, no paths) is not read.
 _SKIPPED_JSON = frozenset({"tokenizer.json", "vocab.json"})
 _MAX_JSON_BYTES = 16 << 20
+_FOUR_BIT_TYPES = frozenset({21, 22, 23})  # UINT4, INT4, FLOAT4E2M1
+_EXTERNAL_KEYS = frozenset({"location", "offset", "length", "checksum"})
 _FIX = "rebuild the package with `edgekit build`; edgekit never follows paths out of a package"
 
 
@@ -37,6 +41,8 @@ def check_references(root: Path, sizes: dict[str, int], subfolder: str | None = 
         name = PurePosixPath(relative).name
         if name.endswith(".onnx"):
             _check_onnx(root, relative, sizes)
+        elif name == GENAI_CONFIG:
+            _check_genai_config(root, relative, sizes)
         elif (
             name.endswith(".json")
             and name not in _SKIPPED_JSON
@@ -66,6 +72,13 @@ def check_reference(root: Path, holder: str, value: object, sizes: dict[str, int
     return target
 
 
+def _check_genai_config(root: Path, relative: str, sizes: dict[str, int]) -> None:
+    """The config onnxruntime-genai acts on: only the keys edgekit writes (``genai_config.py``), its file inside."""
+    path = root / relative
+    config = parse_genai_config(read_regular_file(path, MAX_GENAI_CONFIG_BYTES, PackageError), path)
+    check_reference(root, relative, config.model.decoder.filename, sizes)
+
+
 def _check_json(root: Path, relative: str, sizes: dict[str, int]) -> None:
     path = root / relative
     if sizes[relative] > _MAX_JSON_BYTES:
@@ -73,8 +86,6 @@ def _check_json(root: Path, relative: str, sizes: dict[str, int]) -> None:
     try:
         document = json.loads(path.read_bytes())
     except (ValueError, RecursionError):
-        if path.name == "genai_config.json":
-            raise PackageError("is not valid JSON", path=path, fix=_FIX) from None
         return  # a file onnxruntime-genai cannot parse either names nothing
     for value in _path_values(document):
         for item in value if isinstance(value, list) else [value]:
@@ -106,18 +117,54 @@ def _check_onnx(root: Path, relative: str, sizes: dict[str, int]) -> None:
     except Exception as exc:  # DecodeError and friends: the protobuf is malformed
         raise PackageError(f"is not a readable ONNX model ({type(exc).__name__})", path=path, fix=_FIX) from None
     for tensor in _external_tensors(model):
-        entries = {entry.key: entry.value for entry in tensor.external_data}
+        entries = _external_entries(tensor, path)
         target = check_reference(root, relative, entries.get("location"), sizes)
-        try:
-            offset, length = int(entries.get("offset", 0)), int(entries.get("length", sizes[target]))
-        except ValueError:
-            raise PackageError(f"tensor '{tensor.name}' has a malformed external data range", path=path) from None
-        if offset < 0 or length < 0 or offset + length > sizes[target]:
+        offset_text, length_text = entries.get("offset", "0"), entries.get("length", str(sizes[target]))
+        if not (offset_text.isascii() and offset_text.isdigit() and length_text.isascii() and length_text.isdigit()):
+            raise PackageError(f"tensor '{tensor.name}' has a malformed external data range", path=path, fix=_FIX)
+        offset, length = int(offset_text), int(length_text)
+        expected = _tensor_bytes(tensor)
+        if expected is not None and length != expected:
+            raise PackageError(
+                f"tensor '{tensor.name}' of shape {list(tensor.dims)} needs {expected} bytes, its external data "
+                f"says {length}",
+                path=path,
+                fix=_FIX,
+            )
+        if offset + length > sizes[target]:
             raise PackageError(
                 f"tensor '{tensor.name}' reads bytes {offset}..{offset + length} of the {sizes[target]}-byte {target}",
                 path=path,
                 fix=_FIX,
             )
+
+
+def _tensor_bytes(tensor: Any) -> int | None:
+    """Bytes a tensor's data takes (packed 4-bit types rounded up), or None for types of no fixed size."""
+    import math
+
+    from onnx import helper
+
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, TypeError, ValueError):
+        return None
+    count = math.prod(tensor.dims)
+    if tensor.data_type in _FOUR_BIT_TYPES:
+        return (count + 1) // 2
+    return None if dtype.kind in "OUS" else count * dtype.itemsize
+
+
+def _external_entries(tensor: Any, path: Path) -> dict[str, str]:
+    """A tensor's external-data entries; a key given twice or one onnxruntime does not know is refused."""
+    entries: dict[str, str] = {}
+    for entry in tensor.external_data:
+        if entry.key not in _EXTERNAL_KEYS:
+            raise PackageError(f"tensor '{tensor.name}' has an unknown external data key '{entry.key}'", path=path)
+        if entry.key in entries:
+            raise PackageError(f"tensor '{tensor.name}' gives its external data '{entry.key}' twice", path=path)
+        entries[entry.key] = entry.value
+    return entries
 
 
 def _external_tensors(model: Any) -> Iterator[Any]:

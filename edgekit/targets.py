@@ -17,8 +17,10 @@ from typing import Any
 import yaml
 
 from edgekit.errors import TargetError
+from edgekit.safe_io import read_regular_file
 
 SCHEMA_VERSION = 1
+MAX_TARGETS_BYTES = 1 << 20  # a real one is a few KB
 
 
 class Provider(str, enum.Enum):
@@ -116,10 +118,11 @@ def bundled_targets_path() -> Path:
 def load_targets(path: str | Path | None = None) -> dict[str, Target]:
     """Read and validate a targets file (the bundled one by default); returns targets by name."""
     path = Path(path) if path is not None else bundled_targets_path()
+    data = read_regular_file(path, MAX_TARGETS_BYTES, TargetError, "pass a targets.yaml file")
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise TargetError(f"cannot read the targets file ({exc.strerror})", path=path) from exc
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise TargetError(f"is not UTF-8 text ({exc})", path=path) from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -1,9 +1,13 @@
-"""Fuzz the archive reader: ``unpack_package`` on arbitrary archive contents (tar, gzip, bzip2, xz)."""
+"""Fuzz the archive reader: ``unpack_package`` on arbitrary archive contents (tar, gzip, bzip2, xz). The seeds
+include manifest-first archives whose member headers disagree with the manifest (sizes, unlisted or missing
+members, the manifest out of place)."""
 
 from __future__ import annotations
 
 import shutil
 
+import onnx  # noqa: F401  (imported before instrumentation: its parser is C++, its Python is not under test)
+import pydantic  # noqa: F401  (likewise: the schema library genai_config.json is checked with)
 from harness import WORK, expected, main
 
 ARCHIVE = WORK / "package.tar"
@@ -12,7 +16,7 @@ DEST = WORK / "unpacked"
 
 def load() -> None:
     global archive
-    from edgekit import archive, package  # noqa: F401  (instrumented under atheris)
+    from edgekit import archive, package, references  # noqa: F401  (instrumented under atheris)
 
 
 def test_one_input(data: bytes) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import make_corpus
 import onnx  # noqa: F401  (imported before instrumentation: its parser is C++, its Python is not under test)
+import pydantic  # noqa: F401  (likewise: the schema library genai_config.json is checked with)
 from harness import WORK, expected, main
 
 ROOT = WORK / "pkg"

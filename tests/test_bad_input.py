@@ -482,7 +482,8 @@ def wait_for_partial(process: subprocess.Popen, out: Path, settle: float = 1.5) 
     time.sleep(settle)
     if process.poll() is not None:
         pytest.fail("the build finished before it could be interrupted; the test needs a slower build")
-    (partial,) = partials(out)
+    # The staging folder that becomes OUT; its scratch space sits beside it (".out.partial-PID-work-...").
+    (partial,) = [p for p in partials(out) if "-work-" not in p.name]
     return partial
 
 

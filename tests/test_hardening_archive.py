@@ -1,5 +1,6 @@
 """Packages as archives (issue #5, requirement 6): `edgekit pack` writes a reproducible archive, and
-`edgekit unpack` refuses every unsafe member by name, writing nothing outside (or inside) the target."""
+`edgekit unpack` refuses every unsafe member by name, writing nothing outside (or inside) the target.
+tests/test_archive_headers.py and tests/test_archive_pack.py hold the manifest-first format's tests."""
 
 from __future__ import annotations
 
@@ -20,17 +21,54 @@ from edgekit.cli import main
 from edgekit.errors import OutputExistsError, PackageError
 from edgekit.package import read_manifest, sha256_file, verify_files, write_manifest
 
+# A genai_config.json as the builder writes it (a tiny llama's), so the package passes verify_files.
+GENAI_CONFIG = {
+    "model": {
+        "bos_token_id": 1,
+        "context_length": 256,
+        "decoder": {
+            "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+            "filename": "model.onnx",
+            "head_size": 16,
+            "hidden_size": 64,
+            "inputs": {
+                "input_ids": "input_ids",
+                "attention_mask": "attention_mask",
+                "past_key_names": "past_key_values.%d.key",
+                "past_value_names": "past_key_values.%d.value",
+            },
+            "outputs": {
+                "logits": "logits",
+                "present_key_names": "present.%d.key",
+                "present_value_names": "present.%d.value",
+            },
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "num_key_value_heads": 2,
+        },
+        "eos_token_id": 2,
+        "pad_token_id": 3,
+        "type": "llama",
+        "vocab_size": 512,
+    },
+    "search": {"max_length": 256, "past_present_share_buffer": True, "top_k": 50, "top_p": 1.0},
+}
+
+
+def make_package(root: Path) -> Path:
+    """A hand-made package at ``root``: a variant folder, a log and a manifest."""
+    (root / "fp32").mkdir(parents=True)
+    (root / "build.log").write_text("log\n")
+    (root / "fp32" / "model.onnx").write_bytes(onnx_of_size(2048))
+    (root / "fp32" / "genai_config.json").write_text(json.dumps(GENAI_CONFIG, indent=4))
+    write_manifest(root, {"variants": {"fp32": {"path": "fp32"}}})
+    return root
+
 
 @pytest.fixture
 def package(tmp_path: Path) -> Path:
     """A hand-made package: a variant folder, a log and a manifest."""
-    root = tmp_path / "pkg"
-    (root / "fp32").mkdir(parents=True)
-    (root / "build.log").write_text("log\n")
-    (root / "fp32" / "model.onnx").write_bytes(onnx_of_size(2048))
-    (root / "fp32" / "genai_config.json").write_text(json.dumps({"model": {"decoder": {"filename": "model.onnx"}}}))
-    write_manifest(root, {"variants": {"fp32": {"path": "fp32"}}})
-    return root
+    return make_package(tmp_path / "pkg")
 
 
 def member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, linkname: str = "") -> tuple:
@@ -50,7 +88,10 @@ def write_tar(path: Path, members: list[tuple], *, compress: bool = True) -> Pat
 
 
 def package_members(root: Path) -> list[tuple]:
-    return [member(p.relative_to(root).as_posix(), p.read_bytes()) for p in sorted(root.rglob("*")) if p.is_file()]
+    """The package's files as members in the order `edgekit pack` writes them: manifest.json first, then sorted."""
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    names = ["manifest.json", *(name for name in files if name != "manifest.json")]
+    return [member(name, (root / name).read_bytes()) for name in names]
 
 
 def refuse(archive: Path, dest: Path) -> str:
@@ -84,10 +125,13 @@ def test_packing_twice_gives_identical_bytes(package: Path, tmp_path: Path, suff
     first = pack_package(package, tmp_path / f"a{suffix}")
     (package / "build.log").touch()  # a newer modification time changes nothing
     second = pack_package(package, tmp_path / f"b{suffix}")
-    assert first.read_bytes() == second.read_bytes()
+    assert first.path.read_bytes() == second.path.read_bytes()
+    assert first.sha256 == second.sha256 and first.size == second.size
     with tarfile.open(first) as tar:
         infos = tar.getmembers()
-    assert [i.name for i in infos] == sorted(i.name for i in infos)
+    # manifest.json first (the reader checks every later header against it), then the files sorted.
+    assert [i.name for i in infos] == ["manifest.json", *sorted(i.name for i in infos[1:])]
+    assert "manifest.json" not in [i.name for i in infos[1:]]
     assert {(i.mtime, i.uid, i.gid, i.uname, i.gname, i.mode) for i in infos} == {(0, 0, 0, "", "", 0o644)}
 
 
@@ -121,8 +165,9 @@ def test_a_failed_pack_leaves_no_partial_file(package: Path, tmp_path: Path, mon
         raise OSError("disk full")
 
     monkeypatch.setattr(archive_module, "_add_file", broken)
-    with pytest.raises(OSError):
+    with pytest.raises(PackageError, match="could not be written \\(disk full\\)") as info:
         pack_package(package, tmp_path / "pkg.tar")
+    assert info.value.path == str(tmp_path / "pkg.tar")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]
 
 
@@ -166,15 +211,16 @@ def test_an_unsafe_member_is_refused_by_name(package: Path, tmp_path: Path, case
 
 
 def test_too_many_members(package: Path, tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(archive_module, "MAX_MEMBERS", 5)
-    archive = write_tar(tmp_path / "many.tar.gz", [member(f"f{i}", b"x") for i in range(6)])
-    assert "more than 5 members" in refuse(archive, tmp_path / "dest")
+    monkeypatch.setattr(archive_module, "MAX_MEMBERS", 3)
+    archive = write_tar(tmp_path / "many.tar.gz", package_members(package))  # 4 members
+    assert "more than 3 members" in refuse(archive, tmp_path / "dest")
 
 
 def test_too_many_declared_bytes(package: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(archive_module, "MAX_TOTAL_BYTES", 100)
     archive = write_tar(tmp_path / "big.tar.gz", package_members(package))
-    assert "past 100 bytes" in refuse(archive, tmp_path / "dest")
+    message = refuse(archive, tmp_path / "dest")
+    assert "member 'manifest.json' lists" in message and "past the 100-byte limit" in message
 
 
 def test_a_compressed_header_bomb_is_refused_without_inflating_it(tmp_path: Path, monkeypatch) -> None:
@@ -194,7 +240,8 @@ def test_a_compressed_header_bomb_is_refused_without_inflating_it(tmp_path: Path
 
 def test_an_archive_without_a_manifest(tmp_path: Path) -> None:
     archive = write_tar(tmp_path / "x.tar.gz", [member("fp32/model.onnx", b"x")])
-    assert "holds no manifest.json" in refuse(archive, tmp_path / "dest")
+    message = refuse(archive, tmp_path / "dest")
+    assert "member 'fp32/model.onnx' comes first, but manifest.json must be the archive's first member" in message
 
 
 @pytest.mark.parametrize("compress", [True, False], ids=["gz", "tar"])
@@ -212,7 +259,7 @@ def test_a_member_that_does_not_match_the_manifest(package: Path, tmp_path: Path
 def test_an_unlisted_member(package: Path, tmp_path: Path) -> None:
     archive = write_tar(tmp_path / "extra.tar.gz", [*package_members(package), member("fp32/extra.onnx", b"x")])
     message = refuse(archive, tmp_path / "dest")
-    assert "member 'fp32/extra.onnx'" in message and "not listed in the manifest" in message
+    assert "member 'fp32/extra.onnx' is not listed in the archive's manifest.json" in message
 
 
 @pytest.mark.parametrize(
@@ -229,9 +276,9 @@ def test_a_file_that_is_not_an_archive(tmp_path: Path, content: bytes) -> None:
 def test_a_truncated_archive(package: Path, tmp_path: Path) -> None:
     whole = pack_package(package, tmp_path / "whole.tar")
     cut = tmp_path / "cut.tar"
-    cut.write_bytes(whole.read_bytes()[:2000])
+    cut.write_bytes(whole.path.read_bytes()[:2000])
     message = refuse(cut, tmp_path / "dest")
-    assert "is not a readable tar archive" in message or "missing" in message
+    assert "is not a readable tar archive" in message or "cut short" in message or "lacks" in message
 
 
 def test_unpack_refuses_an_existing_dest_and_replaces_it_with_force(package: Path, tmp_path: Path) -> None:

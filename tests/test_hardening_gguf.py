@@ -1,15 +1,24 @@
 """Crafted GGUF files (issue #5, requirement 4): each is a CorruptFileError naming the file, in under a
-second, in a child process limited to 1 GiB of address space. The files are written by hand below."""
+second, in a child process limited to 1 GiB of address space. The files are written by hand below.
+
+Files with a valid layout but unusable metadata (no tokenizer, hyperparameters that do not match the tensors,
+a tokenizer transformers cannot build) are written with ``gguf``'s own writer and built with
+``edgekit.pipeline.build``: each ends in a one-line typed error and leaves nothing beside OUT.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import resource
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from limited import MiB, assert_refused_quickly, run_limited
 
-from edgekit.errors import CorruptFileError
+from edgekit.errors import CorruptFileError, SourceError
 from edgekit.exporters.gguf_header import read_gguf_header
 from edgekit.exporters.weight_files import check_gguf
 
@@ -182,7 +191,7 @@ def test_the_demo_header_matches_the_gguf_reader() -> None:
 def test_a_missing_gguf_file(tmp_path: Path) -> None:
     with pytest.raises(CorruptFileError) as info_:
         read_gguf_header(tmp_path / "absent.gguf")
-    assert "cannot be read" in str(info_.value)
+    assert "does not exist" in str(info_.value)
 
 
 def test_a_vocabulary_larger_than_the_read_block_is_walked_exactly(tmp_path: Path) -> None:
@@ -198,3 +207,121 @@ def test_a_vocabulary_larger_than_the_read_block_is_walked_exactly(tmp_path: Pat
     path.write_bytes(path.read_bytes()[:2_000_000])
     with pytest.raises(CorruptFileError, match="past the end"):
         read_gguf_header(path)
+
+
+# -- valid layout, unusable metadata ------------------------------------------------------------------------
+
+TINY_TOKENS = ["<unk>", "<s>", "</s>", *(f"t{i}" for i in range(13))]
+_TINY_BLOCK = {
+    "attn_norm": (8,),
+    "attn_q": (8, 8),
+    "attn_k": (8, 8),
+    "attn_v": (8, 8),
+    "attn_output": (8, 8),
+    "ffn_norm": (8,),
+    "ffn_gate": (16, 8),
+    "ffn_up": (16, 8),
+    "ffn_down": (8, 16),
+}
+
+
+def write_tiny_gguf(
+    path: Path,
+    *,
+    tokenizer_model: str | None = "llama",
+    hyperparameters: bool = True,
+    feed_forward_length: int = 16,
+) -> Path:
+    """A complete one-block llama GGUF (hidden size 8, 16 tokens) that transformers imports as it is.
+
+    ``tokenizer_model=None`` leaves out the tokenizer metadata, ``hyperparameters=False`` the llama.* shape
+    keys, and ``feed_forward_length`` declares that width whatever the tensors hold.
+    """
+    from gguf import GGUFWriter
+
+    writer = GGUFWriter(str(path), "llama")
+    if hyperparameters:
+        writer.add_block_count(1)
+        writer.add_context_length(64)
+        writer.add_embedding_length(8)
+        writer.add_feed_forward_length(feed_forward_length)
+        writer.add_head_count(2)
+        writer.add_head_count_kv(2)
+        writer.add_layer_norm_rms_eps(1e-5)
+    if tokenizer_model is not None:
+        writer.add_tokenizer_model(tokenizer_model)
+        writer.add_token_list(TINY_TOKENS)
+        writer.add_token_scores([0.0] * len(TINY_TOKENS))
+        writer.add_token_types([2, 3, 3] + [1] * (len(TINY_TOKENS) - 3))
+    rng = np.random.default_rng(0)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((len(TINY_TOKENS), 8), dtype=np.float32))
+    writer.add_tensor("output_norm.weight", rng.standard_normal(8, dtype=np.float32))
+    for name, shape in _TINY_BLOCK.items():
+        writer.add_tensor(f"blk.0.{name}.weight", rng.standard_normal(shape, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@contextlib.contextmanager
+def address_space_headroom(limit: int) -> Iterator[None]:
+    """Let this process map at most ``limit`` more bytes, for the block's duration.
+
+    Only the soft limit is lowered, so it can be put back: a regression that allocates a 7B model then
+    fails inside torch instead of taking the machine's memory.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/statm") as statm:
+        mapped = int(statm.read().split()[0]) * resource.getpagesize()
+    resource.setrlimit(resource.RLIMIT_AS, (mapped + limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _build_refused(source: Path, tmp_path: Path) -> SourceError:
+    """Build ``source`` with the real entry point; return the typed error after checking that nothing but the
+    failed build's log is left beside OUT."""
+    from edgekit.pipeline import build, failed_log_path
+
+    builds = tmp_path / "builds"
+    builds.mkdir()
+    with address_space_headroom(4096 * MiB), pytest.raises(SourceError) as refused:
+        build(source, builds / "pkg", progress=False, evaluation=None)
+    assert set(builds.iterdir()) <= {failed_log_path(builds / "pkg")}
+    message = str(refused.value)
+    assert message.startswith(f"{source}: ") and "\n" not in message
+    assert refused.value.exit_code == 2
+    return refused.value
+
+
+def test_a_gguf_without_tokenizer_metadata_is_refused_before_the_build(tmp_path: Path) -> None:
+    source = write_tiny_gguf(tmp_path / "no-tokenizer.gguf", tokenizer_model=None)
+    error = _build_refused(source, tmp_path)
+    assert isinstance(error, CorruptFileError)
+    assert "has no tokenizer metadata (tokenizer.ggml.*)" in str(error)
+    assert "tokenizer.ggml.model and tokenizer.ggml.tokens missing" in str(error)
+
+
+@pytest.mark.parametrize(
+    ("case", "options"),
+    [("no-hyperparameters", {"hyperparameters": False}), ("wider-than-its-tensors", {"feed_forward_length": 1 << 20})],
+)
+def test_metadata_declaring_a_bigger_model_than_the_file_is_refused_before_allocating(
+    tmp_path: Path, case: str, options: dict
+) -> None:
+    """transformers would fill the gaps with defaults (Llama-2-7B's shapes) and random weights."""
+    error = _build_refused(write_tiny_gguf(tmp_path / f"{case}.gguf", **options), tmp_path)
+    assert isinstance(error, CorruptFileError)
+    assert "its metadata describes a model of" in str(error)
+    assert "but the file holds only 792" in str(error)
+
+
+def test_metadata_transformers_cannot_use_is_one_line(tmp_path: Path) -> None:
+    source = write_tiny_gguf(tmp_path / "bogus-tokenizer.gguf", tokenizer_model="bogus")
+    error = _build_refused(source, tmp_path)
+    assert "transformers cannot import this GGUF file (ValueError: " in str(error)
+    assert "'bogus'" in str(error)

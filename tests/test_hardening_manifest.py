@@ -19,14 +19,16 @@ from edgekit.package import MANIFEST, read_manifest, variant_dir, verify_files, 
 def package(tmp_path: Path) -> Path:
     root = tmp_path / "pkg"
     (root / "fp32").mkdir(parents=True)
-    (root / "fp32" / "a.bin").write_bytes(b"a" * 10)
-    (root / "fp32" / "z.bin").write_bytes(b"z" * 10)
+    (root / "fp32" / "a.onnx.data").write_bytes(b"a" * 10)
+    (root / "fp32" / "z.onnx.data").write_bytes(b"z" * 10)
     write_manifest(root, {"variants": {"fp32": {"path": "fp32"}}, "default_variant": "fp32"})
     return root
 
 
 def test_a_size_mismatch_is_caught_before_any_file_is_hashed(package: Path, monkeypatch) -> None:
-    (package / "fp32" / "z.bin").write_bytes(b"z" * 11)  # the last file, sorted: a.bin would be hashed first
+    (package / "fp32" / "z.onnx.data").write_bytes(
+        b"z" * 11
+    )  # the last file, sorted: a.onnx.data would be hashed first
 
     def no_hashing(path: Path, chunk: int = 0) -> str:
         raise AssertionError(f"hashed {path} before comparing sizes")
@@ -35,7 +37,7 @@ def test_a_size_mismatch_is_caught_before_any_file_is_hashed(package: Path, monk
     with pytest.raises(PackageError) as info:
         verify_files(package, read_manifest(package))
     assert "is 11 bytes, the manifest says 10" in str(info.value)
-    assert str(package / "fp32" / "z.bin") in str(info.value)
+    assert str(package / "fp32" / "z.onnx.data") in str(info.value)
 
 
 def rewrite(root: Path, change: Any) -> None:
@@ -46,7 +48,7 @@ def rewrite(root: Path, change: Any) -> None:
 
 MALFORMED = {
     "files-not-a-list": lambda m: m.update(files={"a": 1}),
-    "entry-not-a-mapping": lambda m: m["files"].append("fp32/a.bin"),
+    "entry-not-a-mapping": lambda m: m["files"].append("fp32/a.onnx.data"),
     "path-not-a-string": lambda m: m["files"][0].update(path=7),
     "size-a-string": lambda m: m["files"][0].update(size="10"),
     "size-a-boolean": lambda m: m["files"][0].update(size=True),
@@ -102,7 +104,7 @@ def test_a_path_listed_twice(package: Path) -> None:
         verify_files(package, read_manifest(package))
 
 
-@pytest.mark.parametrize("listed", ["fp32\\..\\..\\x", "C:x", "", "fp32/a\x00.bin"])
+@pytest.mark.parametrize("listed", ["fp32\\..\\..\\x", "C:x", "", "fp32/a\x00.onnx"])
 def test_a_listed_path_that_is_not_portable(package: Path, listed: str) -> None:
     rewrite(package, lambda m: m["files"].append({"path": listed, "size": 1, "sha256": "0" * 64}))
     with pytest.raises(PackageError, match="outside the package"):

@@ -13,6 +13,7 @@ from typing import Any
 import onnx
 import pytest
 from onnx import TensorProto, helper
+from package_fixtures import genai_config
 
 from edgekit.errors import PackageError
 from edgekit.package import read_manifest, verify_files, write_manifest
@@ -46,9 +47,9 @@ def onnx_with_external(location: str, *, offset: int = 0, length: int = 16, in_s
 def make_package(root: Path, *, genai: dict[str, Any] | None = None, onnx_bytes: bytes | None = None) -> Path:
     variant = root / "v"
     variant.mkdir(parents=True)
-    (variant / "genai_config.json").write_text(json.dumps(genai or {"model": {"decoder": {"filename": "model.onnx"}}}))
-    (variant / "model.onnx").write_bytes(onnx_bytes or onnx_with_external("weights.bin"))
-    (variant / "weights.bin").write_bytes(bytes(16))
+    (variant / "genai_config.json").write_text(json.dumps(genai or genai_config()))
+    (variant / "model.onnx").write_bytes(onnx_bytes or onnx_with_external("weights.onnx.data"))
+    (variant / "weights.onnx.data").write_bytes(bytes(16))
     (variant / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "X", "tokenizer_file": None}))
     write_manifest(root, {"variants": {"v": {"path": "v"}}, "default_variant": "v"})
     return root
@@ -71,10 +72,10 @@ def test_a_clean_package_passes(tmp_path: Path) -> None:
     ("location", "phrase"),
     [
         ("../outside.bin", "climbs out of its folder"),
-        ("../v/weights.bin", "climbs out of its folder"),
+        ("../v/weights.onnx.data", "climbs out of its folder"),
         ("/etc/passwd", "absolute"),
         ("C:\\secret.bin", "absolute or non-portable"),
-        ("sub\\weights.bin", "non-portable"),
+        ("sub\\weights.onnx.data", "non-portable"),
         ("", "not a file name"),
         ("missing.bin", "does not list"),
         ("genai_config.json", None),  # listed and inside: allowed (onnxruntime would fail on the bytes)
@@ -97,8 +98,8 @@ def test_an_external_location_in_a_subgraph_is_checked(tmp_path: Path) -> None:
 
 
 def test_an_external_data_range_past_the_end_of_its_file(tmp_path: Path) -> None:
-    root = make_package(tmp_path / "pkg", onnx_bytes=onnx_with_external("weights.bin", offset=8, length=16))
-    assert "reads bytes 8..24 of the 16-byte v/weights.bin" in refused(root)
+    root = make_package(tmp_path / "pkg", onnx_bytes=onnx_with_external("weights.onnx.data", offset=8, length=16))
+    assert "reads bytes 8..24 of the 16-byte v/weights.onnx.data" in refused(root)
 
 
 def test_an_unreadable_onnx_file_is_refused(tmp_path: Path) -> None:
@@ -109,13 +110,13 @@ def test_an_unreadable_onnx_file_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("config", "phrase"),
     [
-        ({"model": {"decoder": {"filename": "../../etc/passwd"}}}, "climbs out"),
-        ({"model": {"decoder": {"filename": "/etc/passwd"}}}, "absolute"),
-        ({"model": {"decoder": {"filename": "other.onnx"}}}, "does not list"),
-        ({"model": {"decoder": {"filename": 7}}}, "not a file name"),
-        ({"model": {"decoder": {"pipeline": [{"stage": {"filename": "../x.onnx"}}]}}}, "climbs out"),
-        ({"model": {"vision": {"config_filename": "/tmp/processor.json"}}}, "absolute"),
-        ({"model": {"speech": {"adapter_filenames": ["ok"], "adapter_file": ["../a"]}}}, "climbs out"),
+        (genai_config("../../etc/passwd"), "climbs out"),
+        (genai_config("/etc/passwd"), "absolute"),
+        (genai_config("other.onnx"), "does not list"),
+        (genai_config(7), "model.decoder.filename': Input should be a valid string"),  # type: ignore[arg-type]
+        (genai_config(pipeline=[{"stage": {"filename": "../x.onnx"}}]), "key 'model.decoder.pipeline' is not allowed"),
+        ({**genai_config(), "vision": {"config_filename": "/tmp/p.json"}}, "key 'vision' is not allowed"),
+        ({"model": {"decoder": {"filename": "model.onnx"}}}, "'model.decoder.head_size': Field required"),
     ],
 )
 def test_genai_config_file_names(tmp_path: Path, config: dict[str, Any], phrase: str) -> None:
@@ -242,3 +243,21 @@ def test_load_refuses_a_genai_config_naming_a_model_outside(
     with pytest.raises(PackageError) as info:
         load(package_copy)
     assert str(path) in str(info.value) and "absolute" in str(info.value)
+
+
+def test_an_external_data_length_that_is_not_the_tensors_size(tmp_path: Path) -> None:
+    """onnxruntime fails on it with its own error; edgekit names the tensor first."""
+    root = make_package(tmp_path / "pkg", onnx_bytes=onnx_with_external("weights.onnx.data", length=12))
+    assert "tensor 'w' of shape [4] needs 16 bytes, its external data says 12" in refused(root)
+
+
+@pytest.mark.parametrize("offset", ["+8", " 8", "1_0", "-0", "0x10"])
+def test_an_external_data_offset_that_is_not_a_plain_number(tmp_path: Path, offset: str) -> None:
+    root = make_package(tmp_path / "pkg", onnx_bytes=onnx_with_external("weights.onnx.data"))
+    model = onnx.load_model(str(root / "v" / "model.onnx"), load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "offset":
+            entry.value = offset
+    (root / "v" / "model.onnx").write_bytes(model.SerializeToString())
+    write_manifest(root, read_manifest(root))
+    assert "malformed external data range" in refused(root)

@@ -157,7 +157,7 @@ def test_load_text_refuses_an_empty_file(tmp_path: Path, name: str, body: str) -
 
 
 def test_load_text_refuses_unreadable_files(tmp_path: Path) -> None:
-    with pytest.raises(UsageError, match="cannot read"):
+    with pytest.raises(UsageError, match=r"missing\.txt: does not exist"):
         load_text(tmp_path / "missing.txt")
     binary = tmp_path / "b.txt"
     binary.write_bytes(b"\xff\xfe\x00bad")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import snapshot
+from package_fixtures import genai_config
 
 from edgekit.cli import main
 from edgekit.errors import OutputExistsError, PackageError
@@ -176,7 +177,7 @@ def package(tmp_path: Path) -> Path:
     (root / "int4").mkdir()
     (root / "build.log").write_text("log\n")
     (root / "fp32" / "model.onnx").write_bytes(onnx_of_size(1024))
-    (root / "fp32" / "genai_config.json").write_text("{}")
+    (root / "fp32" / "genai_config.json").write_text(json.dumps(genai_config()))
     (root / "int4" / "model.onnx").write_bytes(onnx_of_size(300))
     write_manifest(root, {"architecture": "llama", "variants": {"fp32": {"path": "fp32"}}})
     return root

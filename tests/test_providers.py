@@ -49,9 +49,9 @@ def test_cpu_only_chain_loads_without_warnings(tiny_llama_package) -> None:
 
 
 def test_unknown_provider_is_a_usage_error(tiny_llama_package) -> None:
-    from edgekit.errors import PackageError
+    from edgekit.errors import UsageError
 
-    with pytest.raises(PackageError, match="unknown provider 'tpu'"):
+    with pytest.raises(UsageError, match="unknown provider 'tpu'"):
         runtime_model.load(tiny_llama_package, providers=["tpu"])
 
 

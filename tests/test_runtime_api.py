@@ -104,3 +104,38 @@ def test_bench_reports_speed_per_variant(tiny_llama_package: Path, runner, tmp_p
         assert row["provider"] == "cpu" and row["runs"] == 2
         assert row["ttft_s"]["min"] <= row["ttft_s"]["median"] <= row["ttft_s"]["max"]
         assert row["decode_tps"]["median"] > 0 and row["prefill_tps"]["median"] > 0
+
+
+def test_an_abandoned_stream_does_not_block_other_threads(tiny_llama_package: Path) -> None:
+    """Defect 11 of the hostile-input review: a half-read stream() held the model's lock until collected."""
+    with load(tiny_llama_package, variant="fp32") as model:
+        abandoned = model.stream("hello world", max_new_tokens=32)
+        next(abandoned)  # started, then left alone (still referenced)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            other = pool.submit(model.generate, "the quick brown fox", max_new_tokens=8)
+            assert other.result(timeout=60) == model.generate("the quick brown fox", max_new_tokens=8)
+        rest = "".join(abandoned)  # the abandoned stream still finishes correctly afterwards
+    assert isinstance(rest, str)
+
+
+def test_a_model_the_cpu_cannot_load_is_a_package_error_not_a_provider_error(
+    tiny_llama_package: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Defect 9: onnxruntime-genai's own failure on the CPU is the model's fault, and says so."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    from edgekit.package import read_manifest, write_manifest
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    package = Path(shutil.copytree(tiny_llama_package, tmp_path / "pkg"))
+    out = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 1, 4])
+    graph = helper.make_graph([], "broken", [], [out])  # no inputs and no nodes: nothing onnxruntime-genai can run
+    onnx.save_model(helper.make_model(graph), str(package / "int4-rtn" / "model.onnx"))
+    (package / "int4-rtn" / "model.onnx.data").unlink()
+    write_manifest(package, read_manifest(package))
+    with pytest.raises(PackageError) as info:
+        load(package, providers=["cpu"])
+    assert "cannot load this variant on the CPU" in str(info.value) and "no provider" not in str(info.value)

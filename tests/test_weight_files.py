@@ -205,7 +205,7 @@ def test_extra_bytes_after_the_data(tmp_path: Path) -> None:
 
 def test_a_missing_file(tmp_path: Path) -> None:
     path = tmp_path / "absent.safetensors"
-    assert "cannot be read" in corrupt(path)
+    assert "absent.safetensors: does not exist" in corrupt(path)
 
 
 # --- GGUF ------------------------------------------------------------------------------------------

@@ -123,9 +123,86 @@ TINY_MODELS: dict[str, Callable[[], Any]] = {
 }
 
 
+# Tiny models with the real family's window, rope and vocabulary settings (from the config.json of the named
+# checkpoint), so that runtime sizing that works only for toy values shows: Gemma 3's 512-token window and
+# 262,144-token vocabulary, Llama 3's rope scaling, Phi-3.5's long rope, Mistral's 4,096-token window.
+def _realistic(config_class: str, class_name: str, **settings: Any) -> Callable[[], Any]:
+    def make() -> Any:
+        import transformers
+
+        common = {**_COMMON, "head_dim": 16, **settings}
+        if config_class == "Qwen3_5Config":
+            text = {**common, "tie_word_embeddings": False}
+            config = transformers.Qwen3_5Config(
+                text_config=text, vision_config=_QWEN3_5_VISION, tie_word_embeddings=False
+            )
+            return config, class_name
+        return getattr(transformers, config_class)(**common), class_name
+
+    return make
+
+
+_QWEN3_5_VISION = dict(
+    depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+    num_position_embeddings=64, patch_size=16, spatial_merge_size=2, temporal_patch_size=2,
+)  # fmt: skip
+
+REALISTIC_MODELS: dict[str, Callable[[], Any]] = {
+    # Llama-3.2-1B
+    "llama": _realistic(
+        "LlamaConfig", "LlamaForCausalLM", max_position_embeddings=131072,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+    ),
+    # Mistral-7B-v0.1
+    "mistral": _realistic(
+        "MistralConfig", "MistralForCausalLM", max_position_embeddings=32768, sliding_window=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    ),
+    # Qwen2.5-0.5B
+    "qwen2": _realistic(
+        "Qwen2Config", "Qwen2ForCausalLM", max_position_embeddings=32768, use_sliding_window=False,
+        sliding_window=32768, max_window_layers=2, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
+    # Qwen3-0.6B
+    "qwen3": _realistic(
+        "Qwen3Config", "Qwen3ForCausalLM", max_position_embeddings=40960,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ),
+    # Phi-3.5-mini-instruct: long rope (one factor per rotary pair), a window as long as the context
+    "phi3": _realistic(
+        "Phi3Config", "Phi3ForCausalLM", max_position_embeddings=131072, original_max_position_embeddings=4096,
+        sliding_window=262144,
+        rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 4096,
+                         "short_factor": [1.0, 1.02, 1.05, 1.1, 1.2, 1.4, 1.8, 2.5],
+                         "long_factor": [1.1, 1.3, 1.8, 2.8, 4.5, 8.0, 14.0, 24.0]},
+    ),
+    # gemma-3-270m: five sliding-window layers (512) to one global, 262,144-token vocabulary
+    "gemma3_text": _realistic(
+        "Gemma3TextConfig", "Gemma3ForCausalLM", vocab_size=262144, max_position_embeddings=32768,
+        sliding_window=512, query_pre_attn_scalar=256, num_hidden_layers=6,
+        layer_types=["sliding_attention"] * 5 + ["full_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}},
+    ),
+    # Qwen3.5: three linear-attention layers to one full one, interleaved multimodal rope on a quarter of each head
+    "qwen3_5": _realistic(
+        "Qwen3_5Config", "Qwen3_5ForConditionalGeneration", head_dim=32, max_position_embeddings=262144,
+        num_hidden_layers=4, layer_types=["linear_attention"] * 3 + ["full_attention"],
+        rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+        linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+        linear_num_value_heads=4,
+    ),
+}  # fmt: skip
+
+
 @functools.cache
-def tiny_tokenizer() -> Any:
-    """A byte-level BPE tokenizer of exactly ``VOCAB`` entries, trained on a few sentences."""
+def tiny_tokenizer(add_bos: bool = False) -> Any:
+    """A byte-level BPE tokenizer of exactly ``VOCAB`` entries, trained on a few sentences.
+
+    ``add_bos``: it starts every text with ``<s>`` (id 1), as Gemma's and Llama 3's tokenizers do.
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -134,6 +211,9 @@ def tiny_tokenizer() -> Any:
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    if add_bos:
+        bos = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", 1)])
+        tokenizer.post_processor = processors.Sequence([processors.ByteLevel(trim_offsets=False), bos])
     corpus = [
         "the quick brown fox jumps over the lazy dog. " * 3,
         "hello world, this is a tiny tokenizer for testing onnx export of language models.",
@@ -157,21 +237,25 @@ def tiny_tokenizer() -> Any:
     return fast
 
 
-def make_tiny_checkpoint(model_type: str, folder: Path, seed: int = 0, *, tied: bool = False) -> Path:
+def make_tiny_checkpoint(
+    model_type: str, folder: Path, seed: int = 0, *, tied: bool = False, add_bos: bool = False, realistic: bool = False
+) -> Path:
     """Write a tiny random ``model_type`` checkpoint (config, safetensors, tokenizer) into ``folder``.
 
-    ``tied``: the LM head shares the input embedding's weight, as in SmolLM2.
+    ``tied``: the LM head shares the input embedding's weight, as in SmolLM2. ``add_bos``: its tokenizer
+    starts every text with BOS. ``realistic``: the family's real window, rope and vocabulary settings
+    (``REALISTIC_MODELS``).
     """
     import torch
     import transformers
 
-    config, class_name = TINY_MODELS[model_type]()
+    config, class_name = (REALISTIC_MODELS if realistic else TINY_MODELS)[model_type]()
     config.architectures = [class_name]
     config.tie_word_embeddings = tied
     torch.manual_seed(seed)
     model = getattr(transformers, class_name)(config).float().eval()
     model.save_pretrained(str(folder))
-    tiny_tokenizer().save_pretrained(str(folder))
+    tiny_tokenizer(add_bos).save_pretrained(str(folder))
     return folder
 
 

@@ -11,12 +11,14 @@ stricter ones (zero dimensions, alignment above 1 MiB, overlapping tensor data) 
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from edgekit.errors import CorruptFileError
+from edgekit.safe_io import open_regular
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -136,12 +138,8 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     zero; a known ggml type whose block size divides the first dimension; each tensor's data aligned,
     inside the file, and not overlapping another's.
     """
-    try:
-        size = path.stat().st_size
-        handle = path.open("rb", buffering=1 << 20)
-    except OSError as exc:
-        raise CorruptFileError(f"cannot be read ({exc.strerror})", path=path) from None
-    with handle:
+    with open_regular(path, CorruptFileError, FIX, buffering=1 << 20) as handle:
+        size = os.fstat(handle.fileno()).st_size
         cursor = _Cursor(handle, size, path)
         if size < 4 or cursor.read(4, "the magic") != GGUF_MAGIC:
             raise cursor.fail("does not start with the GGUF magic bytes")

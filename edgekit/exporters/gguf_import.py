@@ -8,14 +8,18 @@ file itself, dequantized by the ``gguf`` package's own reference code.
 from __future__ import annotations
 
 import json
+import os
 import re
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from edgekit.errors import ExportError, UnsupportedArchitectureError
+from edgekit.errors import CorruptFileError, EdgekitError, ExportError, SourceError, UnsupportedArchitectureError
 from edgekit.exporters.registry import Architecture, lookup_architecture
 from edgekit.exporters.weight_files import open_gguf
 
@@ -36,6 +40,16 @@ _BLOCK_TENSORS = {
 _BLOCK_NAME = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 # llama.cpp's converter interleaves the rows of Q and K for these architectures; transformers undoes it.
 _PERMUTED_QK = {"llama", "mistral"}
+# transformers builds the tokenizer from these; without them it fails with a bare ValueError.
+_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
+_NO_TOKENIZER_FIX = (
+    "convert the checkpoint again with llama.cpp's convert_hf_to_gguf.py (it embeds the tokenizer), "
+    "or build from the Hugging Face folder"
+)
+_DECLARED_SIZE_FIX = (
+    "the file lacks tensors or its hyperparameters (block_count, embedding_length, ...) are wrong; "
+    "convert the checkpoint again with llama.cpp's convert_hf_to_gguf.py"
+)
 
 
 @dataclass
@@ -48,29 +62,55 @@ class GGUFImport:
 
 
 def gguf_architecture(path: Path) -> Architecture:
-    """Look up a GGUF file's architecture from its metadata, before any tensor is dequantized."""
+    """Look up a GGUF file's architecture from its metadata, before any tensor is dequantized.
+
+    Also refuses a file without tokenizer metadata (``check_gguf_tokenizer``): this is the GGUF check the
+    build's precheck runs, and such a file can only fail later, inside transformers.
+    """
     reader = open_gguf(path)
     field = reader.fields.get("general.architecture")
     arch = str(field.contents()) if field is not None else "unknown"
     model_type = {"gemma3": "gemma3_text"}.get(arch, arch)
     try:
-        return lookup_architecture({"model_type": model_type}, path)
+        architecture = lookup_architecture({"model_type": model_type}, path)
     except UnsupportedArchitectureError as exc:
         raise UnsupportedArchitectureError(
             f"GGUF architecture '{arch}' is not supported", path=path, fix=exc.fix
         ) from None
+    check_gguf_tokenizer(path)
+    return architecture
+
+
+def check_gguf_tokenizer(path: Path) -> None:
+    """Refuse a GGUF file that carries no tokenizer (``tokenizer.ggml.model`` and ``tokenizer.ggml.tokens``).
+
+    A package needs the tokenizer, and a GGUF file is imported from its own metadata only (never from
+    files beside it), so a file without one cannot be built.
+    """
+    fields = open_gguf(path).fields
+    missing = [key for key in _TOKENIZER_KEYS if key not in fields]
+    if missing:
+        raise CorruptFileError(
+            f"has no tokenizer metadata (tokenizer.ggml.*): {' and '.join(missing)} missing",
+            path=path,
+            fix=_NO_TOKENIZER_FIX,
+        )
 
 
 def import_gguf(path: Path, out: Path) -> GGUFImport:
-    """Dequantize a GGUF file into an fp32 Hugging Face folder at ``out`` and verify it against the file."""
-    import torch
+    """Dequantize a GGUF file into an fp32 Hugging Face folder at ``out`` and verify it against the file.
+
+    transformers reads the file through a link in a private folder of its own: given the file's real
+    folder, it would also read a ``tokenizer_config.json``/``config.json`` lying beside it, whose ``auto_map``
+    makes it offer to run a ``*.py`` from that folder. Any failure of transformers on the file's metadata
+    is a ``SourceError`` naming the file.
+    """
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     architecture = gguf_architecture(path)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    with tempfile.TemporaryDirectory(prefix="edgekit-gguf-", dir=out.parent) as private:
+        tokenizer, model = _load_from_gguf(path, _link_privately(path, Path(private)))
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights are plain fp32 now
     config.pop("_name_or_path", None)
@@ -87,9 +127,100 @@ def import_gguf(path: Path, out: Path) -> GGUFImport:
     )
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    model.generation_config.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    with _as_source_error(path):
+        model.generation_config.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
     return GGUFImport(config, architecture, checked)
+
+
+def _link_privately(path: Path, folder: Path) -> Path:
+    """A link to ``path`` inside ``folder`` (a fresh private directory), the only file transformers sees.
+
+    A symbolic link first; a hard link where symbolic links are not allowed (Windows without developer
+    mode). The link's name is fixed, so nothing about the user's file name reaches transformers.
+    """
+    link = folder / "model.gguf"
+    target = path.resolve()
+    try:
+        link.symlink_to(target)
+    except OSError:
+        try:
+            os.link(target, link)
+        except OSError as exc:
+            raise SourceError(
+                f"cannot be linked into a private folder for the import ({exc.strerror})",
+                path=path,
+                fix="copy the GGUF file onto the disk the build writes to (a hard link is the fallback)",
+            ) from None
+    return link
+
+
+def _load_from_gguf(path: Path, link: Path) -> tuple[Any, Any]:
+    """The tokenizer and the fp32 model transformers builds from ``link``'s metadata and tensors alone.
+
+    ``trust_remote_code=False`` on every call, so transformers never asks whether to run code. The folder
+    exists, so it is read as a local folder, never looked up on the hub. ``gguf_file`` is the link's absolute
+    path because transformers first tries a bare name against the working directory.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(link.parent), str(link)
+    with _as_source_error(path):
+        config = AutoConfig.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        _check_declared_size(path, config)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder,
+            gguf_file=name,
+            config=config,
+            dtype=torch.float32,
+            trust_remote_code=False,
+        )
+    return tokenizer, model
+
+
+def _check_declared_size(path: Path, config: Any) -> None:
+    """Refuse metadata that declares a bigger model than the file's tensors hold.
+
+    transformers fills absent hyperparameters with its defaults (Llama-2-7B's) and random-initializes every
+    weight the file lacks, so a small crafted file would otherwise allocate tens of GB. The model is built
+    on the meta device here, which allocates nothing.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    declared = sum(parameter.numel() for parameter in skeleton.parameters())
+    stored = sum(int(tensor.n_elements) for tensor in open_gguf(path).tensors)
+    if declared > stored:
+        raise CorruptFileError(
+            f"its metadata describes a model of {declared:,} weights, but the file holds only {stored:,}",
+            path=path,
+            fix=_DECLARED_SIZE_FIX,
+        )
+
+
+@contextmanager
+def _as_source_error(path: Path) -> Iterator[None]:
+    """Turn any failure of transformers on the file into a one-line ``SourceError`` naming it.
+
+    transformers raises bare ``ValueError``/``KeyError``/``TypeError`` on metadata it cannot use; edgekit's
+    own errors, interrupts and ``MemoryError`` pass through unchanged.
+    """
+    try:
+        yield
+    except (KeyboardInterrupt, MemoryError, EdgekitError):
+        raise
+    except Exception as exc:
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0][:300].rstrip('.')}" if lines else type(exc).__name__
+        raise SourceError(
+            f"transformers cannot import this GGUF file ({detail})",
+            path=path,
+            fix="convert the checkpoint again with a current llama.cpp, or build from the Hugging Face folder",
+        ) from None
 
 
 def verify_against_file(path: Path, state: dict[str, Any], model_type: str, n_head: int, n_kv_head: int) -> int:

@@ -104,6 +104,17 @@ def _flatten_per_layer_rope(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _name_the_longrope_type(config: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3: the builder reads long rope's ``type`` key, which hub configs have and transformers 5 drops on save.
+
+    Without this a Phi-3.5 folder saved by transformers 5 fails with ``KeyError: 'type'``.
+    """
+    rope = config.get("rope_parameters")
+    if isinstance(rope, dict) and rope.get("rope_type") == "longrope":
+        rope.setdefault("type", "longrope")
+    return config
+
+
 register(Architecture("llama", "LlamaForCausalLM", notes="Llama 2/3, SmolLM2, TinyLlama"))
 register(Architecture("mistral", "MistralForCausalLM"))
 register(Architecture("qwen2", "Qwen2ForCausalLM", notes="Qwen2 and Qwen2.5"))
@@ -129,4 +140,11 @@ register(
         notes="Gemma 3 text models (1B and the text path of larger ones)",
     )
 )
-register(Architecture("phi3", "Phi3ForCausalLM", notes="Phi-3 and Phi-3.5 mini, Phi-4 mini"))
+register(
+    Architecture(
+        "phi3",
+        "Phi3ForCausalLM",
+        config_fixes=(_name_the_longrope_type,),
+        notes="Phi-3 and Phi-3.5 mini, Phi-4 mini",
+    )
+)

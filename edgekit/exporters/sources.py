@@ -12,6 +12,8 @@ import json
 import logging
 import os
 import re
+import stat
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ from typing import Any
 from edgekit.errors import SourceError
 from edgekit.exporters.quantized_sources import quantization_method
 from edgekit.exporters.registry import Architecture, lookup_architecture, supported_architectures
+from edgekit.exporters.weight_files import layer_indices
 from edgekit.exporters.weight_files import parameter_count as parameter_count_of
+from edgekit.safe_io import file_kind, open_regular, read_regular_file, require_regular
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +31,19 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a model folder may hand the builder; code (*.py) and pickles are never staged.
 _STAGED_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt", ".tiktoken")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+MAX_CONFIG_BYTES = 16 << 20  # a real config.json is a few KB
+# Shape values of config.json and their upper bounds: far above any real model, low enough to refuse before
+# a library allocates by them.
+_SHAPE_LIMITS = {
+    "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 10,
+    "num_key_value_heads": 1 << 10,
+    "head_dim": 1 << 12,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "vocab_size": 1 << 22,
+    "max_position_embeddings": 1 << 24,
+}
 _FOLDER_FIX = "point at a Hugging Face model folder (config.json, *.safetensors, tokenizer files) or a .gguf file"
 
 
@@ -58,25 +75,30 @@ def classify_source(source: str | os.PathLike[str]) -> SourceSpec:
     """Decide whether ``source`` is a folder, a GGUF file or a hub id; errors when it is none of them."""
     text = os.fspath(source)
     path = Path(text).expanduser()
-    if path.is_dir():
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # nothing local by that name (or a dangling link): a hub id, or a typo
+        if _HUB_ID.match(text) and not text.startswith((".", "/")) and not path.is_symlink():
+            return SourceSpec("hub", text)
+        raise SourceError("does not exist", path=path, fix=_FOLDER_FIX) from None
+    if stat.S_ISDIR(mode):
         return SourceSpec("folder", text, path.resolve())
-    if path.is_file():
-        if path.suffix.lower() == ".gguf" or _starts_with(path, b"GGUF"):
-            return SourceSpec("gguf", text, path.resolve())
-        raise SourceError("is a file but not a GGUF file", path=path, fix=_FOLDER_FIX)
-    if _HUB_ID.match(text) and not text.startswith((".", "/")):
-        return SourceSpec("hub", text)
-    raise SourceError("does not exist", path=path, fix=_FOLDER_FIX)
+    if not stat.S_ISREG(mode):
+        raise SourceError(f"is {file_kind(mode)}, not a checkpoint folder or a GGUF file", path=path, fix=_FOLDER_FIX)
+    if path.suffix.lower() == ".gguf" or _starts_with(path, b"GGUF"):
+        return SourceSpec("gguf", text, path.resolve())
+    raise SourceError("is a file but not a GGUF file", path=path, fix=_FOLDER_FIX)
 
 
 def read_config(folder: Path) -> dict[str, Any]:
     """Parse a folder's config.json, with an error naming the file when it is missing or invalid."""
     path = folder / "config.json"
-    if not path.is_file():
+    if not path.exists():
         raise SourceError("no config.json in this folder", path=folder, fix=_FOLDER_FIX)
+    data = read_regular_file(path, MAX_CONFIG_BYTES, SourceError, "restore config.json from the model's source")
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        config = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise SourceError(
             f"is not valid JSON ({exc})", path=path, fix="restore config.json from the model's source"
         ) from None
@@ -97,6 +119,7 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
             fix="use a checkpoint of an architecture transformers implements: " + ", ".join(supported_architectures()),
         )
     architecture = lookup_architecture(config, config_path)
+    check_config_values(config, config_path)
     quantization = quantization_method(config, config_path)
     warnings = []
     if "auto_map" in config:
@@ -106,6 +129,7 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
     if safetensors:
         parameter_count = parameter_count_of(safetensors)
         weights, is_pickle = safetensors, False
+        _check_layer_count(config, config_path, layer_indices(safetensors))
     elif pickles:
         if not allow_pickle:
             raise SourceError(
@@ -114,6 +138,8 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
                 fix="convert them to safetensors, or pass --allow-pickle to load them with "
                 "torch.load(weights_only=True)",
             )
+        for pickle in pickles:
+            require_regular(pickle, SourceError)
         weights, is_pickle, parameter_count = pickles, True, 0
     else:
         raise SourceError("no weight files (*.safetensors) in this folder", path=folder, fix=_FOLDER_FIX)
@@ -124,6 +150,40 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
             fix="copy the model's tokenizer files next to its weights",
         )
     return CheckedFolder(folder, config, architecture, weights, is_pickle, parameter_count, warnings, quantization)
+
+
+def check_config_values(config: dict[str, Any], path: Path) -> None:
+    """Refuse shape values that are not positive integers in range, before any library sizes memory by them.
+
+    A crafted ``num_hidden_layers: 1000000000`` would otherwise make the builder allocate until it fails.
+    """
+    sections = [config, *(config[k] for k in ("text_config",) if isinstance(config.get(k), dict))]
+    for section in sections:
+        for key, limit in _SHAPE_LIMITS.items():
+            value = section.get(key)
+            if value is None:
+                continue
+            if type(value) is not int or not 1 <= value <= limit:
+                raise SourceError(
+                    f"'{key}' is {str(value)[:40]}; it must be an integer from 1 to {limit}",
+                    path=path,
+                    fix="restore config.json from the model's source",
+                )
+
+
+def _check_layer_count(config: dict[str, Any], path: Path, indices: set[int]) -> None:
+    """The config's layer count must be the number of layers the weight files hold."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    declared = text.get("num_hidden_layers") if isinstance(text, dict) else None
+    if not isinstance(declared, int) or not indices:
+        return
+    if indices != set(range(declared)):
+        raise SourceError(
+            f"declares {declared} layers but the weight files hold layers {min(indices)}..{max(indices)} "
+            f"({len(indices)} of them)",
+            path=path,
+            fix="use the config.json that came with these weights",
+        )
 
 
 def stage_folder(checked: CheckedFolder, stage: Path) -> Path:
@@ -173,8 +233,11 @@ def _convert_pickles(pickles: list[Path], target: Path) -> None:
 
     tensors: dict[str, Any] = {}
     for path in pickles:
+        require_regular(path, SourceError)
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            # mmap needs the zip format of torch.save; legacy (pre-1.6) files are read without it.
+            zipped = zipfile.is_zipfile(path)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
         except Exception as exc:
             raise SourceError(
                 f"cannot be loaded safely ({type(exc).__name__}: {exc})",
@@ -186,5 +249,5 @@ def _convert_pickles(pickles: list[Path], target: Path) -> None:
 
 
 def _starts_with(path: Path, magic: bytes) -> bool:
-    with path.open("rb") as handle:
+    with open_regular(path, SourceError, _FOLDER_FIX) as handle:
         return handle.read(len(magic)) == magic

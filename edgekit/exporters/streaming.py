@@ -142,7 +142,7 @@ class StreamingMixin:
         import torch
         import transformers
 
-        config = transformers.AutoConfig.from_pretrained(input_path)
+        config = transformers.AutoConfig.from_pretrained(input_path, trust_remote_code=False)
         model_class = getattr(transformers, config.architectures[0])
         with torch.device("meta"):
             model = model_class._from_config(config)

@@ -44,7 +44,10 @@ def torch_logits(hf_folder: Path, input_ids: np.ndarray, model_class: str) -> np
     import transformers
 
     loader = getattr(transformers, model_class)
-    model = loader.from_pretrained(str(hf_folder), dtype=torch.float32, attn_implementation="eager")
+    # trust_remote_code=False: the staged folder holds no *.py, and an auto_map must never make transformers ask.
+    model = loader.from_pretrained(
+        str(hf_folder), dtype=torch.float32, attn_implementation="eager", trust_remote_code=False
+    )
     model.eval()
     with torch.no_grad():
         logits = model(torch.from_numpy(input_ids.astype(np.int64))).logits
@@ -55,7 +58,7 @@ def encode_prompt(hf_folder: Path, prompt: str = VALIDATION_PROMPT) -> np.ndarra
     """Token ids [1, S] of ``prompt`` with the checkpoint's own tokenizer."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(hf_folder), trust_remote_code=False)
     ids = tokenizer(prompt, return_tensors="np")["input_ids"]
     return np.asarray(ids, dtype=np.int64)
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 from edgekit.errors import CorruptFileError
 from edgekit.exporters.gguf_header import FIX as GGUF_FIX
 from edgekit.exporters.gguf_header import read_gguf_header
+from edgekit.safe_io import open_regular, require_regular
 
 # safetensors' own loader caps the header at 100 MB; a real header is a few hundred KB (about 120 bytes per
 # tensor). 100 MB of tiny JSON entries parses into over 1 GB of Python objects, so edgekit's cap is lower:
@@ -47,8 +50,8 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
     byte range matches its shape, and that the ranges tile the data section exactly (no overlap, no gap,
     no truncation).
     """
-    size = _file_size(path)
-    with path.open("rb") as handle:
+    with open_regular(path, CorruptFileError, _FIX_REDOWNLOAD) as handle:
+        size = os.fstat(handle.fileno()).st_size
         head = handle.read(8)
         if len(head) < 8:
             raise CorruptFileError("shorter than a safetensors header", path=path, fix=_FIX_REDOWNLOAD)
@@ -95,6 +98,21 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
 def parameter_count(paths: list[Path]) -> int:
     """Total number of tensor elements declared in the headers of the given safetensors files."""
     return sum(math.prod(info.shape) for path in paths for info in read_safetensors_header(path.resolve()))
+
+
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_NOT_DECODER = ("mtp.", "visual.", "vision_tower.", "model.visual.", "model.vision_tower.")
+
+
+def layer_indices(paths: list[Path]) -> set[int]:
+    """The decoder layer indices the tensors of these safetensors files belong to (vision and MTP excluded)."""
+    indices = set()
+    for path in paths:
+        for info in read_safetensors_header(path.resolve()):
+            match = _LAYER_NAME.search(info.name)
+            if match and not info.name.startswith(_NOT_DECODER):
+                indices.add(int(match.group(1)))
+    return indices
 
 
 def _parse_tensor_entry(path: Path, name: str, entry: object) -> tuple[TensorInfo, int, int]:
@@ -169,7 +187,4 @@ def check_gguf(path: Path) -> None:
 
 
 def _file_size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError as exc:
-        raise CorruptFileError(f"cannot be read ({exc.strerror})", path=path) from None
+    return require_regular(path, CorruptFileError)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import UsageError
+from edgekit.safe_io import open_regular
 
 BUILTIN = "builtin"
 
@@ -60,10 +61,13 @@ def builtin_corpus(part: str) -> Corpus:
 def load_text(path: str | Path) -> Corpus:
     """Read a ``.txt`` file, or a ``.jsonl`` file whose lines carry a ``text`` field."""
     path = Path(path)
+    fix = "pass a UTF-8 .txt or .jsonl file"
+    with open_regular(path, UsageError, fix) as handle:
+        data = handle.read()
     try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"cannot read the text ({exc})", path=path, fix="pass a UTF-8 .txt or .jsonl file") from None
+        raw = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"cannot read the text ({exc})", path=path, fix=fix) from None
     if path.suffix.lower() != ".jsonl":
         text = raw
     else:
@@ -84,8 +88,23 @@ def load_text(path: str | Path) -> Corpus:
     return Corpus(str(path), text)
 
 
-def token_windows(ids: np.ndarray, ctx: int, count: int | None) -> np.ndarray:
-    """Non-overlapping windows of ``ctx`` tokens from the start of ``ids``: [windows, ctx]."""
+def with_bos(windows: np.ndarray, bos_token_id: int | None) -> np.ndarray:
+    """``windows`` with their first position replaced by BOS (llama.cpp's rule: windows stay ``ctx`` long).
+
+    ``None`` (the tokenizer adds no BOS) leaves them as they are.
+    """
+    if bos_token_id is None:
+        return windows
+    marked = np.array(windows, copy=True)
+    marked[:, 0] = bos_token_id
+    return marked
+
+
+def token_windows(ids: np.ndarray, ctx: int, count: int | None, bos_token_id: int | None = None) -> np.ndarray:
+    """Non-overlapping windows of ``ctx`` tokens from the start of ``ids``: [windows, ctx].
+
+    With ``bos_token_id`` each window starts with BOS in place of its first token.
+    """
     available = len(ids) // ctx
     if available == 0:
         raise UsageError(
@@ -93,4 +112,4 @@ def token_windows(ids: np.ndarray, ctx: int, count: int | None) -> np.ndarray:
             fix="use a longer text or a smaller --ctx",
         )
     n = available if count is None else min(count, available)
-    return np.asarray(ids[: n * ctx], dtype=np.int64).reshape(n, ctx)
+    return with_bos(np.asarray(ids[: n * ctx], dtype=np.int64).reshape(n, ctx), bos_token_id)

@@ -35,6 +35,7 @@ from edgekit.quant.corpus import Corpus, builtin_corpus, token_windows
 from edgekit.quant.metrics import kl_divergence, log_softmax, percentile, perplexity, token_nll
 from edgekit.quant.schemes import REFERENCE_VARIANT
 from edgekit.runtimes.decoder_session import DecoderSession
+from edgekit.tokenizer_record import recorded_rule
 
 if TYPE_CHECKING:
     from edgekit.quant.streamed_reference import StreamedReference
@@ -57,6 +58,8 @@ class Protocol:
     text_tokens: int
     ctx: int
     windows: int
+    bos: bool = False
+    """Each window starts with BOS (the model's tokenizer adds one), in place of its first token."""
 
     @property
     def scored_per_window(self) -> int:
@@ -71,6 +74,7 @@ class Protocol:
             "text_tokens": self.text_tokens,
             "ctx": self.ctx,
             "windows": self.windows,
+            "bos": self.bos,
             "scored_positions": f"{self.ctx // 2}..{self.ctx - 2} of each window",
             "tokens_scored": self.windows * self.scored_per_window,
         }
@@ -227,8 +231,10 @@ def evaluate_package(
     ids = np.asarray(tokenizer.encode(corpus.text, add_special_tokens=False).ids, dtype=np.int64)
     context_length = int(json.loads((reference_dir / "genai_config.json").read_text())["model"]["context_length"])
     ctx = min(ctx, context_length)
-    token_grid = token_windows(ids, ctx, windows)
-    protocol = Protocol(corpus.name, corpus.sha256, len(ids), ctx, len(token_grid))
+    rule = recorded_rule(manifest)
+    bos = rule.bos_token_id if rule.add_bos_token else None
+    token_grid = token_windows(ids, ctx, windows, bos)
+    protocol = Protocol(corpus.name, corpus.sha256, len(ids), ctx, len(token_grid), bos is not None)
     with contextlib.ExitStack() as stack:
         reference: ReferenceSource
         if checkpoint is not None and streamed:

@@ -89,10 +89,13 @@ def check_package(
 
     Passes when the variant the package deploys for ``target`` meets every limit of the budget and, with
     ``baseline``, no variant got worse than the baseline's by more than ``baseline_tolerance``. Budgets are
-    read from targets.yaml now, so a changed budget applies without re-evaluating.
+    read from targets.yaml now, so a changed budget applies without re-evaluating. The whole package
+    (every variant and the report) is verified against its manifest first: a package with a changed,
+    missing or unlisted file never passes.
     """
     root = Path(package)
     manifest = read_manifest(root)
+    verify_files(root, manifest)
     report = _load_report(root / EVAL_DIR / REPORT_JSON, missing_fix=f"run `edgekit eval {root}` first")
     profile = get_target(target, None if targets_file is None else Path(targets_file))
     chosen = _chosen_variant(root, manifest, profile, report)
@@ -139,9 +142,9 @@ def _load_report(path: Path, *, missing_fix: str) -> dict[str, Any]:
 
 
 def _require_same_protocol(report: dict[str, Any], baseline: dict[str, Any], path: Path) -> None:
-    keys = ("text_sha256", "ctx", "windows")
-    ours = {k: report["protocol"].get(k) for k in keys}
-    theirs = {k: baseline.get("protocol", {}).get(k) for k in keys}
+    keys = ("text_sha256", "ctx", "windows", "bos")
+    ours = {k: report["protocol"].get(k, False if k == "bos" else None) for k in keys}
+    theirs = {k: baseline.get("protocol", {}).get(k, False if k == "bos" else None) for k in keys}
     if ours != theirs:
         raise UsageError(
             f"was measured with another protocol ({theirs}) than this package's report ({ours})",

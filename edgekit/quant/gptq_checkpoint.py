@@ -18,7 +18,7 @@ import numpy as np
 
 from edgekit.errors import CorruptFileError, UsageError
 from edgekit.exporters.lazy_weights import CheckpointReader
-from edgekit.quant.corpus import Corpus
+from edgekit.quant.corpus import Corpus, with_bos
 from edgekit.quant.gptq import GPTQConfig, Progress
 from edgekit.quant.gptq_format import pack_gptq, quantization_config
 from edgekit.quant.gptq_layers import decoder_layers, iter_gptq_layers
@@ -28,8 +28,13 @@ _COPIED = (".json", ".jinja", ".model", ".txt", ".tiktoken")
 _COPY_CHUNK = 64 * 1024 * 1024
 
 
-def calibration_tokens(tokenizer_file: Path, corpus: Corpus, samples: int, seq_len: int, seed: int) -> Any:
-    """``samples`` windows of ``seq_len`` tokens drawn from ``corpus`` at seeded random offsets: [samples, seq_len]."""
+def calibration_tokens(
+    tokenizer_file: Path, corpus: Corpus, samples: int, seq_len: int, seed: int, bos_token_id: int | None = None
+) -> Any:
+    """``samples`` windows of ``seq_len`` tokens drawn from ``corpus`` at seeded random offsets: [samples, seq_len].
+
+    With ``bos_token_id`` (a tokenizer that adds BOS) each window starts with BOS, as evaluation windows do.
+    """
     import torch
     from tokenizers import Tokenizer
 
@@ -41,7 +46,8 @@ def calibration_tokens(tokenizer_file: Path, corpus: Corpus, samples: int, seq_l
             fix="use a longer --calibration text or a smaller --calib-seq-len",
         )
     starts = np.random.default_rng(seed).integers(0, len(ids) - seq_len, size=samples)
-    return torch.from_numpy(np.stack([ids[s : s + seq_len] for s in starts]).astype(np.int64))
+    windows = with_bos(np.stack([ids[s : s + seq_len] for s in starts]).astype(np.int64), bos_token_id)
+    return torch.from_numpy(windows)
 
 
 def write_gptq_checkpoint(
@@ -72,7 +78,9 @@ def write_gptq_checkpoint(
     before_layer: Callable[[int, Any], None] | None = None
     if lazy is None:  # tensor names transformers renames on load: the whole model, the ordinary way
         loader = getattr(transformers, model_config["architectures"][0])
-        model = loader.from_pretrained(str(hf_folder), dtype=torch.float32, attn_implementation="sdpa")
+        model = loader.from_pretrained(
+            str(hf_folder), dtype=torch.float32, attn_implementation="sdpa", trust_remote_code=False
+        )
     else:
         model = cast(Any, lazy.model)
         calibration = lazy.load_embedding_rows(calibration)

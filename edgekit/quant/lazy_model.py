@@ -83,7 +83,7 @@ def open_lazily(hf_folder: Path) -> LazyModel | None:
     from accelerate import init_empty_weights
 
     model_config = json.loads((hf_folder / "config.json").read_text(encoding="utf-8"))
-    config = transformers.AutoConfig.from_pretrained(str(hf_folder))
+    config = transformers.AutoConfig.from_pretrained(str(hf_folder), trust_remote_code=False)
     config._attn_implementation = "sdpa"
     loader = getattr(transformers, model_config["architectures"][0])
     with init_empty_weights(include_buffers=False):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from torch import nn
 
 from edgekit.errors import UsageError
 from edgekit.exporters.lazy_weights import CheckpointReader
-from edgekit.package import sha256_file
+from edgekit.package import scratch_folder, sha256_file
 from edgekit.quant.evaluate import Protocol, cache_path, read_cached_hidden, write_cached_hidden
 from edgekit.quant.gptq_layers import decoder_layers, return_freed_memory
 from edgekit.quant.lazy_model import LazyModel
@@ -77,7 +76,7 @@ class StreamedModel:
         from accelerate import init_empty_weights
 
         self.folder = Path(hf_folder)
-        config = transformers.AutoConfig.from_pretrained(str(self.folder))
+        config = transformers.AutoConfig.from_pretrained(str(self.folder), trust_remote_code=False)
         config._attn_implementation = "sdpa"
         architecture = json.loads((self.folder / "config.json").read_text(encoding="utf-8"))["architectures"][0]
         with init_empty_weights(include_buffers=False):
@@ -289,8 +288,8 @@ def open_streamed_reference(
         how = "sha256 of its weight files matches the manifest's source"
     else:
         how = "not verified: the package was not built from safetensors"
-    with tempfile.TemporaryDirectory(prefix="edgekit-reference-") as work:
-        staged = stage_folder(checked, Path(work) / "staged")
+    with scratch_folder(root) as work:
+        staged = stage_folder(checked, work / "staged")
         yield StreamedReference(root, staged, windows, protocol, manifest, checked=how, batch_windows=batch_windows)
 
 
@@ -303,7 +302,7 @@ def _weights_match(checkpoint: Path, weight_files: list[Path], manifest: dict[st
     if not recorded or not all(str(entry["name"]).endswith(".safetensors") for entry in recorded):
         return False
     expected = sorted(str(entry["sha256"]) for entry in recorded)
-    if sorted(sha256_file(path) for path in weight_files) != expected:
+    if sorted(sha256_file(path, UsageError) for path in weight_files) != expected:
         raise UsageError(
             f"its weight files are not the ones the package was built from ({manifest['source'].get('location')})",
             path=checkpoint,

@@ -18,7 +18,7 @@ import numpy as np
 
 from edgekit.package import read_manifest, variant_dir
 from edgekit.progress import current_rss_mb
-from edgekit.runtimes.model import load
+from edgekit.runtimes.model import GenerationConfig, load
 
 
 @dataclass(frozen=True)
@@ -38,28 +38,19 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def bench_variant(package: Path, variant: str, settings: BenchSettings, target: str | None = None) -> dict[str, Any]:
     """Benchmark one variant: one warm-up, then ``settings.runs`` timed runs."""
-    import onnxruntime_genai as og
-
     with load(package, target, variant=variant, threads=settings.threads) as model:
         vocab = _vocab_size(package, variant)
         rng = np.random.default_rng(settings.seed)
         # Random ids from the lower vocabulary: ordinary tokens, no special ones, same for every variant.
         prompt = rng.integers(100, min(vocab, 30000), size=settings.prompt_tokens).tolist()
+        config = GenerationConfig(max_new_tokens=settings.gen_tokens)
         ttft, prefill, decode = [], [], []
         for run in range(settings.runs + 1):
-            params = og.GeneratorParams(model._model)
-            params.set_search_options(
-                max_length=settings.prompt_tokens + settings.gen_tokens, min_length=0, do_sample=False
-            )
-            generator = og.Generator(model._model, params)
             start = time.perf_counter()
-            generator.append_tokens(prompt)
-            generator.generate_next_token()
+            tokens = model.token_stream(prompt, config)
+            next(tokens)
             first = time.perf_counter()
-            produced = 1
-            while produced < settings.gen_tokens and not generator.is_done():
-                generator.generate_next_token()
-                produced += 1
+            produced = 1 + sum(1 for _ in tokens)
             end = time.perf_counter()
             if run == 0:
                 continue  # warm-up: allocations, prepacking

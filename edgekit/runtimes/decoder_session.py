@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.errors import PackageError
+
 _DTYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -35,9 +37,14 @@ class DecoderSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads or os.cpu_count() or 1
-        self.session = ort.InferenceSession(
-            str(self.model_dir / self.decoder["filename"]), options, providers=["CPUExecutionProvider"]
-        )
+        path = self.model_dir / self.decoder["filename"]
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's Fail/InvalidGraph on a model that passed edgekit's checks
+            detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+            raise PackageError(
+                f"onnxruntime cannot load this model ({detail})", path=path, fix="rebuild the package"
+            ) from None
 
     @property
     def context_length(self) -> int:

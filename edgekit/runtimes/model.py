@@ -1,38 +1,36 @@
 """Load a package and generate text from it with onnxruntime-genai.
 
-``load`` picks the variant, walks the provider chain (falling back with a warning, or raising with
+``load`` verifies the variant, walks the provider chain (falling back with a notice, or raising with
 ``strict=True``), and returns a ``Model`` whose ``generate``, ``stream`` and ``chat`` share one code path.
-Calls on one ``Model`` are serialized by a lock, so threads may share it safely.
+Text is encoded and decoded with the package's tokenizer.json (``tokens.py``); chat templates are rendered
+in a bounded sandbox (``chat_template.py``); onnxruntime-genai sees token ids only.
+
+Threads may share a ``Model``: each generation step holds the model's lock only while it runs, so an
+abandoned ``stream()`` iterator never blocks other callers, and concurrent streams interleave.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import PackageError, ProviderUnavailableError
+from edgekit.errors import PackageError, ProviderUnavailableError, UsageError
+from edgekit.genai_config import GenaiConfig, read_genai_config
 from edgekit.package import read_manifest, variant_dir, verify_files
+from edgekit.runtimes.chat_template import read_chat_template, render_chat, special_tokens
 from edgekit.runtimes.cpu_threads import physical_cores
+from edgekit.runtimes.generation import GenerationConfig
 from edgekit.runtimes.providers import PROVIDERS, available_providers
+from edgekit.runtimes.tokens import TextTokenizer
 from edgekit.runtimes.verify_cache import verify_variant
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Sampling settings for one generation; the defaults decode greedily."""
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
+from edgekit.tokenizer_record import recorded_rule
 
 
 @dataclass
@@ -45,17 +43,31 @@ class ModelInfo:
     threads: int
     manifest_sha256: str
     tried: list[str] = field(default_factory=list)
+    """Providers tried, in order; the last one started."""
+    skipped: list[str] = field(default_factory=list)
+    """Why each provider before it did not start (``"cuda: <reason>"``)."""
 
 
 class Model:
     """A loaded package variant, ready to generate."""
 
-    def __init__(self, genai_model: Any, info: ModelInfo) -> None:
+    def __init__(
+        self,
+        genai_model: Any,
+        info: ModelInfo,
+        config: GenaiConfig,
+        tokenizer: TextTokenizer,
+        chat_template: str | None,
+        template_variables: Mapping[str, str],
+    ) -> None:
         import onnxruntime_genai as og
 
         self._og = og
         self._model = genai_model
-        self._tokenizer = og.Tokenizer(genai_model)
+        self._config = config
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template
+        self._template_variables = dict(template_variables)
         self._lock = threading.Lock()
         self.info = info
 
@@ -67,40 +79,71 @@ class Model:
 
     def close(self) -> None:
         """Free the model's sessions and memory."""
-        self._model = None
-        self._tokenizer = None
+        with self._lock:
+            self._model = None
+
+    @property
+    def context_length(self) -> int:
+        """The longest sequence (prompt and generated tokens) the model was exported for."""
+        return self._config.model.context_length
 
     def generate(self, prompt: str, **options: Any) -> str:
         """Complete ``prompt`` (raw text, no chat template) and return the new text."""
         return "".join(self.stream(prompt, **options))
 
-    def chat(self, messages: Sequence[dict[str, str]], *, stream: bool = False, **options: Any) -> Any:
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **options: Any) -> Any:
         """Answer a conversation with the model's chat template: a string, or pieces if ``stream``."""
-        pieces = self.stream(self.apply_chat_template(messages), **options)
+        config = _generation_config(options)
+        ids = self.tokenizer.encode(self.apply_chat_template(messages), add_bos=False)
+        pieces = self._text_stream(ids, config)
         return pieces if stream else "".join(pieces)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, str]]) -> str:
-        """The prompt text for ``messages`` under the model's chat template."""
-        self._require_open()
-        return str(self._tokenizer.apply_chat_template(json.dumps(list(messages)), add_generation_prompt=True))
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        """The prompt text for ``messages`` under the model's chat template (as transformers renders it)."""
+        if self.chat_template is None:
+            raise UsageError(
+                "this package has no chat template (its source had none)",
+                path=self.info.package,
+                fix="send the prompt as is (`edgekit run --raw`, Model.generate), or pass a template "
+                "with --chat-template FILE (chat_template= in edgekit.load)",
+            )
+        variables = self._template_variables
+        return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           variables=variables)  # fmt: skip
 
     def stream(self, prompt: str, **options: Any) -> Iterator[str]:
-        """Yield the completion of ``prompt`` piece by piece, as whole UTF-8 characters."""
+        """Yield the completion of raw ``prompt`` piece by piece, as whole UTF-8 characters.
+
+        Close the iterator (or exhaust it) when done early; until then its generator's memory stays
+        allocated, though other callers are never blocked by it.
+        """
         config = _generation_config(options)
-        return self._stream(prompt, config)
+        return self._text_stream(self.tokenizer.encode(prompt), config)
 
     def generate_tokens(self, input_ids: Sequence[int], **options: Any) -> list[int]:
         """Token ids generated after ``input_ids`` (no text decoding; stop strings do not apply)."""
-        config = _generation_config(options)
-        with self._lock:
-            return list(self._token_stream(list(input_ids), config))
+        return list(self.token_stream(list(input_ids), _generation_config(options)))
 
-    def _token_stream(self, tokens: Sequence[int], config: GenerationConfig) -> Iterator[int]:
-        """Generate token ids one at a time; the caller holds the lock."""
-        self._require_open()
-        og = self._og
-        params = og.GeneratorParams(self._model)
-        search: dict[str, Any] = {"max_length": len(tokens) + config.max_new_tokens}
+    def token_stream(self, tokens: Sequence[int], config: GenerationConfig) -> Iterator[int]:
+        """Generate ids one at a time; each step holds the model's lock only while it runs."""
+        length, allowed = generation_length(self._config, len(tokens), config.max_new_tokens)
+        with self._lock:
+            generator = self._og.Generator(self._require_open(), self._params(length, config))
+            generator.append_tokens(list(tokens))
+        produced = 0
+        while produced < allowed:
+            with self._lock:
+                self._require_open()
+                if generator.is_done():
+                    return
+                generator.generate_next_token()
+                token = int(generator.get_next_tokens()[0])
+            produced += 1
+            yield token
+
+    def _params(self, length: int, config: GenerationConfig) -> Any:
+        params = self._og.GeneratorParams(self._model)
+        search: dict[str, Any] = {"max_length": length, "min_length": 0}
         if config.temperature > 0:
             search.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
             if config.top_k:
@@ -110,45 +153,66 @@ class Model:
         if config.seed is not None:
             search["random_seed"] = config.seed
         params.set_search_options(**search)
-        generator = og.Generator(self._model, params)
-        generator.append_tokens(list(tokens))
-        while not generator.is_done():
-            generator.generate_next_token()
-            yield int(generator.get_next_tokens()[0])
+        return params
 
-    def _stream(self, prompt: str, config: GenerationConfig) -> Iterator[str]:
-        with self._lock:
-            self._require_open()
-            decoder = self._tokenizer.create_stream()
-            held = ""  # text that might be the start of a stop string
-            longest_stop = max((len(s) for s in config.stop), default=0)
-            for token in self._token_stream(self._tokenizer.encode(prompt), config):
-                held += decoder.decode(token)
-                if not config.stop:
-                    if held:
-                        yield held
-                        held = ""
-                    continue
-                cut = min((i for i in (held.find(s) for s in config.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    if held[:cut]:
-                        yield held[:cut]
-                    return
-                safe = len(held) - (longest_stop - 1)
-                if safe > 0:
-                    yield held[:safe]
-                    held = held[safe:]
-            if held:
-                yield held
+    def _text_stream(self, ids: list[int], config: GenerationConfig) -> Iterator[str]:
+        pieces = self.tokenizer.decode_stream(self.token_stream(ids, config))
+        return _cut_at_stop(pieces, config.stop) if config.stop else pieces
 
-    def _require_open(self) -> None:
+    def _require_open(self) -> Any:
         if self._model is None:
             raise PackageError("the model was closed", path=self.info.package, fix="load it again")
+        return self._model
+
+
+def generation_length(config: GenaiConfig, prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
+    """The ``max_length`` to give onnxruntime-genai, and how many new tokens fit in the context.
+
+    A sliding-window model's cache holds at least its window (onnxruntime-genai refuses a smaller
+    capacity), so a short generation still asks for the window; the step count is kept separately.
+    """
+    context = config.model.context_length
+    if prompt_tokens >= context:
+        raise UsageError(
+            f"the prompt has {prompt_tokens} tokens; the model's context holds {context}",
+            fix="shorten the prompt",
+        )
+    if prompt_tokens == 0:
+        raise UsageError("the prompt is empty", fix="give at least one token of prompt")
+    allowed = min(max_new_tokens, context - prompt_tokens)
+    length = prompt_tokens + allowed
+    window = config.model.decoder.sliding_window
+    if window is not None:
+        length = max(length, min(context, window.window_size + window.cache_slack))
+    return length, allowed
+
+
+def _cut_at_stop(pieces: Iterator[str], stop: tuple[str, ...]) -> Iterator[str]:
+    """Pass text through until the first stop string, holding back what might be a stop string's start."""
+    held = ""
+    longest = max(len(s) for s in stop)
+    for piece in pieces:
+        held += piece
+        cut = min((i for i in (held.find(s) for s in stop) if i >= 0), default=-1)
+        if cut >= 0:
+            if held[:cut]:
+                yield held[:cut]
+            return
+        safe = len(held) - (longest - 1)
+        if safe > 0:
+            yield held[:safe]
+            held = held[safe:]
+    if held:
+        yield held
 
 
 def _generation_config(options: dict[str, Any]) -> GenerationConfig:
     stop = options.get("stop") or ()
-    return GenerationConfig(**{**options, "stop": (stop,) if isinstance(stop, str) else tuple(stop)})
+    try:
+        return GenerationConfig(**{**options, "stop": (stop,) if isinstance(stop, str) else tuple(stop)})
+    except TypeError as exc:
+        known = ", ".join(GenerationConfig.__annotations__)
+        raise UsageError(f"unknown generation option ({exc})", fix=f"use: {known}") from None
 
 
 def load(
@@ -160,17 +224,21 @@ def load(
     strict: bool = False,
     verify: bool = True,
     threads: int | None = None,
+    chat_template: str | None = None,
+    on_fallback: Callable[[str], None] | None = None,
 ) -> Model:
     """Load a package's variant on the first execution provider that starts.
 
     The variant's files are checked against the manifest before onnxruntime sees them (``verify=False``
-    skips the hashing only). The provider chain comes from ``providers``, else the target's entry in the
-    manifest, else the variant's own provider followed by the CPU. A provider that is missing or fails to
-    start is skipped with a warning; with ``strict=True`` it raises ``ProviderUnavailableError`` instead.
-    ``threads`` is onnxruntime's intra-op thread count, one per physical core by default.
+    skips the hashing only; the file list, links, paths and the genai_config.json allow-list are always
+    checked). The provider chain comes from ``providers``, else the target's entry in the manifest, else
+    the variant's own provider followed by the CPU. A provider that is missing or fails to start is
+    skipped with a notice (``on_fallback``, a ``UserWarning`` by default); ``strict=True`` raises
+    ``ProviderUnavailableError`` instead. A model the CPU cannot load is a ``PackageError``, not a
+    provider problem. ``threads``: onnxruntime's intra-op threads (one per physical core by default).
+    ``chat_template``: a Jinja template to use instead of the package's. No native library is ever
+    loaded: edgekit's graphs use onnxruntime's built-in operators only.
     """
-    import onnxruntime_genai as og
-
     root = Path(package)
     manifest = read_manifest(root)
     if variant is None and target is not None:
@@ -181,32 +249,60 @@ def load(
         verify_variant(root, manifest, manifest["variants"][name]["path"])
     else:  # no hashing, but links, unlisted files and paths out of the package are still refused
         verify_files(root, manifest, manifest["variants"][name]["path"], hashes=False)
+    config = read_genai_config(folder)  # checked again: the verdict cache must not stand in for the schema
     threads = threads or physical_cores()
     chain = list(providers or _default_chain(manifest, name, target))
     unknown = [p for p in chain if p not in PROVIDERS]
     if unknown:
-        raise PackageError(f"unknown provider '{unknown[0]}'", path=root, fix=f"use one of: {', '.join(PROVIDERS)}")
+        raise UsageError(f"unknown provider '{unknown[0]}'", path=root, fix=f"use one of: {', '.join(PROVIDERS)}")
+    genai_model, provider, skipped = _start(folder, chain, strict, threads, on_fallback)
+    manifest_hash = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+    tried = [reason.split(":", 1)[0] for reason in skipped] + [provider]
+    info = ModelInfo(str(root), name, provider, threads, manifest_hash, tried, skipped)
+    rule = recorded_rule(manifest)
+    tokenizer = TextTokenizer(folder, add_bos=rule.add_bos_token, bos_token_id=rule.bos_token_id)
+    template = chat_template if chat_template is not None else read_chat_template(folder)
+    return Model(genai_model, info, config, tokenizer, template, special_tokens(folder))
+
+
+def _start(
+    folder: Path,
+    chain: list[str],
+    strict: bool,
+    threads: int,
+    on_fallback: Callable[[str], None] | None,
+) -> tuple[Any, str, list[str]]:
+    """The first provider of ``chain`` that starts: (og.Model, provider, why each one before it did not)."""
+    import onnxruntime_genai as og
+
     present = set(available_providers())
     tried: list[str] = []
-    for provider in chain:
-        tried.append(provider)
+    for position, provider in enumerate(chain):
         reason = None if provider in present else "not available in the installed onnxruntime-genai"
-        genai_model = None
         if reason is None:
             try:
-                genai_model = og.Model(_genai_config(og, folder, provider, strict, threads))
-            except Exception as exc:  # a provider that fails at session start
-                reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        if genai_model is not None:
-            manifest_hash = _sha256_text((root / "manifest.json").read_text(encoding="utf-8"))
-            return Model(genai_model, ModelInfo(str(root), name, provider, threads, manifest_hash, tried))
+                return og.Model(_genai_config(og, folder, provider, strict, threads)), provider, tried
+            except Exception as exc:  # a provider that fails at session start, or a model it cannot load
+                reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                if provider == "cpu":  # the CPU provider is always there: the model itself is at fault
+                    raise PackageError(
+                        f"onnxruntime-genai cannot load this variant on the CPU ({reason})",
+                        path=folder,
+                        fix="rebuild the package with `edgekit build`",
+                    ) from None
+        tried.append(f"{provider}: {reason}")
         if strict:
             raise ProviderUnavailableError(f"provider '{provider}' cannot start: {reason}", path=folder)
-        warnings.warn(f"edgekit: provider '{provider}' skipped ({reason}); trying the next one", stacklevel=2)
+        following = f"trying '{chain[position + 1]}'" if position + 1 < len(chain) else "no provider is left"
+        message = f"provider '{provider}' skipped ({reason}); {following}"
+        if on_fallback is not None:
+            on_fallback(message)
+        else:
+            warnings.warn(f"edgekit: {message}", stacklevel=3)
     raise ProviderUnavailableError(
-        f"no provider in {chain} could start",
+        f"no provider could start ({'; '.join(tried)})",
         path=folder,
-        fix="install an onnxruntime-genai build for one of them",
+        fix="install an onnxruntime-genai build for one of them, or add 'cpu' to the chain",
     )
 
 
@@ -224,15 +320,9 @@ def _genai_config(og: Any, folder: Path, provider: str, strict: bool, threads: i
     spec = PROVIDERS[provider]
     if spec.genai_name is not None:
         config.append_provider(spec.genai_name)
-    # Explicit thread counts: left to onnxruntime's defaults, decoding was 35-65% slower (cpu_threads.py).
+    # Explicit thread counts: onnxruntime's defaults decode slower (see cpu_threads.py).
     session: dict[str, Any] = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
     if strict:
         session.update(dict(spec.session_entries))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))
     return config
-
-
-def _sha256_text(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()

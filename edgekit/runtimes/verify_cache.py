@@ -15,6 +15,9 @@ from typing import Any
 
 from edgekit.package import MANIFEST, verify_files
 
+# Raised whenever verification learns a new rule, so verdicts cached under older rules are not trusted.
+POLICY_VERSION = 2
+
 
 def cache_path() -> Path:
     """Where verdicts are stored."""
@@ -29,7 +32,7 @@ def _fingerprint(root: Path, subfolder: str) -> dict[str, Any]:
             stat = path.lstat()
             files[path.relative_to(root).as_posix()] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_nlink]
     manifest_hash = hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()
-    return {"manifest": manifest_hash, "files": files}
+    return {"policy": POLICY_VERSION, "manifest": manifest_hash, "files": files}
 
 
 def verify_variant(root: Path, manifest: dict[str, Any], subfolder: str) -> bool:

@@ -1,0 +1,237 @@
+"""The chat template of a package, rendered the way transformers renders it, in bounded time and size.
+
+A chat template is Jinja code from the package's author. transformers renders it in an immutable Jinja
+sandbox (no attribute escapes, no file access); edgekit uses the same environment (same filters and
+globals, so the prompt text is the one ``apply_chat_template`` gives) and also bounds what a hostile
+template can cost: rendering stops with an error after ``TIME_LIMIT_S`` seconds (a trace function on the
+template's own frames checks the clock on every line, so even a loop with an empty body ends), calls and
+filters may not take integer arguments over ``MAX_INT_ARGUMENT`` (``"x" * 10**9``, ``center(10**9)``),
+and the output may not exceed ``MAX_OUTPUT_CHARS``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from edgekit.errors import PackageError, UsageError
+
+TEMPLATE_FILE = "chat_template.jinja"
+TIME_LIMIT_S = 2.0
+MAX_OUTPUT_CHARS = 4 << 20
+MAX_INT_ARGUMENT = 1 << 20
+MAX_TEMPLATE_BYTES = 1 << 20
+_TEMPLATE_NAME = "<edgekit chat template>"
+# transformers passes these to every template (``special_tokens_map``).
+_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
+
+class TemplateLimitError(RuntimeError):
+    """A chat template ran past the time, argument or output bound."""
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The chat template a variant folder carries (``chat_template.jinja``, else tokenizer_config.json's)."""
+    from edgekit.safe_io import read_regular_file
+
+    path = folder / TEMPLATE_FILE
+    if path.exists():
+        return read_regular_file(path, MAX_TEMPLATE_BYTES, PackageError).decode("utf-8", errors="replace")
+    config = _tokenizer_config(folder)
+    template = config.get("chat_template")
+    if isinstance(template, list):  # named templates: transformers uses the "default" one
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
+def special_tokens(folder: Path) -> dict[str, str]:
+    """The special-token strings a template may use (``bos_token``, ...), from tokenizer_config.json."""
+    tokens: dict[str, str] = {}
+    for key, value in _tokenizer_config(folder).items():
+        if key in _SPECIAL_TOKENS:
+            text = value.get("content") if isinstance(value, dict) else value
+            if isinstance(text, str):
+                tokens[key] = text
+    return tokens
+
+
+def _tokenizer_config(folder: Path) -> dict[str, Any]:
+    from edgekit.safe_io import read_regular_file
+
+    path = folder / "tokenizer_config.json"
+    if not path.exists():
+        return {}
+    try:
+        config = json.loads(read_regular_file(path, 64 << 20, PackageError))
+    except (ValueError, RecursionError):
+        raise PackageError("is not valid JSON", path=path, fix="rebuild the package") from None
+    return config if isinstance(config, dict) else {}
+
+
+def render_chat(
+    template: str,
+    messages: Sequence[Mapping[str, Any]],
+    *,
+    add_generation_prompt: bool = True,
+    variables: Mapping[str, Any] | None = None,
+    time_limit_s: float = TIME_LIMIT_S,
+) -> str:
+    """Render ``template`` for ``messages`` as transformers' ``apply_chat_template`` renders it (text).
+
+    Raises ``UsageError`` with one line for a template that fails, raises ``raise_exception``, or passes
+    a bound; the message says which.
+    """
+    import jinja2
+
+    environment = _environment()
+    try:
+        compiled = environment.from_string(template)
+    except jinja2.TemplateError as exc:
+        raise UsageError(f"the chat template does not compile ({_first_line(exc)})", fix=_FIX_TEMPLATE) from None
+    context = {**(variables or {}), "messages": list(messages), "add_generation_prompt": add_generation_prompt}
+    deadline = time.monotonic() + time_limit_s
+    try:
+        with _deadline(deadline):
+            return _collect(compiled.generate(**context), deadline)
+    except TemplateLimitError as exc:
+        raise UsageError(f"the chat template was stopped: {exc}", fix=_FIX_TEMPLATE) from None
+    except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
+        raise UsageError(f"the chat template failed ({_first_line(exc)})", fix=_FIX_TEMPLATE) from None
+    except OverflowError as exc:  # the sandbox's own bound on range()
+        raise UsageError(f"the chat template was stopped: {_first_line(exc)}", fix=_FIX_TEMPLATE) from None
+    except (RecursionError, MemoryError):
+        raise UsageError("the chat template ran out of resources", fix=_FIX_TEMPLATE) from None
+
+
+_FIX_TEMPLATE = "pass another template with --chat-template FILE, or send the prompt as is with --raw"
+
+
+def _collect(chunks: Iterator[str], deadline: float) -> str:
+    parts: list[str] = []
+    size = 0
+    for chunk in chunks:
+        size += len(chunk)
+        if size > MAX_OUTPUT_CHARS:
+            raise TemplateLimitError(f"its output passed {MAX_OUTPUT_CHARS} characters")
+        if time.monotonic() > deadline:
+            raise TemplateLimitError("it ran past its time limit")
+        parts.append(chunk)
+    return "".join(parts)
+
+
+class _deadline:
+    """Trace the template's frames line by line and raise once ``deadline`` has passed."""
+
+    def __init__(self, deadline: float) -> None:
+        self.deadline = deadline
+        self.previous: Any = None
+
+    def __enter__(self) -> None:
+        self.previous = sys.gettrace()
+        sys.settrace(self._global)
+
+    def __exit__(self, *exc: object) -> None:
+        sys.settrace(self.previous)
+
+    def _global(self, frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
+        return self._local if frame.f_code.co_filename == _TEMPLATE_NAME else None
+
+    def _local(self, frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
+        if time.monotonic() > self.deadline:
+            raise TemplateLimitError("it ran past its time limit")
+        return self._local
+
+
+def _check_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_INT_ARGUMENT:
+            raise TemplateLimitError(f"it passed {value} to a call (the limit is {MAX_INT_ARGUMENT})")
+
+
+def _bounded(function: Callable[..., Any]) -> Callable[..., Any]:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        _check_arguments(args, kwargs)
+        return function(*args, **kwargs)
+
+    return call
+
+
+def _raise_exception(message: str) -> None:
+    import jinja2
+
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+            sort_keys: bool = False) -> str:  # fmt: skip
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+def _environment() -> Any:
+    """transformers' chat-template environment, with calls, filters and operators bounded."""
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    class BoundedEnvironment(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset({"*", "**"})
+
+        def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
+            _check_arguments(args, kwargs)
+            return super().call(__context, __obj, *args, **kwargs)
+
+        def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+            _check_arguments((left, right), {})
+            if operator == "**" and isinstance(right, int) and abs(right) > 64:
+                raise TemplateLimitError(f"it raised a number to the power {right}")
+            return super().call_binop(context, operator, left, right)
+
+    class GenerationBlock(jinja2.ext.Extension):
+        """transformers' ``{% generation %}`` block (it marks assistant text); rendered as its body."""
+
+        tags = {"generation"}  # noqa: RUF012 (jinja reads the class attribute)
+
+        def parse(self, parser: Any) -> Any:
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller: Callable[[], str]) -> str:
+            return caller()
+
+    environment = BoundedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols, GenerationBlock]
+    )
+    environment.filters = {name: _bounded(f) for name, f in environment.filters.items()}
+    environment.filters["tojson"] = _bounded(_tojson)
+    range_function: Callable[..., Any] = environment.globals["range"]  # type: ignore[assignment]
+    environment.globals["raise_exception"] = _raise_exception
+    environment.globals["strftime_now"] = _strftime_now
+    environment.globals["range"] = _bounded(range_function)
+    return _Named(environment)
+
+
+class _Named:
+    """An environment whose templates compile under one file name, so the deadline tracer finds their frames."""
+
+    def __init__(self, environment: Any) -> None:
+        self.environment = environment
+
+    def from_string(self, source: str) -> Any:
+        code = self.environment.compile(source, name=None, filename=_TEMPLATE_NAME)
+        return self.environment.template_class.from_code(self.environment, code, self.environment.make_globals(None))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
