@@ -18,10 +18,10 @@ from pathlib import Path
 
 from machine import describe_machine
 
+from edgekit.accuracy.evaluate import evaluate_package
+from edgekit.accuracy.report import format_metric
+from edgekit.accuracy.texts import load_text
 from edgekit.demo import demo_gguf_path
-from edgekit.quant.corpus import load_text
-from edgekit.quant.evaluate import evaluate_package
-from edgekit.quant.report import format_metric
 
 QUOTED = [
     ("llama.cpp Q4_0 (quoted)", 91.7e6, 0.264, 0.717, 1.18),

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from machine import describe_machine
 
+from edgekit.accuracy.evaluate import evaluate_package
+from edgekit.accuracy.texts import builtin_corpus, load_text
 from edgekit.demo import demo_gguf_path
 from edgekit.pipeline import CalibrationSettings, build
-from edgekit.quant.corpus import builtin_corpus, load_text
-from edgekit.quant.evaluate import evaluate_package
 from edgekit.runtimes.bench import BenchSettings, bench_package
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -42,10 +42,10 @@ def main() -> None:
     import transformers
 
     from edgekit.exporters.memory_estimate import estimate_build
-    from edgekit.exporters.weight_files import parameter_count
     from edgekit.progress import current_rss_mb
     from edgekit.quant.gptq import GPTQConfig
     from edgekit.quant.gptq_checkpoint import write_gptq_checkpoint
+    from edgekit.sources.weight_files import parameter_count
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.checkpoint))
     ids = np.asarray(tokenizer(args.text.read_text(encoding="utf-8"))["input_ids"], dtype=np.int64)

@@ -161,7 +161,7 @@ targets:
     int4_methods: [gptq]
 """
 _WHOLE = (
-    "import sys; from pathlib import Path; from edgekit.exporters.sources import check_folder, stage_folder; "
+    "import sys; from pathlib import Path; from edgekit.sources.checkpoint import check_folder, stage_folder; "
     "from edgekit.exporters.onnx_builder import run_builder; out = Path(sys.argv[2]); out.mkdir(parents=True); "
     "staged = stage_folder(check_folder(Path(sys.argv[1])), out / 'staged'); log = out / 'build.log'; log.touch(); "
     "run_builder(staged, out / 'int4-rtn', precision='int4', provider='cpu', "
@@ -280,8 +280,8 @@ def main() -> None:
 
 def _estimates(checkpoint: Path, calibration_tokens: int = 0) -> tuple[Any, Any]:
     from edgekit.exporters.memory_estimate import estimate_build
-    from edgekit.quant.schemes import plan_variants, target_variants
     from edgekit.targets import get_target
+    from edgekit.variants import plan_variants, target_variants
 
     config = json.loads((checkpoint / "config.json").read_text())
     tied = bool(config.get("tie_word_embeddings", False))
@@ -296,7 +296,7 @@ def _estimates(checkpoint: Path, calibration_tokens: int = 0) -> tuple[Any, Any]
 
 
 def _headers(path: Path) -> list[Any]:
-    from edgekit.exporters.weight_files import read_safetensors_header
+    from edgekit.sources.weight_files import read_safetensors_header
 
     return read_safetensors_header(path)
 

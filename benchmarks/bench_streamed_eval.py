@@ -20,9 +20,9 @@ import numpy as np
 from machine import describe_machine
 from tokenizers import Tokenizer
 
-from edgekit.quant.corpus import builtin_corpus, token_windows
-from edgekit.quant.metrics import log_softmax
-from edgekit.quant.streamed_reference import StreamedModel
+from edgekit.accuracy.metrics import log_softmax
+from edgekit.accuracy.streamed_reference import StreamedModel
+from edgekit.accuracy.texts import builtin_corpus, token_windows
 
 
 def peak_rss_gib() -> float:

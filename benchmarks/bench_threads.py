@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from machine import describe_machine
 
-from edgekit.package import read_manifest, variant_dir
+from edgekit.package.manifest import read_manifest
+from edgekit.package.verify import variant_dir
 from edgekit.runtimes.cpu_threads import physical_cores
 
 

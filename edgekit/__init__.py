@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+from edgekit.version import __version__
 
 if TYPE_CHECKING:
-    from edgekit.archive import PackedArchive, pack_package, unpack_package
+    from edgekit.package.archive import PackedArchive, pack_package, unpack_package
     from edgekit.pipeline import BuildResult, build
     from edgekit.runtimes.model import Model, load
 
@@ -33,9 +33,9 @@ _LAZY = {
     "BuildResult": "edgekit.pipeline",
     "load": "edgekit.runtimes.model",
     "Model": "edgekit.runtimes.model",
-    "PackedArchive": "edgekit.archive",
-    "pack_package": "edgekit.archive",
-    "unpack_package": "edgekit.archive",
+    "PackedArchive": "edgekit.package.archive",
+    "pack_package": "edgekit.package.archive",
+    "unpack_package": "edgekit.package.archive",
 }
 
 

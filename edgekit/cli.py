@@ -6,21 +6,58 @@ here, in ``EdgekitGroup.invoke``, and nowhere else.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
-from edgekit import __version__
 from edgekit.errors import EdgekitError
 from edgekit.runtimes.generation import GenerationConfig
+from edgekit.targets import DEFAULT_TARGET
+from edgekit.version import __version__
 
-DEFAULT_TARGET = "laptop-cpu"
 DEFAULTS = GenerationConfig()
 DEMO_QUESTION = "What is the capital of France?"
+
+
+class LibraryDefault:
+    """An option's default that lives in the library (``module``'s ``attribute``), read only when needed.
+
+    The modules that own these defaults import numpy and the exporters, which `edgekit --help`, `info` and
+    `targets` should not wait for. click calls the object for the value when the option is not given, and shows
+    ``str()`` of it in --help (it shows plain functions as "(dynamic)"), so the help states the real default.
+    """
+
+    def __init__(self, module: str, attribute: str, shown: Callable[[Any], str] = str) -> None:
+        self.module = module
+        self.attribute = attribute
+        self.shown = shown
+
+    def __call__(self) -> Any:
+        value: Any = importlib.import_module(self.module)
+        for name in self.attribute.split("."):
+            value = getattr(value, name)
+        return value
+
+    def __str__(self) -> str:
+        return self.shown(self())
+
+    def __repr__(self) -> str:
+        return f"LibraryDefault({self.module}.{self.attribute})"
+
+
+def _threads_shown(threads: int | None) -> str:
+    """What the runtime does with ``threads`` (None: as many as ``cpu_threads.physical_cores`` finds)."""
+    if threads is not None:
+        return str(threads)
+    from edgekit.runtimes.cpu_threads import physical_cores
+
+    return f"one per physical core this process may use, {physical_cores()} here"
 
 
 class EdgekitGroup(click.Group):
@@ -63,21 +100,26 @@ def main() -> None:
 @click.option(
     "--eval-text", type=click.Path(path_type=Path), help="Text (.txt/.jsonl) to evaluate on (default: built-in)."
 )
-@click.option("--eval-windows", default=20, show_default=True, type=click.IntRange(1), help="Windows to score.")
-@click.option("--eval-ctx", default=512, show_default=True, type=click.IntRange(8), help="Tokens per window.")
+@click.option("--eval-windows", default=LibraryDefault("edgekit.pipeline", "EvalSettings.windows"), show_default=True,
+              type=click.IntRange(1), help="Windows to score.")  # fmt: skip
+@click.option("--eval-ctx", default=LibraryDefault("edgekit.pipeline", "EvalSettings.ctx"), show_default=True,
+              type=click.IntRange(8), help="Tokens per window.")  # fmt: skip
 @click.option("--calibration", type=click.Path(path_type=Path), help="GPTQ calibration text (.txt/.jsonl).")
-@click.option("--calib-samples", default=128, show_default=True, type=click.IntRange(1), help="GPTQ samples.")
-@click.option("--calib-seq-len", default=512, show_default=True, type=click.IntRange(8), help="Tokens per sample.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the calibration sampling.")
+@click.option("--calib-samples", default=LibraryDefault("edgekit.pipeline", "CalibrationSettings.samples"),
+              show_default=True, type=click.IntRange(1), help="GPTQ samples.")  # fmt: skip
+@click.option("--calib-seq-len", default=LibraryDefault("edgekit.pipeline", "CalibrationSettings.seq_len"),
+              show_default=True, type=click.IntRange(8), help="Tokens per sample.")  # fmt: skip
+@click.option("--seed", default=LibraryDefault("edgekit.pipeline", "CalibrationSettings.seed"), show_default=True,
+              type=int, help="Seed of the calibration sampling.")  # fmt: skip
 @click.option("--streaming", is_flag=True, help="Export one layer at a time from disk (INT4 only, no fp32 reference).")
 def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, targets_file: Path | None,
           quiet: bool, no_eval: bool, eval_text: Path | None, eval_windows: int, eval_ctx: int,
           calibration: Path | None, calib_samples: int, calib_seq_len: int, seed: int,
           streaming: bool) -> None:  # fmt: skip
     """Build a package from SOURCE: a Hugging Face folder, a .gguf file, or a hub id."""
+    from edgekit.accuracy.texts import load_text
     from edgekit.pipeline import CalibrationSettings, EvalSettings
     from edgekit.pipeline import build as build_package
-    from edgekit.quant.corpus import load_text
     from edgekit.summary import print_build_summary
 
     evaluation = None
@@ -106,8 +148,10 @@ def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, 
 @click.option(
     "--text", type=click.Path(path_type=Path), help="A .txt or .jsonl (field 'text') file; default: built-in."
 )
-@click.option("--windows", default=20, show_default=True, type=click.IntRange(1), help="Windows to score.")
-@click.option("--ctx", default=512, show_default=True, type=click.IntRange(8), help="Tokens per window.")
+@click.option("--windows", default=LibraryDefault("edgekit.accuracy.evaluate", "DEFAULT_WINDOWS"), show_default=True,
+              type=click.IntRange(1), help="Windows to score.")  # fmt: skip
+@click.option("--ctx", default=LibraryDefault("edgekit.accuracy.evaluate", "DEFAULT_CTX"), show_default=True,
+              type=click.IntRange(8), help="Tokens per window.")  # fmt: skip
 @click.option("--targets-file", type=click.Path(path_type=Path), help="Judge budgets from this targets.yaml.")
 @click.option(
     "--reference-checkpoint",
@@ -117,8 +161,8 @@ def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, 
 def evaluate(package: Path, text: Path | None, windows: int, ctx: int, targets_file: Path | None,
              reference_checkpoint: Path | None) -> None:  # fmt: skip
     """Measure every variant of PACKAGE against its fp32 reference; writes PACKAGE/eval/."""
-    from edgekit.quant.corpus import load_text
-    from edgekit.quant.gate import evaluate_and_record
+    from edgekit.accuracy.gate import evaluate_and_record
+    from edgekit.accuracy.texts import load_text
     from edgekit.summary import print_eval_report, progress_callback
 
     corpus = load_text(text) if text else None
@@ -141,14 +185,15 @@ def evaluate(package: Path, text: Path | None, windows: int, ctx: int, targets_f
 @click.option("--junit", type=click.Path(path_type=Path), help="Write JUnit XML (one case per variant and metric).")
 @click.option("--markdown", type=click.Path(path_type=Path), help="Write a markdown summary for a CI job page.")
 @click.option("--baseline", type=click.Path(path_type=Path), help="A stored report.json; fail on regressions.")
-@click.option("--baseline-tolerance", default=0.05, show_default=True, type=click.FloatRange(0),
+@click.option("--baseline-tolerance", show_default=True, type=click.FloatRange(0),
+              default=LibraryDefault("edgekit.accuracy.gate", "DEFAULT_BASELINE_TOLERANCE"),
               help="Relative worsening allowed against --baseline.")  # fmt: skip
 @click.option("--targets-file", type=click.Path(path_type=Path), help="Read budgets from this targets.yaml.")
 def check(package: Path, target: str, junit: Path | None, markdown: Path | None, baseline: Path | None,
           baseline_tolerance: float, targets_file: Path | None) -> None:  # fmt: skip
     """Exit 0 when PACKAGE's variant for TARGET meets its accuracy budget, 1 when it does not."""
-    from edgekit.quant.gate import check_package
-    from edgekit.quant.report import check_markdown, write_junit
+    from edgekit.accuracy.gate import check_package
+    from edgekit.accuracy.report import check_markdown, write_junit
     from edgekit.summary import print_check
 
     result = check_package(
@@ -251,7 +296,7 @@ def _chat_loop(model: Any, options: dict[str, Any]) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the raw manifest.")
 def info(package: Path, as_json: bool) -> None:
     """Show what PACKAGE holds: source, variants, validation, tools."""
-    from edgekit.package import read_manifest
+    from edgekit.package.manifest import read_manifest
     from edgekit.summary import print_manifest
 
     manifest = read_manifest(package)
@@ -265,10 +310,14 @@ def info(package: Path, as_json: bool) -> None:
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("--variant", "variants", multiple=True, help="Variant to time (repeatable; default: all).")
 @click.option("-t", "--target", help="Use the provider chain the manifest records for this target.")
-@click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1))
-@click.option("--gen-tokens", default=128, show_default=True, type=click.IntRange(2))
-@click.option("--runs", default=5, show_default=True, type=click.IntRange(1))
-@click.option("--threads", type=click.IntRange(1), help="Intra-op threads (default: onnxruntime's choice).")
+@click.option("--prompt-tokens", default=LibraryDefault("edgekit.runtimes.bench", "BenchSettings.prompt_tokens"),
+              show_default=True, type=click.IntRange(1), help="Prompt length, in random tokens.")  # fmt: skip
+@click.option("--gen-tokens", default=LibraryDefault("edgekit.runtimes.bench", "BenchSettings.gen_tokens"),
+              show_default=True, type=click.IntRange(2), help="Tokens to generate per run.")  # fmt: skip
+@click.option("--runs", default=LibraryDefault("edgekit.runtimes.bench", "BenchSettings.runs"), show_default=True,
+              type=click.IntRange(1), help="Timed runs per variant, after one warm-up run.")  # fmt: skip
+@click.option("--threads", default=LibraryDefault("edgekit.runtimes.bench", "BenchSettings.threads", _threads_shown),
+              show_default=True, type=click.IntRange(1), help="onnxruntime's intra-op threads.")  # fmt: skip
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON.")
 def bench(package: Path, variants: tuple[str, ...], target: str | None, prompt_tokens: int, gen_tokens: int,
           runs: int, threads: int | None, json_path: Path | None) -> None:  # fmt: skip
@@ -294,7 +343,7 @@ def pack(package: Path, out: Path | None, force: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-    from edgekit.archive import pack_package
+    from edgekit.package.archive import pack_package
 
     folder = package.absolute()
     console = Console(stderr=True)
@@ -317,7 +366,7 @@ def pack(package: Path, out: Path | None, force: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace OUT if it exists (only once the archive has been verified).")
 def unpack(archive: Path, out: Path, force: bool) -> None:
     """Extract a package ARCHIVE into OUT, refusing unsafe members and files that do not match the manifest."""
-    from edgekit.archive import unpack_package
+    from edgekit.package.archive import unpack_package
 
     manifest = unpack_package(archive, out, force=force)
     click.echo(f"unpacked {len(manifest['files'])} files into {out}")
@@ -353,6 +402,11 @@ def demo(out: Path, prompt: str, rebuild: bool) -> None:
     with load(out, DEFAULT_TARGET, on_fallback=_notice) as model:
         click.echo(f"\n[{model.info.variant} on {model.info.provider}] {prompt}", err=True)
         _echo_stream(model.chat([{"role": "user", "content": prompt}], stream=True, max_new_tokens=64))
+
+
+from edgekit.serve.command import serve as serve_command  # noqa: E402 - registered on the group defined above
+
+main.add_command(serve_command)
 
 
 if __name__ == "__main__":

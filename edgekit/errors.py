@@ -79,3 +79,7 @@ class MissingDependencyError(UsageError):
 
 class ResourceError(EdgekitError):
     """This machine lacks the memory or disk a build needs (estimated before any weight is read)."""
+
+
+class RecipeBudgetError(UsageError):
+    """No per-tensor recipe meets the size (``max_model_bytes``) or accuracy budget a build asked for."""

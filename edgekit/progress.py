@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -33,13 +32,10 @@ class StepRecord:
 
 
 def current_rss_mb() -> float:
-    """Resident memory of this process now, in MiB (Linux /proc; elsewhere the lifetime peak)."""
-    try:
-        with open("/proc/self/statm", encoding="ascii") as handle:
-            pages = int(handle.read().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Resident memory of this process now, in MiB."""
+    import psutil
+
+    return float(psutil.Process().memory_info().rss) / 2**20
 
 
 class _PeakSampler(threading.Thread):
@@ -83,6 +79,10 @@ class StepReporter:
                 TimeElapsedColumn(),
                 console=self.console,
                 transient=False,
+                # The builder's libraries must not print through the live display: their output is redirected
+                # to the build log (``exporters/onnx_builder.output_to_log``), which a proxy would bypass.
+                redirect_stdout=False,
+                redirect_stderr=False,
             )
             self._progress.start()
         return self
@@ -105,14 +105,20 @@ class StepReporter:
         sampler = _PeakSampler()
         sampler.start()
         start = time.perf_counter()
+        failed = True
         try:
             yield detail
+            failed = False
         finally:
             seconds = time.perf_counter() - start
             peak = sampler.stop()
             self.records.append(StepRecord(name, round(seconds, 2), round(peak, 1)))
             if self._progress is not None and task is not None:
-                self._progress.update(task, completed=1, description=f"{name} [dim]({peak:,.0f} MiB)[/dim]")
+                if failed:  # a step that failed is not shown done: its bar stays where it was
+                    self._progress.update(task, description=f"{name} [red](failed)[/red]")
+                    self._progress.stop_task(task)
+                else:
+                    self._progress.update(task, completed=1, description=f"{name} [dim]({peak:,.0f} MiB)[/dim]")
 
     def print(self, *objects: Any) -> None:
         """Print below the progress lines (no-op when disabled)."""

@@ -1,8 +1,13 @@
-"""Human-readable output of builds, manifests and targets (rich tables on stdout)."""
+"""Human-readable output of builds, manifests and targets (rich tables on stdout).
+
+Tables never cut a value: on a terminal long cells wrap (or fold, for words longer than the column), and
+piped output is not limited to 80 columns at all, so a script reading it gets every value whole.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,9 +18,26 @@ from rich.table import Table
 from edgekit.targets import Precision
 
 if TYPE_CHECKING:
+    from edgekit.accuracy.gate import CheckResult
     from edgekit.pipeline import BuildResult
-    from edgekit.quant.gate import CheckResult
     from edgekit.targets import Target
+
+
+PIPED_WIDTH = 10_000
+"""Console width when stdout is not a terminal: wide enough that no table is ever squeezed."""
+
+
+def output_console() -> Console:
+    """The console for a command's results: the terminal's width, or unlimited when piped."""
+    return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
+
+
+def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = ()) -> Table:
+    """A table whose cells wrap or fold instead of being cut with an ellipsis."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold", justify="right" if column in right else "left")
+    return table
 
 
 def _mb(n: int) -> str:
@@ -23,9 +45,7 @@ def _mb(n: int) -> str:
 
 
 def _variants_table(manifest: dict[str, Any]) -> Table:
-    table = Table(title="variants")
-    for column in ("variant", "precision", "method", "provider", "block", "acc. level", "size"):
-        table.add_column(column)
+    table = _table("variants", ("variant", "precision", "method", "provider", "block", "acc. level", "size"))
     default = manifest.get("default_variant")
     for name, entry in manifest.get("variants", {}).items():
         table.add_row(
@@ -40,28 +60,37 @@ def _variants_table(manifest: dict[str, Any]) -> Table:
     return table
 
 
+def _validation_figures(validation: dict[str, Any]) -> str:
+    """Max |Δlogit| and its share of the logits' scale, the bound and the noise it came from, top-1 agreement."""
+    relative, noise = validation.get("max_rel_diff"), validation.get("noise")
+    text = f"max |Δlogit| {validation['max_abs_diff']:.2e}"
+    if relative is not None:
+        text += f" ({relative:.1e} relative)"
+    text += f", tolerance {validation['tolerance']:g}"
+    if noise is not None:
+        text += f" (PyTorch fp32 vs fp64: {noise:.1e})"
+    prompts = len(validation.get("prompts", [])) or 1
+    where = f"{prompts} prompts, {validation['tokens']} tokens"
+    return f"{text}, top-1 agreement {validation['top1_agreement']:.1%} on {where}"
+
+
 def print_build_summary(result: BuildResult, console: Console | None = None) -> None:
     """One screen after a build: variants, validation, step times, where things are, what to run next."""
-    console = console or Console()
+    console = console or output_console()
     manifest = result.manifest
     validation = manifest["validation"]
     console.print(_variants_table(manifest))
-    steps = Table(title="steps")
-    for column in ("step", "seconds", "peak RSS"):
-        steps.add_column(column)
+    steps = _table("steps", ("step", "seconds", "peak RSS"), right=("seconds", "peak RSS"))
     for record in result.steps:
         steps.add_row(record.name, f"{record.seconds:.1f}", f"{record.peak_rss_mb:,.0f} MiB")
     console.print(steps)
     if "skipped" in validation:
         console.print(f"validation: skipped ({validation['skipped']})")
     else:
-        console.print(
-            f"validation: fp32 ONNX vs PyTorch max |Δlogit| = {validation['max_abs_diff']:.2e} "
-            f"(tolerance {validation['tolerance']:g}), top-1 agreement {validation['top1_agreement']:.0%}"
-        )
+        console.print(f"validation: fp32 ONNX vs PyTorch {_validation_figures(validation)}")
     evaluation = manifest.get("evaluation")
     if evaluation:
-        from edgekit.quant.report import format_metric
+        from edgekit.accuracy.report import format_metric
 
         protocol = evaluation["protocol"]
         console.print(f"accuracy on {protocol['text']} ({protocol['tokens_scored']:,} tokens scored):")
@@ -83,7 +112,7 @@ def print_build_summary(result: BuildResult, console: Console | None = None) -> 
 
 def print_manifest(root: Path, manifest: dict[str, Any], console: Console | None = None) -> None:
     """Readable form of a package's manifest."""
-    console = console or Console()
+    console = console or output_console()
     source = manifest["source"]
     console.print(f"[bold]{root}[/bold]  edgekit {manifest['edgekit_version']}, schema {manifest['schema_version']}")
     console.print(f"source: {source['kind']} {source['location']}")
@@ -97,10 +126,7 @@ def print_manifest(root: Path, manifest: dict[str, Any], console: Console | None
     if "skipped" in validation:
         console.print(f"validation: skipped ({validation['skipped']})")
     elif validation:
-        console.print(
-            f"validation: {validation['variant']} vs PyTorch max |Δlogit| {validation['max_abs_diff']:.2e} "
-            f"(tolerance {validation['tolerance']:g}) on {validation['tokens']} tokens"
-        )
+        console.print(f"validation: {validation['variant']} vs PyTorch {_validation_figures(validation)}")
     tools = ", ".join(f"{k} {v}" for k, v in manifest.get("tools", {}).items() if v)
     console.print(f"tools: {tools}")
     console.print(f"files: {len(manifest.get('files', []))}, {_mb(sum(f['size'] for f in manifest.get('files', [])))}")
@@ -108,21 +134,22 @@ def print_manifest(root: Path, manifest: dict[str, Any], console: Console | None
 
 def print_targets(targets: dict[str, Target], console: Console | None = None) -> None:
     """Table of targets, and which of their providers this machine can start."""
+    from rich.markup import escape
+
     from edgekit.runtimes.providers import available_providers
 
-    console = console or Console()
+    console = console or output_console()
     here = set(available_providers())
-    table = Table(title=f"targets (providers on this machine: {', '.join(sorted(here))})")
-    for column in ("target", "providers", "weights", "block", "memory", "description"):
-        table.add_column(column, no_wrap=column != "description")
+    title = f"targets (providers on this machine: {', '.join(sorted(here))})"
+    table = _table(title, ("target", "providers", "weights", "block", "description"))
     for target in targets.values():
         chain = " -> ".join(p.value if p.value in here else f"[dim]{p.value} (absent)[/dim]" for p in target.providers)
-        memory = f"{target.memory_limit_mb} MB" if target.memory_limit_mb else "-"
         weights = target.precision.value
         if target.precision is Precision.INT4:
             methods = "+".join(m.value for m in target.int4_methods)
             weights = f"int4 {methods}, {target.lm_head.value} head"
-        table.add_row(target.name, chain, weights, str(target.block_size), memory, target.description)
+        # A targets file is user text: "[...]" in a description is not rich markup.
+        table.add_row(escape(target.name), chain, weights, str(target.block_size), escape(target.description))
     console.print(table)
 
 
@@ -136,15 +163,14 @@ def progress_callback(title: str) -> Iterator[Callable[[str], None]]:
 
 def print_eval_report(report: dict[str, Any], console: Console | None = None) -> None:
     """The variants x metrics table of an evaluation report, and the budget verdicts."""
-    from edgekit.quant.report import format_metric
+    from edgekit.accuracy.report import format_metric
 
-    console = console or Console()
+    console = console or output_console()
     protocol = report["protocol"]
     columns = ("perplexity", "ppl_ratio", "kl_mean", "kl_p99", "top1_agreement", "bytes", "bits_per_weight")
-    table = Table(title=f"{protocol['text']}: {protocol['windows']} x {protocol['ctx']} tokens")
-    table.add_column("variant", no_wrap=True)
-    for column in columns:
-        table.add_column(column, justify="right")
+    headers = ("perplexity", "PPL ratio", "mean KL", "KL p99", "top-1 agree", "size", "bits per weight")
+    title = f"{protocol['text']}: {protocol['windows']} x {protocol['ctx']} tokens"
+    table = _table(title, ("variant", *headers), right=headers)
     for name, row in report["variants"].items():
         table.add_row(name, *(format_metric(c, row.get(c)) for c in columns))
     console.print(table)
@@ -158,12 +184,11 @@ def print_eval_report(report: dict[str, Any], console: Console | None = None) ->
 
 def print_check(result: CheckResult, console: Console | None = None) -> None:
     """The table of ``edgekit check``: variant x metric, value, limit, pass/fail, and the verdict."""
-    from edgekit.quant.report import format_metric
+    from edgekit.accuracy.report import format_metric
 
-    console = console or Console()
-    table = Table(title=f"edgekit check {result.target} (deploys {result.variant})")
-    for column in ("variant", "check", "metric", "value", "limit", "result"):
-        table.add_column(column)
+    console = console or output_console()
+    title = f"edgekit check {result.target} (deploys {result.variant})"
+    table = _table(title, ("variant", "check", "metric", "value", "limit", "result"))
     for c in result.checks:
         outcome = "[green]pass[/green]" if c.passed else "[red]FAIL[/red]"
         table.add_row(
@@ -177,20 +202,19 @@ def print_check(result: CheckResult, console: Console | None = None) -> None:
 
 def print_bench(results: list[dict[str, Any]], console: Console | None = None) -> None:
     """One row per variant: TTFT, prefill and decode tokens/s (median, min..max), peak RSS, bytes."""
-    console = console or Console()
+    console = console or output_console()
     if not results:
         return
     first = results[0]
-    table = Table(
-        title=f"prompt {first['prompt_tokens']} tokens, {first['gen_tokens']} generated, {first['runs']} runs"
-    )
-    for column in ("variant", "provider", "TTFT s", "prefill tok/s", "decode tok/s", "peak RSS", "size"):
-        table.add_column(column)
+    title = f"prompt {first['prompt_tokens']} tokens, {first['gen_tokens']} generated, {first['runs']} runs"
+    numbers = ("TTFT s", "prefill tok/s", "decode tok/s", "peak RSS", "size")
+    table = _table(title, ("variant", "provider", *numbers), right=numbers)
 
     def spread(stats: dict[str, float] | None, digits: int) -> str:
         if not stats:
             return "-"
-        return f"{stats['median']:.{digits}f} ({stats['min']:.{digits}f}..{stats['max']:.{digits}f})"
+        # The range goes under the median: together they are too wide for one line of an 80-column terminal.
+        return f"{stats['median']:.{digits}f}\n({stats['min']:.{digits}f}..{stats['max']:.{digits}f})"
 
     for row in results:
         table.add_row(

@@ -1,26 +1,51 @@
-"""Device profiles: ``targets.yaml`` parsed into frozen, validated objects.
+"""Device profiles: ``targets.yaml`` parsed into frozen, validated pydantic models.
 
-A typo in targets.yaml is an error that names the key and the file, never a silently ignored setting
-(the way llm-compressor's ``extra="forbid"`` recipes behave).
+Every rule about a targets file lives once, in these models: ``targets_json_schema`` is generated from them
+(``edgekit targets --schema``), and ``GPTQConfig`` reuses their GPTQ rules. A file is checked whole: every
+unknown key and every bad value is reported at once, each with its path (``targets.laptop-cpu.budget.max_kl``),
+in one ``TargetError`` naming the file (the way llm-compressor's ``extra="forbid"`` recipes behave). YAML values
+are not coerced: ``block_size: "32"`` and ``accuracy_level: true`` are errors, not 32 and 1.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import enum
+import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    model_validator,
+)
+from pydantic.json_schema import JsonDict
+from pydantic_core import PydanticCustomError
 
 from edgekit.errors import TargetError
 from edgekit.safe_io import read_regular_file
 
-SCHEMA_VERSION = 1
+SchemaVersion = Literal[1]
+SCHEMA_VERSION: int = get_args(SchemaVersion)[0]
+DEFAULT_TARGET = "laptop-cpu"
+"""The target a build uses when none is named."""
 MAX_TARGETS_BYTES = 1 << 20  # a real one is a few KB
+BlockSizeValue = Literal[16, 32, 64, 128, 256]  # the INT4 block sizes onnxruntime's MatMulNBits accepts
+BLOCK_SIZES: tuple[int, ...] = get_args(BlockSizeValue)
+GPTQ_GROUP_SIZES = (32, 64, 128)
+"""Block sizes a GPTQ variant can be grouped by: the group sizes edgekit's GPTQ solver (``GPTQConfig``) and the
+builder's import of its checkpoints handle. Targets and ``GPTQConfig`` both check against this one tuple."""
+_FIX = "see the targets.yaml reference in the README, or `edgekit targets --schema`"
+_MAX_REPORTED = 30  # every problem of a real file fits; a garbage file still gives a readable line
 
 
 class Provider(str, enum.Enum):
@@ -36,6 +61,8 @@ class Int4Method(str, enum.Enum):
 
     RTN = "rtn"
     GPTQ = "gptq"
+    RECIPE = "recipe"
+    """A format per tensor, chosen by measured loss under the target's ``recipe`` objective."""
 
 
 class HeadPrecision(str, enum.Enum):
@@ -54,45 +81,183 @@ class Precision(str, enum.Enum):
     INT4 = "int4"
 
 
-@dataclass(frozen=True)
-class AccuracyBudget:
+RECIPE_FORMAT = re.compile(r"^int(4|8)-b(32|64|128)-(sym|asym)-(rtn|search|weighted)$")
+"""A per-tensor format as targets.yaml spells it (``edgekit.quant.formats`` parses it)."""
+
+
+# --- field types: strict, with YAML's spellings of enums and lists ---------------------------------------------
+
+
+def _yaml_string(value: Any) -> Any:
+    # Lax enum validation (needed for YAML strings) would also take bytes; a name must be a string.
+    if not isinstance(value, str):
+        raise PydanticCustomError("string_type", "Input should be a string")
+    return value
+
+
+def _yaml_list(value: Any) -> Any:
+    # YAML lists arrive as lists; a strict tuple field would refuse them, a lax one would also take sets.
+    if not isinstance(value, (list, tuple)):
+        raise PydanticCustomError("list_type", "Input should be a list")
+    return tuple(value)
+
+
+def _exact_int(value: Any) -> Any:
+    # An int Literal would take `true` for 1 and 32.0 for 32; YAML's `true` and `32.0` are not block sizes.
+    if type(value) is not int:
+        raise PydanticCustomError("int_type", "Input should be an integer")
+    return value
+
+
+def _unique_methods(values: tuple[Any, ...]) -> tuple[Any, ...]:
+    if len(set(values)) != len(values):
+        raise PydanticCustomError("unique", "Input should list each method once")
+    return values
+
+
+def _recipe_format(value: Any) -> Any:
+    if not isinstance(value, str) or not RECIPE_FORMAT.match(value):
+        raise PydanticCustomError(
+            "recipe_format",
+            "Input should be a format like int4-b32-asym-weighted (int<4|8>-b<32|64|128>-"
+            "<sym|asym>-<rtn|search|weighted>)",
+        )
+    return value
+
+
+# Enums read from YAML strings: lax (a strict enum accepts only members), strings only.
+ProviderName = Annotated[Provider, Strict(False), BeforeValidator(_yaml_string)]
+Int4MethodName = Annotated[Int4Method, Strict(False), BeforeValidator(_yaml_string)]
+HeadPrecisionName = Annotated[HeadPrecision, Strict(False), BeforeValidator(_yaml_string)]
+PrecisionName = Annotated[Precision, Strict(False), BeforeValidator(_yaml_string)]
+BlockSize = Annotated[BlockSizeValue, BeforeValidator(_exact_int)]
+Limit = Annotated[float, Field(ge=0)]
+
+
+class _Strict(BaseModel):
+    # strict: no str -> int or bool -> int coercion; allow_inf_nan: a `.nan` budget would pass or fail everything
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class AccuracyBudget(_Strict):
     """Limits a quantized variant must meet against the fp32 reference; unset limits are not checked."""
 
-    max_kl_mean: float | None = None
-    max_ppl_ratio: float | None = None
-    min_top1_agreement: float | None = None
+    max_kl_mean: Limit | None = Field(None, description="Largest mean KL divergence to the fp32 reference.")
+    max_ppl_ratio: Limit | None = Field(None, description="Largest perplexity over the fp32 reference's.")
+    min_top1_agreement: Limit | None = Field(
+        None, description="Smallest share of positions whose top token matches the fp32 reference's."
+    )
 
 
-@dataclass(frozen=True)
-class GPTQSettings:
+class GPTQSettings(_Strict):
     """How a target's ``int4-gptq`` variant is calibrated (the group size is the target's block size)."""
 
-    sym: bool = True
-    damp: float = 0.01
-    """Added to the Hessian's diagonal, as a fraction of its mean diagonal."""
-    act_order: bool = True
-    """Quantize columns in descending Hessian-diagonal order (static groups: no g_idx at run time)."""
-    one_pass: bool = False
-    """One forward pass per decoder layer over all calibration batches at once (true-sequential order):
-    about a fifth faster, holding every batch's activations of a layer at once."""
+    sym: bool = Field(True, description="Symmetric quantization (a fixed zero point).")
+    damp: float = Field(
+        0.01, gt=0, lt=1, description="Added to the Hessian's diagonal, as a fraction of its mean diagonal."
+    )
+    act_order: bool = Field(
+        True,
+        description="Quantize columns in descending Hessian-diagonal order (static groups: no g_idx at run time).",
+    )
+    one_pass: bool = Field(
+        False,
+        description="One forward pass per decoder layer over all calibration batches at once (true-sequential "
+        "order): faster, holding every batch's activations of a layer at once.",
+    )
 
 
-@dataclass(frozen=True)
-class Target:
-    """One device profile from targets.yaml."""
+class RecipeSettings(_Strict):
+    """How a target's ``int4-recipe`` variant chooses each tensor's format (see docs/recipes.md)."""
 
-    name: str
+    max_model_bytes: int | None = Field(
+        None, gt=0, description="Least loss whose model files (model.onnx + data) fit in this many bytes."
+    )
+    optimize: Literal["size"] | None = Field(
+        None,
+        description="Fewest bytes whose predicted loss meets the target's budget (the default when "
+        "max_model_bytes is not set); a verification run on calibration text confirms the margin.",
+    )
+    min_decode_ratio: float = Field(
+        0.9, gt=0, le=4, description="Decode speed at least this times the all-int4 RTN variant's, measured."
+    )
+    candidates: Annotated[
+        tuple[Annotated[str, BeforeValidator(_recipe_format)], ...] | None,
+        BeforeValidator(lambda v: v if v is None else _yaml_list(v)),
+    ] = Field(None, description="Formats each tensor may take; the built-in set when not given.")
+
+    @model_validator(mode="after")
+    def _one_objective(self) -> RecipeSettings:
+        if self.max_model_bytes is not None and self.optimize is not None:
+            raise PydanticCustomError(
+                "recipe_objective", "give max_model_bytes or optimize: size, not both (they are two objectives)"
+            )
+        return self
+
+
+# JSON Schema's spelling of the GPTQ/block-size rule (``Target._gptq_groups``), for editors.
+_GPTQ_RULE_SCHEMA: JsonDict = {
+    "if": {"required": ["int4_methods"], "properties": {"int4_methods": {"contains": {"const": "gptq"}}}},
+    "then": {"properties": {"block_size": {"enum": list(GPTQ_GROUP_SIZES)}}},
+}
+
+
+class Target(_Strict):
+    """One device profile from targets.yaml; ``name`` is its key in the file (empty for a bare profile)."""
+
+    model_config = ConfigDict(json_schema_extra=_GPTQ_RULE_SCHEMA)
+
+    _name: str = PrivateAttr("")
     description: str
-    providers: tuple[Provider, ...]
-    precision: Precision = Precision.INT4
-    block_size: int = 32
-    accuracy_level: int = 0
-    memory_limit_mb: int | None = None
-    budget: AccuracyBudget = field(default_factory=AccuracyBudget)
-    int4_methods: tuple[Int4Method, ...] = (Int4Method.RTN,)
-    """INT4 variants to build; the last one is the variant the target deploys."""
-    lm_head: HeadPrecision = HeadPrecision.INT4
-    gptq: GPTQSettings = field(default_factory=GPTQSettings)
+    providers: Annotated[tuple[ProviderName, ...], Field(min_length=1), BeforeValidator(_yaml_list)] = Field(
+        description="Providers to try, in order; the package's graphs are built for the first."
+    )
+    precision: PrecisionName = Field(Precision.INT4, description="Weight precision of the deployed variant.")
+    block_size: BlockSize = Field(32, description="INT4 quantization block (and GPTQ group) size.")
+    accuracy_level: int = Field(
+        0, ge=0, le=4, description="MatMulNBits compute: 0 provider default, 1 fp32, 2 fp16, 3 bf16, 4 int8."
+    )
+    budget: AccuracyBudget = AccuracyBudget()
+    int4_methods: Annotated[
+        tuple[Int4MethodName, ...],
+        Field(min_length=1, json_schema_extra={"uniqueItems": True}),
+        BeforeValidator(_yaml_list),
+        AfterValidator(_unique_methods),
+    ] = Field((Int4Method.RTN,), description="INT4 variants to build; the last one is the variant the target deploys.")
+    lm_head: HeadPrecisionName = Field(HeadPrecision.INT4, description="Precision of the LM head of INT4 variants.")
+    gptq: GPTQSettings = GPTQSettings()
+    recipe: RecipeSettings = RecipeSettings()
+
+    @model_validator(mode="after")
+    def _recipe_rules(self) -> Target:
+        if Int4Method.RECIPE not in self.int4_methods:
+            return self
+        if self.providers[0] is not Provider.CPU:
+            raise PydanticCustomError(
+                "recipe_provider",
+                "int4_methods recipe builds CPU graphs: put cpu first in providers, or use rtn/gptq for a GPU target",
+            )
+        if self.recipe.max_model_bytes is None and self.budget.max_kl_mean is None:
+            raise PydanticCustomError(
+                "recipe_budget", "a recipe without max_model_bytes optimizes size within budget.max_kl_mean: set one"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _gptq_groups(self) -> Target:
+        if Int4Method.GPTQ in self.int4_methods and self.block_size not in GPTQ_GROUP_SIZES:
+            raise PydanticCustomError(
+                "gptq_block_size",
+                "GPTQ groups of block_size {block_size} are not supported: use a block_size of {allowed} with "
+                "int4_methods gptq",
+                {"block_size": self.block_size, "allowed": ", ".join(map(str, GPTQ_GROUP_SIZES))},
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        """The target's key in its targets file."""
+        return self._name
 
     @property
     def build_provider(self) -> Provider:
@@ -100,11 +265,25 @@ class Target:
         return self.providers[0]
 
 
-_TARGET_KEYS = {f.name for f in dataclasses.fields(Target)} - {"name"}
-_BUDGET_KEYS = {f.name for f in dataclasses.fields(AccuracyBudget)}
-_GPTQ_KEYS = {f.name for f in dataclasses.fields(GPTQSettings)}
-_BLOCK_SIZES = (16, 32, 64, 128, 256)
-_GPTQ_GROUP_SIZES = (32, 64, 128)
+class TargetsFile(_Strict):
+    """A whole targets.yaml: its schema version and its targets by name."""
+
+    model_config = ConfigDict(title="edgekit targets.yaml")
+
+    schema_version: Annotated[SchemaVersion, BeforeValidator(_exact_int)]
+    targets: dict[str, Target] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _name_targets(self) -> TargetsFile:
+        # A target's name is its key, not a YAML field. Copies: a caller may pass one Target under two names.
+        for name, target in list(self.targets.items()):
+            named = target.model_copy()
+            named._name = name
+            self.targets[name] = named
+        return self
+
+
+# --- reading files ------------------------------------------------------------------------------------------
 
 
 def bundled_targets_path() -> Path:
@@ -124,23 +303,20 @@ def load_targets(path: str | Path | None = None) -> dict[str, Target]:
     except UnicodeDecodeError as exc:
         raise TargetError(f"is not UTF-8 text ({exc})", path=path) from None
     try:
-        data = yaml.safe_load(text)
+        parsed = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise TargetError(f"not valid YAML ({exc})", path=path, fix="fix the YAML syntax") from exc
-    return parse_targets(data, path)
+    return parse_targets(parsed, path)
 
 
 def parse_targets(data: Any, path: str | Path = "targets.yaml") -> dict[str, Target]:
-    """Validate the parsed YAML of a targets file into ``Target`` objects."""
+    """Validate the parsed YAML of a targets file into ``Target`` objects; one ``TargetError`` lists every problem."""
     if not isinstance(data, Mapping):
-        raise TargetError("the top level must be a mapping with 'schema_version' and 'targets'", path=path)
-    _reject_unknown(data, {"schema_version", "targets"}, "top level", path)
-    if data.get("schema_version") != SCHEMA_VERSION:
-        raise TargetError(f"schema_version must be {SCHEMA_VERSION}, got {data.get('schema_version')!r}", path=path)
-    entries = data.get("targets")
-    if not isinstance(entries, Mapping) or not entries:
-        raise TargetError("'targets' must be a non-empty mapping of target names to profiles", path=path)
-    return {str(name): _parse_target(str(name), body, path) for name, body in entries.items()}
+        raise TargetError("the top level must be a mapping with 'schema_version' and 'targets'", path=path, fix=_FIX)
+    try:
+        return dict(TargetsFile.model_validate(data).targets)
+    except ValidationError as exc:
+        raise TargetError(describe_validation_error(exc, TargetsFile), path=path, fix=_FIX) from None
 
 
 def get_target(name: str, path: str | Path | None = None) -> Target:
@@ -152,152 +328,81 @@ def get_target(name: str, path: str | Path | None = None) -> Target:
     return targets[name]
 
 
-def _parse_target(name: str, body: Any, path: str | Path) -> Target:
-    where = f"target '{name}'"
-    if not isinstance(body, Mapping):
-        raise TargetError(f"{where} must be a mapping", path=path)
-    _reject_unknown(body, _TARGET_KEYS, where, path)
-    for required in ("description", "providers"):
-        if required not in body:
-            raise TargetError(f"{where} lacks the required key '{required}'", path=path)
-    providers = body["providers"]
-    if not isinstance(providers, list) or not providers:
-        raise TargetError(f"{where}: 'providers' must be a non-empty list", path=path)
-    precision = _enum(Precision, body.get("precision", "int4"), f"{where}: precision", path)
-    block_size = body.get("block_size", 32)
-    if isinstance(block_size, bool) or block_size not in _BLOCK_SIZES:
-        raise TargetError(f"{where}: block_size {block_size!r} is not one of {list(_BLOCK_SIZES)}", path=path)
-    accuracy_level = body.get("accuracy_level", 0)
-    if isinstance(accuracy_level, bool) or accuracy_level not in (0, 1, 2, 3, 4):
-        raise TargetError(f"{where}: accuracy_level {accuracy_level!r} is not 0..4", path=path)
-    memory = body.get("memory_limit_mb")
-    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, int) or memory <= 0):
-        raise TargetError(f"{where}: memory_limit_mb must be a positive integer", path=path)
-    methods = _parse_methods(body.get("int4_methods", ["rtn"]), where, path)
-    if Int4Method.GPTQ in methods and block_size not in _GPTQ_GROUP_SIZES:
-        raise TargetError(
-            f"{where}: GPTQ groups of block_size {block_size} are not supported",
-            path=path,
-            fix=f"use a block_size of {', '.join(map(str, _GPTQ_GROUP_SIZES))} with int4_methods gptq",
-        )
-    return Target(
-        name=name,
-        description=str(body["description"]),
-        providers=tuple(_enum(Provider, p, f"{where}: provider", path) for p in providers),
-        precision=precision,
-        block_size=block_size,
-        accuracy_level=accuracy_level,
-        memory_limit_mb=memory,
-        budget=_parse_budget(body.get("budget") or {}, where, path),
-        int4_methods=methods,
-        lm_head=_enum(HeadPrecision, body.get("lm_head", "int4"), f"{where}: lm_head", path),
-        gptq=_parse_gptq(body.get("gptq") or {}, where, path),
-    )
-
-
-def _parse_gptq(body: Any, where: str, path: str | Path) -> GPTQSettings:
-    if not isinstance(body, Mapping):
-        raise TargetError(f"{where}: 'gptq' must be a mapping", path=path)
-    _reject_unknown(body, _GPTQ_KEYS, f"{where} gptq", path)
-    for key in ("sym", "act_order", "one_pass"):
-        if key in body and not isinstance(body[key], bool):
-            raise TargetError(f"{where}: gptq '{key}' must be true or false", path=path)
-    damp = body.get("damp", GPTQSettings.damp)
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0 < damp < 1:
-        raise TargetError(f"{where}: gptq 'damp' must be a number between 0 and 1", path=path)
-    return GPTQSettings(
-        sym=body.get("sym", GPTQSettings.sym),
-        damp=float(damp),
-        act_order=body.get("act_order", GPTQSettings.act_order),
-        one_pass=body.get("one_pass", GPTQSettings.one_pass),
-    )
-
-
-def _parse_methods(methods: Any, where: str, path: str | Path) -> tuple[Int4Method, ...]:
-    if not isinstance(methods, list) or not methods:
-        raise TargetError(f"{where}: 'int4_methods' must be a non-empty list", path=path)
-    parsed = tuple(_enum(Int4Method, m, f"{where}: int4 method", path) for m in methods)
-    if len(set(parsed)) != len(parsed):
-        raise TargetError(f"{where}: 'int4_methods' lists a method twice", path=path)
-    return parsed
-
-
-def _parse_budget(body: Any, where: str, path: str | Path) -> AccuracyBudget:
-    if not isinstance(body, Mapping):
-        raise TargetError(f"{where}: 'budget' must be a mapping", path=path)
-    _reject_unknown(body, _BUDGET_KEYS, f"{where} budget", path)
-    values: dict[str, float] = {}
-    for key, value in body.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise TargetError(f"{where}: budget '{key}' must be a non-negative number", path=path)
-        values[str(key)] = float(value)
-    return AccuracyBudget(**values)
-
-
-def _enum(kind: type[enum.Enum], value: Any, where: str, path: str | Path) -> Any:
-    try:
-        return kind(value)
-    except ValueError:
-        known = ", ".join(member.value for member in kind)
-        raise TargetError(f"{where} '{value}' is unknown", path=path, fix=f"use one of: {known}") from None
-
-
-def _reject_unknown(body: Mapping[str, Any], allowed: set[str], where: str, path: str | Path) -> None:
-    unknown = sorted(set(map(str, body)) - allowed)
-    if unknown:
-        raise TargetError(
-            f"{where} has unknown key '{unknown[0]}'",
-            path=path,
-            fix=f"allowed keys: {', '.join(sorted(allowed))}",
-        )
-
-
 def targets_json_schema() -> dict[str, Any]:
-    """JSON Schema of targets.yaml, for editors that validate YAML against a schema."""
-    budget = {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {key: {"type": "number", "minimum": 0} for key in sorted(_BUDGET_KEYS)},
-    }
-    target = {
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["description", "providers"],
-        "properties": {
-            "description": {"type": "string"},
-            "providers": {"type": "array", "minItems": 1, "items": {"enum": [p.value for p in Provider]}},
-            "precision": {"enum": [p.value for p in Precision]},
-            "block_size": {"enum": list(_BLOCK_SIZES)},
-            "accuracy_level": {"enum": [0, 1, 2, 3, 4]},
-            "memory_limit_mb": {"type": "integer", "minimum": 1},
-            "int4_methods": {
-                "type": "array",
-                "minItems": 1,
-                "uniqueItems": True,
-                "items": {"enum": [m.value for m in Int4Method]},
-            },
-            "lm_head": {"enum": [h.value for h in HeadPrecision]},
-            "budget": budget,
-            "gptq": {
-                "type": "object",
-                "additionalProperties": False,
-                "properties": {
-                    "sym": {"type": "boolean"},
-                    "act_order": {"type": "boolean"},
-                    "one_pass": {"type": "boolean"},
-                    "damp": {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
-                },
-            },
-        },
-    }
-    return {
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "title": "edgekit targets.yaml",
-        "type": "object",
-        "additionalProperties": False,
-        "required": ["schema_version", "targets"],
-        "properties": {
-            "schema_version": {"const": SCHEMA_VERSION},
-            "targets": {"type": "object", "minProperties": 1, "additionalProperties": target},
-        },
-    }
+    """JSON Schema of targets.yaml, generated from the models, for editors that validate YAML against a schema."""
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **TargetsFile.model_json_schema()}
+
+
+# --- one line for every problem -------------------------------------------------------------------------------
+
+
+def describe_validation_error(exc: ValidationError, model: type[BaseModel]) -> str:
+    """pydantic's errors about ``model`` as one line: every unknown key (with the keys allowed beside it) and
+    every bad value, each with its dotted path (``targets.laptop-cpu.budget.max_kl``)."""
+    entries: list[str | tuple[Any, ...]] = []  # a problem, or the path of a mapping with unknown keys
+    unknown: dict[tuple[Any, ...], list[str]] = {}
+    for error in exc.errors():
+        loc = tuple(error["loc"])
+        if error["type"] != "extra_forbidden":
+            entries.append(f"{_where(loc)}: {_what(error)}")
+        elif loc[:-1] in unknown:
+            unknown[loc[:-1]].append(str(loc[-1]))
+        else:
+            unknown[loc[:-1]] = [str(loc[-1])]
+            entries.append(loc[:-1])
+    problems, listed = [], set()
+    for entry in entries:
+        if isinstance(entry, str):
+            problems.append(entry)
+            continue
+        named = ", ".join(f"'{key}'" for key in unknown[entry])
+        problem = f"{_where(entry)}: unknown key{'s' if len(unknown[entry]) > 1 else ''} {named}"
+        allowed = ", ".join(sorted(_fields_at(model, entry)))
+        # Each kind of mapping's keys once: five targets with the same typo need not list them five times.
+        problems.append(f"{problem} (allowed: {allowed})" if allowed not in listed else problem)
+        listed.add(allowed)
+    more = len(problems) - _MAX_REPORTED
+    return "; ".join(problems[:_MAX_REPORTED]) + (f"; and {more} more" if more > 0 else "")
+
+
+def _where(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc) if loc else "top level"
+
+
+def _what(error: Any) -> str:
+    kind = error["type"]
+    if kind == "missing":
+        return "required key is missing"
+    if kind == "too_short" and error.get("ctx", {}).get("min_length") == 1:
+        return "must not be empty"
+    if kind in ("model_type", "model_attributes_type", "dict_type"):
+        return f"must be a mapping (got {_shown(error['input'])})"
+    message = str(error["msg"])
+    if message[1:2].islower():  # "Input should ..." reads on after the path; "GPTQ groups ..." keeps its case
+        message = message[:1].lower() + message[1:]
+    if isinstance(error["input"], Mapping):
+        return message  # a rule about a whole mapping: its path says which
+    return f"{message} (got {_shown(error['input'])})"
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the mapping at ``loc`` of a ``model`` document (empty when it is not a model)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            field = current.model_fields.get(str(part))
+            if field is None:
+                return []
+            current = field.annotation
+        elif get_origin(current) is dict:
+            current = get_args(current)[1]  # ``part`` is a key of the mapping: the value type is next
+        else:
+            return []
+    if isinstance(current, type) and issubclass(current, BaseModel):
+        return list(current.model_fields)
+    return []

@@ -1,7 +1,7 @@
 """The tokenizer facts a package records for its consumers: whether raw text starts with BOS, and its id.
 
 Evaluation and calibration windows and the runtime's raw prompts all follow this record
-(``exporters/tokenizer_rule.py`` reads it off the source at build time).
+(``sources/tokenizer_rule.py`` reads it off the source at build time).
 """
 
 from __future__ import annotations

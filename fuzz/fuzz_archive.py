@@ -16,7 +16,7 @@ DEST = WORK / "unpacked"
 
 def load() -> None:
     global archive
-    from edgekit import archive, package, references  # noqa: F401  (instrumented under atheris)
+    from edgekit.package import archive, manifest, references, verify  # noqa: F401  (instrumented under atheris)
 
 
 def test_one_input(data: bytes) -> None:

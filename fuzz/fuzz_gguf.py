@@ -9,7 +9,7 @@ PATH = WORK / "model.gguf"
 
 def load() -> None:
     global weight_files
-    from edgekit.exporters import gguf_header, weight_files  # noqa: F401  (instrumented under atheris)
+    from edgekit.sources import gguf_header, weight_files  # noqa: F401  (instrumented under atheris)
 
 
 def test_one_input(data: bytes) -> None:

@@ -13,18 +13,19 @@ ROOT = WORK / "pkg"
 
 
 def load() -> None:
-    global package
-    from edgekit import package, references  # noqa: F401  (instrumented under atheris)
+    global manifest_module, verify
+    from edgekit.package import manifest as manifest_module  # instrumented under atheris
+    from edgekit.package import references, verify  # noqa: F401
 
     make_corpus.write_package_files(ROOT)
 
 
 def check(data: bytes) -> None:
     (ROOT / "manifest.json").write_bytes(data)
-    manifest = package.read_manifest(ROOT)
-    name, _ = package.variant_dir(ROOT, manifest, None)
-    package.verify_files(ROOT, manifest, manifest["variants"][name]["path"])
-    package.verify_files(ROOT, manifest)
+    manifest = manifest_module.read_manifest(ROOT)
+    name, _ = verify.variant_dir(ROOT, manifest, None)
+    verify.verify_files(ROOT, manifest, manifest["variants"][name]["path"])
+    verify.verify_files(ROOT, manifest)
 
 
 def test_one_input(data: bytes) -> None:

@@ -17,8 +17,9 @@ CONFIG = "fp32/genai_config.json"
 
 
 def load() -> None:
-    global package, manifest
-    from edgekit import package, references  # noqa: F401  (instrumented under atheris)
+    global manifest_module, verify, manifest
+    from edgekit.package import genai_config, references, verify  # noqa: F401
+    from edgekit.package import manifest as manifest_module  # instrumented under atheris
 
     manifest = make_corpus.write_package_files(ROOT)
 
@@ -28,7 +29,7 @@ def check(data: bytes) -> None:
     entry = {"path": CONFIG, "size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     files = [entry if e["path"] == CONFIG else e for e in manifest["files"]]
     (ROOT / "manifest.json").write_text(json.dumps({**manifest, "files": files}, indent=2))
-    package.verify_files(ROOT, package.read_manifest(ROOT))
+    verify.verify_files(ROOT, manifest_module.read_manifest(ROOT))
 
 
 def test_one_input(data: bytes) -> None:

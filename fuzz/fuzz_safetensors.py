@@ -9,7 +9,7 @@ PATH = WORK / "model.safetensors"
 
 def load() -> None:
     global read_safetensors_header
-    from edgekit.exporters.weight_files import read_safetensors_header
+    from edgekit.sources.weight_files import read_safetensors_header
 
 
 def test_one_input(data: bytes) -> None:

@@ -70,7 +70,7 @@ def write_package_files(root: Path) -> dict:
     config; returns its manifest (also written)."""
     from onnx import TensorProto, helper
 
-    from edgekit.package import read_manifest, write_manifest
+    from edgekit.package.manifest import read_manifest, write_manifest
 
     variant = root / "fp32"
     variant.mkdir(parents=True, exist_ok=True)
@@ -135,7 +135,7 @@ def _tar(members: list[tuple[str, bytes, int]]) -> bytes:
 def _archive(folder: Path) -> None:
     """Archives `edgekit pack` writes (manifest.json first), and near misses whose headers disagree with
     the manifest: a member of another size, an unlisted member, a listed file absent, the manifest last."""
-    from edgekit.archive import pack_package
+    from edgekit.package.archive import pack_package
 
     with tempfile.TemporaryDirectory() as work:
         root = Path(work) / "pkg"

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 from test_hardening_archive import make_package, member, package_members, refuse, write_tar
 
-from edgekit import archive as archive_module
-from edgekit.archive import pack_package, unpack_package
-from edgekit.package import MAX_MANIFEST_BYTES, read_manifest, verify_files
+from edgekit.package import archive as archive_module
+from edgekit.package.archive import pack_package, unpack_package
+from edgekit.package.manifest import MAX_MANIFEST_BYTES, read_manifest
+from edgekit.package.verify import verify_files
 
 
 @pytest.fixture

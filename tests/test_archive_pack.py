@@ -12,11 +12,11 @@ from click.testing import CliRunner
 from conftest import snapshot
 from test_hardening_archive import make_package
 
-from edgekit import archive as archive_module
-from edgekit.archive import PackedArchive, pack_package, unpack_package
 from edgekit.cli import main
 from edgekit.errors import PackageError
-from edgekit.package import verify_files
+from edgekit.package import archive as archive_module
+from edgekit.package.archive import PackedArchive, pack_package, unpack_package
+from edgekit.package.verify import verify_files
 
 
 @pytest.fixture

@@ -17,7 +17,8 @@ import yaml
 from conftest import snapshot
 
 from edgekit.cli import main
-from edgekit.package import read_manifest, verify_files
+from edgekit.package.manifest import read_manifest
+from edgekit.package.verify import verify_files
 
 SUPPORTED = ("gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3", "qwen3_5")
 
@@ -356,8 +357,9 @@ def test_a_missing_relative_folder_that_looks_like_a_hub_id(runner, tmp_path: Pa
     before = snapshot(tmp_path)
     message = error_line(build(runner, "models/tiny", tmp_path / "out"), 2)
     assert "models/tiny" in message
-    assert "hub" in message
+    assert "no network access to the Hugging Face hub" in message
     assert "pass its folder" in message
+    assert "Error:" not in message and "Errno" not in message  # no raw exception chain
     assert snapshot(tmp_path) == before
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tiny_models import make_tiny_checkpoint, tiny_tokenizer
 
-from edgekit.quant.corpus import Corpus, token_windows, with_bos
+from edgekit.accuracy.texts import Corpus, token_windows, with_bos
 
 
 def test_windows_get_bos_in_place_of_their_first_token() -> None:
@@ -33,7 +33,7 @@ def test_calibration_windows_get_bos(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("add_bos", [True, False])
 def test_the_rule_is_read_off_the_source_tokenizer(tmp_path: Path, add_bos: bool) -> None:
-    from edgekit.exporters.tokenizer_rule import tokenizer_rule
+    from edgekit.sources.tokenizer_rule import tokenizer_rule
 
     tiny_tokenizer(add_bos).save_pretrained(str(tmp_path))
     rule = tokenizer_rule(tmp_path)
@@ -45,7 +45,7 @@ def test_the_rule_is_read_off_the_source_tokenizer(tmp_path: Path, add_bos: bool
 @pytest.fixture(scope="module")
 def bos_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, list[np.ndarray], list]:
     """A GPTQ build of a tiny llama whose tokenizer adds BOS; the windows evaluation and GPTQ saw."""
-    import edgekit.quant.evaluate as evaluate
+    import edgekit.accuracy.evaluate as evaluate
     import edgekit.quant.gptq_checkpoint as gptq_checkpoint
     from edgekit.pipeline import CalibrationSettings, EvalSettings, build
 
@@ -78,7 +78,8 @@ def bos_package(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, l
 def test_every_evaluation_and_calibration_window_starts_with_bos(bos_package) -> None:
     _, package, seen_eval, seen_calibration = bos_package
     manifest = json.loads((package / "manifest.json").read_text())
-    assert manifest["tokenizer"] == {"add_bos_token": True, "bos_token_id": 1, "chat_template": True}
+    tokenizer = manifest["tokenizer"]
+    assert (tokenizer["add_bos_token"], tokenizer["bos_token_id"], tokenizer["chat_template"]) == (True, 1, True)
     assert manifest["evaluation"]["protocol"]["bos"] is True
     assert seen_eval and all((window[:, 0] == 1).all() for window in seen_eval)
     assert len(seen_calibration) == 1 and (seen_calibration[0][:, 0] == 1).all()

@@ -11,10 +11,11 @@ from typing import Any
 import pytest
 import yaml
 
+from edgekit.accuracy.evaluate import EVAL_DIR
+from edgekit.accuracy.gate import check_package, evaluate_and_record
 from edgekit.cli import main
-from edgekit.package import read_manifest, verify_files, write_manifest
-from edgekit.quant.evaluate import EVAL_DIR
-from edgekit.quant.gate import check_package, evaluate_and_record
+from edgekit.package.manifest import read_manifest, write_manifest
+from edgekit.package.verify import verify_files
 from edgekit.targets import load_targets
 
 WINDOWS = 4
@@ -334,7 +335,7 @@ def test_eval_cli_prints_the_table_and_records_it(runner, tiny_llama_package: Pa
     result = runner.invoke(main, ["eval", str(root), "--windows", "4", "--ctx", "64"], env=WIDE)
     assert result.exit_code == 0, result.output
     assert table_variants(result.output) == ["fp32", "int4-rtn"]
-    for word in ("kl_mean", "ppl_ratio", "top1_agreement", "4 x 64", "reference cache: stored"):
+    for word in ("mean KL", "PPL ratio", "top-1 agree", "4 x 64", "reference cache: stored"):
         assert word in result.output, word
     report = report_of(root)
     assert (report["protocol"]["windows"], report["protocol"]["ctx"]) == (4, 64)
@@ -351,7 +352,7 @@ def test_eval_table_keeps_variant_names_in_an_80_column_log(runner, evaluated_pa
 
 
 def test_eval_cli_on_text_files(runner, evaluated_package: Path, tmp_path: Path) -> None:
-    from edgekit.quant.corpus import builtin_corpus
+    from edgekit.accuracy.texts import builtin_corpus
 
     root = copy_package(evaluated_package, tmp_path / "pkg")
     text = builtin_corpus("evaluation").text[:6000]
@@ -414,7 +415,8 @@ def test_build_records_budget_verdicts_and_reports(runner, tiny_checkpoints, tmp
     assert evaluation["report"] == "eval/report.json"
     assert (evaluation["protocol"]["windows"], evaluation["protocol"]["ctx"]) == (2, 64)
     budgets = evaluation["budgets"]
-    assert set(budgets) == set(load_targets())
+    # Only the targets this laptop-cpu package can deploy are judged (and `check` accepts exactly those).
+    assert set(budgets) == {"laptop-cpu", "edge-arm-cpu"}
     for target, verdicts in budgets.items():
         assert set(verdicts) == set(manifest["variants"]), target
         assert all(isinstance(v, bool) for v in verdicts.values()), target
@@ -432,3 +434,12 @@ def test_build_no_eval_writes_no_evaluation(no_eval_package: Path) -> None:
     assert "evaluation" not in manifest
     assert not (no_eval_package / EVAL_DIR).exists()
     verify_files(no_eval_package, manifest)
+
+
+def test_eval_judges_exactly_the_targets_check_accepts(evaluated_package: Path, runner) -> None:
+    """`eval` printed budgets for targets a package cannot deploy, which `check` then refused (exit 2)."""
+    judged = set(report_of(evaluated_package)["budgets"])
+    assert judged == {"laptop-cpu", "edge-arm-cpu"}
+    for target in load_targets():
+        result = runner.invoke(main, ["check", str(evaluated_package), "-t", target])
+        assert (result.exit_code != 2) == (target in judged), (target, result.output)

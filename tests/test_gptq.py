@@ -19,7 +19,8 @@ from edgekit.quant.gptq import (  # noqa: E402
     rtn_quantize_weight,
 )
 from edgekit.quant.gptq_format import pack_gptq, quantization_config, unpack_gptq  # noqa: E402
-from edgekit.quant.gptq_layers import decoder_layers, gptq_quantize_model  # noqa: E402
+from edgekit.quant.gptq_layers import gptq_quantize_model  # noqa: E402
+from edgekit.sources.meta_model import decoder_layers  # noqa: E402
 
 
 def correlated_layer(seed: int = 0, rows: int = 2048, features: int = 128, out: int = 64):
@@ -220,7 +221,7 @@ def test_layers_read_from_disk_give_the_same_checkpoint_as_the_whole_model(
     from tiny_models import VOCAB, load_checkpoint_tensors
 
     from edgekit.quant import gptq_checkpoint
-    from edgekit.quant.lazy_model import open_lazily
+    from edgekit.sources.meta_model import open_lazily
 
     source = tiny_checkpoints(model_type)
     assert open_lazily(source) is not None
@@ -243,7 +244,7 @@ def test_a_checkpoint_with_renamed_tensors_is_loaded_whole(tiny_checkpoints, tmp
 
     from safetensors.torch import load_file, save_file
 
-    from edgekit.quant.lazy_model import open_lazily
+    from edgekit.sources.meta_model import open_lazily
 
     folder = shutil.copytree(tiny_checkpoints("llama"), tmp_path / "renamed")
     tensors = load_file(folder / "model.safetensors")

@@ -8,7 +8,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("greenlet")
 
 from edgekit.quant.gptq import GPTQConfig, HessianAccumulator, quantize_weight  # noqa: E402
-from edgekit.quant.gptq_layers import decoder_layers, gptq_quantize_model  # noqa: E402
+from edgekit.quant.gptq_layers import gptq_quantize_model  # noqa: E402
+from edgekit.sources.meta_model import decoder_layers  # noqa: E402
 
 ONE_PASS = GPTQConfig(one_pass=True)
 

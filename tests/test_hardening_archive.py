@@ -15,11 +15,12 @@ import pytest
 from conftest import snapshot
 from test_package import onnx_of_size
 
-from edgekit import archive as archive_module
-from edgekit.archive import pack_package, unpack_package
 from edgekit.cli import main
 from edgekit.errors import OutputExistsError, PackageError
-from edgekit.package import read_manifest, sha256_file, verify_files, write_manifest
+from edgekit.package import archive as archive_module
+from edgekit.package.archive import pack_package, unpack_package
+from edgekit.package.manifest import read_manifest, sha256_file, write_manifest
+from edgekit.package.verify import verify_files
 
 # A genai_config.json as the builder writes it (a tiny llama's), so the package passes verify_files.
 GENAI_CONFIG = {

@@ -18,7 +18,9 @@ from pathlib import Path
 import pytest
 
 from edgekit.cli import main
-from edgekit.package import read_manifest, staged_output, verify_files, write_manifest
+from edgekit.package.manifest import read_manifest, write_manifest
+from edgekit.package.staging import staged_output
+from edgekit.package.verify import verify_files
 from edgekit.pipeline import build
 
 # --- requirement 2: trust_remote_code ------------------------------------------------------------------

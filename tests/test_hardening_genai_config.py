@@ -14,9 +14,10 @@ import pytest
 from package_fixtures import genai_config
 
 from edgekit.errors import PackageError
-from edgekit.genai_config import parse_genai_config
-from edgekit.package import read_manifest, verify_files, write_manifest
-from edgekit.package_contents import is_allowed
+from edgekit.package.contents import is_allowed
+from edgekit.package.genai_config import parse_genai_config
+from edgekit.package.manifest import read_manifest, write_manifest
+from edgekit.package.verify import verify_files
 
 
 def with_session(**options: Any) -> dict[str, Any]:
@@ -202,7 +203,7 @@ def test_duplicate_external_data_keys_are_refused(tmp_path: Path) -> None:
 
 
 def test_a_verdict_cached_under_older_rules_is_not_trusted(tmp_path: Path, monkeypatch) -> None:
-    from edgekit.runtimes import verify_cache
+    from edgekit.package import verify_cache
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     root = make_package(tmp_path / "pkg", genai_config())

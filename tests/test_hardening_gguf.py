@@ -19,8 +19,8 @@ import pytest
 from limited import MiB, assert_refused_quickly, run_limited
 
 from edgekit.errors import CorruptFileError, SourceError
-from edgekit.exporters.gguf_header import read_gguf_header
-from edgekit.exporters.weight_files import check_gguf
+from edgekit.sources.gguf_header import read_gguf_header
+from edgekit.sources.weight_files import check_gguf
 
 F32, Q4_0 = 0, 2
 STRING, ARRAY, UINT32 = 8, 9, 4
@@ -162,9 +162,7 @@ def crafted_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple
     for case, (content, _) in sorted(CASES.items()):
         paths.append(folder / f"{case}.gguf")
         paths[-1].write_bytes(content)
-    results = run_limited(
-        "edgekit.exporters.weight_files:check_gguf", paths, 1024 * MiB, warm=("gguf", "gguf.constants")
-    )
+    results = run_limited("edgekit.sources.weight_files:check_gguf", paths, 1024 * MiB, warm=("gguf", "gguf.constants"))
     return {case: (path, result) for case, path, result in zip(sorted(CASES), paths, results, strict=True)}
 
 

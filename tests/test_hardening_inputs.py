@@ -74,9 +74,9 @@ def test_fifo_text_and_targets_files_are_refused(runner, tmp_path: Path, tiny_ll
 
 
 def test_readers_refuse_fifos_directly(tmp_path: Path) -> None:
-    from edgekit.exporters.gguf_header import read_gguf_header
-    from edgekit.exporters.weight_files import read_safetensors_header
-    from edgekit.quant.corpus import load_text
+    from edgekit.accuracy.texts import load_text
+    from edgekit.sources.gguf_header import read_gguf_header
+    from edgekit.sources.weight_files import read_safetensors_header
 
     pipe = fifo(tmp_path / "pipe")
     with pytest.raises(CorruptFileError, match="is a FIFO"):
@@ -114,7 +114,7 @@ def test_config_values_are_checked_before_the_builder(runner, tmp_path: Path, ti
 
 
 def test_scratch_space_of_a_dead_build_is_swept_by_the_next(tmp_path: Path) -> None:
-    from edgekit.package import scratch_folder
+    from edgekit.package.staging import scratch_folder
 
     out = tmp_path / "pkg"
     dead = tmp_path / ".pkg.partial-999999999-work-abc"  # no process has this id
@@ -142,14 +142,15 @@ def test_a_build_keeps_no_scratch_in_tmpdir(tmp_path: Path, tiny_checkpoints, mo
 
 
 def test_a_failed_build_keeps_its_log_beside_out(tmp_path: Path, tiny_checkpoints, monkeypatch) -> None:
-    import edgekit.pipeline as pipeline
+    import edgekit.build_steps as steps
+    from edgekit import pipeline
     from edgekit.errors import ExportError
 
     def failing_export(hf_folder, out_dir, *, log_path, **kwargs):
         log_path.write_text("the builder's traceback\n")
         raise ExportError("the builder failed", path=log_path, fix="see the log")
 
-    monkeypatch.setattr(pipeline, "run_builder", failing_export)
+    monkeypatch.setattr(steps, "run_builder", failing_export)
     out = tmp_path / "pkg"
     with pytest.raises(ExportError) as info:
         pipeline.build(tiny_checkpoints("llama"), out, progress=False, evaluation=None)
@@ -164,7 +165,7 @@ def test_a_failed_build_keeps_its_log_beside_out(tmp_path: Path, tiny_checkpoint
 
 @pytest.mark.parametrize("damage", ["flipped-byte", "missing-file", "listed-dotdot"])
 def test_check_fails_a_tampered_package(runner, tmp_path: Path, tiny_llama_package: Path, damage: str) -> None:
-    from edgekit.package import read_manifest, write_manifest
+    from edgekit.package.manifest import read_manifest, write_manifest
 
     package = Path(shutil.copytree(tiny_llama_package, tmp_path / "pkg"))
     assert runner.invoke(main, ["check", str(package), "-t", "laptop-cpu"]).exit_code == 0
@@ -192,7 +193,7 @@ def test_a_legacy_torch_save_file_loads_with_allow_pickle(tmp_path: Path) -> Non
     import torch
     from safetensors.torch import load_file
 
-    from edgekit.exporters.sources import _convert_pickles
+    from edgekit.sources.checkpoint import _convert_pickles
 
     legacy = tmp_path / "pytorch_model.bin"
     torch.save({"w": torch.arange(6.0).reshape(2, 3)}, legacy, _use_new_zipfile_serialization=False)
@@ -201,7 +202,7 @@ def test_a_legacy_torch_save_file_loads_with_allow_pickle(tmp_path: Path) -> Non
 
 
 def test_a_fifo_pickle_is_refused(tmp_path: Path) -> None:
-    from edgekit.exporters.sources import _convert_pickles
+    from edgekit.sources.checkpoint import _convert_pickles
 
     with pytest.raises(SourceError, match="is a FIFO"):
         _convert_pickles([fifo(tmp_path / "pytorch_model.bin")], tmp_path / "model.safetensors")

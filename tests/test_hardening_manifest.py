@@ -10,9 +10,11 @@ from typing import Any
 
 import pytest
 
-from edgekit import package as package_module
 from edgekit.errors import PackageError
-from edgekit.package import MANIFEST, read_manifest, variant_dir, verify_files, write_manifest
+from edgekit.package import manifest as manifest_module
+from edgekit.package import verify as verify_module
+from edgekit.package.manifest import MANIFEST, read_manifest, write_manifest
+from edgekit.package.verify import variant_dir, verify_files
 
 
 @pytest.fixture
@@ -33,7 +35,7 @@ def test_a_size_mismatch_is_caught_before_any_file_is_hashed(package: Path, monk
     def no_hashing(path: Path, chunk: int = 0) -> str:
         raise AssertionError(f"hashed {path} before comparing sizes")
 
-    monkeypatch.setattr(package_module, "sha256_file", no_hashing)
+    monkeypatch.setattr(verify_module, "sha256_file", no_hashing)
     with pytest.raises(PackageError) as info:
         verify_files(package, read_manifest(package))
     assert "is 11 bytes, the manifest says 10" in str(info.value)
@@ -86,7 +88,7 @@ def test_a_hostile_manifest_file(package: Path, raw: bytes, phrase: str) -> None
 
 
 def test_a_manifest_larger_than_the_cap(package: Path, monkeypatch) -> None:
-    monkeypatch.setattr(package_module, "MAX_MANIFEST_BYTES", 100)
+    monkeypatch.setattr(manifest_module, "MAX_MANIFEST_BYTES", 100)
     with pytest.raises(PackageError, match="larger than 100 bytes"):
         read_manifest(package)
 

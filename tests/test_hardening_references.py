@@ -16,7 +16,8 @@ from onnx import TensorProto, helper
 from package_fixtures import genai_config
 
 from edgekit.errors import PackageError
-from edgekit.package import read_manifest, verify_files, write_manifest
+from edgekit.package.manifest import read_manifest, write_manifest
+from edgekit.package.verify import verify_files
 from edgekit.runtimes.model import load
 
 
@@ -135,7 +136,7 @@ def test_a_tokenizer_config_naming_a_file_outside(tmp_path: Path) -> None:
 
 
 def test_the_variant_folder_the_manifest_names_must_be_inside(tmp_path: Path) -> None:
-    from edgekit.package import variant_dir
+    from edgekit.package.verify import variant_dir
 
     root = make_package(tmp_path / "pkg")
     for folder in ("../elsewhere", "/etc", "v/../..", "."):
@@ -201,7 +202,7 @@ def test_load_refuses_a_hard_linked_weight_file_before_onnxruntime(
 
 
 def test_a_cached_verdict_does_not_hide_a_new_hard_link(package_copy: Path, tmp_path: Path, monkeypatch) -> None:
-    from edgekit.runtimes.verify_cache import verify_variant
+    from edgekit.package.verify_cache import verify_variant
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     manifest = read_manifest(package_copy)

@@ -10,7 +10,7 @@ import pytest
 from limited import MiB, assert_refused_quickly, run_limited
 from test_weight_files import entry, write_safetensors
 
-from edgekit.exporters.weight_files import MAX_SAFETENSORS_HEADER
+from edgekit.sources.weight_files import MAX_SAFETENSORS_HEADER
 
 
 def sparse_header(path: Path, declared: int) -> None:
@@ -65,7 +65,7 @@ def crafted_results(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple
     for case, (make, _) in sorted(CASES.items()):
         paths.append(folder / f"{case}.safetensors")
         make(paths[-1])
-    results = run_limited("edgekit.exporters.weight_files:read_safetensors_header", paths, 512 * MiB)
+    results = run_limited("edgekit.sources.weight_files:read_safetensors_header", paths, 512 * MiB)
     return {case: (path, result) for case, path, result in zip(sorted(CASES), paths, results, strict=True)}
 
 
@@ -80,7 +80,7 @@ def test_a_header_of_a_million_tiny_entries_is_refused_by_its_size(tmp_path: Pat
     path = tmp_path / "many.safetensors"
     body = ",".join(f'"t{i}":{{"dtype":"U8","shape":[1],"data_offsets":[{i},{i + 1}]}}' for i in range(1_000_000))
     raw_header(path, ("{" + body + "}").encode())
-    (result,) = run_limited("edgekit.exporters.weight_files:read_safetensors_header", [path], 512 * MiB)
+    (result,) = run_limited("edgekit.sources.weight_files:read_safetensors_header", [path], 512 * MiB)
     assert result["error"] == "CorruptFileError", result
     assert "-byte header" in result["message"]
     assert result["seconds"] < 1.0

@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgekit.accuracy.evaluate import EVAL_DIR, evaluate_package
+from edgekit.accuracy.metrics import kl_divergence, log_softmax, percentile, perplexity, token_nll, top1_agreement
+from edgekit.accuracy.texts import builtin_corpus, load_text, token_windows
 from edgekit.errors import UsageError
-from edgekit.package import read_manifest, verify_files, write_manifest
-from edgekit.quant.corpus import builtin_corpus, load_text, token_windows
-from edgekit.quant.evaluate import EVAL_DIR, evaluate_package
-from edgekit.quant.metrics import kl_divergence, log_softmax, percentile, perplexity, token_nll, top1_agreement
+from edgekit.package.manifest import read_manifest, write_manifest
+from edgekit.package.verify import verify_files
 
 WINDOWS = 3
 CTX = 64

@@ -15,14 +15,9 @@ from package_fixtures import genai_config
 
 from edgekit.cli import main
 from edgekit.errors import OutputExistsError, PackageError
-from edgekit.package import (
-    MANIFEST,
-    read_manifest,
-    sha256_file,
-    staged_output,
-    verify_files,
-    write_manifest,
-)
+from edgekit.package.manifest import MANIFEST, read_manifest, sha256_file, write_manifest
+from edgekit.package.staging import staged_output
+from edgekit.package.verify import verify_files
 
 
 def partials(out: Path) -> list[Path]:

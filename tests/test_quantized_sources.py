@@ -12,10 +12,10 @@ import torch
 from tiny_models import pack_awq, quantized_checkpoint
 
 from edgekit.cli import main
-from edgekit.exporters.quantized_sources import dequantize_awq, dequantize_gptq
 from edgekit.exporters.validate import onnx_logits
 from edgekit.quant.gptq import GPTQConfig, rtn_quantize_weight
 from edgekit.quant.gptq_format import pack_gptq
+from edgekit.sources.prequantized import dequantize_awq, dequantize_gptq
 
 TARGETS = """
 schema_version: 1

@@ -58,7 +58,7 @@ def test_every_transformers_loading_call_passes_trust_remote_code_false() -> Non
                 offending.append(site)
     # The scan must see the known call sites, or it proves nothing.
     assert {site.rsplit(":", 1)[0] for site in sites} >= {
-        "edgekit/exporters/gguf_import.py",
+        "edgekit/sources/gguf_import.py",
         "edgekit/exporters/validate.py",
         "edgekit/exporters/streaming.py",
     }
@@ -111,7 +111,7 @@ def _tiny_gguf(folder: Path) -> tuple[Path, int]:
 
 
 def _demo_gguf_link(folder: Path) -> tuple[Path, int]:
-    from edgekit.exporters.weight_files import open_gguf
+    from edgekit.sources.weight_files import open_gguf
 
     demo = _demo_gguf()
     link = folder / demo.name
@@ -130,7 +130,7 @@ def test_code_beside_a_gguf_file_is_never_run(tmp_path: Path, monkeypatch: pytes
     from tokenizers import Tokenizer
     from transformers import dynamic_module_utils
 
-    from edgekit.exporters.gguf_import import import_gguf
+    from edgekit.sources.gguf_import import import_gguf
 
     folder, markers, out = tmp_path / "downloads", tmp_path / "markers", tmp_path / "work" / "gguf-hf"
     folder.mkdir()

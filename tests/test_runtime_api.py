@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -47,31 +45,13 @@ def test_a_closed_model_refuses_to_generate(tiny_llama_package: Path) -> None:
         model.generate("hello")
 
 
-def _python_blocks(markdown: str) -> list[str]:
-    return re.findall(r"```python\n(.*?)```", markdown, flags=re.DOTALL)
-
-
-@pytest.mark.slow
-def test_readme_python_code_runs_as_written(tmp_path: Path, monkeypatch, capsys) -> None:
-    from edgekit.demo import demo_gguf_path
-
-    blocks = _python_blocks((ROOT / "README.md").read_text(encoding="utf-8"))
-    assert blocks, "README.md has no python code block"
-    # The README names the GGUF file by its own name, as a user who downloaded it would.
-    os.symlink(demo_gguf_path(), tmp_path / demo_gguf_path().name)
-    monkeypatch.chdir(tmp_path)
-    for block in blocks:
-        exec(compile(block, "README.md", "exec"), {})
-    assert "Paris" in capsys.readouterr().out
-
-
 def test_second_load_uses_the_cached_verdict_and_a_changed_file_is_rehashed(
     tiny_llama_package: Path, tmp_path: Path, monkeypatch
 ) -> None:
     import shutil
 
-    from edgekit.package import read_manifest
-    from edgekit.runtimes.verify_cache import verify_variant
+    from edgekit.package.manifest import read_manifest
+    from edgekit.package.verify_cache import verify_variant
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     package = tmp_path / "pkg"
@@ -127,7 +107,7 @@ def test_a_model_the_cpu_cannot_load_is_a_package_error_not_a_provider_error(
     import onnx
     from onnx import TensorProto, helper
 
-    from edgekit.package import read_manifest, write_manifest
+    from edgekit.package.manifest import read_manifest, write_manifest
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     package = Path(shutil.copytree(tiny_llama_package, tmp_path / "pkg"))

@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from edgekit.accuracy import streamed_reference
+from edgekit.accuracy.evaluate import EVAL_DIR, evaluate_package
+from edgekit.accuracy.streamed_reference import StreamedModel
 from edgekit.cli import main
-from edgekit.package import read_manifest, write_manifest
-from edgekit.quant import streamed_reference
-from edgekit.quant.evaluate import EVAL_DIR, evaluate_package
-from edgekit.quant.streamed_reference import StreamedModel
+from edgekit.package.manifest import read_manifest, write_manifest
 
 WINDOWS = 4
 CTX = 64

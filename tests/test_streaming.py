@@ -1,4 +1,7 @@
-"""The streamed export against onnxruntime-genai's whole-model export, interruption, and the memory refusal."""
+"""The streamed export against onnxruntime-genai's whole-model export, interruption, and the memory refusal.
+
+Every registry entry with a streamed builder has a case in ``EQUIVALENCE_CASES`` (a test fails without one).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +16,10 @@ from edgekit.errors import ResourceError, UsageError
 from edgekit.exporters import memory_estimate, streaming
 from edgekit.exporters.memory_estimate import GIB, BuildEstimate, check_resources
 from edgekit.exporters.onnx_builder import run_builder
-from edgekit.exporters.sources import check_folder, stage_folder
-from edgekit.exporters.streaming import StreamingMixin, run_streaming_builder
+from edgekit.exporters.streaming import StreamedWeights, run_streaming_builder
 from edgekit.exporters.validate import onnx_logits
+from edgekit.sources.checkpoint import check_folder, stage_folder
+from edgekit.sources.registry import streamable_architectures
 
 INT4 = {"block_size": "32", "accuracy_level": "4"}
 IDS = np.array([[5, 17, 33, 100, 7, 9, 200, 301]], dtype=np.int64)
@@ -54,11 +58,23 @@ def _export_both(checkpoint: Path, tmp: Path, precision: str, options: dict[str,
     return tmp / "whole", tmp / "streamed"
 
 
-@pytest.mark.parametrize(
-    ("model_type", "precision"),
-    [("qwen3", "int4"), ("qwen3_5", "int4"), ("llama", "int4"), ("qwen3_5", "fp32"), ("tied-qwen3", "int4"),
-     ("tied-qwen3", "fp32")],
-)  # fmt: skip
+# (model_type, precision): the streamed export of each against the builder's own; "tied-" ties the head.
+EQUIVALENCE_CASES = [
+    ("llama", "int4"), ("mistral", "int4"), ("qwen2", "int4"), ("qwen3", "int4"), ("qwen3_5", "int4"),
+    ("qwen3_5", "fp32"), ("tied-qwen3", "int4"), ("tied-qwen3", "fp32"),
+]  # fmt: skip
+
+
+def test_every_streamed_architecture_has_an_equivalence_test() -> None:
+    """Like optimum's test_all_models_tested: a registry entry with a streamed builder needs a case above."""
+    tested = {model_type.removeprefix("tied-") for model_type, _ in EQUIVALENCE_CASES}
+    missing = sorted(set(streamable_architectures()) - tested)
+    assert not missing, f"streamed architectures without a case in EQUIVALENCE_CASES: {missing}"
+    assert {"llama", "mistral", "qwen2", "qwen3", "qwen3_5"} <= set(streamable_architectures())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("model_type", "precision"), EQUIVALENCE_CASES)
 def test_streamed_export_equals_whole_model_export(
     model_type: str, precision: str, tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -76,6 +92,7 @@ def test_streamed_export_equals_whole_model_export(
     assert (streamed / "genai_config.json").read_text() == (whole / "genai_config.json").read_text()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("model_type", "method"), [("qwen3", "gptq"), ("llama", "gptq"), ("qwen3", "awq")])
 def test_streamed_export_of_a_prequantized_checkpoint_equals_whole_model_export(
     model_type: str, method: str, tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -95,18 +112,19 @@ def test_streamed_export_of_a_prequantized_checkpoint_equals_whole_model_export(
     assert np.array_equal(onnx_logits(whole, IDS), onnx_logits(streamed, IDS))
 
 
+@pytest.mark.slow
 def test_interrupted_streaming_leaves_no_partial_folder(
     tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     staged = stage_folder(check_folder(tiny_checkpoints("qwen3")), tmp_path / "staged")
-    original = StreamingMixin.make_layer
+    original = StreamedWeights.reading
 
-    def interrupt_at_layer_one(self, layer_id, layer):  # type: ignore[no-untyped-def]
-        if layer_id == 1:
+    def interrupt_at_layer_one(self, module):  # type: ignore[no-untyped-def]
+        if self._prefix[id(module)].endswith(".layers.1"):
             raise KeyboardInterrupt
-        original(self, layer_id, layer)
+        return original(self, module)
 
-    monkeypatch.setattr(StreamingMixin, "make_layer", interrupt_at_layer_one)
+    monkeypatch.setattr(StreamedWeights, "reading", interrupt_at_layer_one)
     out = tmp_path / "pkg" / "int4"
     log = tmp_path / "build.log"
     log.touch()
@@ -124,6 +142,7 @@ def test_interrupted_streaming_leaves_no_partial_folder(
     assert list((tmp_path / "out").iterdir()) == []
 
 
+@pytest.mark.slow
 def test_streamed_build_runs(tiny_checkpoints, tmp_path: Path) -> None:
     import edgekit
     from edgekit.pipeline import build
@@ -140,6 +159,7 @@ def test_streamed_build_runs(tiny_checkpoints, tmp_path: Path) -> None:
         assert len(model.generate_tokens([5, 17, 33], max_new_tokens=4)) == 4
 
 
+@pytest.mark.slow
 def test_streamed_gptq_build_equals_the_whole_model_build(tiny_checkpoints, tmp_path: Path) -> None:
     """GPTQ from disk, then the streamed export of its checkpoint: the logits of the whole-model build."""
     import edgekit
@@ -163,6 +183,7 @@ def test_streamed_gptq_build_equals_the_whole_model_build(tiny_checkpoints, tmp_
         assert len(model.generate_tokens([5, 17, 33], max_new_tokens=4)) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("streaming", [True, False])
 def test_gptq_of_qwen3_5_matches_the_fake_quantized_model(
     streaming: bool, tiny_checkpoints, tmp_path: Path, kept_gptq_checkpoint: dict[str, Path]
@@ -203,6 +224,7 @@ def test_gptq_of_qwen3_5_matches_the_fake_quantized_model(
         ({"intermediate_size": 256}, r"mlp.gate_proj' is packed as 64x128, but config.json makes it 64x256"),
     ],
 )
+@pytest.mark.slow
 def test_streamed_export_refuses_packed_checkpoints_it_cannot_read(
     change: dict, message: str, tiny_checkpoints, tmp_path: Path
 ) -> None:
@@ -227,6 +249,7 @@ def test_streamed_export_refuses_packed_checkpoints_it_cannot_read(
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["gptq", "awq"])
 def test_streamed_build_of_a_prequantized_checkpoint(method: str, tiny_checkpoints, tmp_path: Path) -> None:
     from tiny_models import quantized_checkpoint
@@ -249,9 +272,27 @@ def test_streamed_build_of_a_prequantized_checkpoint(method: str, tiny_checkpoin
 def test_streaming_refuses_an_architecture_without_a_streamed_export(tiny_checkpoints, tmp_path: Path) -> None:
     from edgekit.pipeline import build
 
-    with pytest.raises(UsageError, match="--streaming cannot build this: architecture 'phi3' has no streamed export"):
+    with pytest.raises(
+        UsageError, match="--streaming cannot build this: architecture 'phi3' has no streamed export"
+    ) as error:
         build(tiny_checkpoints("phi3"), tmp_path / "pkg", progress=False, streaming=True)
     assert not (tmp_path / "pkg").exists()
+    # The list comes from the registry's streamed builders.
+    assert f"(streamed: {', '.join(streamable_architectures())})" in str(error.value)
+    assert "streamed: llama, mistral, qwen2, qwen3, qwen3_5" in str(error.value)
+
+
+def test_the_streamed_export_refuses_an_architecture_without_a_streamed_builder(tiny_checkpoints, tmp_path) -> None:
+    from edgekit.errors import ExportError
+
+    log = tmp_path / "build.log"
+    log.touch()
+    with pytest.raises(ExportError, match=r"does not support architecture 'phi3'.*streamed: llama, mistral, qwen2"):
+        run_streaming_builder(
+            tiny_checkpoints("phi3"), tmp_path / "out", precision="int4", provider="cpu", options=INT4,
+            cache_dir=tmp_path / "c", log_path=log,
+        )  # fmt: skip
+    assert list(tmp_path.iterdir()) == [log]
 
 
 def test_build_refuses_when_memory_is_short(
@@ -284,8 +325,8 @@ def test_the_estimate_counts_gptq_calibration(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     from edgekit.exporters.memory_estimate import BASE_BYTES, estimate_build
-    from edgekit.quant.schemes import target_variants
     from edgekit.targets import get_target
+    from edgekit.variants import target_variants
 
     hidden, inner = 1024, 4096
     layer = {
@@ -314,7 +355,7 @@ def test_the_estimate_counts_gptq_calibration(tmp_path: Path) -> None:
 def test_checkpoint_reader_reads_rows_and_tensors(tiny_checkpoints) -> None:
     from safetensors import safe_open
 
-    from edgekit.exporters.lazy_weights import CheckpointReader
+    from edgekit.sources.lazy_weights import CheckpointReader
 
     folder = tiny_checkpoints("llama")
     reader = CheckpointReader(folder)
@@ -329,6 +370,7 @@ def test_checkpoint_reader_reads_rows_and_tensors(tiny_checkpoints) -> None:
     )
 
 
+@pytest.mark.slow
 def test_cli_streaming_build_and_info(tiny_checkpoints, tmp_path: Path, runner) -> None:
     from edgekit.cli import main
 
@@ -345,10 +387,10 @@ def test_cli_streaming_build_and_info(tiny_checkpoints, tmp_path: Path, runner) 
 
 
 def test_the_streamed_builder_is_told_not_to_trust_remote_code(tiny_checkpoints, tmp_path: Path, monkeypatch) -> None:
-    from edgekit.exporters import streaming
+    from edgekit.exporters import builder_compat, streaming
 
     seen: dict[str, str] = {}
-    monkeypatch.setattr(streaming, "_create_model", lambda *args: seen.update(args[5]))
+    monkeypatch.setattr(builder_compat, "export_streamed", lambda *args, **kwargs: seen.update(kwargs["options"]))
     streaming.run_streaming_builder(
         tiny_checkpoints("qwen3"),
         tmp_path / "out",

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from edgekit.errors import CorruptFileError, ExportError
-from edgekit.exporters.weight_files import (
+from edgekit.errors import CorruptFileError
+from edgekit.sources.weight_files import (
     MAX_SAFETENSORS_HEADER,
     TensorInfo,
     check_gguf,
@@ -258,82 +258,3 @@ def test_a_truncated_gguf_file(demo_gguf: Path, tmp_path: Path, keep: float) -> 
     message = gguf_error(path)
     assert "truncated" in message  # the fix says what happened
     assert "cannot be parsed as GGUF" in message or "past the end" in message
-
-
-# --- verify_against_file ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def demo_state(demo_gguf: Path) -> dict[str, Any]:
-    """HF-named tensors of the demo file that need no Q/K un-permutation, dequantized with ``gguf``."""
-    import torch
-    from gguf.quants import dequantize
-
-    from edgekit.exporters.gguf_import import _hf_name
-    from edgekit.exporters.weight_files import open_gguf
-
-    reader = open_gguf(demo_gguf)
-    wanted = {"token_embd.weight", "blk.0.ffn_down.weight", "blk.15.ffn_down.weight", "blk.29.ffn_down.weight"}
-    wanted |= {"blk.1.ffn_down.weight", "blk.15.attn_v.weight"}  # block 1 is not sampled, so not counted
-    state = {}
-    for tensor in reader.tensors:
-        if tensor.name in wanted:
-            name = _hf_name(tensor.name)
-            assert name is not None
-            state[name] = torch.from_numpy(np.array(dequantize(tensor.data, tensor.tensor_type)))
-    assert len(state) == len(wanted)
-    return state
-
-
-def test_the_demo_file_has_the_blocks_this_test_samples(demo_gguf: Path) -> None:
-    from edgekit.exporters.weight_files import open_gguf
-
-    blocks = {t.name.split(".")[1] for t in open_gguf(demo_gguf).tensors if t.name.startswith("blk.")}
-    assert blocks == {str(i) for i in range(30)}
-
-
-def test_verify_against_file_counts_the_matching_sampled_tensors(demo_gguf: Path, demo_state) -> None:
-    from edgekit.exporters.gguf_import import verify_against_file
-
-    checked = verify_against_file(demo_gguf, demo_state, "llama", 9, 3)
-    # embeddings + ffn_down of blocks 0, 15, 29 + attn_v of block 15; block 1 is not sampled
-    assert checked == 5
-
-
-@pytest.mark.parametrize(
-    ("hf_name", "gguf_name"),
-    [
-        ("model.layers.15.mlp.down_proj.weight", "blk.15.ffn_down.weight"),
-        ("model.embed_tokens.weight", "token_embd.weight"),
-        ("model.layers.29.mlp.down_proj.weight", "blk.29.ffn_down.weight"),
-    ],
-)
-def test_verify_against_file_names_an_altered_tensor(demo_gguf: Path, demo_state, hf_name: str, gguf_name: str) -> None:
-    from edgekit.exporters.gguf_import import verify_against_file
-
-    state = dict(demo_state)
-    altered = state[hf_name].clone()
-    altered[3, 7] += 0.25
-    state[hf_name] = altered
-    with pytest.raises(ExportError) as info:
-        verify_against_file(demo_gguf, state, "llama", 9, 3)
-    message = str(info.value)
-    assert f"tensor '{gguf_name}'" in message
-    assert "0.25" in message
-    assert str(demo_gguf) in message
-
-
-def test_verify_against_file_ignores_an_altered_tensor_of_an_unsampled_block(demo_gguf: Path, demo_state) -> None:
-    from edgekit.exporters.gguf_import import verify_against_file
-
-    state = dict(demo_state)
-    state["model.layers.1.mlp.down_proj.weight"] = state["model.layers.1.mlp.down_proj.weight"] + 1
-    assert verify_against_file(demo_gguf, state, "llama", 9, 3) == 5
-
-
-def test_verify_against_file_with_nothing_to_check_is_an_error(demo_gguf: Path) -> None:
-    from edgekit.exporters.gguf_import import verify_against_file
-
-    with pytest.raises(ExportError) as info:
-        verify_against_file(demo_gguf, {}, "llama", 9, 3)
-    assert "no tensor" in str(info.value)

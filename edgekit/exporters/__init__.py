@@ -1,5 +1,1 @@
-"""Exporters: checkpoints in (Hugging Face folder, GGUF file, hub id), onnxruntime-genai ONNX folders out."""
-
-from edgekit.exporters.registry import Architecture, lookup_architecture, register, supported_architectures
-
-__all__ = ["Architecture", "lookup_architecture", "register", "supported_architectures"]
+"""Exporters: a checked source in, onnxruntime-genai model folders out (builder, streamed export, validation)."""

@@ -1,20 +1,18 @@
 """How much memory and disk a build will need, worked out from the weight files' headers before any weight is read.
 
-The figures are per-parameter costs measured on the development machine (see README, "Large models"):
+The per-parameter costs below were fit to measured peaks (``benchmarks/bench_scale.py``; the figures and
+their machine are in docs/streaming.md and docs/benchmarks.md), rounded up so the estimate stays above them:
 
 - onnxruntime-genai's own export holds the PyTorch model, then serializes the whole float graph to one
   in-memory ModelProto before quantizing it: about 7.5 bytes of RSS per parameter on top of ~1 GiB of
-  libraries (a 1.72B Qwen3 peaked at 13.9 GB); validation and evaluation stay below that.
+  libraries; validation and evaluation stay below that.
 - the streamed export (``exporters/streaming.py``) holds one decoder layer (bf16 as stored) and one
-  block of rows in fp32 with the quantizer's buffers, plus the same libraries: measured 0.89, 0.87 and
-  1.17 GiB for 1.7B, 4B and 9B models; the estimate (4 bytes per parameter of the largest layer, a
-  quarter GiB for the blocks) is deliberately above that, 1.4 and 2.1 GiB for the 1.7B and the 9B.
-
+  block of rows in fp32 with the quantizer's buffers, plus the same libraries: 4 bytes per parameter of
+  the largest layer and a quarter GiB for the blocks.
 - GPTQ (``quant/gptq_checkpoint.py``) reads one decoder layer at a time too; it holds that layer in fp32
   with the solver's copies (3 x 4 bytes per parameter), the calibration activations (4 bytes per token and
   hidden unit) and the layer's Hessians (4 bytes per entry, taken twice for the inputs shared or not,
-  and two more copies of the widest while it is factored): 2.35 GiB measured on a 1.7B Qwen3 for an
-  estimate of 2.3 GiB.
+  and two more copies of the widest while it is factored).
 
 A build refuses to start when the machine's available memory or the output's filesystem is short, and
 says how much is needed and which option lowers it.
@@ -31,10 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edgekit.errors import ResourceError, UsageError
-from edgekit.exporters.sources import CheckedFolder
-from edgekit.exporters.weight_files import read_safetensors_header
-from edgekit.quant.schemes import VariantSpec
+from edgekit.sources.checkpoint import CheckedFolder
+from edgekit.sources.registry import Architecture
+from edgekit.sources.weight_files import read_safetensors_header
 from edgekit.targets import Target
+from edgekit.variants import VariantSpec
 
 GIB = 1024**3
 BASE_BYTES = 1 * GIB
@@ -101,13 +100,33 @@ def estimate_build(
     calibration_tokens: int = 0,
     gptq_one_pass: bool = False,
 ) -> BuildEstimate:
-    """Estimate the peak memory and the disk of exporting ``variants`` from ``weight_files``.
+    """Estimate the peak memory and the disk of exporting ``variants`` from safetensors ``weight_files``."""
+    return estimate_from_shapes(
+        _weights(weight_files),
+        variants,
+        streaming=streaming,
+        tied=tied,
+        calibration_tokens=calibration_tokens,
+        gptq_one_pass=gptq_one_pass,
+    )
+
+
+def estimate_from_shapes(
+    shapes: dict[str, tuple[int, ...]],
+    variants: Sequence[VariantSpec],
+    *,
+    streaming: bool,
+    tied: bool,
+    calibration_tokens: int = 0,
+    gptq_one_pass: bool = False,
+) -> BuildEstimate:
+    """Estimate the peak memory and the disk of exporting ``variants`` of a model with these weight shapes.
 
     ``calibration_tokens`` (samples x sequence length) when the build runs GPTQ first: its peak counts
     too when it is the higher one. ``gptq_one_pass``: GPTQ runs one pass per layer, holding every
     calibration batch's activations of a layer at once.
     """
-    shapes = _weights(weight_files)
+    shapes = {name: shape for name, shape in shapes.items() if not any(part in name for part in _SKIPPED)}
     parameters = sum(math.prod(shape) for shape in shapes.values())
     layers: dict[str, int] = {}
     inputs: dict[str, set[int]] = {}
@@ -129,7 +148,7 @@ def estimate_build(
             # Every token's activations at the layer's widest stop: before down_proj, the layer's input,
             # the residual, the MLP's input and the intermediate; before o_proj, about six hidden-wide
             # tensors. 6 bytes a float32, not 4: with every batch's tensors alive, freed blocks fragment
-            # the heap (on the demo model the peak was 1.5x what the live tensors add up to). One Hessian
+            # the heap (measured peaks were well above what the live tensors add up to). One Hessian
             # at a time, factored with a few copies of its size alive.
             activations = 6 * calibration_tokens * max(6 * hidden, 3 * hidden + widest)
             hessians = 16 * widest**2
@@ -213,33 +232,90 @@ def check_resources(
         )
 
 
+@dataclass(frozen=True)
+class ResourcePlan:
+    """How a build will run on this machine: streamed or not, and whether it was switched to streaming."""
+
+    streaming: bool
+    switched: bool
+    """True when the whole-model build would not fit in memory and the streamed one does."""
+    whole: BuildEstimate
+    streamed: BuildEstimate
+
+
 def check_build_resources(
     hf_folder: Path, checked: CheckedFolder, target: Target, out: Path, streaming: bool, calibration_tokens: int = 0
-) -> None:
-    """The pipeline's check, run before any weight is read: can this build stream, and does it fit here.
-
-    ``calibration_tokens`` is the GPTQ calibration's size (samples x sequence length), used when the
-    target asks for GPTQ and the source is not quantized already.
-    """
-    from edgekit.exporters.streaming import supports_streaming
-    from edgekit.quant.schemes import plan_variants, target_variants, uses_gptq
-
-    if streaming and not supports_streaming(checked.architecture.builder_class):
-        raise UsageError(
-            f"--streaming cannot build this: architecture '{checked.architecture.model_type}' "
-            "has no streamed export yet",
-            path=checked.folder,
-            fix="build without --streaming (streamed: llama, mistral, qwen2, qwen3, qwen3_5)",
-        )
+) -> ResourcePlan:
+    """The check of a Hugging Face folder's build, before any weight is read (see ``plan_resources``)."""
     config = checked.config
     tied = bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
-    files = sorted(hf_folder.glob("*.safetensors"))
-    tokens = calibration_tokens if uses_gptq(target) and checked.quantization is None else 0
-    one_pass = target.gptq.one_pass
-    whole = estimate_build(
-        files, plan_variants(target), streaming=False, tied=tied, calibration_tokens=tokens, gptq_one_pass=one_pass
-    )
-    streamed = estimate_build(
-        files, target_variants(target), streaming=True, tied=tied, calibration_tokens=tokens, gptq_one_pass=one_pass
-    )
-    check_resources(streamed if streaming else whole, out, source=checked.folder, streamed=streamed)
+    shapes = _weights(sorted(hf_folder.glob("*.safetensors")))
+    quantized = checked.quantization is not None
+    return plan_resources(shapes, checked.architecture, target, out, checked.folder, streaming=streaming, tied=tied,
+                          calibration_tokens=0 if quantized else calibration_tokens)  # fmt: skip
+
+
+def check_gguf_resources(
+    path: Path, architecture: Architecture, target: Target, out: Path, streaming: bool, calibration_tokens: int = 0
+) -> ResourcePlan:
+    """The check of a GGUF file's build, from its header alone, before any tensor is dequantized.
+
+    The import writes the model as fp32 safetensors into the build's scratch space beside OUT (one tensor
+    at a time), so that disk is counted too.
+    """
+    from edgekit.sources.gguf_header import gguf_weight_shapes
+
+    shapes = gguf_weight_shapes(path)
+    tied = "lm_head.weight" not in shapes
+    scratch = 4 * sum(math.prod(shape) for shape in shapes.values())
+    return plan_resources(shapes, architecture, target, out, path, streaming=streaming, tied=tied,
+                          calibration_tokens=calibration_tokens, scratch_disk=scratch)  # fmt: skip
+
+
+def plan_resources(
+    shapes: dict[str, tuple[int, ...]],
+    architecture: Architecture,
+    target: Target,
+    out: Path,
+    source: Path,
+    *,
+    streaming: bool,
+    tied: bool,
+    calibration_tokens: int = 0,
+    scratch_disk: int = 0,
+    memory: int | None = None,
+) -> ResourcePlan:
+    """Can this build stream, and does it fit here; a whole-model build that does not fit is streamed instead.
+
+    ``calibration_tokens`` is the GPTQ calibration's size (samples x sequence length) when the target asks
+    for GPTQ. A build that fits neither way is refused (``ResourceError``) with both numbers.
+    """
+    from edgekit.sources.registry import streamable_architectures
+    from edgekit.variants import plan_variants, target_variants, uses_gptq
+
+    if streaming and architecture.streamed_builder is None:
+        raise UsageError(
+            f"--streaming cannot build this: architecture '{architecture.model_type}' has no streamed export yet",
+            path=source,
+            fix=f"build without --streaming (streamed: {', '.join(streamable_architectures())})",
+        )
+    tokens = calibration_tokens if uses_gptq(target) else 0
+
+    def estimate(variants: Sequence[VariantSpec], streamed: bool) -> BuildEstimate:
+        return estimate_from_shapes(shapes, variants, streaming=streamed, tied=tied, calibration_tokens=tokens,
+                                    gptq_one_pass=target.gptq.one_pass)  # fmt: skip
+
+    whole, streamed = estimate(plan_variants(target), False), estimate(target_variants(target), True)
+    memory = available_memory() if memory is None else memory
+    switch = not streaming and whole.peak_memory > memory >= streamed.peak_memory
+    if switch and architecture.streamed_builder is not None:
+        check_resources(_with_disk(streamed, scratch_disk), out, source=source, memory=memory)
+        return ResourcePlan(True, True, whole, streamed)
+    chosen = streamed if streaming else whole
+    check_resources(_with_disk(chosen, scratch_disk), out, source=source, streamed=streamed, memory=memory)
+    return ResourcePlan(streaming, False, whole, streamed)
+
+
+def _with_disk(estimate: BuildEstimate, extra: int) -> BuildEstimate:
+    return BuildEstimate(estimate.parameters, estimate.largest_layer, estimate.peak_memory, estimate.disk + extra,
+                         estimate.streaming)  # fmt: skip

@@ -2,7 +2,9 @@
 
 The builder prints freely (options, per-layer progress, tqdm bars, onnxruntime's C++ warnings), so the
 process's stdout and stderr file descriptors are pointed at the package's build log for the duration of
-the call; edgekit's own progress display writes to a saved copy of the terminal.
+the call; edgekit's own progress display writes to a saved copy of the terminal. Libraries that log
+through Python's ``logging`` (onnxruntime's quantizer, transformers) hold handlers bound to the stream
+they found at import, often the terminal's: those handlers are pointed at the log too while it lasts.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import IO, Any
 
 from edgekit.errors import ExportError
+from edgekit.exporters import builder_compat
 
 
 @contextlib.contextmanager
@@ -27,7 +31,7 @@ def output_to_log(log_path: Path) -> Iterator[None]:
             os.dup2(log.fileno(), 1)
             os.dup2(log.fileno(), 2)
             # Where sys.stdout is not fd 1 (an embedding app, click's test runner), redirect it too.
-            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text):
+            with contextlib.redirect_stdout(text), contextlib.redirect_stderr(text), _logging_to(text):
                 yield
         finally:
             sys.stdout.flush()
@@ -36,6 +40,44 @@ def output_to_log(log_path: Path) -> Iterator[None]:
             os.dup2(saved[1], 2)
             os.close(saved[0])
             os.close(saved[1])
+
+
+def _is_console(stream: Any) -> bool:
+    """Whether ``stream`` writes to the terminal or to the process's stdout or stderr file descriptor."""
+    if stream is None or getattr(stream, "closed", False):
+        return False
+    if stream is sys.__stdout__ or stream is sys.__stderr__:
+        return True
+    try:
+        return bool(stream.isatty()) or stream.fileno() in (1, 2)
+    except (AttributeError, OSError, ValueError):  # no descriptor: a StringIO, a test runner's capture
+        return False
+
+
+@contextlib.contextmanager
+def _logging_to(stream: IO[str]) -> Iterator[None]:
+    """Point every ``logging.StreamHandler`` that writes to a console stream at ``stream``; put them back after.
+
+    A handler made at import holds the ``sys.stderr`` of that moment (on a terminal, possibly a progress
+    display's proxy), so redirecting the file descriptors alone misses what it writes.
+    """
+    import logging
+
+    loggers = [logging.getLogger(), *(logging.getLogger(name) for name in list(logging.root.manager.loggerDict))]
+    moved: list[tuple[logging.StreamHandler[Any], Any]] = []
+    for logger in loggers:
+        for handler in list(getattr(logger, "handlers", ())):
+            # Only handlers bound to the console: a FileHandler or a test runner's capture is left alone.
+            if isinstance(handler, logging.StreamHandler) and _is_console(handler.stream):
+                previous = handler.stream
+                handler.setStream(stream)
+                moved.append((handler, previous))
+    try:
+        yield
+    finally:
+        for handler, previous in moved:
+            with contextlib.suppress(ValueError):
+                handler.setStream(previous)
 
 
 def run_builder(
@@ -51,22 +93,19 @@ def run_builder(
     """Export ``hf_folder`` to an onnxruntime-genai model folder at ``out_dir``.
 
     ``options`` are the builder's ``extra_options`` (``block_size``, ``accuracy_level``, ...). Any builder
-    failure becomes an ``ExportError`` that points at the log.
+    failure becomes an ``ExportError`` that points at the log; a missing or unsupported onnxruntime-genai is
+    refused before anything is written (``builder_compat.check_builder_version``).
     """
-    try:
-        from onnxruntime_genai.models.builder import create_model, parse_extra_options
-    except ImportError as exc:
-        raise ExportError(
-            f"onnxruntime-genai's model builder cannot be imported ({exc})",
-            fix="pip install 'edgekit[export]'",
-        ) from None
-    pairs = [f"{key}={value}" for key, value in builder_extra_options(options).items()]
+    builder_compat.require_builder()
+    extra = builder_extra_options(options)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     def export() -> None:
-        parsed = parse_extra_options(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), pairs)
-        create_model(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), **parsed)
+        builder_compat.export_whole_model(
+            hf_folder, out_dir, precision=precision, provider=provider, cache_dir=cache_dir, options=extra
+        )
 
+    pairs = [f"{key}={value}" for key, value in extra.items()]
     failure = run_logged(log_path, f"builder {precision}/{provider} {pairs} -> {out_dir.name}", export)
     if failure is not None:
         raise ExportError(

@@ -1,10 +1,11 @@
 """Streamed export: onnxruntime-genai's graph construction fed one decoder layer at a time from disk.
 
 The builder's own path loads the whole PyTorch model, builds a float graph that references every weight,
-serializes it to one in-memory ModelProto (fp32 on the CPU) and only then quantizes it: about 8 bytes of
-RSS per parameter, 75 GB for a 9B model. Here the same builder classes (so the same fused operators:
+serializes it to one in-memory ModelProto (fp32 on the CPU) and only then quantizes it: several bytes of
+RSS per parameter, tens of GB for a 9B model. Here the same builder classes (so the same fused operators:
 GroupQueryAttention, MatMulNBits, SkipSimplifiedLayerNormalization, the gated delta net) are subclassed,
-not patched, and handed what they can consume in bounded memory:
+not patched (``builder_compat``, the one module that touches the builder's internals), and the hooks of
+``StreamedWeights`` hand them what they can consume in bounded memory:
 
 - ``load_weights`` returns the Hugging Face model built on the ``meta`` device: the module tree the
   builder walks, with no data behind it;
@@ -17,39 +18,29 @@ not patched, and handed what they can consume in bounded memory:
   to it, so the graph held in memory carries no weights; the embedding table is converted in row blocks.
 
 The result has the same nodes, names and weights as the builder's own export (tests compare the two on
-tiny models); only the layout of the external data file differs. Peak memory is about one decoder layer
-in fp32 plus one block of rows, whatever the model size.
+tiny models, one per architecture with a streamed builder); only the layout of the external data file
+differs. Peak memory is about one decoder layer in fp32 plus one block of rows, whatever the model size.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import json
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import ExportError
-from edgekit.exporters.lazy_weights import CheckpointReader
+from edgekit.errors import EdgekitError, ExportError
+from edgekit.exporters import builder_compat
+from edgekit.exporters.builder_compat import BuilderView, MatMulCall, PackedLinearRepacker
 from edgekit.exporters.onnx_builder import builder_extra_options, run_logged
+from edgekit.sources.lazy_weights import CheckpointReader
+from edgekit.sources.registry import StreamedBuilder, lookup_architecture, streamable_architectures
 
-# builder_class (config.architectures[0]) -> (module in onnxruntime_genai.models.builders, class name)
-STREAMING_BUILDERS: dict[str, tuple[str, str]] = {
-    "LlamaForCausalLM": ("llama", "LlamaModel"),
-    "MistralForCausalLM": ("mistral", "MistralModel"),
-    "Qwen2ForCausalLM": ("qwen", "QwenModel"),
-    "Qwen3ForCausalLM": ("qwen", "Qwen3Model"),
-    "Qwen3_5ForConditionalGeneration": ("qwen", "Qwen35Model"),  # a composite whose decoder is Qwen35TextModel
-}
 _ALIGNMENT = 4096  # external-data offsets, so onnxruntime can map large tensors page-aligned
 _BLOCK_BYTES = 128 * 1024 * 1024  # fp32 bytes of one block of rows converted at a time
-
-
-def supports_streaming(builder_class: str) -> bool:
-    """Whether ``builder_class`` (a registry entry's builder class) can be exported streamed."""
-    return builder_class in STREAMING_BUILDERS
 
 
 class ExternalDataFile:
@@ -85,7 +76,7 @@ class ExternalDataFile:
             raise ExportError(f"wrote {position - offset} bytes for a {length}-byte tensor", path=self.folder)
         return offset
 
-    def external(self, name: str, dtype: Any, shape: tuple[int, ...], offset: int, length: int) -> Any:
+    def external(self, name: str, dtype: Any, shape: Sequence[int], offset: int, length: int) -> Any:
         """The ``ir.ExternalTensor`` for bytes written at ``offset``."""
         import onnx_ir as ir
 
@@ -108,26 +99,18 @@ def _as_bytes(tensor: Any) -> memoryview:
     return memoryview(tensor.contiguous().view(torch.uint8).numpy()).cast("B")
 
 
-class StreamingMixin:
-    """Mixed in before a builder class: lazy weights, quantization as MatMuls are made, weights spilled to disk.
+class StreamedWeights:
+    """The streamed export's side of the builder's walk (``builder_compat.StreamHooks``): lazy weights,
+    quantization as MatMuls are made, weights spilled to disk.
 
-    Attributes set by ``streaming_setup`` before ``make_model``; everything else is the builder's.
+    ``quantization`` is a pre-quantized checkpoint's ``quantization_config`` (GPTQ or AWQ): its packed
+    linears are then repacked for MatMulNBits as each layer is read, as the builder's loaders do.
     """
 
-    # Provided by the builder class this is mixed into.
-    model: Any
-    vocab_size: int
-    io_dtype: Any
-    onnx_dtype: Any
-    quant_attrs: dict[str, Any]
-    filename: str
-
-    def streaming_setup(self, reader: CheckpointReader, out_dir: Path, quantization: dict[str, Any] | None) -> None:
-        """Read weights with ``reader``; write ``model.onnx.data`` into ``out_dir``.
-
-        ``quantization`` is a pre-quantized checkpoint's ``quantization_config`` (GPTQ or AWQ): its packed
-        linears are then repacked for MatMulNBits as each layer is read, as the builder's loaders do.
-        """
+    def __init__(
+        self, builder: BuilderView, reader: CheckpointReader, out_dir: Path, quantization: Mapping[str, Any] | None
+    ) -> None:
+        self._builder = builder
         self._reader = reader
         self._out_dir = out_dir
         self._data: ExternalDataFile | None = None
@@ -147,9 +130,10 @@ class StreamingMixin:
         with torch.device("meta"):
             model = model_class._from_config(config)
         self._prefix = {id(module): name for name, module in model.named_modules()}
+        vocab_size = self._builder.vocab_size
         for name, module in model.named_modules():
-            big = (isinstance(module, torch.nn.Embedding) and module.weight.shape[0] == self.vocab_size) or (
-                isinstance(module, torch.nn.Linear) and module.out_features == self.vocab_size
+            big = (isinstance(module, torch.nn.Embedding) and module.weight.shape[0] == vocab_size) or (
+                isinstance(module, torch.nn.Linear) and module.out_features == vocab_size
             )
             # Tied heads share the embedding's Parameter, so the first key (the embedding's) wins.
             if big and id(module.weight) not in self._lazy:
@@ -160,13 +144,13 @@ class StreamingMixin:
         if name in self._reader:
             return name
         raise ExportError(
-            f"the checkpoint has no tensor '{name}', which the {type(self).__name__} export needs",
+            f"the checkpoint has no tensor '{name}', which the streamed export needs",
             path=self._reader.folder,
             fix="the safetensors shards do not match config.json; download the checkpoint again",
         )
 
     @contextlib.contextmanager
-    def _materialized(self, module: Any) -> Iterator[None]:
+    def reading(self, module: Any) -> Iterator[None]:
         """Read ``module``'s parameters (except row-streamed ones) from disk; put meta tensors back after."""
         import torch
 
@@ -194,7 +178,7 @@ class StreamingMixin:
             for owner, leaf, meta in restored:
                 owner._parameters[leaf] = meta
             for linear in packed:
-                PackedLinearReader.detach(linear)
+                PackedLinearRepacker.remove_from(linear)
 
     def _rows(self, weight: Any) -> tuple[tuple[int, ...], Iterator[Any]]:
         """Shape of a 2-D weight and its blocks of rows (read from disk when the weight is row-streamed)."""
@@ -209,57 +193,35 @@ class StreamingMixin:
 
         return shape, blocks()
 
-    # -- builder hooks -------------------------------------------------------------------------------
+    # -- initializers and MatMuls ----------------------------------------------------------------------
 
-    def make_embedding(self, embedding: Any) -> None:
-        super().make_embedding(embedding)  # type: ignore[misc]
-        self._spill()
-
-    def make_layer(self, layer_id: int, layer: Any) -> None:
-        with self._materialized(layer):
-            super().make_layer(layer_id, layer)  # type: ignore[misc]
-            self._spill()
-
-    def make_layernorm(self, layer_id: int, layernorm: Any, skip: bool, simple: bool, location: str) -> Any:
-        if location != "final_norm":
-            return super().make_layernorm(layer_id, layernorm, skip, simple, location)  # type: ignore[misc]
-        with self._materialized(layernorm):
-            result = super().make_layernorm(layer_id, layernorm, skip, simple, location)  # type: ignore[misc]
-            self._spill()
-        return result
-
-    def make_lm_head(self, lm_head: Any) -> None:
-        with self._materialized(lm_head):
-            super().make_lm_head(lm_head)  # type: ignore[misc]
-            self._spill()
-
-    def make_initializer(self, tensor: Any, /, name: str, *, to: Any = None, raw: bool = False) -> None:
+    def make_initializer(self, tensor: Any, name: str, to: Any) -> bool:
         """A row-streamed tensor (the embedding table) is converted block by block straight to disk."""
         key = self._lazy.get(id(tensor))
-        if key is None or raw:
-            super().make_initializer(tensor, name, to=to, raw=raw)  # type: ignore[misc]
-            return
+        if key is None:
+            return False
         from onnx_ir.tensor_adapters import to_torch_dtype
 
-        dtype = to if to is not None else self.io_dtype
+        dtype = to if to is not None else self._builder.io_dtype
         torch_dtype = to_torch_dtype(dtype)
         shape, blocks = self._rows(tensor)
-        itemsize = torch_dtype.itemsize
-        length = shape[0] * shape[1] * itemsize
+        length = shape[0] * shape[1] * torch_dtype.itemsize
         offset = self._file().append((_as_bytes(block.to(torch_dtype)) for block in blocks), length)
         self._register(name, dtype, shape, offset, length)
+        return True
 
-    def make_matmul_float(self, matmul: Any, name: str, root_input: str, **kwargs: Any) -> str:
+    def make_matmul(self, weight: Any, call: MatMulCall) -> bool:
         """Quantize now what ``to_nbits`` would quantize at save time; write row-streamed float heads transposed."""
-        if self._quantizes(name):
-            return self._make_matmul_nbits_now(matmul.weight, name, root_input, **kwargs)
-        if id(matmul.weight) not in self._lazy:
-            return super().make_matmul_float(matmul, name, root_input, **kwargs)  # type: ignore[misc]
+        if self._quantizes(call.name):
+            self._make_matmul_nbits_now(weight, call)
+            return True
+        if id(weight) not in self._lazy:
+            return False
         from onnx_ir.tensor_adapters import to_torch_dtype
 
-        weight_name = name[1:].replace("/", ".") + ".weight"
-        (rows, cols), blocks = self._rows(matmul.weight)
-        torch_dtype = to_torch_dtype(self.io_dtype)
+        (rows, cols), blocks = self._rows(weight)
+        io_dtype = self._builder.io_dtype
+        torch_dtype = to_torch_dtype(io_dtype)
         itemsize = torch_dtype.itemsize
         data = self._file()
         offset = data.reserve(rows * cols * itemsize)
@@ -269,138 +231,100 @@ class StreamingMixin:
             for k in range(cols):
                 data.write_at(offset + (k * rows + start) * itemsize, _as_bytes(columns[k]))
             start += block.shape[0]
-        self._register(weight_name, self.io_dtype, (cols, rows), offset, rows * cols * itemsize)
-        self._make_matmul_node("MatMul", [root_input, weight_name], name, rows, kwargs)
-        return name
-
-    def make_matmul_nbits(self, matmul: Any, basename: str, root_input: str, **kwargs: Any) -> str:
-        """The builder's MatMulNBits; a pre-quantized one in Qwen3.5's linear attention also under ``basename``.
-
-        The builder names a pre-quantized MatMul ``{basename}NBits`` and returns that name, but its gated
-        delta net reads ``{basename}/output_0`` without looking at the name returned (its own loader never
-        hands it pre-quantized projections). An Identity makes that output, which onnxruntime folds away.
-        """
-        name = super().make_matmul_nbits(matmul, basename, root_input, **kwargs)  # type: ignore[misc]
-        if name == basename or "/linear_attn/" not in basename:
-            return str(name)
-        output = f"{basename}/output_0"
-        self.make_node("Identity", inputs=[f"{name}/output_0"], outputs=[output], name=f"{basename}/Identity")  # type: ignore[attr-defined]
-        seq_dim = kwargs.get("seq_dim", "sequence_length")
-        shape = self.make_hidden_state_shape(seq_dim=seq_dim, last_dim=matmul.out_features)  # type: ignore[attr-defined]
-        self.make_value(output, self.io_dtype, shape=shape)  # type: ignore[attr-defined]
-        return basename
-
-    # -- quantization ----------------------------------------------------------------------------------
+        self._register(call.weight_name, io_dtype, (cols, rows), offset, rows * cols * itemsize)
+        self._builder.make_matmul_node(call, "MatMul", [call.root_input, call.weight_name], rows)
+        return True
 
     def _quantizes(self, name: str) -> bool:
-        import onnx_ir as ir
-
-        quantized = {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8}
-        attrs = self.quant_attrs
-        if self.onnx_dtype not in quantized or "MatMul" not in attrs["op_types_to_quantize"]:
+        builder = self._builder
+        if not builder.quantizes_weights or not builder.quantizes_op("MatMul"):
             return False
-        if name in attrs["nodes_to_exclude"]:
+        if builder.excluded_from_quantization(name):
             return False
-        if attrs["use_qdq"] or getattr(self, "quantization_algo", "default") != "default":
+        settings = builder.nbits_settings()
+        if settings.qdq or settings.algorithm != "default":
             raise ExportError(
                 "a streamed export quantizes with the default MatMulNBits quantizer only (no QDQ, RTN or k-quant)",
                 fix="build without --streaming, or use the default quantization options",
             )
-        if getattr(self, "int4_customized_weight_config", None):
+        if settings.per_node_bits:
             raise ExportError(
                 "a streamed export does not support per-node bit widths",
                 fix="build without --streaming, or drop the mixed-precision options",
             )
         return True
 
-    def _make_matmul_nbits_now(self, weight: Any, name: str, root_input: str, **kwargs: Any) -> str:
+    def _make_matmul_nbits_now(self, weight: Any, call: MatMulCall) -> None:
         """MatMulNBits exactly as ``to_nbits`` would make it from a float MatMul, from blocks of rows."""
-        import ml_dtypes
         import numpy as np
         import onnx_ir as ir
+
+        settings = self._builder.nbits_settings()
+        bits, block_size = settings.bits, settings.block_size
+        (rows, cols), blocks = self._rows(weight)  # weight is [N, K]; the float MatMul's B would be [K, N]
+        k_blocks = -(-cols // block_size)
+        blob = (block_size + 8 // bits - 1) // (8 // bits)
+        packed_length = rows * k_blocks * blob
+        packed_offset = self._file().reserve(packed_length)
+        scales, zero_points = self._quantize_blocks(blocks, packed_offset)
+        quant_name, scales_name = f"{call.weight_name}_Q{bits}", f"{call.weight_name}_scales"
+        self._register(quant_name, ir.DataType.UINT8, (rows, k_blocks, blob), packed_offset, packed_length)
+        inputs = [call.root_input, quant_name, scales_name]
+        self._register_array(scales_name, np.concatenate(scales))
+        if not settings.symmetric:
+            inputs.append(f"{call.weight_name}_zero_points")
+            self._register_array(inputs[-1], np.concatenate(zero_points))
+        node_attrs: dict[str, Any] = {"K": cols, "N": rows, "bits": bits, "block_size": block_size}
+        if settings.accuracy_level:
+            node_attrs["accuracy_level"] = settings.accuracy_level
+        self._builder.make_matmul_node(
+            call, "MatMulNBits", inputs, rows, node_name=f"{call.name}_Q{bits}", domain="com.microsoft", **node_attrs
+        )
+
+    def _quantize_blocks(self, blocks: Iterator[Any], offset: int) -> tuple[list[Any], list[Any]]:
+        """Quantize ``blocks`` of rows as ONNX Runtime's quantizer would the whole, packed codes written from
+        ``offset`` on; return the blocks' scales and zero points (bf16 scales for a bf16 model, as it makes)."""
+        import ml_dtypes
+        import numpy as np
+        import torch
         from onnx_ir.tensor_adapters import to_torch_dtype
         from onnxruntime.quantization.matmul_nbits_quantizer import (
             DefaultWeightOnlyQuantConfig,
             DefaultWeightOnlyQuantizer,
         )
 
-        attrs = self.quant_attrs
-        bits = int(attrs["bits"])
+        settings = self._builder.nbits_settings()
         config = DefaultWeightOnlyQuantConfig(
-            block_size=attrs["matmul_block_size"],
-            is_symmetric=attrs["is_symmetric"],
-            accuracy_level=attrs["accuracy_level"],
-            bits=bits,
+            block_size=settings.block_size,
+            is_symmetric=settings.symmetric,
+            accuracy_level=settings.accuracy_level,
+            bits=settings.bits,
         )
         quantizer = DefaultWeightOnlyQuantizer(config)
-        torch_dtype = to_torch_dtype(self.io_dtype)
-        (rows, cols), blocks = self._rows(weight)  # weight is [N, K]; the float MatMul's B would be [K, N]
-        block_size = int(attrs["matmul_block_size"])
-        k_blocks = -(-cols // block_size)
-        kpack = 8 // bits
-        blob = (block_size + kpack - 1) // kpack
+        torch_dtype = to_torch_dtype(self._builder.io_dtype)
         data = self._file()
-        packed_length = rows * k_blocks * blob
-        packed_offset = data.reserve(packed_length)
-        position = packed_offset
         scales, zero_points = [], []
         for block in blocks:
             b_matrix = block.T.to(torch_dtype)
-            bfloat16 = b_matrix.dtype == _torch_bfloat16()
+            bfloat16 = b_matrix.dtype == torch.bfloat16
             array = np.ascontiguousarray((b_matrix.float() if bfloat16 else b_matrix).numpy())
             packed, block_scales, block_zero_points = quantizer.qbits_block_quant(array)
-            data.write_at(position, np.ascontiguousarray(packed).tobytes())
-            position += packed.nbytes
+            data.write_at(offset, np.ascontiguousarray(packed).tobytes())
+            offset += packed.nbytes
             scales.append(block_scales.astype(ml_dtypes.bfloat16) if bfloat16 else block_scales)
             zero_points.append(block_zero_points)
             del array, packed
-        weight_name = name[1:].replace("/", ".") + ".weight"
-        quant_name, scales_name = f"{weight_name}_Q{bits}", f"{weight_name}_scales"
-        self._register(quant_name, ir.DataType.UINT8, (rows, k_blocks, blob), packed_offset, packed_length)
-        inputs = [root_input, quant_name, scales_name]
-        self._register_array(scales_name, np.concatenate(scales))
-        if not attrs["is_symmetric"]:
-            inputs.append(f"{weight_name}_zero_points")
-            self._register_array(inputs[-1], np.concatenate(zero_points))
-        node_attrs: dict[str, Any] = {"K": cols, "N": rows, "bits": bits, "block_size": block_size}
-        if attrs["accuracy_level"]:
-            node_attrs["accuracy_level"] = attrs["accuracy_level"]
-        self._make_matmul_node(
-            "MatMulNBits", inputs, name, rows, kwargs, node_name=f"{name}_Q{bits}", domain="com.microsoft", **node_attrs
-        )
-        return name
-
-    def _make_matmul_node(
-        self,
-        op_type: str,
-        inputs: list[str],
-        name: str,
-        out_features: int,
-        builder_kwargs: dict[str, Any],
-        *,
-        node_name: str | None = None,
-        domain: str = "",
-        **node_attrs: Any,
-    ) -> None:
-        """The node and output value ``make_matmul_float`` makes (``logits``/``seq_dim`` as the builder passes)."""
-        output = "logits" if builder_kwargs.get("logits", False) else f"{name}/output_0"
-        make_node = self.make_node  # type: ignore[attr-defined]
-        make_node(op_type, inputs=inputs, outputs=[output], name=node_name or name, domain=domain, **node_attrs)
-        seq_dim = builder_kwargs.get("seq_dim", "sequence_length")
-        shape = self.make_hidden_state_shape(seq_dim=seq_dim, last_dim=out_features)  # type: ignore[attr-defined]
-        self.make_value(output, self.io_dtype, shape=shape)  # type: ignore[attr-defined]
+        return scales, zero_points
 
     # -- external data -----------------------------------------------------------------------------------
 
     def _file(self) -> ExternalDataFile:
         if self._data is None:
-            self._data = ExternalDataFile(self._out_dir, os.path.basename(self.filename) + ".data")
+            self._data = ExternalDataFile(self._out_dir, os.path.basename(self._builder.filename) + ".data")
         return self._data
 
     def _register(self, name: str, dtype: Any, shape: tuple[int, ...], offset: int, length: int) -> None:
-        value = self.make_value(name, dtype, shape)  # type: ignore[attr-defined]
-        value.const_value = self._file().external(name, dtype, shape, offset, length)
-        self.model.graph.register_initializer(value)
+        self._builder.add_initializer(name, dtype, shape, self._file().external(name, dtype, shape, offset, length))
 
     def _register_array(self, name: str, array: Any) -> None:
         import onnx_ir as ir
@@ -409,62 +333,55 @@ class StreamingMixin:
         offset = self._file().append([data], data.nbytes)
         self._register(name, ir.DataType.from_numpy(array.dtype), tuple(array.shape), offset, data.nbytes)
 
-    def _spill(self) -> None:
+    def spill(self) -> None:
         """Write every initializer still held in memory to the data file and keep only a reference."""
         import onnx_ir as ir
 
-        for value in list(self.model.graph.initializers.values()):
+        for name, value in list(self._builder.model.graph.initializers.items()):
             tensor = value.const_value
             if tensor is None or isinstance(tensor, ir.ExternalTensor):
                 continue
             data = memoryview(tensor.tobytes())
             offset = self._file().append([data], data.nbytes)
-            shape = tuple(int(d) for d in tensor.shape)
-            value.const_value = self._file().external(value.name, tensor.dtype, shape, offset, data.nbytes)
+            value.const_value = self._file().external(name, tensor.dtype, tensor.shape.numpy(), offset, data.nbytes)
 
-    def save_model(self, out_dir: str) -> None:
+    def save(self, out_dir: str) -> None:
         """Save the graph; its weights are already in ``model.onnx.data``."""
         import onnx
         import onnx_ir as ir
-        from onnxruntime_genai.models.builders.base import Model
 
-        self._spill()
+        self.spill()
         self._check_all_quantized()
-        self.model.graph.sort()
-        Model.stamp_build_metadata(self.model)
+        model = self._builder.model
+        model.graph.sort()
+        self._builder.stamp_build_metadata()
         self._file().close()
-        onnx.save_model(ir.to_proto(self.model), os.path.join(out_dir, self.filename))
+        onnx.save_model(ir.to_proto(model), os.path.join(out_dir, self._builder.filename))
 
     def _check_all_quantized(self) -> None:
         """Fail loudly if the builder made a quantizable MatMul some other way than ``make_matmul_float``."""
-        import onnx_ir as ir
-
-        if self.onnx_dtype not in {ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT8, ir.DataType.UINT8}:
+        if not self._builder.quantizes_weights:
             return
-        excluded = set(self.quant_attrs["nodes_to_exclude"])
-        for node in self.model.graph:
-            if node.op_type == "MatMul" and node.name not in excluded and node.inputs[1].const_value is not None:
+        for node in self._builder.model.graph:
+            if (
+                node.op_type == "MatMul"
+                and not self._builder.excluded_from_quantization(node.name or "")
+                and node.inputs[1] is not None
+                and node.inputs[1].const_value is not None
+            ):
                 raise ExportError(f"the streamed export left MatMul '{node.name}' unquantized; report this")
 
 
 class PackedLinearReader:
     """The packed linears of a GPTQ or AWQ checkpoint, read one at a time and repacked for MatMulNBits.
 
-    The repacking is the builder's own (its ``GPTQModel``/``AWQModel`` loaders' ``repack_quantized_tensor``),
-    applied to one linear instead of the whole checkpoint at once, and the repacked tensors are set on the
-    meta module as the builder's quantized modules carry them (``qweight``, ``scales``, ``qzeros``,
-    ``g_idx``, ``bits``, ``group_size``): the builder then makes the same MatMulNBits nodes from them.
+    The repacking is the builder's own (``builder_compat.PackedLinearRepacker``), applied to one linear
+    instead of the whole checkpoint at once; the builder then makes the same MatMulNBits nodes from it.
     """
 
-    ATTRIBUTES = ("qweight", "scales", "qzeros", "g_idx", "bits", "group_size")
-
-    def __init__(self, reader: CheckpointReader, quantization: dict[str, Any]) -> None:
-        from onnxruntime_genai.models.loaders.awq import AWQModel
-        from onnxruntime_genai.models.loaders.gptq import GPTQModel
-
+    def __init__(self, reader: CheckpointReader, quantization: Mapping[str, Any]) -> None:
         method = quantization.get("quant_method")
-        loaders = {"gptq": GPTQModel, "awq": AWQModel}
-        if method not in loaders or quantization.get("dynamic"):
+        if method not in PackedLinearRepacker.METHODS or quantization.get("dynamic"):
             raise ExportError(
                 f"a streamed export cannot read '{method}' checkpoints with per-layer overrides"
                 if quantization.get("dynamic")
@@ -472,9 +389,7 @@ class PackedLinearReader:
                 path=reader.folder / "config.json",
                 fix="build without --streaming",
             )
-        # The loaders' repacking methods need no state of their own beyond the method.
-        self._loader = loaders[method].__new__(loaders[method])
-        self._loader.quant_type = method
+        self._repacker = PackedLinearRepacker(str(method))
         self._reader = reader
         self._bits = int(quantization.get("bits", quantization.get("w_bit", 4)))
         self._group_size = int(quantization.get("group_size", quantization.get("q_group_size", 128)))
@@ -486,53 +401,32 @@ class PackedLinearReader:
 
     def attach(self, linear: Any, name: str) -> None:
         """Read linear ``name``'s packed tensors, repack them and set them on ``linear``."""
-        from onnxruntime_genai.models.loaders.base import QuantizedTensorModule
-
-        module = QuantizedTensorModule()
-        for part in ("qweight", "scales", "qzeros", "g_idx"):
-            if f"{name}.{part}" in self._reader:
-                setattr(module, part, self._reader.tensor(f"{name}.{part}"))
-        module.bits = self._bits
-        module.group_size = self._group_size
-        self._loader.set_quantized_tensor_properties(module)
-        if (module.in_features, module.out_features) != (linear.in_features, linear.out_features):
+        tensors = {
+            part: self._reader.tensor(f"{name}.{part}")
+            for part in ("qweight", "scales", "qzeros", "g_idx")
+            if f"{name}.{part}" in self._reader
+        }
+        packed = self._repacker.describe(tensors, self._bits, self._group_size)
+        if (packed.in_features, packed.out_features) != (linear.in_features, linear.out_features):
             raise ExportError(
-                f"'{name}' is packed as {module.in_features}x{module.out_features}, but config.json makes it "
+                f"'{name}' is packed as {packed.in_features}x{packed.out_features}, but config.json makes it "
                 f"{linear.in_features}x{linear.out_features}",
                 path=self._reader.folder,
                 fix="the checkpoint's weights do not match its config.json",
             )
-        self._loader.repack_quantized_tensor(module, clear_g_idx=not self._keep_g_idx)
-        for attribute in self.ATTRIBUTES:
-            object.__setattr__(linear, attribute, getattr(module, attribute))
-
-    @classmethod
-    def detach(cls, linear: Any) -> None:
-        """Drop what ``attach`` set, so the module is the meta module it was."""
-        for attribute in cls.ATTRIBUTES:
-            linear.__dict__.pop(attribute, None)
+        self._repacker.repack_onto(packed, linear, keep_g_idx=self._keep_g_idx)
 
 
-def _torch_bfloat16() -> Any:
-    import torch
-
-    return torch.bfloat16
-
-
-def _streaming_class(base: type) -> type:
-    return type(f"Streaming{base.__name__}", (StreamingMixin, base), {})
-
-
-def _builder_class(builder_class: str) -> type:
-    import importlib
-
-    module_name, class_name = STREAMING_BUILDERS[builder_class]
-    module = importlib.import_module(f"onnxruntime_genai.models.builders.{module_name}")
-    base = getattr(module, class_name)
-    if class_name == "Qwen35Model":  # a composite: the decoder is the graph to stream
-        decoder = _streaming_class(module.Qwen35TextModel)
-        return type("StreamingQwen35Model", (base,), {"get_decoder_model_class": lambda self: decoder})
-    return _streaming_class(base)
+def _streamed_builder(config_path: Path) -> StreamedBuilder:
+    """The registry's streamed builder of the checkpoint's architecture, or the list of those that have one."""
+    architecture = lookup_architecture(json.loads(config_path.read_text(encoding="utf-8")), config_path)
+    if architecture.streamed_builder is None:
+        raise ExportError(
+            f"a streamed export does not support architecture '{architecture.model_type}'",
+            path=config_path,
+            fix="build without --streaming; streamed: " + ", ".join(streamable_architectures()),
+        )
+    return architecture.streamed_builder
 
 
 def run_streaming_builder(
@@ -550,29 +444,28 @@ def run_streaming_builder(
     The variant is written into a hidden sibling folder and renamed into place when complete, so an
     interrupted export (Ctrl-C, a crash) leaves no partial folder behind.
     """
-    import json
-
-    builder_class = json.loads((hf_folder / "config.json").read_text(encoding="utf-8"))["architectures"][0]
-    if not supports_streaming(builder_class):
-        raise ExportError(
-            f"a streamed export does not support {builder_class}",
-            path=hf_folder / "config.json",
-            fix="build without --streaming; streamed: " + ", ".join(sorted(STREAMING_BUILDERS)),
-        )
+    spec = _streamed_builder(hf_folder / "config.json")
+    builder_compat.require_builder()
     extra = builder_extra_options(options)
-    if builder_class == "Qwen3_5ForConditionalGeneration":
-        extra.setdefault("exclude_mtp", "true")  # transformers does not load the MTP head's weights either
+    for key, value in spec.default_options:
+        extra.setdefault(key, value)
     partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
+
+    def make_hooks(builder: BuilderView, quantization: Mapping[str, Any] | None) -> StreamedWeights:
+        return StreamedWeights(builder, CheckpointReader(hf_folder), partial, quantization)
+
+    def export() -> None:
+        builder_compat.export_streamed(
+            hf_folder, partial, precision=precision, provider=provider, cache_dir=cache_dir, options=extra,
+            spec=spec, make_hooks=make_hooks,
+        )  # fmt: skip
+
     try:
-        failure = run_logged(
-            log_path,
-            f"streamed builder {precision}/{provider} {extra} -> {out_dir.name}",
-            lambda: _create_model(hf_folder, partial, precision, provider, cache_dir, extra, builder_class),
-        )
+        failure = run_logged(log_path, f"streamed builder {precision}/{provider} {extra} -> {out_dir.name}", export)
         if failure is not None:
-            if isinstance(failure, ExportError):
+            if isinstance(failure, EdgekitError):
                 raise failure
             raise ExportError(
                 f"the streamed {precision} {provider} export failed ({type(failure).__name__}: {failure})",
@@ -584,51 +477,3 @@ def run_streaming_builder(
         partial.rename(out_dir)
     finally:
         shutil.rmtree(partial, ignore_errors=True)
-
-
-def _create_model(
-    hf_folder: Path,
-    out_dir: Path,
-    precision: str,
-    provider: str,
-    cache_dir: Path,
-    options: dict[str, str],
-    builder_class: str,
-) -> None:
-    """``onnxruntime_genai.models.builder.create_model`` for one architecture, with the streaming class."""
-    import json
-
-    from onnxruntime_genai.models import builder as genai_builder
-
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    pairs = [f"{key}={value}" for key, value in options.items()]
-    extra = genai_builder.parse_extra_options(
-        None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), pairs
-    )
-    effective = extra.pop("_effective_builder_config", None)
-    if effective is not None:
-        precision = effective.precision
-    hf_details = extra.pop("hf_details")
-    extra_kwargs = hf_details.pop("extra_kwargs")
-    hf_name = hf_details.pop("hf_name")
-    config = hf_details.pop("hf_config")
-    quant_config = extra.get("_quant_config")
-    if quant_config is not None:
-        io_dtype, onnx_dtype = quant_config.to_onnx_dtypes()
-    else:
-        io_dtype = genai_builder.set_io_dtype(precision, provider, extra)
-        onnx_dtype = genai_builder.set_onnx_dtype(precision, extra)
-    onnx_model = _builder_class(builder_class)(config, io_dtype, onnx_dtype, provider, str(cache_dir), extra)
-    if builder_class == "Qwen3_5ForConditionalGeneration" and not onnx_model.exclude_embeds:
-        onnx_model.model_type = "qwen3_5_text"
-    streamed = getattr(onnx_model, "decoder", onnx_model)
-    streamed.streaming_setup(CheckpointReader(hf_folder), out_dir, getattr(config, "quantization_config", None))
-    onnx_model.make_model(str(hf_folder))
-    onnx_model.save_model(str(out_dir))
-    onnx_model.make_genai_config(config, extra_kwargs, str(out_dir))
-    runtime_config = effective.runtime_config if effective is not None else extra.get("_runtime_config", {})
-    if runtime_config:
-        path = out_dir / "genai_config.json"
-        genai = genai_builder.apply_runtime_config(json.loads(path.read_text(encoding="utf-8")), runtime_config)
-        path.write_text(json.dumps(copy.deepcopy(genai), indent=4), encoding="utf-8")
-    onnx_model.save_processing(hf_name, extra_kwargs, str(out_dir))

@@ -3,11 +3,9 @@
 onnxruntime-genai's builder gives every MatMulNBits of a GPTQ or AWQ checkpoint its ``qzeros`` as the
 optional ``zero_points`` input, even when they all equal the operator's default (``2^(bits-1)``: 8 for
 4 bits), which is what a symmetric GPTQ checkpoint stores. With the input present, onnxruntime's CPU
-kernel takes its zero-point path: in a scratch timing of single nodes of the demo model's shapes at one
-token per step, 10-20% slower per MatMulNBits; ``benchmarks/bench_decode_parity.py`` measured the GPTQ
-variant decoding at 0.88x the RTN one's speed. The default
-is the same number, so dropping the input leaves the outputs the same (up to the order the kernel sums
-in: identical logits on the demo model), and the package shrinks by the zero points.
+kernel takes its slower zero-point path (``benchmarks/bench_decode_parity.py`` measures the difference;
+figures in docs/benchmarks.md). The default is the same number, so dropping the input leaves the outputs
+the same (up to the order the kernel sums in), and the package shrinks by the zero points.
 """
 
 from __future__ import annotations

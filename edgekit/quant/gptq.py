@@ -22,15 +22,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor
+
+from edgekit.sources.registry import registered_architectures
+from edgekit.targets import GPTQ_GROUP_SIZES, GPTQSettings, describe_validation_error
 
 Progress = Callable[[str], None]
 
 _BITS = (4, 8)
-# Linears GPTQ leaves in float: onnxruntime-genai keeps Qwen3.5's linear-attention gates dense (they drive
-# the gated delta net's recurrence and hold ~0.1% of the weights) and refuses pre-quantized ones.
-KEPT_DENSE = ("linear_attn.in_proj_a", "linear_attn.in_proj_b")
-_GROUP_SIZES = (32, 64, 128)
+# Name suffixes of the linears GPTQ leaves in float, of every registered architecture (the registry's
+# ``gptq_kept_dense``; e.g. Qwen3.5's linear-attention gates, which the builder refuses pre-quantized).
+# One tuple for all: a suffix names a module only its own architecture has.
+KEPT_DENSE: tuple[str, ...] = tuple(
+    sorted({suffix for arch in registered_architectures() for suffix in arch.gptq_kept_dense})
+)
 # Smallest and largest normal float16: scales are stored in float16, so they must survive the cast.
 _FP16_TINY = float(torch.finfo(torch.float16).tiny)
 _FP16_MAX = float(torch.finfo(torch.float16).max)
@@ -58,12 +64,13 @@ class GPTQConfig:
     def __post_init__(self) -> None:
         if self.bits not in _BITS:
             raise ValueError(f"GPTQ bits must be one of {_BITS}, not {self.bits!r}")
-        if self.group_size not in _GROUP_SIZES:
-            raise ValueError(f"GPTQ group_size must be one of {_GROUP_SIZES}, not {self.group_size!r}")
-        if not all(isinstance(flag, bool) for flag in (self.sym, self.act_order, self.one_pass)):
-            raise ValueError("GPTQ sym, act_order and one_pass must be booleans")
-        if not 0.0 < self.damp < 1.0:
-            raise ValueError(f"GPTQ damp must be a fraction of the mean Hessian diagonal in (0, 1), not {self.damp!r}")
+        if self.group_size not in GPTQ_GROUP_SIZES:
+            raise ValueError(f"GPTQ group_size must be one of {GPTQ_GROUP_SIZES}, not {self.group_size!r}")
+        # The settings a target may give (sym, damp, act_order, one_pass) have their rules in one place.
+        try:
+            GPTQSettings(sym=self.sym, damp=self.damp, act_order=self.act_order, one_pass=self.one_pass)
+        except ValidationError as exc:
+            raise ValueError(f"GPTQ {describe_validation_error(exc, GPTQSettings)}") from None
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"GPTQ block_size must be a positive integer, not {self.block_size!r}")
 
@@ -196,18 +203,12 @@ def quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Quan
     The reference ``fasterquant`` with static groups (see the module docstring). Rows are independent
     given H, so weights that share an input (q/k/v, gate/up) can be solved as one stacked matrix.
     The column loop runs on one thread: it is thousands of tiny tensor ops, and on worker threads each
-    pays a fork/join (measured on a 1536-column weight: 1.0 s on one thread, 5-8 s on two while the
-    machine had other work). The Cholesky factorizations and the lazy batch updates, large enough to
-    gain from every core (a 12288-column Hessian is ~2 TFLOP of factorization), run on all threads.
+    pays a fork/join that costs more than the op. The Cholesky factorizations and the lazy batch updates,
+    large enough to gain from every core, run on all threads.
     """
-    return _quantize_weight(weight, hessian, config)
-
-
-def _quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> QuantizedWeight:
     _out, columns = weight.shape
     if hessian.shape != (columns, columns):
         raise ValueError(f"Hessian shape {tuple(hessian.shape)} does not match {columns} input columns")
-    maxq = config.maxq
     W = weight.to(torch.float32).clone()
     H = hessian.to(torch.float32).clone()
     # Inputs that were always zero carry no information: pin H's diagonal and quantize the column to 0.
@@ -215,8 +216,8 @@ def _quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Qua
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     scales, zeros = group_parameters(W, config)
-
     group_of_column = torch.arange(columns) // config.group_size
+    perm = None
     if config.act_order:
         # Stable sort, so ties (e.g. dead columns) keep their order and runs are deterministic.
         perm = torch.argsort(torch.diag(H), descending=True, stable=True)
@@ -224,32 +225,47 @@ def _quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Qua
         H = H[perm]  # two steps, so that no more than one n x n temporary is alive at a time
         H = H[:, perm]
         group_of_column = group_of_column[perm]
-    else:
-        perm = None
+    # Work on the transpose so that one input column is one contiguous row.
+    Wt = W.t().contiguous()
+    del W
+    codes_t = _solve_columns(Wt, _inverse_factor(H, config.damp), scales, zeros, group_of_column.tolist(), config)
+    codes = codes_t.t()
+    if perm is not None:
+        codes = codes[:, torch.argsort(perm)]
+    codes_u8 = codes.contiguous()
+    weights = dequantize(codes_u8, scales, zeros, config.group_size)
+    return QuantizedWeight(codes_u8, scales, zeros, weights, config.bits, config.group_size)
 
-    # GPTQ is invariant to scaling H. Normalizing its mean diagonal to 1 keeps H^-1 and the error updates
-    # near unit scale; a raw sum over many tokens gives tiny entries whose products underflow to
-    # subnormal floats, which are ~10x slower on x86.
+
+def _inverse_factor(H: Tensor, damp: float) -> Tensor:
+    """The upper Cholesky factor of the damped H^-1, the form the reference solver reads its updates from.
+
+    GPTQ is invariant to scaling H. Normalizing its mean diagonal to 1 keeps H^-1 and the error updates near
+    unit scale; a raw sum over many tokens gives tiny entries whose products underflow to subnormal floats,
+    which x86 computes far more slowly. Each step drops the matrix before it, so at most two n x n matrices
+    are alive (``H`` is consumed: the caller must not use it afterwards).
+    """
     H.div_(torch.mean(torch.diag(H)))
-    H.diagonal().add_(config.damp)
-    # H^-1's upper Cholesky factor, the form the reference solver reads its updates from. Each step drops
-    # the matrix before it, so at most two n x n matrices are alive here (a 12288-wide H is 600 MB).
+    H.diagonal().add_(damp)
     lower = torch.linalg.cholesky(H)
     del H
     inverse = torch.cholesky_inverse(lower)
     del lower
-    Hinv = torch.linalg.cholesky(inverse, upper=True)
-    del inverse
+    return torch.linalg.cholesky(inverse, upper=True)
 
-    # Work on the transpose so that one input column is one contiguous row.
-    Wt = W.t().contiguous()
-    del W
+
+def _solve_columns(
+    Wt: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, column_group: list[int], config: GPTQConfig
+) -> Tensor:
+    """Quantize ``Wt`` [in, out] column by column (rows here), feeding each error forward; the codes [in, out].
+
+    ``Wt`` is updated in place. Each column's group parameters are looked up as it is reached: a per-column
+    copy of them would be two more weight-sized matrices.
+    """
+    columns = Wt.shape[0]
     codes_t = torch.empty(Wt.shape, dtype=torch.uint8)  # codes are small integers: a quarter of float32
-    # Each column's group parameters are looked up as it is reached: a per-column copy of them would
-    # be two more weight-sized matrices (800 MB for a 9B model's stacked gate/up projections).
     group_scales = scales.t().contiguous()  # [groups, out]
     group_zeros = zeros.t().to(torch.float32).contiguous()
-    column_group = group_of_column.tolist()  # processing order -> group
     for start in range(0, columns, config.block_size):
         stop = min(start + config.block_size, columns)
         block = Wt[start:stop].clone()
@@ -260,7 +276,7 @@ def _quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Qua
                 column = block[i]
                 group = column_group[start + i]
                 scale, zero = group_scales[group], group_zeros[group]
-                code = _round_to_codes(column, scale, zero, maxq)
+                code = _round_to_codes(column, scale, zero, config.maxq)
                 codes_t[start + i] = code
                 error = (column - scale * (code - zero)) / hinv_block[i, i]
                 errors[i] = error
@@ -268,15 +284,7 @@ def _quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Qua
                 block[i + 1 :].addr_(hinv_block[i, i + 1 :], error, alpha=-1.0)
         # Lazy batch update of every later column with the whole block's errors at once.
         Wt[stop:].addmm_(Hinv[start:stop, stop:].t(), errors, alpha=-1.0)
-
-    del Wt
-    codes = codes_t.t()
-    if perm is not None:
-        codes = codes[:, torch.argsort(perm)]
-    codes_u8 = codes.contiguous()
-    return QuantizedWeight(
-        codes_u8, scales, zeros, dequantize(codes_u8, scales, zeros, config.group_size), config.bits, config.group_size
-    )
+    return codes_t
 
 
 @contextlib.contextmanager

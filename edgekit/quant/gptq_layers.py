@@ -12,14 +12,13 @@ memory. Two schedules:
   input (q/k/v, o, gate/up, down). Once all batches wait there, the group's Hessian is summed over
   them, the group is quantized and the batches go on, so each group computes its outputs once, already
   quantized, from inputs made by the groups quantized before it (the reference code's "true sequential"
-  order). On the demo model at 128 x 512 tokens: 239 s instead of 302-309 s, with the same accuracy, but it
-  holds every batch's activations of the layer at once: a peak of 3.3x the fp32 weights, against 1.7-1.95x.
+  order). It is faster, with the same accuracy, but holds every batch's activations of the layer at once,
+  so its peak memory is well above the two-pass schedule's (docs/gptq.md has the measurements).
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -30,71 +29,15 @@ import torch
 from torch import Tensor, nn
 
 from edgekit.quant.gptq import KEPT_DENSE, GPTQConfig, HessianAccumulator, Progress, QuantizedWeight, quantize_weight
-
-
-class _StopForward(Exception):
-    """Raised from a hook to end a forward pass early (once the wanted inputs are recorded)."""
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a transformers causal LM (``model.model.layers``; Qwen3.5's text model too).
-
-    Raises ``ValueError`` naming the model class when the layout is not one edgekit knows.
-    """
-    inner = getattr(model, "model", None)
-    for holder in (inner, getattr(inner, "language_model", None)):
-        layers = getattr(holder, "layers", None)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return layers
-    raise ValueError(
-        f"cannot find the decoder layers of {type(model).__name__}: GPTQ supports models whose layers are "
-        "model.model.layers (llama, mistral, qwen2, qwen3, phi3, gemma3) or model.model.language_model.layers"
-    )
-
-
-class _Catcher(nn.Module):
-    """Stands in for a decoder layer while capturing: records its keyword arguments and passes through.
-
-    Layer 0's stand-in also records the hidden states. Keyword arguments (masks, position embeddings)
-    depend only on the batch shape, since calibration windows are unpadded and start at position 0, so
-    they are kept once per (layer, batch size). Gemma3 gives sliding and full layers different masks,
-    hence one record per layer.
-    """
-
-    def __init__(self, index: int, last: bool, state: dict[str, Any]) -> None:
-        super().__init__()
-        self.index, self.last, self.state = index, last, state
-
-    def forward(self, hidden_states: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        if args:
-            raise ValueError("GPTQ expects decoder layers to get everything but hidden_states as keywords")
-        batch = hidden_states.shape[0]
-        if self.index == 0:
-            self.state["inputs"].append(hidden_states.detach())
-            if all(batch in per_layer for per_layer in self.state["kwargs"]):
-                raise _StopForward
-        self.state["kwargs"][self.index].setdefault(batch, kwargs)
-        if self.last:
-            raise _StopForward
-        return hidden_states
+from edgekit.sources.meta_model import StopForward, capture_layer_arguments, decoder_layers, return_freed_memory
 
 
 def _capture_layer_inputs(
     model: nn.Module, layers: nn.ModuleList, calibration: Tensor, batch_size: int
 ) -> tuple[list[Tensor], list[dict[int, dict[str, Any]]]]:
     """Layer 0's inputs per calibration batch, and every layer's keyword arguments per batch size."""
-    state: dict[str, Any] = {"inputs": [], "kwargs": [{} for _ in layers]}
-    originals = list(layers)
-    for index in range(len(layers)):
-        layers[index] = _Catcher(index, index == len(layers) - 1, state)
-    try:
-        for start in range(0, calibration.shape[0], batch_size):
-            with contextlib.suppress(_StopForward):
-                model(input_ids=calibration[start : start + batch_size], use_cache=False)
-    finally:
-        for index, layer in enumerate(originals):
-            layers[index] = layer
-    return state["inputs"], state["kwargs"]
+    calls = ({"input_ids": calibration[s : s + batch_size]} for s in range(0, calibration.shape[0], batch_size))
+    return capture_layer_arguments(model, layers, calls, keep_inputs=True)
 
 
 def _layer_output(output: Any) -> Tensor:
@@ -131,7 +74,7 @@ class _HessianCollector:
                     self.hessians[name] = HessianAccumulator(inputs.shape[-1])
                 self.hessians[name].add(inputs)
             if not self.first_batch and name == self._last:
-                raise _StopForward
+                raise StopForward
 
         return hook
 
@@ -357,7 +300,7 @@ def _two_passes(
     started = time.perf_counter()
     try:
         for hidden in inputs:
-            with contextlib.suppress(_StopForward):
+            with contextlib.suppress(StopForward):
                 layer(hidden, **kwargs[hidden.shape[0]])
             collector.end_batch()
     finally:
@@ -377,6 +320,27 @@ def _two_passes(
             inputs[batch] = _layer_output(layer(hidden, **kwargs[hidden.shape[0]]))
     _tick(clock, "output_forward", started)
     return results
+
+
+def _quantized_linears(layer: nn.Module, names: dict[int, str]) -> dict[str, nn.Linear]:
+    """The linears of ``layer`` GPTQ quantizes, by module name (the registry's kept-dense ones excluded)."""
+    return {
+        names[id(m)]: m for m in layer.modules() if isinstance(m, nn.Linear) and not names[id(m)].endswith(KEPT_DENSE)
+    }
+
+
+@contextlib.contextmanager
+def _evaluating_on_all_cores(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode and torch on every core this process may use; both put back after."""
+    threads, was_training = torch.get_num_threads(), model.training
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    model.eval()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        model.train(was_training)
 
 
 def iter_gptq_layers(
@@ -415,43 +379,27 @@ def iter_gptq_layers(
     layers = decoder_layers(model)
     names = {id(module): name for name, module in model.named_modules()}
     clock = timings if timings is not None else {}
-    threads = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    torch.set_num_threads(cores)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            started = time.perf_counter()
-            inputs, layer_kwargs = _capture_layer_inputs(model, layers, calibration, batch_size)
-            _tick(clock, "capture", started)
-            layouts: dict[tuple[Any, ...], list[list[str]]] = {}
-            for index, layer in enumerate(layers):
-                if before_layer is not None:
-                    before_layer(index, layer)
-                linears = {
-                    names[id(m)]: m
-                    for m in layer.modules()
-                    if isinstance(m, nn.Linear) and not names[id(m)].endswith(KEPT_DENSE)
-                }
-                if config.one_pass:
-                    last = index == len(layers) - 1
-                    results = _one_pass(
-                        layer, names[id(layer)], linears, inputs, layer_kwargs[index], config, clock, last, layouts
-                    )
-                else:
-                    results = _two_passes(
-                        layer, linears, inputs, layer_kwargs[index], config, clock, index == len(layers) - 1
-                    )
-                if progress is not None:
-                    progress(f"GPTQ layer {index + 1}/{len(layers)}: {len(linears)} linears")
-                yield layer, results
-                if release:
-                    layer.to("meta")
-                return_freed_memory()
-    finally:
-        torch.set_num_threads(threads)
-        model.train(was_training)
+    with _evaluating_on_all_cores(model), torch.no_grad():
+        started = time.perf_counter()
+        inputs, layer_kwargs = _capture_layer_inputs(model, layers, calibration, batch_size)
+        _tick(clock, "capture", started)
+        layouts: dict[tuple[Any, ...], list[list[str]]] = {}
+        for index, layer in enumerate(layers):
+            if before_layer is not None:
+                before_layer(index, layer)
+            last = index == len(layers) - 1
+            linears = _quantized_linears(layer, names)
+            if config.one_pass:
+                name = names[id(layer)]
+                results = _one_pass(layer, name, linears, inputs, layer_kwargs[index], config, clock, last, layouts)
+            else:
+                results = _two_passes(layer, linears, inputs, layer_kwargs[index], config, clock, last)
+            if progress is not None:
+                progress(f"GPTQ layer {index + 1}/{len(layers)}: {len(linears)} linears")
+            yield layer, results
+            if release:
+                layer.to("meta")
+            return_freed_memory()
 
 
 def gptq_quantize_model(
@@ -473,18 +421,6 @@ def gptq_quantize_model(
     ):
         results.update(quantized)
     return results
-
-
-def return_freed_memory() -> None:
-    """Hand the heap's free pages back to the OS (glibc only; elsewhere nothing to do).
-
-    Each layer frees tens of MB in blocks below glibc's dynamic mmap threshold; left in the heap they
-    fragment and the process grows by about that much per layer (+30 MiB per layer measured on
-    SmolLM2-135M; flat with a trim after each layer). Lowering the mmap threshold instead also keeps it
-    flat but makes every activation a fresh mapping, and the page faults cost 20% of GPTQ's time.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _tick(clock: dict[str, float], phase: str, started: float) -> None:

@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.package import read_manifest, variant_dir
+from edgekit.package.manifest import read_manifest
+from edgekit.package.verify import variant_dir
 from edgekit.progress import current_rss_mb
 from edgekit.runtimes.model import GenerationConfig, load
 
@@ -26,9 +27,12 @@ class BenchSettings:
     """What one benchmark run does."""
 
     prompt_tokens: int = 512
+    """Prompt length, in random ordinary tokens."""
     gen_tokens: int = 128
     runs: int = 5
+    """Timed runs per variant, after one warm-up run."""
     threads: int | None = None
+    """onnxruntime's intra-op threads; ``None``: one per physical core this process may use (``cpu_threads``)."""
     seed: int = 0
 
 

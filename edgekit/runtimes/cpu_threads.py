@@ -1,9 +1,9 @@
 """How many threads onnxruntime should compute with: one per physical core this process may use.
 
-Left unset, onnxruntime-genai's CPU sessions decode the demo model 35-65% slower on the 2-core benchmark
-machine than with ``intra_op_num_threads`` set to the core count (measured after a 512-token prompt:
-56 tok/s unset, 84 with 2 intra-op threads, 93 with 2 intra-op and 1 inter-op thread). Hyper-threads
-share a core's execution units, so they are not counted.
+Left unset, onnxruntime-genai's CPU sessions decode markedly slower than with ``intra_op_num_threads`` set
+to the core count (``benchmarks/bench_threads.py`` measures it; figures in docs/benchmarks.md).
+Hyper-threads share a core's execution units, so they are not counted. Written by hand because psutil
+counts the machine's physical cores, not those of the CPUs this process's affinity mask allows.
 """
 
 from __future__ import annotations

@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import PackageError, ProviderUnavailableError, UsageError
-from edgekit.genai_config import GenaiConfig, read_genai_config
-from edgekit.package import read_manifest, variant_dir, verify_files
+from edgekit.package.genai_config import GenaiConfig, read_genai_config
+from edgekit.package.manifest import read_manifest
+from edgekit.package.verify import variant_dir, verify_files
+from edgekit.package.verify_cache import verify_variant
 from edgekit.runtimes.chat_template import read_chat_template, render_chat, special_tokens
 from edgekit.runtimes.cpu_threads import physical_cores
 from edgekit.runtimes.generation import GenerationConfig
 from edgekit.runtimes.providers import PROVIDERS, available_providers
 from edgekit.runtimes.tokens import TextTokenizer
-from edgekit.runtimes.verify_cache import verify_variant
 from edgekit.tokenizer_record import recorded_rule
 
 
@@ -81,6 +82,11 @@ class Model:
         """Free the model's sessions and memory."""
         with self._lock:
             self._model = None
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the model's output: every token id it can generate is below this."""
+        return self._config.model.vocab_size
 
     @property
     def context_length(self) -> int:

@@ -1,0 +1,1 @@
+"""The package on disk: manifest, verification, allow-lists, archives and atomic creation."""

@@ -1,0 +1,127 @@
+"""The package on disk: its manifest, file hashes, verification, and atomic creation.
+
+Layout::
+
+    OUT/manifest.json          what was built, from what, with which tools; every file's size and sha256
+    OUT/build.log              the builder's console output
+    OUT/<variant>/             one onnxruntime-genai model folder per variant (genai_config.json, ...)
+
+A package is built in a hidden sibling folder and renamed into place, so OUT is either absent, the old
+complete package, or the new complete package.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import EdgekitError, PackageError
+from edgekit.safe_io import open_regular
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA_VERSION = 1
+MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB
+_PARTIAL = ".partial-"
+_HEX = frozenset("0123456789abcdef")
+
+
+def sha256_file(path: Path, error: type[EdgekitError] = PackageError) -> str:
+    """Hex sha256 of a regular file (a FIFO or device is ``error``, never read)."""
+    with open_regular(path, error) as handle:
+        if hasattr(hashlib, "file_digest"):  # Python 3.11+
+            return hashlib.file_digest(handle, "sha256").hexdigest()
+        digest = hashlib.sha256()
+        while block := handle.read(1 << 20):
+            digest.update(block)
+        return digest.hexdigest()
+
+
+def file_entries(root: Path) -> list[dict[str, Any]]:
+    """Every file under ``root`` except the manifest, sorted, with relative path, size and sha256."""
+    entries = []
+    for path in sorted(p for p in root.rglob("*") if p.is_file() or p.is_symlink()):
+        relative = path.relative_to(root).as_posix()
+        if relative == MANIFEST:
+            continue
+        if path.is_symlink():
+            raise PackageError("is a symbolic link; packages hold plain files only", path=path)
+        entries.append({"path": relative, "size": path.stat().st_size, "sha256": sha256_file(path)})
+    return entries
+
+
+def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` (with the file list computed now) into ``root``, atomically."""
+    body = {key: value for key, value in manifest.items() if key not in ("schema_version", "files")}
+    manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, **body, "files": file_entries(root)}
+    path = root / MANIFEST
+    partial = root / f".{MANIFEST}.partial"
+    partial.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+    os.replace(partial, path)
+    return path
+
+
+def read_manifest(root: str | Path) -> dict[str, Any]:
+    """Read a package's manifest, with errors that name the file and the fix."""
+    root = Path(root)
+    path = root / MANIFEST
+    if not root.is_dir():
+        raise PackageError("is not a package folder", path=root, fix="pass the OUT folder of `edgekit build`")
+    if not path.is_file() or path.is_symlink():
+        raise PackageError("has no manifest.json", path=root, fix="rebuild it with `edgekit build`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise PackageError(f"is larger than {MAX_MANIFEST_BYTES} bytes", path=path, fix="rebuild the package")
+    return parse_manifest(path.read_bytes(), path)
+
+
+def parse_manifest(data: bytes, path: str | Path) -> dict[str, Any]:
+    """Parse and structurally check a manifest's bytes; ``path`` names it in errors."""
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise PackageError(f"is larger than {MAX_MANIFEST_BYTES} bytes", path=path, fix="rebuild the package")
+    try:
+        manifest = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
+        raise PackageError(f"is not valid JSON ({exc})", path=path, fix="rebuild the package") from None
+    except RecursionError:
+        raise PackageError("is nested too deeply to be a manifest", path=path, fix="rebuild the package") from None
+    if not isinstance(manifest, dict) or manifest.get("schema_version") != MANIFEST_SCHEMA_VERSION:
+        raise PackageError(
+            f"has schema_version {manifest.get('schema_version') if isinstance(manifest, dict) else None!r}, "
+            f"this edgekit reads {MANIFEST_SCHEMA_VERSION}",
+            path=path,
+            fix="rebuild the package with this edgekit",
+        )
+    _check_structure(manifest, path)
+    return manifest
+
+
+def _check_structure(manifest: dict[str, Any], path: str | Path) -> None:
+    """Refuse a manifest whose file list or variant table has the wrong shape, so later code can trust it."""
+    files, variants = manifest.get("files", []), manifest.get("variants", {})
+    if not isinstance(files, list) or not isinstance(variants, dict):
+        raise PackageError("has a 'files' that is not a list or 'variants' that is not a mapping", path=path)
+    for entry in files:
+        if (
+            not isinstance(entry, dict)
+            or not isinstance(entry.get("path"), str)
+            or type(entry.get("size")) is not int
+            or entry["size"] < 0
+            or not isinstance(entry.get("sha256"), str)
+            or len(entry["sha256"]) != 64
+            or not set(entry["sha256"]) <= _HEX
+        ):
+            raise PackageError(f"has a malformed file entry {str(entry)[:200]}", path=path, fix="rebuild the package")
+    for name, variant in variants.items():
+        if not isinstance(variant, dict) or not isinstance(variant.get("path"), str):
+            raise PackageError(f"has a malformed entry for variant '{name}'", path=path, fix="rebuild the package")
+    for key in ("default_variant",):
+        if manifest.get(key) is not None and not isinstance(manifest[key], str):
+            raise PackageError(f"has a '{key}' that is not a string", path=path, fix="rebuild the package")
+    targets = manifest.get("targets", {})
+    if not isinstance(targets, dict) or not all(
+        isinstance(t, dict) and isinstance(t.get("variant"), str) and isinstance(t.get("providers", []), list)
+        for t in targets.values()
+    ):
+        raise PackageError("has a malformed 'targets' table", path=path, fix="rebuild the package")

@@ -1,0 +1,208 @@
+"""Blockwise quantization of one weight matrix into a ``TensorFormat``: codes, scales and offsets.
+
+Layout (onnxruntime's MatMulNBits): the matrix is [N, K] (output rows, input columns), blocked along K.
+Symmetric blocks decode as ``scale * (code - 2^(bits-1))``, the scale chosen so that the value of largest
+magnitude maps to ``-2^(bits-1)`` (MLAS's rule, which onnxruntime's own quantizer uses). Asymmetric
+blocks decode as ``scale * code + minimum``. Scales and minimums are rounded to float16 (what the file
+stores) before the codes are chosen, so the codes fit the values the graph will use.
+
+The searches fit each block by least squares, optionally weighting each input column by the mean square of
+the activations it multiplies (``importance``: the diagonal of XᵀX, llama.cpp's "imatrix"): a column that
+carries large activations contributes more output error per unit of weight error. Torch runs the arithmetic
+(threaded, vectorised over all blocks at once); rows are processed in chunks to bound memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from edgekit.quant.formats import QuantMethod, TensorFormat
+
+_ROWS_PER_CHUNK = 4096
+_SYM_GRID = np.linspace(0.75, 1.05, 13)  # scale factors tried around the absmax scale (1.0 is RTN)
+_ASYM_STEPS = 16  # llama.cpp's make_qkx2_quants tries ~20 inverse scales around (levels / range)
+_ASYM_DELTA = 0.1
+
+
+@dataclass
+class QuantizedMatrix:
+    """Codes [N, K_padded] (one uint8 per weight, unpacked), float16 scales [N, blocks], minimums or None."""
+
+    fmt: TensorFormat
+    codes: np.ndarray
+    scales: np.ndarray
+    minimums: np.ndarray | None
+    cols: int
+    """K before padding to whole blocks."""
+
+    def dequantize(self) -> np.ndarray:
+        """The fp32 matrix [N, K] the graph computes with."""
+        return _decode(
+            torch.from_numpy(self.codes),
+            torch.from_numpy(self.scales.astype(np.float32)),
+            None if self.minimums is None else torch.from_numpy(self.minimums.astype(np.float32)),
+            self.fmt,
+        ).numpy()[:, : self.cols]
+
+    def packed_codes(self) -> np.ndarray:
+        """Codes as MatMulNBits stores them: [N, blocks, block_size * bits / 8], two 4-bit codes per byte."""
+        rows = self.codes.shape[0]
+        blocks = self.codes.reshape(rows, -1, self.fmt.block_size)
+        if self.fmt.bits == 8:
+            return np.ascontiguousarray(blocks)
+        return np.ascontiguousarray(blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)
+
+
+def quantize_matrix(weight: np.ndarray, fmt: TensorFormat, importance: np.ndarray | None = None) -> QuantizedMatrix:
+    """Quantize ``weight`` [N, K] into ``fmt``; ``importance`` [K] weights the searches' error per column."""
+    rows, cols = weight.shape
+    padded = -(-cols // fmt.block_size) * fmt.block_size
+    w = torch.zeros((rows, padded), dtype=torch.float32)
+    w[:, :cols] = torch.from_numpy(np.asarray(weight, dtype=np.float32))
+    imp = torch.ones(padded, dtype=torch.float32)
+    if importance is not None and fmt.method is QuantMethod.WEIGHTED:
+        imp[:cols] = torch.from_numpy(_regularised(importance))
+    imp[cols:] = 0.0
+    codes = np.empty((rows, padded), dtype=np.uint8)
+    blocks = padded // fmt.block_size
+    scales = np.empty((rows, blocks), dtype=np.float16)
+    minimums = np.empty((rows, blocks), dtype=np.float16) if fmt.asymmetric else None
+    for start in range(0, rows, _ROWS_PER_CHUNK):
+        chunk = w[start : start + _ROWS_PER_CHUNK].reshape(-1, blocks, fmt.block_size)
+        weights = imp.reshape(1, blocks, fmt.block_size).expand_as(chunk)
+        if fmt.asymmetric:
+            c, s, m = _fit_asymmetric(chunk, weights, fmt)
+            assert minimums is not None
+            minimums[start : start + len(chunk)] = m.numpy()
+        else:
+            c, s = _fit_symmetric(chunk, weights, fmt)
+        codes[start : start + len(chunk)] = c.reshape(len(chunk), -1).numpy()
+        scales[start : start + len(chunk)] = s.numpy()
+    return QuantizedMatrix(fmt, codes, scales, minimums, cols)
+
+
+def weighted_error(weight: np.ndarray, quantized: QuantizedMatrix, importance: np.ndarray | None = None) -> float:
+    """sum_nk importance_k * (dequantized - weight)_nk^2: the output error a column-independent model predicts."""
+    diff = torch.from_numpy(quantized.dequantize()) - torch.from_numpy(np.asarray(weight, dtype=np.float32))
+    sq = (diff.double() ** 2).sum(0)
+    if importance is not None:
+        sq = sq * torch.from_numpy(np.asarray(importance, dtype=np.float64))
+    return float(sq.sum())
+
+
+def _regularised(importance: np.ndarray) -> np.ndarray:
+    # A column no calibration token exercised still gets some weight (its error is not free on other text).
+    imp = np.asarray(importance, dtype=np.float64)
+    floor = 1e-3 * float(imp.mean()) if imp.size and imp.mean() > 0 else 1.0
+    return np.maximum(imp, floor).astype(np.float32)
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16).to(torch.float32)
+
+
+def _fit_symmetric(blocks: torch.Tensor, weights: torch.Tensor, fmt: TensorFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    half = 2 ** (fmt.bits - 1)
+    index = blocks.abs().argmax(-1, keepdim=True)
+    peak = torch.gather(blocks, -1, index)[..., 0]
+    base = torch.where(peak == 0, torch.ones_like(peak), peak / -half)
+    factors = [1.0] if fmt.method is QuantMethod.RTN else list(_SYM_GRID)
+    best_err = torch.full(base.shape, float("inf"))
+    best_scale = _half(base)
+    for factor in factors:
+        for scale in _sym_candidates(blocks, weights, _half(base * factor), half, refit=factor != 1.0):
+            err = _sym_error(blocks, weights, scale, half)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+    codes = _sym_codes(blocks, best_scale, half)
+    return codes, best_scale.to(torch.float16)
+
+
+def _sym_candidates(
+    blocks: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor, half: int, refit: bool
+) -> list[torch.Tensor]:
+    """The scale itself and, for the searches, its least-squares refit for the codes it gives."""
+    if not refit:
+        return [scale]
+    q = _sym_codes(blocks, scale, half).to(torch.float32) - half
+    num = (weights * q * blocks).sum(-1)
+    den = (weights * q * q).sum(-1)
+    fitted = torch.where(den > 0, num / den.clamp_min(1e-30), scale)
+    fitted = torch.where(fitted == 0, scale, fitted)
+    return [scale, _half(fitted)]
+
+
+def _sym_codes(blocks: torch.Tensor, scale: torch.Tensor, half: int) -> torch.Tensor:
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (torch.round(blocks / safe[..., None]) + half).clamp(0, 2 * half - 1).to(torch.uint8)
+
+
+def _sym_error(blocks: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor, half: int) -> torch.Tensor:
+    decoded = (_sym_codes(blocks, scale, half).to(torch.float32) - half) * scale[..., None]
+    return (weights * (decoded - blocks) ** 2).sum(-1)
+
+
+def _fit_asymmetric(
+    blocks: torch.Tensor, weights: torch.Tensor, fmt: TensorFormat
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    levels = 2**fmt.bits - 1
+    low, high = blocks.min(-1).values, blocks.max(-1).values
+    span = (high - low).clamp_min(1e-30)
+    rtn_scale = _half(torch.where(high > low, span / levels, torch.ones_like(span)))
+    best = (_half(low), rtn_scale)
+    best_err = _asym_error(blocks, weights, *best, levels)
+    if fmt.method is not QuantMethod.RTN:
+        for step in range(_ASYM_STEPS + 1):
+            # llama.cpp's make_qkx2_quants: inverse scales around levels/range, each refit by least squares.
+            inverse = (levels - 1.0 + _ASYM_DELTA * step) / span
+            codes = torch.round((blocks - low[..., None]) * inverse[..., None]).clamp(0, levels)
+            minimum, scale = _least_squares(blocks, weights, codes, low, rtn_scale)
+            err = _asym_error(blocks, weights, minimum, scale, levels)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = (torch.where(better, minimum, best[0]), torch.where(better, scale, best[1]))
+    minimum, scale = best
+    return _asym_codes(blocks, minimum, scale, levels), scale.to(torch.float16), minimum.to(torch.float16)
+
+
+def _least_squares(
+    blocks: torch.Tensor, weights: torch.Tensor, codes: torch.Tensor, low: torch.Tensor, fallback: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted least-squares (minimum, scale) for fixed codes, rounded to float16."""
+    sw = weights.sum(-1)
+    sq, sx = (weights * codes).sum(-1), (weights * blocks).sum(-1)
+    sqq, sqx = (weights * codes * codes).sum(-1), (weights * codes * blocks).sum(-1)
+    det = sqq * sw - sq * sq
+    ok = det.abs() > 1e-20 * (sqq * sw).clamp_min(1e-30)
+    scale = torch.where(ok, (sw * sqx - sq * sx) / torch.where(ok, det, torch.ones_like(det)), fallback)
+    minimum = torch.where(ok, (sqq * sx - sq * sqx) / torch.where(ok, det, torch.ones_like(det)), low)
+    scale = torch.where(scale > 0, scale, fallback)
+    return _half(minimum), _half(scale)
+
+
+def _asym_codes(blocks: torch.Tensor, minimum: torch.Tensor, scale: torch.Tensor, levels: int) -> torch.Tensor:
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.round((blocks - minimum[..., None]) / safe[..., None]).clamp(0, levels).to(torch.uint8)
+
+
+def _asym_error(
+    blocks: torch.Tensor, weights: torch.Tensor, minimum: torch.Tensor, scale: torch.Tensor, levels: int
+) -> torch.Tensor:
+    decoded = _asym_codes(blocks, minimum, scale, levels).to(torch.float32) * scale[..., None] + minimum[..., None]
+    return (weights * (decoded - blocks) ** 2).sum(-1)
+
+
+def _decode(
+    codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor | None, fmt: TensorFormat
+) -> torch.Tensor:
+    rows = codes.shape[0]
+    q = codes.reshape(rows, -1, fmt.block_size).to(torch.float32)
+    if minimums is None:
+        values = (q - 2 ** (fmt.bits - 1)) * scales[..., None]
+    else:
+        values = q * scales[..., None] + minimums[..., None]
+    return values.reshape(rows, -1)

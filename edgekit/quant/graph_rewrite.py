@@ -1,0 +1,335 @@
+"""Apply a per-tensor recipe to an fp32 decoder export: every linear becomes a MatMulNBits in its own format.
+
+The fp32 graph onnxruntime-genai's builder exported is rewritten node by node, so attention, norms and the
+cache layout stay the builder's. For each quantized linear:
+
+- codes go into a MatMulNBits (4 or 8 bits, the tensor's block size, the target's accuracy level);
+- float16 scales (and minimums) are stored once and cast to fp32 in the graph: onnxruntime folds the casts
+  when the session starts, so the kernel sees fp32 scales while the file holds half of them;
+- an asymmetric tensor adds ``blocksum(x) @ offsets`` to the product: MatMulNBits applies the default zero
+  point (the middle code), and each block's offset ``minimum + scale * 2^(bits-1)`` is a float no integer
+  zero point can hold. Linears that read the same activation share one block-sum.
+
+A tied embedding shares its codes with the LM head: the head's MatMulNBits and the embedding's
+GatherBlockQuantized read one packed initializer (reshaped in the graph, folded at load), so the file stores
+the matrix once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from edgekit.quant.block_quant import QuantizedMatrix, quantize_matrix
+from edgekit.quant.formats import TensorFormat
+
+HEAD = "lm_head"
+EMBEDDING = "model/embed_tokens"
+_MS = "com.microsoft"
+_DROPPED_OUTPUTS = ("hidden_states",)  # the fp32 reference's extra output; a deployed variant does not carry it
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One quantizable weight of the fp32 graph: a MatMul by an initializer, or the embedding's Gather."""
+
+    name: str
+    """Recipe name: the node's name less its op and outer slashes (``model/layers.0/attn/qkv_proj``)."""
+    weight: str
+    """The initializer's name."""
+    rows: int
+    """N: outputs of the linear (vocabulary rows for an embedding)."""
+    cols: int
+    """K: inputs of the linear (the hidden size for an embedding)."""
+    activation: str | None
+    """The tensor the linear multiplies (None for an embedding)."""
+    tied_to: str | None = None
+    """For an embedding that reads the head's weight: the head's name."""
+
+
+def find_linears(model: onnx.ModelProto) -> list[Linear]:
+    """Every MatMul by a 2-D float initializer, then the token embedding, each once."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    producers = {out: node for node in graph.node for out in node.output}
+    found: list[Linear] = []
+    for node in graph.node:
+        weight = initializers.get(node.input[1]) if node.op_type == "MatMul" else None
+        if weight is not None and len(weight.dims) == 2 and weight.data_type == TensorProto.FLOAT:
+            k, n = weight.dims
+            found.append(Linear(_recipe_name(node.name), weight.name, n, k, node.input[0]))
+    heads = {linear.weight: linear.name for linear in found}
+    for node in graph.node:
+        if node.op_type != "Gather" or len(node.input) != 2 or node.input[1] != "input_ids":
+            continue
+        source = node.input[0]
+        table = initializers.get(source)
+        if table is not None and len(table.dims) == 2 and table.data_type == TensorProto.FLOAT:
+            found.append(Linear(_recipe_name(node.name), source, table.dims[0], table.dims[1], None))
+        elif source in producers and producers[source].op_type == "Transpose":
+            weight_name = producers[source].input[0]
+            if weight_name in heads:  # the embedding is the head's weight, transposed: they share one format
+                k, n = initializers[weight_name].dims
+                found.append(Linear(_recipe_name(node.name), weight_name, n, k, None, tied_to=heads[weight_name]))
+    return found
+
+
+def weight_matrix(model: onnx.ModelProto, linear: Linear, base_dir: Path | None = None) -> np.ndarray:
+    """The linear's fp32 weight as [N, K] (MatMul initializers are stored [K, N]).
+
+    ``base_dir``: where the model's external data lies, read for this tensor alone (the model may have been
+    loaded without its data).
+    """
+    tensor = next(t for t in model.graph.initializer if t.name == linear.weight)
+    array = numpy_helper.to_array(tensor, "" if base_dir is None else str(base_dir))
+    if linear.activation is None and linear.tied_to is None:
+        return np.ascontiguousarray(array)  # an untied embedding is already [vocab, hidden]
+    return np.ascontiguousarray(array.T)
+
+
+def rewrite_model(
+    model: onnx.ModelProto,
+    formats: dict[str, TensorFormat],
+    accuracy_level: int,
+    quantize: Callable[[Linear, TensorFormat], QuantizedMatrix] | None = None,
+) -> onnx.ModelProto:
+    """``model`` (fp32, modified in place and returned) with each linear named in ``formats`` quantized.
+
+    A tied embedding takes its head's format. ``quantize`` fits one linear's weight (by default the weight
+    in ``model``, without calibration statistics; a caller with statistics, or with the model loaded without
+    its data, passes its own).
+    """
+    fit = quantize or (lambda linear, fmt: quantize_matrix(weight_matrix(model, linear), fmt))
+    rewriter = _Rewriter(model, accuracy_level)
+    for linear in find_linears(model):
+        fmt = formats.get(linear.tied_to or linear.name)
+        if fmt is None:
+            continue
+        quantized = rewriter.quantized.get(linear.weight)
+        if quantized is None:
+            quantized = fit(linear, fmt)
+            rewriter.quantized[linear.weight] = quantized
+        if linear.activation is None:
+            rewriter.replace_gather(linear, quantized)
+        else:
+            rewriter.replace_matmul(linear, quantized)
+    rewriter.finish()
+    return model
+
+
+def write_variant(model: onnx.ModelProto, reference_folder: Path, out: Path) -> None:
+    """Write ``model`` with its weights in ``model.onnx.data``, beside the reference's config and tokenizer files."""
+    out.mkdir(parents=True, exist_ok=True)
+    for item in reference_folder.iterdir():
+        if item.is_file() and not item.name.startswith("model.onnx"):
+            shutil.copyfile(item, out / item.name)
+    onnx.save_model(
+        model,
+        str(out / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+        size_threshold=1024,
+    )
+    config_path = out / "genai_config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        config.get("model", {}).get("decoder", {}).get("outputs", {}).pop("hidden_states", None)
+        config_path.write_text(json.dumps(config, indent=4), encoding="utf-8")
+
+
+def _recipe_name(node_name: str) -> str:
+    parts = node_name.strip("/").split("/")
+    return "/".join(parts[:-1]) if len(parts) > 1 else parts[0].replace(".MatMul.weight", "")
+
+
+class _Rewriter:
+    """Node surgery on one graph: new nodes go where the replaced node stood, initializers are added once."""
+
+    def __init__(self, model: onnx.ModelProto, accuracy_level: int) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.level = accuracy_level
+        self.quantized: dict[str, QuantizedMatrix] = {}
+        self.stored: dict[str, dict[str, str]] = {}  # weight -> its stored initializers' names
+        self.block_sums: dict[tuple[str, int], str] = {}
+        self.prefix: list[onnx.NodeProto] = []  # casts and reshapes of constants: folded at load
+        self.replaced_weights: set[str] = set()
+        self.replacements: dict[str, list[onnx.NodeProto]] = {}  # node name -> the nodes that stand in for it
+
+    def replace_matmul(self, linear: Linear, q: QuantizedMatrix) -> None:
+        node = self._node(lambda n: n.op_type == "MatMul" and n.input[1] == linear.weight)
+        fmt = q.fmt
+        names = self._store(linear, q)
+        blocks = q.codes.shape[1] // fmt.block_size
+        packed = self._constant_reshape(names["codes"], [linear.rows, blocks, fmt.block_size * fmt.bits // 8])
+        scales = self._constant_reshape(names["scales"], [-1])
+        out = node.output[0]
+        product = out if q.minimums is None else f"{out}_nbits"
+        attrs: dict[str, Any] = {"K": linear.cols, "N": linear.rows, "bits": fmt.bits, "block_size": fmt.block_size}
+        if self.level:
+            attrs["accuracy_level"] = self.level
+        new = [
+            helper.make_node(
+                "MatMulNBits",
+                [node.input[0], packed, scales],
+                [product],
+                name=f"{node.name}_NBits",
+                domain=_MS,
+                **attrs,
+            )
+        ]
+        if q.minimums is not None:
+            assert linear.activation is not None
+            block_sum = self._block_sum(linear.activation, fmt.block_size, new)
+            offsets_t = self._constant(names["offsets"] + "_T", "Transpose", [names["offsets"]], perm=[1, 0])
+            correction = f"{out}_offsets"
+            new += [
+                helper.make_node("MatMul", [block_sum, offsets_t], [correction], name=f"{node.name}_Offsets"),
+                helper.make_node("Add", [product, correction], [out], name=f"{node.name}_AddOffsets"),
+            ]
+        self._swap(node, new)
+        self.replaced_weights.add(linear.weight)
+
+    def replace_gather(self, linear: Linear, q: QuantizedMatrix) -> None:
+        node = self._node(lambda n: n.op_type == "Gather" and _recipe_name(n.name) == linear.name)
+        fmt = q.fmt
+        names = self._store(linear, q)
+        out = node.output[0]
+        gathered = out if q.minimums is None else f"{out}_codes"
+        packed_cols = q.codes.shape[1] * fmt.bits // 8
+        data = self._constant_reshape(names["codes"], [linear.rows, packed_cols])
+        attrs: dict[str, Any] = {"gather_axis": 0, "quantize_axis": 1, "block_size": fmt.block_size, "bits": fmt.bits}
+        new = [
+            helper.make_node(
+                "GatherBlockQuantized",
+                [data, node.input[1], names["scales"]],
+                [gathered],
+                name=f"{node.name}_Quantized",
+                domain=_MS,
+                **attrs,
+            )
+        ]
+        if q.minimums is not None:
+            blocks = q.codes.shape[1] // fmt.block_size
+            rows_offsets, by_block, by_one, back = (f"{out}_{s}" for s in ("row_offsets", "blocks", "offsets1", "sum"))
+            shape_blocks = self._int64(f"{out}_shape_blocks", [0, 0, blocks, fmt.block_size])
+            shape_one = self._int64(f"{out}_shape_one", [0, 0, blocks, 1])
+            shape_back = self._int64(f"{out}_shape_back", [0, 0, blocks * fmt.block_size])
+            new += [
+                helper.make_node("Gather", [names["offsets"], node.input[1]], [rows_offsets], name=f"{node.name}_Off"),
+                helper.make_node("Reshape", [gathered, shape_blocks], [by_block], name=f"{node.name}_Blocks"),
+                helper.make_node("Reshape", [rows_offsets, shape_one], [by_one], name=f"{node.name}_OffBlocks"),
+                helper.make_node("Add", [by_block, by_one], [back], name=f"{node.name}_AddOffsets"),
+            ]
+            if linear.cols == blocks * fmt.block_size:
+                new.append(helper.make_node("Reshape", [back, shape_back], [out], name=f"{node.name}_Back"))
+            else:  # padded columns: drop them again
+                raise ValueError(f"{linear.name}: {linear.cols} columns are not whole blocks of {fmt.block_size}")
+        self._swap(node, new)
+        self.replaced_weights.add(linear.weight)
+
+    def finish(self) -> None:
+        """Splice in the new nodes (constants first), drop replaced weights and the reference-only outputs."""
+        nodes = list(self.prefix)
+        for node in self.graph.node:
+            nodes.extend(self.replacements.get(node.name, [node]))
+        # A Transpose that fed the float embedding feeds nothing once the embedding reads the codes.
+        read = {name for node in nodes for name in node.input}
+        nodes = [n for n in nodes if n.op_type != "Transpose" or any(o in read for o in n.output)]
+        _replace_all(self.graph.node, [_copy(n) for n in nodes])
+        used = {name for node in self.graph.node for name in node.input}
+        keep = [t for t in self.graph.initializer if t.name not in self.replaced_weights or t.name in used]
+        _replace_all(self.graph.initializer, [_copy(t) for t in keep])
+        outputs = [o for o in self.graph.output if o.name not in _DROPPED_OUTPUTS]
+        _replace_all(self.graph.output, [_copy(o) for o in outputs])
+
+    # --- helpers -----------------------------------------------------------------------------------------------
+
+    def _store(self, linear: Linear, q: QuantizedMatrix) -> dict[str, str]:
+        """Codes, fp16 scales and offsets of one weight, stored once (a tied head and embedding share them)."""
+        if linear.weight in self.stored:
+            return self.stored[linear.weight]
+        base = linear.weight.replace("/", "_")
+        fmt = q.fmt
+        codes = q.packed_codes().reshape(q.codes.shape[0], -1)
+        names = {"codes": self._initializer(f"{base}_Q{fmt.bits}", codes)}
+        names["scales"] = self._half_constant(f"{base}_scales", q.scales)
+        if q.minimums is not None:
+            # Offset of the default zero point's code: minimum + scale * 2^(bits-1), in fp32 at load.
+            minimums = self._half_constant(f"{base}_minimums", q.minimums)
+            half = self._initializer(f"{base}_half", np.array(2 ** (fmt.bits - 1), dtype=np.float32))
+            scaled = self._constant(f"{base}_scaled_half", "Mul", [names["scales"], half])
+            names["offsets"] = self._constant(f"{base}_offsets", "Add", [minimums, scaled])
+        self.stored[linear.weight] = names
+        return names
+
+    def _block_sum(self, activation: str, block_size: int, new: list[onnx.NodeProto]) -> str:
+        key = (activation, block_size)
+        if key not in self.block_sums:
+            base = f"{activation}_bsum{block_size}"
+            shape = self._int64(f"{base}_shape", [0, 0, -1, block_size])
+            axes = self._int64(f"{base}_axes", [-1])
+            new += [
+                helper.make_node("Reshape", [activation, shape], [f"{base}_blocks"], name=f"{base}_Reshape"),
+                helper.make_node("ReduceSum", [f"{base}_blocks", axes], [base], keepdims=0, name=f"{base}_ReduceSum"),
+            ]
+            self.block_sums[key] = base
+        return self.block_sums[key]
+
+    def _initializer(self, name: str, array: np.ndarray) -> str:
+        self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def _int64(self, name: str, values: list[int]) -> str:
+        if not any(t.name == name for t in self.graph.initializer):
+            self._initializer(name, np.array(values, dtype=np.int64))
+        return name
+
+    def _half_constant(self, name: str, array: np.ndarray) -> str:
+        stored = self._initializer(f"{name}_fp16", np.asarray(array, dtype=np.float16))
+        return self._constant(name, "Cast", [stored], to=TensorProto.FLOAT)
+
+    def _constant(self, name: str, op: str, inputs: list[str], **attrs: Any) -> str:
+        self.prefix.append(helper.make_node(op, inputs, [name], name=f"{name}_{op}", **attrs))
+        return name
+
+    def _constant_reshape(self, name: str, shape: list[int]) -> str:
+        target = f"{name}_as_{'x'.join(str(abs(d)) for d in shape)}"
+        if any(target in node.output for node in self.prefix):
+            return target
+        return self._constant(target, "Reshape", [name, self._int64(f"{target}_shape", shape)])
+
+    def _node(self, match: Callable[[onnx.NodeProto], bool]) -> onnx.NodeProto:
+        return next(node for node in self.graph.node if match(node))
+
+    def _swap(self, node: onnx.NodeProto, new: list[onnx.NodeProto]) -> None:
+        if not node.name or node.name in self.replacements:
+            raise ValueError(f"cannot rewrite node '{node.name}': the graph's node names must be unique")
+        self.replacements[node.name] = new
+
+
+def _copy(message: Any) -> Any:
+    copied = type(message)()
+    copied.CopyFrom(message)
+    return copied
+
+
+def _replace_all(field: Any, items: list[Any]) -> None:
+    del field[:]
+    field.extend(items)
+
+
+def iter_recipe_names(model: onnx.ModelProto) -> Iterator[str]:
+    """Names a recipe can give a format to (a tied embedding is its head's)."""
+    for linear in find_linears(model):
+        if linear.tied_to is None:
+            yield linear.name

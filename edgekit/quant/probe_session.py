@@ -1,0 +1,118 @@
+"""One onnxruntime session over the fp32 export that can swap any linear's weight per run.
+
+Sensitivity is measured with real forward passes: the fp32 graph, every linear's weight declared also as a
+graph input (an "overridable initializer"), so a run can feed a quantized-then-dequantized copy of a few
+weights while the rest stay fp32, without building a new session. The same session reports the activations
+each linear multiplies, for the per-column importance (mean square, the diagonal of XᵀX / tokens).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from edgekit.accuracy.metrics import kl_divergence, log_softmax
+from edgekit.errors import ExportError
+from edgekit.quant.graph_rewrite import Linear
+
+_PROBE_GRAPH = "model.probe.onnx"
+
+
+@dataclass
+class CalibrationReference:
+    """What the fp32 model does on the calibration windows: scored log-probs and the linears' input statistics."""
+
+    logprobs: list[np.ndarray]
+    """Per window, [scored positions, vocab] float32."""
+    importance: dict[str, np.ndarray] = field(default_factory=dict)
+    """Activation name -> mean square per input column, over every position of every window."""
+
+
+class ProbeSession:
+    """The fp32 decoder with overridable linear weights; ``run`` scores a window, ``kl`` a set of replacements."""
+
+    def __init__(self, model_dir: Path, linears: list[Linear], threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        self.model_dir = Path(model_dir)
+        self.linears = linears
+        self.activations = sorted({lin.activation for lin in linears if lin.activation is not None})
+        graph_path = self._write_probe_graph()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.intra_op_num_threads = threads or os.cpu_count() or 1
+        try:
+            self.session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise ExportError(
+                f"onnxruntime cannot load the fp32 export for calibration ({exc})", path=self.model_dir
+            ) from None
+        finally:
+            graph_path.unlink(missing_ok=True)
+        self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
+        self.feeds_positions = any(i.name == "position_ids" for i in self.session.get_inputs())
+
+    def run(self, ids: np.ndarray, overrides: dict[str, np.ndarray], activations: bool = False) -> list[np.ndarray]:
+        """Logits [seq, vocab] (and, with ``activations``, every linear's input) for one window ``ids`` [seq]."""
+        seq = ids.shape[0]
+        feed: dict[str, np.ndarray] = {"input_ids": ids[None].astype(np.int64)}
+        feed["attention_mask"] = np.ones((1, seq), dtype=np.int64)
+        if self.feeds_positions:
+            feed["position_ids"] = np.arange(seq, dtype=np.int64)[None]
+        for spec in self.past_inputs:
+            dims = [
+                1 if not isinstance(d, int) and "batch" in d else (d if isinstance(d, int) else 0) for d in spec.shape
+            ]
+            feed[spec.name] = np.zeros(dims, dtype=np.float32)
+        feed.update(overrides)
+        names = ["logits", *self.activations] if activations else ["logits"]
+        values = self.session.run(names, feed)
+        return [values[0][0], *values[1:]]
+
+    def reference(self, windows: np.ndarray, scored: slice) -> CalibrationReference:
+        """Scored log-probs of the fp32 model, and the per-column mean squares of every linear's input."""
+        sums: dict[str, np.ndarray] = {}
+        count = 0
+        logprobs = []
+        for ids in windows:
+            logits, *acts = self.run(ids, {}, activations=True)
+            logprobs.append(log_softmax(logits[scored]).astype(np.float32))
+            for name, value in zip(self.activations, acts, strict=True):
+                flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
+                sums[name] = sums.get(name, 0.0) + (flat * flat).sum(0)
+            count += len(ids)
+        return CalibrationReference(logprobs, {k: v / count for k, v in sums.items()})
+
+    def kl(
+        self, windows: np.ndarray, scored: slice, reference: CalibrationReference, overrides: dict[str, np.ndarray]
+    ) -> float:
+        """Mean KL(fp32 || model with ``overrides``) over the scored positions of ``windows``."""
+        total, positions = 0.0, 0
+        for ids, ref in zip(windows, reference.logprobs, strict=True):
+            logits = self.run(ids, overrides)[0]
+            per_position = kl_divergence(ref.astype(np.float64), log_softmax(logits[scored]))
+            total += float(per_position.sum())
+            positions += len(per_position)
+        return total / max(positions, 1)
+
+    def _write_probe_graph(self) -> Path:
+        """The fp32 graph (weights left in the export's data file) with weights as inputs and activations as outputs."""
+        model = onnx.load(str(self.model_dir / "model.onnx"), load_external_data=False)
+        graph = model.graph
+        dims = {t.name: list(t.dims) for t in graph.initializer}
+        present = {i.name for i in graph.input}
+        for weight in dict.fromkeys(lin.weight for lin in self.linears):
+            if weight not in present:
+                graph.input.append(helper.make_tensor_value_info(weight, TensorProto.FLOAT, dims[weight]))
+        outputs = {o.name for o in graph.output}
+        for name in self.activations:
+            if name not in outputs:
+                graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        path = self.model_dir / _PROBE_GRAPH
+        onnx.save_model(model, str(path))
+        return path

@@ -1,0 +1,262 @@
+"""Build a package's ``int4-recipe`` variant: measure, search, build, verify on calibration text, time, repeat.
+
+1. The fp32 export runs the calibration windows once: reference log-probs, and each linear's input
+   statistics (the weighted search's importance).
+2. Sensitivity: every tensor's loss per candidate format (``sensitivity``), or the cached table.
+3. Search: the recipe for the objective (least loss in ``max_model_bytes``, or fewest bytes within the
+   budget's KL) under a decode-cost bound derived from ``min_decode_ratio``.
+4. Build the variant by rewriting the fp32 graph, then check it as the runtime runs it: KL and top-1 on
+   calibration windows (never the evaluation text) and decode speed against the RTN variant, alternating.
+   A miss tightens the bound that was missed (the loss target scaled by what the prediction got wrong,
+   the cost bound by the measured speed) and the search runs again, at most ``_ROUNDS`` times.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from edgekit.accuracy.metrics import kl_divergence, log_softmax
+from edgekit.exporters.decoder_session import DecoderSession
+from edgekit.quant.block_quant import QuantizedMatrix, quantize_matrix
+from edgekit.quant.decode_timing import decode_ratio
+from edgekit.quant.formats import DEFAULT_CANDIDATES, PROBE_FORMAT, TensorFormat, parse_format
+from edgekit.quant.graph_rewrite import Linear, find_linears, rewrite_model, weight_matrix, write_variant
+from edgekit.quant.probe_session import CalibrationReference, ProbeSession
+from edgekit.quant.search import Objective, Option, Recipe, choose
+from edgekit.quant.sensitivity import SensitivityTable, candidate_formats, measure_sensitivity, read_table, write_table
+
+_ROUNDS = 3
+_LOSS_MARGIN = 0.8  # the first search aims this far under the KL budget; verification adjusts it
+_PROBE_WINDOWS = 2  # windows the per-group probes run on (the slowest part: one forward per group)
+_VERIFY_WINDOWS = 4
+_ASYM_OVERHEAD_BYTES = 131072  # an asymmetric linear's extra ops (block sums, offset product, add), in read bytes
+_GRAPH_SLACK_BYTES = 1024  # per linear: the rewritten graph's extra nodes and shape constants
+
+
+@dataclass(frozen=True)
+class RecipeRequest:
+    """What a build asks of its recipe variant."""
+
+    max_model_bytes: int | None
+    max_kl: float | None
+    min_top1: float | None
+    min_decode_ratio: float
+    accuracy_level: int
+    head_baseline: TensorFormat | None
+    """The RTN variant's LM head format (None: float), for the decode-cost bound."""
+    candidates: tuple[TensorFormat, ...] = DEFAULT_CANDIDATES
+
+
+@dataclass
+class RecipeOutcome:
+    """The chosen recipe and what checking it found."""
+
+    formats: dict[str, str]
+    predicted_kl: float
+    calibration_kl: float
+    calibration_top1: float
+    model_bytes: int
+    decode_ratio: float | None
+    rounds: int
+    sensitivity_reused: bool
+    notes: list[str] = field(default_factory=list)
+
+    def as_manifest(self) -> dict[str, Any]:
+        """The manifest's ``recipe`` entry of the variant."""
+        return {
+            "tensors": self.formats,
+            "predicted_kl": round(self.predicted_kl, 6),
+            "calibration_kl": round(self.calibration_kl, 6),
+            "calibration_top1": round(self.calibration_top1, 6),
+            "model_bytes": self.model_bytes,
+            "decode_ratio": None if self.decode_ratio is None else round(self.decode_ratio, 4),
+            "search_rounds": self.rounds,
+            "sensitivity_reused": self.sensitivity_reused,
+        }
+
+
+def build_recipe_variant(
+    fp32_dir: Path,
+    out_dir: Path,
+    baseline_dir: Path | None,
+    request: RecipeRequest,
+    windows: np.ndarray,
+    key: dict[str, str],
+    cache_paths: list[Path],
+    progress: Callable[[str], None] = lambda _: None,
+) -> RecipeOutcome:
+    """Search and build the recipe variant of ``fp32_dir`` into ``out_dir``; ``windows`` are calibration windows."""
+    model = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)  # weights read one at a time
+    linears = find_linears(model)
+    scored = slice(windows.shape[1] // 2, windows.shape[1] - 1)
+    progress("fp32 pass over the calibration text")
+    probe = ProbeSession(fp32_dir, linears)
+    reference = probe.reference(windows, scored)
+
+    def weight_of(linear: Linear) -> np.ndarray:
+        return weight_matrix(model, linear, fp32_dir)
+
+    table = next((t for p in cache_paths if (t := read_table(p, key)) is not None), None)
+    reused = table is not None
+    if table is None:
+        table = measure_sensitivity(
+            probe, reference, windows[:_PROBE_WINDOWS], scored, weight_of, request.candidates, key, progress
+        )
+    del probe
+    for path in cache_paths:
+        write_table(path, table)
+    quantized: dict[tuple[str, str], QuantizedMatrix] = {}
+
+    def fit(linear: Linear, fmt: TensorFormat) -> QuantizedMatrix:
+        cache_key = (linear.weight, fmt.spelling)
+        if cache_key not in quantized:
+            importance = reference.importance.get(linear.activation) if linear.activation else None
+            quantized[cache_key] = quantize_matrix(weight_of(linear), fmt, importance)
+        return quantized[cache_key]
+
+    options = _options(table, linears, request.candidates)
+    fixed = _fixed_bytes(fp32_dir, linears)
+    max_cost = _baseline_cost(linears, request.head_baseline) / request.min_decode_ratio
+    max_loss = None if request.max_kl is None else request.max_kl * _LOSS_MARGIN
+    outcome: RecipeOutcome | None = None
+    for round_number in range(1, _ROUNDS + 1):
+        objective = Objective(
+            max_bytes=request.max_model_bytes,
+            max_loss=None if request.max_model_bytes is not None else max_loss,
+            max_cost=max_cost,
+            fixed_bytes=fixed,
+        )
+        recipe = choose(options, objective)
+        progress(f"round {round_number}: build {len(recipe.choices)} tensors, predicted KL {recipe.loss:.4f}")
+        _build(fp32_dir, out_dir, recipe, request.accuracy_level, fit)
+        outcome = _check(out_dir, baseline_dir, recipe, reference, windows, scored, request, round_number, reused)
+        progress(
+            f"round {round_number}: calibration KL {outcome.calibration_kl:.4f}, {outcome.model_bytes:,} bytes"
+            + ("" if outcome.decode_ratio is None else f", decode {outcome.decode_ratio:.2f}x RTN")
+        )
+        slow = outcome.decode_ratio is not None and outcome.decode_ratio < request.min_decode_ratio
+        lossy = request.max_model_bytes is None and not _meets_accuracy(outcome, request)
+        if not slow and not lossy:
+            break
+        if slow:
+            assert outcome.decode_ratio is not None
+            max_cost = recipe.cost * outcome.decode_ratio / request.min_decode_ratio * 0.98
+        if lossy and max_loss is not None and request.max_kl is not None:
+            # The prediction was off by calibration_kl / predicted: aim under the budget by that much.
+            factor = recipe.loss / max(outcome.calibration_kl, 1e-12)
+            max_loss = min(max_loss * 0.7, request.max_kl * _LOSS_MARGIN * factor)
+    assert outcome is not None
+    return outcome
+
+
+def _options(
+    table: SensitivityTable, linears: list[Linear], candidates: tuple[TensorFormat, ...]
+) -> dict[str, list[Option]]:
+    options: dict[str, list[Option]] = {}
+    for linear in linears:
+        if linear.tied_to is not None:
+            continue
+        entry = table.tensor(linear.name)
+        formats = [f for f in candidate_formats(linear, candidates) if f.spelling in entry.proxy]
+        options[linear.name] = [
+            Option(fmt, fmt.file_bytes(linear.rows, linear.cols), entry.predicted_loss(fmt), _cost(linear, fmt))
+            for fmt in formats
+        ]
+    return options
+
+
+def _cost(linear: Linear, fmt: TensorFormat | None) -> float:
+    """Bytes a decode step reads for this linear (fp32 scales at run time), plus the offsets' extra ops."""
+    weights = linear.rows * linear.cols
+    if fmt is None:
+        return 4.0 * weights
+    blocks = weights / fmt.block_size
+    read = weights * fmt.bits / 8 + 4 * blocks * (2 if fmt.asymmetric else 1)
+    return read + (_ASYM_OVERHEAD_BYTES if fmt.asymmetric else 0)
+
+
+def _baseline_cost(linears: list[Linear], head: TensorFormat | None) -> float:
+    """The decode cost of the all-int4 RTN variant: symmetric block-32 linears and the target's head."""
+    total = 0.0
+    for linear in linears:
+        if linear.tied_to is not None:
+            continue
+        is_head = linear.name == "lm_head"
+        total += _cost(linear, head if is_head else PROBE_FORMAT)
+    return total
+
+
+def _fixed_bytes(fp32_dir: Path, linears: list[Linear]) -> int:
+    """Model-file bytes no choice changes: the fp32 files less their linears' float weights, plus graph slack."""
+    files = sum(p.stat().st_size for p in fp32_dir.iterdir() if p.name.startswith("model.onnx"))
+    distinct = {lin.weight: lin.rows * lin.cols for lin in linears}
+    return files - 4 * sum(distinct.values()) + _GRAPH_SLACK_BYTES * len(linears)
+
+
+def _build(
+    fp32_dir: Path,
+    out_dir: Path,
+    recipe: Recipe,
+    level: int,
+    fit: Callable[[Linear, TensorFormat], QuantizedMatrix],
+) -> None:
+    from onnx.external_data_helper import load_external_data_for_model
+
+    graph = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)
+    rewrite_model(graph, recipe.formats(), level, fit)
+    load_external_data_for_model(graph, str(fp32_dir))  # what the rewrite kept: norms, rotary tables
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    write_variant(graph, fp32_dir, out_dir)
+
+
+def _check(
+    out_dir: Path,
+    baseline_dir: Path | None,
+    recipe: Recipe,
+    reference: CalibrationReference,
+    windows: np.ndarray,
+    scored: slice,
+    request: RecipeRequest,
+    round_number: int,
+    reused: bool,
+) -> RecipeOutcome:
+    session = DecoderSession(out_dir)
+    kls, agree = [], []
+    for ids, ref in list(zip(windows, reference.logprobs, strict=True))[:_VERIFY_WINDOWS]:
+        logprobs = log_softmax(session.logits(ids[None])[0][scored])
+        kls.append(kl_divergence(ref.astype(np.float64), logprobs))
+        agree.append(ref.argmax(-1) == logprobs.argmax(-1))
+    del session
+    ratio = None
+    if baseline_dir is not None and request.min_decode_ratio > 0:
+        ratio = decode_ratio(baseline_dir, out_dir)
+    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.name.startswith("model.onnx"))
+    return RecipeOutcome(
+        formats={name: option.fmt.spelling for name, option in recipe.choices.items()},
+        predicted_kl=recipe.loss,
+        calibration_kl=float(np.concatenate(kls).mean()),
+        calibration_top1=float(np.concatenate(agree).mean()),
+        model_bytes=size,
+        decode_ratio=ratio,
+        rounds=round_number,
+        sensitivity_reused=reused,
+    )
+
+
+def _meets_accuracy(outcome: RecipeOutcome, request: RecipeRequest) -> bool:
+    if request.max_kl is not None and outcome.calibration_kl > request.max_kl:
+        return False
+    return request.min_top1 is None or outcome.calibration_top1 >= request.min_top1
+
+
+def recipe_formats(entry: dict[str, Any]) -> dict[str, TensorFormat]:
+    """A manifest ``recipe`` entry's formats, parsed (``ValueError`` naming a bad one)."""
+    return {name: parse_format(spelling) for name, spelling in entry["tensors"].items()}

@@ -1,0 +1,171 @@
+"""How much loss each tensor adds in each candidate format: measured for groups, split and scaled by a proxy.
+
+The loss a tensor adds is measured, not guessed: groups of linears (one kind of linear over a run of
+consecutive layers, the LM head alone) are quantized in the probe format and run forward on calibration
+windows; the KL against the fp32 model is the group's loss. Within a group the loss is split by each
+tensor's proxy (its weighted squared error, sum over columns of importance * error^2, importance being the
+calibration activations' mean square per column), and another format's loss is the tensor's measured
+share scaled by the ratio of that format's proxy to the probe format's. The raw proxy alone ranks tensors
+of different kinds and depths poorly (a value projection's error costs more KL per unit than a late
+output projection's); measured per group and scaled within a tensor, it does not have to.
+
+The table is cached (``eval/sensitivity.json`` in the package and the user cache), keyed by the source's
+weights, the calibration text and the settings, so a second build with another budget reuses it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgekit.errors import EdgekitError
+from edgekit.quant.block_quant import quantize_matrix, weighted_error
+from edgekit.quant.formats import PROBE_FORMAT, TensorFormat, parse_format
+from edgekit.quant.graph_rewrite import Linear
+from edgekit.quant.probe_session import CalibrationReference, ProbeSession
+from edgekit.safe_io import read_regular_file
+
+SENSITIVITY_VERSION = 1
+MAX_TABLE_BYTES = 64 << 20  # a table holds a few numbers per tensor: 64 MiB is thousands of layers
+_LAYER = re.compile(r"(?P<prefix>.*?layers\.)(?P<index>\d+)(?P<suffix>/.*)")
+_PROXY_ROWS = 256  # rows sampled per tensor for the proxy: the ratio between formats converges long before
+_GROUPS_PER_KIND = 5  # runs of consecutive layers measured together, per kind of linear
+
+
+class TensorLoss(BaseModel):
+    """One tensor's measured share of loss at the probe format and its proxy in every candidate format."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    rows: int = Field(gt=0)
+    cols: int = Field(gt=0)
+    group: str
+    probe_loss: float = Field(ge=0)
+    proxy: dict[str, Annotated[float, Field(ge=0)]]
+    """Format spelling -> weighted squared error on the sampled rows (the probe format included)."""
+
+    def predicted_loss(self, fmt: TensorFormat) -> float:
+        """The KL this tensor adds in ``fmt``: its measured share, scaled by the proxies' ratio."""
+        base = self.proxy[PROBE_FORMAT.spelling]
+        if base <= 0:
+            return 0.0
+        return self.probe_loss * self.proxy[fmt.spelling] / base
+
+    def formats(self) -> list[TensorFormat]:
+        """The candidate formats this tensor was measured in."""
+        return [parse_format(spelling) for spelling in self.proxy]
+
+
+class SensitivityTable(BaseModel):
+    """Every quantizable tensor's loss per format, with what it was measured on."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: int = SENSITIVITY_VERSION
+    key: dict[str, str]
+    """Source weights' digest, calibration text's digest, windows, probe format, edgekit version."""
+    group_losses: dict[str, float]
+    tensors: list[TensorLoss]
+
+    def tensor(self, name: str) -> TensorLoss:
+        """The entry named ``name``."""
+        return next(t for t in self.tensors if t.name == name)
+
+
+def candidate_formats(linear: Linear, candidates: tuple[TensorFormat, ...]) -> list[TensorFormat]:
+    """The candidates that fit ``linear``: blocks that divide its input size (no padded columns)."""
+    fitting = [fmt for fmt in candidates if linear.cols % fmt.block_size == 0]
+    if PROBE_FORMAT not in fitting and linear.cols % PROBE_FORMAT.block_size == 0:
+        fitting.append(PROBE_FORMAT)
+    return fitting
+
+
+def group_of(linear: Linear, layers: int) -> str:
+    """``attn/qkv_proj@0-5``: the linear's kind and its run of layers; a linear outside the layers is its own group."""
+    match = _LAYER.match(linear.name)
+    if match is None:
+        return linear.name
+    index = int(match["index"])
+    span = max(1, -(-layers // _GROUPS_PER_KIND))
+    start = index // span * span
+    return f"{match['prefix']}*{match['suffix']}@{start}-{min(start + span, layers) - 1}"
+
+
+def measure_sensitivity(
+    probe: ProbeSession,
+    reference: CalibrationReference,
+    windows: np.ndarray,
+    scored: slice,
+    weights: Callable[[Linear], np.ndarray],
+    candidates: tuple[TensorFormat, ...],
+    key: dict[str, str],
+    progress: Callable[[str], None] | None = None,
+) -> SensitivityTable:
+    """Measure every group's loss at the probe format, and every tensor's proxies; ``weights`` gives [N, K]."""
+    linears = [lin for lin in probe.linears if lin.tied_to is None]
+    layers = 1 + max((int(m["index"]) for lin in linears if (m := _LAYER.match(lin.name))), default=0)
+    rng = np.random.default_rng(0)
+    proxies: dict[str, dict[str, float]] = {}
+    probes: dict[str, np.ndarray] = {}
+    for number, linear in enumerate(linears, 1):
+        if progress:
+            progress(f"proxies {number}/{len(linears)}")
+        matrix = weights(linear)
+        importance = reference.importance.get(linear.activation) if linear.activation else None
+        rows = np.sort(rng.choice(linear.rows, min(_PROXY_ROWS, linear.rows), replace=False))
+        sample = matrix[rows]
+        proxies[linear.name] = {
+            fmt.spelling: weighted_error(sample, quantize_matrix(sample, fmt, importance), importance)
+            for fmt in candidate_formats(linear, candidates)
+        }
+        probes[linear.name] = np.ascontiguousarray(quantize_matrix(matrix, PROBE_FORMAT).dequantize().T)
+    groups: dict[str, list[Linear]] = {}
+    for linear in linears:
+        groups.setdefault(group_of(linear, layers), []).append(linear)
+    group_losses: dict[str, float] = {}
+    for number, (group, members) in enumerate(groups.items(), 1):
+        if progress:
+            progress(f"probe {number}/{len(groups)}: {group}")
+        overrides = {lin.weight: probes[lin.name] for lin in members}
+        group_losses[group] = max(0.0, probe.kl(windows, scored, reference, overrides))
+    tensors = []
+    for group, members in groups.items():
+        total = sum(proxies[lin.name][PROBE_FORMAT.spelling] for lin in members) or 1.0
+        for lin in members:
+            share = proxies[lin.name][PROBE_FORMAT.spelling] / total
+            tensors.append(
+                TensorLoss(
+                    name=lin.name,
+                    rows=lin.rows,
+                    cols=lin.cols,
+                    group=group,
+                    probe_loss=group_losses[group] * share,
+                    proxy=proxies[lin.name],
+                )
+            )
+    return SensitivityTable(key=key, group_losses=group_losses, tensors=tensors)
+
+
+def read_table(path: Path, key: dict[str, str]) -> SensitivityTable | None:
+    """A cached table for ``key``, or None (missing, another key, or not a valid table: it is remeasured)."""
+    if not path.is_file():
+        return None
+    try:
+        table = SensitivityTable.model_validate_json(read_regular_file(path, MAX_TABLE_BYTES))
+    except (ValidationError, EdgekitError, OSError):
+        return None
+    return table if table.version == SENSITIVITY_VERSION and table.key == key else None
+
+
+def write_table(path: Path, table: SensitivityTable) -> None:
+    """Write ``table`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(table.model_dump_json(indent=1), encoding="utf-8")
+    partial.replace(path)

@@ -1,0 +1,42 @@
+"""The server's options and their defaults: no web stack imported, so the CLI can read them for its help."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from edgekit.errors import UsageError
+
+DEFAULT_PORT = 8000
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """The server's limits and switches (``edgekit serve`` exposes the common ones)."""
+
+    model_name: str | None = None
+    """The id clients send as ``model`` (default: the package folder's name)."""
+    target: str | None = None
+    api_key: str | None = None
+    """When set, /v1/* and /metrics need ``Authorization: Bearer <api_key>``."""
+    max_concurrency: int = 4
+    max_queue: int = 64
+    max_tokens: int = 1024
+    timeout_s: float | None = 300.0
+    max_body_bytes: int = 1 << 20
+    cors_origins: tuple[str, ...] = ()
+    """Origins whose pages may call the API from a browser; none by default."""
+    chat_page: bool = True
+
+    def __post_init__(self) -> None:
+        counts = {"max_concurrency": self.max_concurrency, "max_tokens": self.max_tokens,
+                  "max_body_bytes": self.max_body_bytes}  # fmt: skip
+        for name, value in counts.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"{name} must be a positive integer, not {value!r}")
+        if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
+            raise UsageError(f"max_queue must be an integer of at least 0, not {self.max_queue!r}")
+        if self.timeout_s is not None and not self.timeout_s > 0:
+            raise UsageError(f"timeout_s must be positive (or None for no limit), not {self.timeout_s!r}")
+        if isinstance(self.cors_origins, str):
+            raise UsageError("cors_origins must be a sequence of origins, not one string",
+                             fix=f"use ({self.cors_origins!r},)")  # fmt: skip

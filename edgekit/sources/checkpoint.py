@@ -1,0 +1,275 @@
+"""Build sources: a local Hugging Face folder, a GGUF file, or a hub id, checked and staged for export.
+
+Everything here runs before a single weight is read: config.json is parsed, the architecture looked up,
+remote code and pickle weights refused, weight-file headers checked. Staging then makes a private
+folder for the builder (adapted config.json, links to the user's files) so the user's checkpoint is never
+modified.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import stat
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgekit.errors import SourceError
+from edgekit.safe_io import file_kind, open_regular, read_regular_file, require_regular
+from edgekit.sources.prequantized import quantization_method
+from edgekit.sources.registry import Architecture, lookup_architecture, supported_architectures
+from edgekit.sources.weight_files import layer_indices
+from edgekit.sources.weight_files import parameter_count as parameter_count_of
+
+log = logging.getLogger(__name__)
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# What a model folder may hand the builder; code (*.py) and pickles are never staged.
+_STAGED_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt", ".tiktoken")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
+MAX_CONFIG_BYTES = 16 << 20  # a real config.json is a few KB
+# Shape values of config.json and their upper bounds: far above any real model, low enough to refuse before
+# a library allocates by them.
+_SHAPE_LIMITS = {
+    "num_hidden_layers": 1 << 10,
+    "num_attention_heads": 1 << 10,
+    "num_key_value_heads": 1 << 10,
+    "head_dim": 1 << 12,
+    "hidden_size": 1 << 17,
+    "intermediate_size": 1 << 20,
+    "vocab_size": 1 << 22,
+    "max_position_embeddings": 1 << 24,
+}
+_FOLDER_FIX = "point at a Hugging Face model folder (config.json, *.safetensors, tokenizer files) or a .gguf file"
+
+
+@dataclass
+class SourceSpec:
+    """Where a build's checkpoint comes from, as the user named it."""
+
+    kind: str  # "folder", "gguf" or "hub"
+    origin: str
+    path: Path | None = None
+
+
+@dataclass(frozen=True)
+class CheckedFolder:
+    """A Hugging Face folder that passed every pre-load check (what the checks found; never changed after)."""
+
+    folder: Path
+    config: dict[str, Any]
+    architecture: Architecture
+    weight_files: list[Path]
+    pickle_weights: bool = False
+    parameter_count: int = 0
+    warnings: list[str] = field(default_factory=list)
+    quantization: str | None = None
+    """``gptq`` or ``awq`` for a pre-quantized checkpoint."""
+
+
+def classify_source(source: str | os.PathLike[str]) -> SourceSpec:
+    """Decide whether ``source`` is a folder, a GGUF file or a hub id; errors when it is none of them."""
+    text = os.fspath(source)
+    path = Path(text).expanduser()
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # nothing local by that name (or a dangling link): a hub id, or a typo
+        if _HUB_ID.match(text) and not text.startswith((".", "/")) and not path.is_symlink():
+            return SourceSpec("hub", text)
+        raise SourceError("does not exist", path=path, fix=_FOLDER_FIX) from None
+    if stat.S_ISDIR(mode):
+        return SourceSpec("folder", text, path.resolve())
+    if not stat.S_ISREG(mode):
+        raise SourceError(f"is {file_kind(mode)}, not a checkpoint folder or a GGUF file", path=path, fix=_FOLDER_FIX)
+    if path.suffix.lower() == ".gguf" or _starts_with(path, b"GGUF"):
+        return SourceSpec("gguf", text, path.resolve())
+    raise SourceError("is a file but not a GGUF file", path=path, fix=_FOLDER_FIX)
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """Parse a folder's config.json, with an error naming the file when it is missing or invalid."""
+    path = folder / "config.json"
+    if not path.exists():
+        raise SourceError("no config.json in this folder", path=folder, fix=_FOLDER_FIX)
+    data = read_regular_file(path, MAX_CONFIG_BYTES, SourceError, "restore config.json from the model's source")
+    try:
+        config = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise SourceError(
+            f"is not valid JSON ({exc})", path=path, fix="restore config.json from the model's source"
+        ) from None
+    if not isinstance(config, dict):
+        raise SourceError("must hold a JSON object", path=path, fix="restore config.json from the model's source")
+    return config
+
+
+def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
+    """Run every check that needs no weights: config, architecture, remote code, weights, tokenizer."""
+    config = read_config(folder)
+    config_path = folder / "config.json"
+    if "auto_map" in config and config.get("model_type") not in supported_architectures():
+        raise SourceError(
+            f"declares custom model code (auto_map) for architecture '{config.get('model_type')}'; "
+            "edgekit never runs code shipped with a checkpoint",
+            path=config_path,
+            fix="use a checkpoint of an architecture transformers implements: " + ", ".join(supported_architectures()),
+        )
+    architecture = lookup_architecture(config, config_path)
+    check_config_values(config, config_path)
+    quantization = quantization_method(config, config_path)
+    warnings = []
+    if "auto_map" in config:
+        warnings.append(f"{config_path}: ignoring auto_map; the built-in {architecture.model_type} code is used")
+    safetensors = sorted(folder.glob("*.safetensors"))
+    pickles = sorted(p for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
+    if safetensors:
+        parameter_count = parameter_count_of(safetensors)
+        weights, is_pickle = safetensors, False
+        _check_layer_count(config, config_path, layer_indices(safetensors))
+    elif pickles:
+        if not allow_pickle:
+            raise SourceError(
+                "holds only pickle weights, which can run code when loaded",
+                path=pickles[0],
+                fix="convert them to safetensors, or pass --allow-pickle to load them with "
+                "torch.load(weights_only=True)",
+            )
+        for pickle in pickles:
+            require_regular(pickle, SourceError)
+        weights, is_pickle, parameter_count = pickles, True, 0
+    else:
+        raise SourceError("no weight files (*.safetensors) in this folder", path=folder, fix=_FOLDER_FIX)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise SourceError(
+            "no tokenizer (tokenizer.json or tokenizer.model) in this folder",
+            path=folder,
+            fix="copy the model's tokenizer files next to its weights",
+        )
+    return CheckedFolder(folder, config, architecture, weights, is_pickle, parameter_count, warnings, quantization)
+
+
+def check_config_values(config: dict[str, Any], path: Path) -> None:
+    """Refuse shape values that are not positive integers in range, before any library sizes memory by them.
+
+    A crafted ``num_hidden_layers: 1000000000`` would otherwise make the builder allocate until it fails.
+    """
+    sections = [config, *(config[k] for k in ("text_config",) if isinstance(config.get(k), dict))]
+    for section in sections:
+        for key, limit in _SHAPE_LIMITS.items():
+            value = section.get(key)
+            if value is None:
+                continue
+            if type(value) is not int or not 1 <= value <= limit:
+                raise SourceError(
+                    f"'{key}' is {str(value)[:40]}; it must be an integer from 1 to {limit}",
+                    path=path,
+                    fix="restore config.json from the model's source",
+                )
+
+
+def _check_layer_count(config: dict[str, Any], path: Path, indices: set[int]) -> None:
+    """The config's layer count must be the number of layers the weight files hold."""
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    declared = text.get("num_hidden_layers") if isinstance(text, dict) else None
+    if not isinstance(declared, int) or not indices:
+        return
+    if indices != set(range(declared)):
+        raise SourceError(
+            f"declares {declared} layers but the weight files hold layers {min(indices)}..{max(indices)} "
+            f"({len(indices)} of them)",
+            path=path,
+            fix="use the config.json that came with these weights",
+        )
+
+
+def stage_folder(checked: CheckedFolder, stage: Path) -> Path:
+    """Make the builder's private copy of a checked folder: adapted config.json, links to the rest.
+
+    Pickle weights are loaded with ``torch.load(weights_only=True)`` and rewritten as safetensors here,
+    so no later library ever unpickles them.
+    """
+    stage.mkdir(parents=True, exist_ok=True)
+    config = checked.architecture.builder_config(checked.config)
+    (stage / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    for item in sorted(checked.folder.iterdir()):
+        if item.name == "config.json" or not item.is_file() or not item.name.endswith(_STAGED_SUFFIXES):
+            continue
+        (stage / item.name).symlink_to(item.resolve())
+    if checked.pickle_weights:
+        _convert_pickles(checked.weight_files, stage / "model.safetensors")
+        for index in stage.glob("pytorch_model*.index.json"):
+            index.unlink()
+    return stage
+
+
+def download_hub_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path:
+    """Download a hub repository's config, safetensors and tokenizer files (never code or pickles)."""
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as exc:
+        raise SourceError("hub ids need huggingface_hub", path=repo_id, fix="pip install 'edgekit[export]'") from exc
+    try:
+        folder = snapshot_download(
+            repo_id,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            allow_patterns=[f"*{suffix}" for suffix in _STAGED_SUFFIXES],
+        )
+    except Exception as exc:  # network, auth and missing-repo errors, each said in one line
+        raise _hub_error(repo_id, exc) from None
+    return Path(folder)
+
+
+_OFFLINE = {"LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError", "ConnectionError", "ConnectTimeout"}
+_NOT_FOUND = {"RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError", "EntryNotFoundError"}
+
+
+def _hub_error(repo_id: str, exc: BaseException) -> SourceError:
+    """One line for a failed hub download: offline, not found (or gated), or the first line of what failed."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and len(chain) < 16:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    names = {type(error).__name__ for error in chain}
+    fix_offline = "download the model where there is network and pass its folder (or its .gguf file)"
+    if names & _NOT_FOUND:
+        return SourceError(
+            "is not a model on the Hugging Face hub, or needs a login to download",
+            path=repo_id,
+            fix="check the id; for a gated model, run `hf auth login` first",
+        )
+    if names & _OFFLINE or any(isinstance(e, OSError) and e.errno in (-2, -3, 101, 111) for e in chain):
+        return SourceError("cannot be downloaded: there is no network access to the Hugging Face hub",
+                           path=repo_id, fix=fix_offline)  # fmt: skip
+    detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+    return SourceError(f"cannot be downloaded ({type(exc).__name__}: {detail})", path=repo_id, fix=fix_offline)
+
+
+def _convert_pickles(pickles: list[Path], target: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    for path in pickles:
+        require_regular(path, SourceError)
+        try:
+            # mmap needs the zip format of torch.save; legacy (pre-1.6) files are read without it.
+            zipped = zipfile.is_zipfile(path)
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipped)
+        except Exception as exc:
+            raise SourceError(
+                f"cannot be loaded safely ({type(exc).__name__}: {exc})",
+                path=path,
+                fix="convert the checkpoint to safetensors with the tool that made it",
+            ) from None
+        tensors.update({name: value.contiguous() for name, value in state.items()})
+    save_file(tensors, str(target), metadata={"format": "pt"})
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    with open_regular(path, SourceError, _FOLDER_FIX) as handle:
+        return handle.read(len(magic)) == magic
