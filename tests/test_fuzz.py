@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 FUZZ = Path(__file__).parent.parent / "fuzz"
 HARNESSES = ("safetensors", "gguf", "manifest", "archive", "package")
+MEMORY_CAP = 4 << 30  # bytes of address space a harness may map; a bigger appetite is a crash
 
 
 @pytest.fixture(scope="module")
@@ -26,9 +28,23 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def start(harness: str, corpus: Path, crashes: Path, *flags: str) -> subprocess.Popen:
     crashes.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(FUZZ / f"fuzz_{harness}.py"), str(corpus / harness), *flags]
-    command += [f"-artifact_prefix={crashes}/", "-rss_limit_mb=2048"]
+    # libFuzzer's -rss_limit_mb reads the peak RSS, which Linux carries over fork and exec from this (large)
+    # pytest process; the child's own memory is capped by an address-space limit instead.
+    command += [f"-artifact_prefix={crashes}/", "-rss_limit_mb=0"]
     env = {**os.environ, "EDGEKIT_FUZZ_WORK": str(crashes / "work")}  # inside pytest's tmp_path, cleaned up
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=crashes, env=env)
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=crashes,
+        env=env,
+        preexec_fn=_cap_memory,
+    )
+
+
+def _cap_memory() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_CAP, MEMORY_CAP))
 
 
 def finish(process: subprocess.Popen, harness: str, timeout: float) -> str:

@@ -198,7 +198,7 @@ BAD_FILES = {
     ),
     "unknown int4 method": (
         _set("laptop-cpu", "int4_methods", ["awq"]),
-        ["targets.laptop-cpu.int4_methods.0", "'rtn' or 'gptq'"],
+        ["targets.laptop-cpu.int4_methods.0", "'rtn', 'gptq' or 'recipe'"],
     ),
     "unknown lm_head": (_set("laptop-cpu", "lm_head", "int2"), ["targets.laptop-cpu.lm_head", "'int4', 'int8' or"]),
     "target not a mapping": (_replace_target("laptop-cpu", "cpu"), ["targets.laptop-cpu: must be a mapping"]),

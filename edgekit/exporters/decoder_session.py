@@ -32,7 +32,8 @@ def context_length(model_dir: Path) -> int:
 class DecoderSession:
     """The decoder of one onnxruntime-genai model folder, run on the CPU."""
 
-    def __init__(self, model_dir: Path, threads: int | None = None) -> None:
+    def __init__(self, model_dir: Path, threads: int | None = None, graph: Path | None = None) -> None:
+        """Load ``model_dir``'s decoder (or ``graph``, another graph over the same folder's weights)."""
         import onnxruntime as ort
 
         self.model_dir = Path(model_dir)
@@ -42,7 +43,7 @@ class DecoderSession:
         options = ort.SessionOptions()
         options.log_severity_level = 3
         options.intra_op_num_threads = threads or os.cpu_count() or 1
-        path = self.model_dir / self.decoder["filename"]
+        path = graph or self.model_dir / self.decoder["filename"]
         try:
             self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         except Exception as exc:  # onnxruntime's Fail/InvalidGraph on a model that passed edgekit's checks
@@ -66,8 +67,13 @@ class DecoderSession:
         """Logits [1, S, vocab] for ``input_ids`` [1, S], starting from an empty cache."""
         return self.run(input_ids, ["logits"])[0]
 
-    def run(self, input_ids: np.ndarray, outputs: list[str]) -> list[np.ndarray]:
-        """The named outputs (float32) for ``input_ids`` [1, S], starting from an empty cache."""
+    def run(
+        self, input_ids: np.ndarray, outputs: list[str], extra: dict[str, np.ndarray] | None = None
+    ) -> list[np.ndarray]:
+        """The named outputs (float32) for ``input_ids`` [1, S], starting from an empty cache.
+
+        ``extra``: more inputs to feed (a graph's overridable initializers).
+        """
         seq = input_ids.shape[1]
         feed: dict[str, np.ndarray] = {}
         for spec in self.session.get_inputs():
@@ -79,8 +85,9 @@ class DecoderSession:
                 positions = np.arange(seq, dtype=np.int64)[None, :]
                 # Text alone: every section of a multimodal rope reads the same position.
                 feed[spec.name] = np.tile(positions, (self.position_rows, 1, 1)) if self.position_rows else positions
-            else:
+            elif extra is None or spec.name not in extra:
                 feed[spec.name] = self._empty_state(spec)
+        feed.update(extra or {})
         try:
             values = self.session.run(outputs, feed)
         except Exception as exc:  # onnxruntime's RuntimeException/InvalidArgument from a kernel, one line of it

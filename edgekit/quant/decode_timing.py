@@ -19,7 +19,7 @@ from edgekit.runtimes.cpu_threads import physical_cores
 _WARMUP_STEPS = 3
 
 
-def step_seconds(folders: list[Path], rounds: int = 5, steps: int = 24, threads: int | None = None) -> list[float]:
+def step_seconds(folders: list[Path], rounds: int = 7, steps: int = 64, threads: int | None = None) -> list[float]:
     """Median seconds per decode step of each folder, measured in ``rounds`` alternating rounds."""
     sessions = [DecoderSession(folder, threads or physical_cores()) for folder in folders]
     token = np.array([[100]], dtype=np.int64)
@@ -36,7 +36,7 @@ def step_seconds(folders: list[Path], rounds: int = 5, steps: int = 24, threads:
     return [statistics.median(values) for values in times]
 
 
-def decode_ratio(baseline: Path, candidate: Path, rounds: int = 5) -> float:
+def decode_ratio(baseline: Path, candidate: Path, rounds: int = 7) -> float:
     """Decode speed of ``candidate`` over ``baseline``'s (above 1: the candidate is faster)."""
     base, other = step_seconds([baseline, candidate], rounds)
     return base / other

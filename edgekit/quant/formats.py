@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 
 BITS = (4, 8)
-BLOCK_SIZES = (32, 64, 128)
+BLOCK_SIZES = (16, 32, 64, 128)
 _SCALE_BITS = 16  # float16 scales and offsets in the file
 _SPELLING = re.compile(r"^int(?P<bits>\d+)-b(?P<block>\d+)-(?P<kind>sym|asym)-(?P<method>[a-z]+)$")
 

@@ -8,7 +8,6 @@ each linear multiplies, for the per-column importance (mean square, the diagonal
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +16,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from edgekit.accuracy.metrics import kl_divergence, log_softmax
-from edgekit.errors import ExportError
+from edgekit.errors import ExportError, PackageError
+from edgekit.exporters.decoder_session import DecoderSession
 from edgekit.quant.graph_rewrite import Linear
 
 _PROBE_GRAPH = "model.probe.onnx"
@@ -37,52 +37,36 @@ class ProbeSession:
     """The fp32 decoder with overridable linear weights; ``run`` scores a window, ``kl`` a set of replacements."""
 
     def __init__(self, model_dir: Path, linears: list[Linear], threads: int | None = None) -> None:
-        import onnxruntime as ort
-
         self.model_dir = Path(model_dir)
         self.linears = linears
         self.activations = sorted({lin.activation for lin in linears if lin.activation is not None})
         graph_path = self._write_probe_graph()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        options.intra_op_num_threads = threads or os.cpu_count() or 1
         try:
-            self.session = ort.InferenceSession(str(graph_path), options, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise ExportError(
-                f"onnxruntime cannot load the fp32 export for calibration ({exc})", path=self.model_dir
-            ) from None
+            self.decoder = DecoderSession(self.model_dir, threads, graph=graph_path)
+        except PackageError as exc:
+            raise ExportError(f"the fp32 export cannot run for calibration ({exc.problem})", path=model_dir) from None
         finally:
             graph_path.unlink(missing_ok=True)
-        self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values")]
-        self.feeds_positions = any(i.name == "position_ids" for i in self.session.get_inputs())
 
     def run(self, ids: np.ndarray, overrides: dict[str, np.ndarray], activations: bool = False) -> list[np.ndarray]:
         """Logits [seq, vocab] (and, with ``activations``, every linear's input) for one window ``ids`` [seq]."""
-        seq = ids.shape[0]
-        feed: dict[str, np.ndarray] = {"input_ids": ids[None].astype(np.int64)}
-        feed["attention_mask"] = np.ones((1, seq), dtype=np.int64)
-        if self.feeds_positions:
-            feed["position_ids"] = np.arange(seq, dtype=np.int64)[None]
-        for spec in self.past_inputs:
-            dims = [
-                1 if not isinstance(d, int) and "batch" in d else (d if isinstance(d, int) else 0) for d in spec.shape
-            ]
-            feed[spec.name] = np.zeros(dims, dtype=np.float32)
-        feed.update(overrides)
         names = ["logits", *self.activations] if activations else ["logits"]
-        values = self.session.run(names, feed)
+        values = self.decoder.run(ids[None], names, overrides)
         return [values[0][0], *values[1:]]
 
-    def reference(self, windows: np.ndarray, scored: slice) -> CalibrationReference:
-        """Scored log-probs of the fp32 model, and the per-column mean squares of every linear's input."""
+    def reference(
+        self, windows: np.ndarray, scored: slice, importance: bool = True, keep: int | None = None
+    ) -> CalibrationReference:
+        """Scored log-probs of the fp32 model (of the first ``keep`` windows; all by default) and, with
+        ``importance``, the mean square of every linear's input columns over all of them."""
         sums: dict[str, np.ndarray] = {}
         count = 0
-        logprobs = []
+        logprobs: list[np.ndarray] = []
         for ids in windows:
-            logits, *acts = self.run(ids, {}, activations=True)
-            logprobs.append(log_softmax(logits[scored]).astype(np.float32))
-            for name, value in zip(self.activations, acts, strict=True):
+            logits, *acts = self.run(ids, {}, activations=importance)
+            if keep is None or len(logprobs) < keep:
+                logprobs.append(log_softmax(logits[scored]).astype(np.float32))
+            for name, value in zip(self.activations if importance else [], acts, strict=True):
                 flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
                 sums[name] = sums.get(name, 0.0) + (flat * flat).sum(0)
             count += len(ids)
@@ -93,7 +77,7 @@ class ProbeSession:
     ) -> float:
         """Mean KL(fp32 || model with ``overrides``) over the scored positions of ``windows``."""
         total, positions = 0.0, 0
-        for ids, ref in zip(windows, reference.logprobs, strict=True):
+        for ids, ref in zip(windows, reference.logprobs[: len(windows)], strict=True):
             logits = self.run(ids, overrides)[0]
             per_position = kl_divergence(ref.astype(np.float64), log_softmax(logits[scored]))
             total += float(per_position.sum())

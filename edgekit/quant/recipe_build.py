@@ -34,9 +34,10 @@ from edgekit.quant.sensitivity import SensitivityTable, candidate_formats, measu
 
 _ROUNDS = 3
 _LOSS_MARGIN = 0.8  # the first search aims this far under the KL budget; verification adjusts it
-_PROBE_WINDOWS = 2  # windows the per-group probes run on (the slowest part: one forward per group)
+_PROBE_WINDOWS = 2  # windows the per-group probes run on (the slowest part: one forward per group) ...
+_PROBE_CTX = 256  # ... each cut to its first 256 tokens, the second half scored
 _VERIFY_WINDOWS = 4
-_ASYM_OVERHEAD_BYTES = 131072  # an asymmetric linear's extra ops (block sums, offset product, add), in read bytes
+_ASYM_OVERHEAD_BYTES = 147456  # an asymmetric linear's extra ops (block sums, offset product, add), as read bytes
 _GRAPH_SLACK_BYTES = 1024  # per linear: the rewritten graph's extra nodes and shape constants
 
 
@@ -85,6 +86,7 @@ class RecipeOutcome:
 def build_recipe_variant(
     fp32_dir: Path,
     out_dir: Path,
+    work: Path,
     baseline_dir: Path | None,
     request: RecipeRequest,
     windows: np.ndarray,
@@ -92,13 +94,17 @@ def build_recipe_variant(
     cache_paths: list[Path],
     progress: Callable[[str], None] = lambda _: None,
 ) -> RecipeOutcome:
-    """Search and build the recipe variant of ``fp32_dir`` into ``out_dir``; ``windows`` are calibration windows."""
+    """Search and build the recipe variant of ``fp32_dir`` into ``out_dir`` (rounds are built in ``work``).
+
+    ``windows`` are calibration windows (never the evaluation text); ``key`` identifies the sensitivity table
+    in ``cache_paths`` (read from the first that holds it, written to all).
+    """
     model = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)  # weights read one at a time
     linears = find_linears(model)
     scored = slice(windows.shape[1] // 2, windows.shape[1] - 1)
     progress("fp32 pass over the calibration text")
     probe = ProbeSession(fp32_dir, linears)
-    reference = probe.reference(windows, scored)
+    reference = probe.reference(windows, scored, keep=_VERIFY_WINDOWS)
 
     def weight_of(linear: Linear) -> np.ndarray:
         return weight_matrix(model, linear, fp32_dir)
@@ -106,8 +112,18 @@ def build_recipe_variant(
     table = next((t for p in cache_paths if (t := read_table(p, key)) is not None), None)
     reused = table is not None
     if table is None:
+        probe_windows = windows[:_PROBE_WINDOWS, :_PROBE_CTX]
+        probe_reference = probe.reference(probe_windows, slice(_PROBE_CTX // 2, _PROBE_CTX - 1), importance=False)
+        probe_reference.importance = reference.importance
         table = measure_sensitivity(
-            probe, reference, windows[:_PROBE_WINDOWS], scored, weight_of, request.candidates, key, progress
+            probe,
+            probe_reference,
+            probe_windows,
+            slice(_PROBE_CTX // 2, _PROBE_CTX - 1),
+            weight_of,
+            request.candidates,
+            key,
+            progress,
         )
     del probe
     for path in cache_paths:
@@ -122,38 +138,94 @@ def build_recipe_variant(
         return quantized[cache_key]
 
     options = _options(table, linears, request.candidates)
-    fixed = _fixed_bytes(fp32_dir, linears)
     max_cost = _baseline_cost(linears, request.head_baseline) / request.min_decode_ratio
-    max_loss = None if request.max_kl is None else request.max_kl * _LOSS_MARGIN
-    outcome: RecipeOutcome | None = None
+    search = _Rounds(options, request, _fixed_bytes(fp32_dir, linears), max_cost)
+    built: list[tuple[RecipeOutcome, Path]] = []
     for round_number in range(1, _ROUNDS + 1):
-        objective = Objective(
-            max_bytes=request.max_model_bytes,
-            max_loss=None if request.max_model_bytes is not None else max_loss,
-            max_cost=max_cost,
-            fixed_bytes=fixed,
-        )
-        recipe = choose(options, objective)
+        recipe = search.next_recipe()
         progress(f"round {round_number}: build {len(recipe.choices)} tensors, predicted KL {recipe.loss:.4f}")
-        _build(fp32_dir, out_dir, recipe, request.accuracy_level, fit)
-        outcome = _check(out_dir, baseline_dir, recipe, reference, windows, scored, request, round_number, reused)
+        folder = work / f"recipe-round-{round_number}"
+        _build(fp32_dir, folder, recipe, request.accuracy_level, fit)
+        outcome = _check(folder, baseline_dir, recipe, reference, windows, scored, request, round_number, reused)
         progress(
             f"round {round_number}: calibration KL {outcome.calibration_kl:.4f}, {outcome.model_bytes:,} bytes"
             + ("" if outcome.decode_ratio is None else f", decode {outcome.decode_ratio:.2f}x RTN")
         )
-        slow = outcome.decode_ratio is not None and outcome.decode_ratio < request.min_decode_ratio
-        lossy = request.max_model_bytes is None and not _meets_accuracy(outcome, request)
-        if not slow and not lossy:
+        built.append((outcome, folder))
+        if not search.learn(recipe, outcome):
             break
-        if slow:
-            assert outcome.decode_ratio is not None
-            max_cost = recipe.cost * outcome.decode_ratio / request.min_decode_ratio * 0.98
-        if lossy and max_loss is not None and request.max_kl is not None:
-            # The prediction was off by calibration_kl / predicted: aim under the budget by that much.
-            factor = recipe.loss / max(outcome.calibration_kl, 1e-12)
-            max_loss = min(max_loss * 0.7, request.max_kl * _LOSS_MARGIN * factor)
-    assert outcome is not None
-    return outcome
+    chosen, folder = min(built, key=lambda item: search.rank(item[0]))
+    for _, other in built:
+        if other != folder:
+            shutil.rmtree(other, ignore_errors=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    folder.rename(out_dir)
+    chosen.notes.extend(search.shortfalls(chosen))
+    return chosen
+
+
+class _Rounds:
+    """The search's bounds, adjusted after each round by what the built variant measured."""
+
+    def __init__(self, options: dict[str, list[Option]], request: RecipeRequest, fixed: int, max_cost: float) -> None:
+        self.options = options
+        self.request = request
+        self.fixed = fixed
+        self.max_cost = max_cost
+        self.max_loss = None if request.max_kl is None else request.max_kl * _LOSS_MARGIN
+
+    def next_recipe(self) -> Recipe:
+        """The recipe for the current bounds (``RecipeBudgetError`` when none meets them)."""
+        by_bytes = self.request.max_model_bytes is not None
+        objective = Objective(
+            max_bytes=self.request.max_model_bytes,
+            max_loss=None if by_bytes else self.max_loss,
+            max_cost=self.max_cost,
+            fixed_bytes=self.fixed,
+        )
+        return choose(self.options, objective)
+
+    def learn(self, recipe: Recipe, outcome: RecipeOutcome) -> bool:
+        """Adjust the bounds to what ``outcome`` measured; whether another round is worth building."""
+        again = False
+        ratio, target = outcome.decode_ratio, self.request.min_decode_ratio
+        if ratio is not None:
+            # Cost scales with time: the bound that would have given exactly the target speed (2% under).
+            bound_binds = recipe.cost >= 0.95 * self.max_cost
+            if ratio < target or (ratio > target + 0.03 and bound_binds):
+                self.max_cost = recipe.cost * ratio / target * 0.98
+                again = True
+        if self.request.max_model_bytes is None and self.max_loss is not None and self.request.max_kl is not None:
+            measured = max(outcome.calibration_kl, 1e-12)
+            if not _meets_accuracy(outcome, self.request):
+                # The prediction was off by measured / predicted: aim under the budget by that much more.
+                self.max_loss = min(self.max_loss * 0.7, self.request.max_kl * _LOSS_MARGIN * recipe.loss / measured)
+                again = True
+            elif measured < 0.6 * self.request.max_kl:
+                self.max_loss = self.request.max_kl * _LOSS_MARGIN * recipe.loss / measured
+                again = True
+        return again
+
+    def rank(self, outcome: RecipeOutcome) -> tuple[int, float]:
+        """Sort key of a built round: rounds that meet every check first, then by the objective."""
+        misses = len(self.shortfalls(outcome))
+        if self.request.max_model_bytes is not None:
+            return misses, outcome.calibration_kl
+        return misses, float(outcome.model_bytes)
+
+    def shortfalls(self, outcome: RecipeOutcome) -> list[str]:
+        """What ``outcome`` misses of the request, in words."""
+        missed = []
+        if outcome.decode_ratio is not None and outcome.decode_ratio < self.request.min_decode_ratio:
+            missed.append(
+                f"decode {outcome.decode_ratio:.2f}x RTN, under min_decode_ratio {self.request.min_decode_ratio}"
+            )
+        if self.request.max_model_bytes is None and not _meets_accuracy(outcome, self.request):
+            missed.append(
+                f"calibration KL {outcome.calibration_kl:.4f} / top-1 {outcome.calibration_top1:.3f} miss the budget"
+            )
+        return missed
 
 
 def _options(
@@ -230,7 +302,7 @@ def _check(
 ) -> RecipeOutcome:
     session = DecoderSession(out_dir)
     kls, agree = [], []
-    for ids, ref in list(zip(windows, reference.logprobs, strict=True))[:_VERIFY_WINDOWS]:
+    for ids, ref in zip(windows, reference.logprobs, strict=False):
         logprobs = log_softmax(session.logits(ids[None])[0][scored])
         kls.append(kl_divergence(ref.astype(np.float64), logprobs))
         agree.append(ref.argmax(-1) == logprobs.argmax(-1))

@@ -86,8 +86,10 @@ class _Table:
                 self.loss[row, col], self.bytes[row, col], self.cost[row, col] = option.loss, option.bytes, option.cost
 
     def pick(self, price: float, speed_price: float) -> np.ndarray:
-        score = self.loss + price * self.bytes + speed_price * self.cost
-        return np.argmin(score, axis=1)
+        missing = np.isinf(self.loss)
+        finite = [np.where(missing, 0.0, a) for a in (self.loss, self.bytes, self.cost)]
+        score = finite[0] + price * finite[1] + speed_price * finite[2]
+        return np.argmin(np.where(missing, np.inf, score), axis=1)
 
     def totals(self, picked: np.ndarray) -> tuple[float, float, float]:
         rows = np.arange(len(self.names))
