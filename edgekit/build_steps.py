@@ -210,7 +210,10 @@ def plan_variants_step(context: BuildContext) -> None:
                 _make_gptq_checkpoint(context, gptq_folder, detail)
             context.folders = {v.name: gptq_folder for v in context.plan if v.method == Int4Method.GPTQ.value}
     if context.options.streaming:
-        context.plan = [variant for variant in context.plan if variant.name != REFERENCE_VARIANT]
+        if any(v.method == Int4Method.RECIPE.value for v in context.plan):
+            context.warnings.append("streamed build: no fp32 reference to measure a recipe on, so no int4-recipe")
+        dropped = {REFERENCE_VARIANT} | {v.name for v in context.plan if v.method == Int4Method.RECIPE.value}
+        context.plan = [variant for variant in context.plan if variant.name not in dropped]
         evaluation = "no evaluation" if _evaluation(context) is None else "variants evaluated against the checkpoint"
         context.warnings.append(f"streamed build: no fp32 reference, so no validation against PyTorch; {evaluation}")
 
@@ -220,6 +223,8 @@ def export_variants(context: BuildContext) -> None:
     source = context.prepared
     tied = bool(source.checked.config.get("tie_word_embeddings"))
     for variant in context.plan:
+        if variant.method == Int4Method.RECIPE.value:
+            continue  # made from the exported fp32 graph by build_recipe
         # The builder's own loader cannot read every architecture's packed checkpoints (Qwen3.5's);
         # the streamed export repacks each packed linear the builder's way and can.
         prequantized = variant.method in PREQUANTIZED_METHODS and source.checked.architecture.prequantized_streamed
@@ -261,6 +266,41 @@ def validate(context: BuildContext) -> None:
             architecture.builder_class,
             architecture.tolerance,
         )
+
+
+def build_recipe(context: BuildContext) -> None:
+    """Make the ``int4-recipe`` variant: each tensor's format chosen by measured loss (``recipe_step.py``)."""
+    variant = next((v for v in context.plan if v.method == Int4Method.RECIPE.value), None)
+    if variant is None:
+        return
+    from edgekit.quant.gptq_checkpoint import calibration_tokens
+    from edgekit.recipe_step import CALIBRATION_CTX, CALIBRATION_WINDOWS, make_recipe_variant
+
+    source, settings = context.prepared, context.options.calibration
+    corpus = settings.corpus or builtin_corpus("calibration")
+    bos = source.rule.bos_token_id if source.rule.add_bos_token else None
+    fp32_dir = context.staging / REFERENCE_VARIANT
+    config = json.loads((fp32_dir / "genai_config.json").read_text(encoding="utf-8"))
+    ctx = min(CALIBRATION_CTX, int(config["model"]["context_length"]))
+    windows = calibration_tokens(fp32_dir / "tokenizer.json", corpus, CALIBRATION_WINDOWS, ctx, settings.seed, bos)
+    folder = context.staging / variant.name
+    with context.reporter.step(f"search and build {variant.name} (per-tensor formats)") as detail:
+        outcome = make_recipe_variant(
+            fp32_dir,
+            context.staging / f"int4-{Int4Method.RTN.value}",
+            folder,
+            context.work / "recipe",
+            context.target,
+            windows.numpy(),
+            (corpus, settings.seed),
+            detail,
+        )
+    context.warnings.extend(f"{variant.name}: {note}" for note in outcome.notes)
+    head = outcome.formats.get("lm_head")
+    entry = {**_variant_entry(variant, folder), "block_size": None, "lm_head": head, "recipe": outcome.as_manifest()}
+    context.variants[variant.name] = entry
+    # The manifest lists variants in plan order: the deployed one last.
+    context.variants = {v.name: context.variants[v.name] for v in context.plan if v.name in context.variants}
 
 
 def check_tokenizer(context: BuildContext) -> None:
@@ -320,6 +360,7 @@ BUILD_STEPS: tuple[Callable[[BuildContext], None], ...] = (
     plan_variants_step,
     export_variants,
     validate,
+    build_recipe,
     check_tokenizer,
     record_manifest,
     evaluate,

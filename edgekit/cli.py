@@ -104,7 +104,8 @@ def main() -> None:
               type=click.IntRange(1), help="Windows to score.")  # fmt: skip
 @click.option("--eval-ctx", default=LibraryDefault("edgekit.pipeline", "EvalSettings.ctx"), show_default=True,
               type=click.IntRange(8), help="Tokens per window.")  # fmt: skip
-@click.option("--calibration", type=click.Path(path_type=Path), help="GPTQ calibration text (.txt/.jsonl).")
+@click.option("--calibration", type=click.Path(path_type=Path),
+              help="Calibration text for GPTQ and recipes (.txt/.jsonl; default: built-in).")  # fmt: skip
 @click.option("--calib-samples", default=LibraryDefault("edgekit.pipeline", "CalibrationSettings.samples"),
               show_default=True, type=click.IntRange(1), help="GPTQ samples.")  # fmt: skip
 @click.option("--calib-seq-len", default=LibraryDefault("edgekit.pipeline", "CalibrationSettings.seq_len"),
@@ -112,10 +113,12 @@ def main() -> None:
 @click.option("--seed", default=LibraryDefault("edgekit.pipeline", "CalibrationSettings.seed"), show_default=True,
               type=int, help="Seed of the calibration sampling.")  # fmt: skip
 @click.option("--streaming", is_flag=True, help="Export one layer at a time from disk (INT4 only, no fp32 reference).")
+@click.option("--max-model-bytes", type=click.IntRange(1), default=None,
+              help="Deploy a per-tensor recipe whose model files fit in N bytes (CPU targets).")  # fmt: skip
 def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, targets_file: Path | None,
           quiet: bool, no_eval: bool, eval_text: Path | None, eval_windows: int, eval_ctx: int,
           calibration: Path | None, calib_samples: int, calib_seq_len: int, seed: int,
-          streaming: bool) -> None:  # fmt: skip
+          streaming: bool, max_model_bytes: int | None) -> None:  # fmt: skip
     """Build a package from SOURCE: a Hugging Face folder, a .gguf file, or a hub id."""
     from edgekit.accuracy.texts import load_text
     from edgekit.pipeline import CalibrationSettings, EvalSettings
@@ -139,6 +142,7 @@ def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, 
         evaluation=evaluation,
         calibration=calibration_settings,
         streaming=streaming,
+        max_model_bytes=max_model_bytes,
     )
     print_build_summary(result)
 

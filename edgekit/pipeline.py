@@ -24,13 +24,27 @@ from edgekit.build_steps import (
     EvalSettings,
     tool_version,
 )
-from edgekit.errors import EdgekitError, ExportError, MissingDependencyError, OutputExistsError, ValidationError
+from edgekit.errors import (
+    EdgekitError,
+    ExportError,
+    MissingDependencyError,
+    OutputExistsError,
+    UsageError,
+    ValidationError,
+)
 from edgekit.package.manifest import read_manifest
 from edgekit.package.staging import scratch_folder, staged_output
 from edgekit.progress import StepRecord, StepReporter
 from edgekit.sources.checkpoint import CheckedFolder, SourceSpec, check_folder, classify_source
 from edgekit.sources.weight_files import check_gguf
-from edgekit.targets import DEFAULT_TARGET, get_target
+from edgekit.targets import (
+    DEFAULT_TARGET,
+    Target,
+    bundled_targets_path,
+    describe_validation_error,
+    get_target,
+    with_max_model_bytes,
+)
 
 DEFAULT_EVALUATION = EvalSettings()
 """A build's evaluation unless told otherwise: the built-in corpus, the default protocol."""
@@ -60,6 +74,7 @@ def build(
     evaluation: EvalSettings | None = DEFAULT_EVALUATION,
     calibration: CalibrationSettings | None = None,
     streaming: bool = False,
+    max_model_bytes: int | None = None,
 ) -> BuildResult:
     """Build a package at ``out`` from a Hugging Face folder, a GGUF file or a hub id, for ``target``.
 
@@ -68,11 +83,14 @@ def build(
     time from disk (``exporters/streaming.py``): memory that does not grow with the model, the target's
     variants only, no fp32 reference (so no validation against PyTorch; the variants are evaluated against
     the checkpoint run in PyTorch layer by layer). Before any weight is read the build's peak memory and
-    disk are estimated, and a machine short of either is refused with the numbers.
+    disk are estimated, and a machine short of either is refused with the numbers. ``max_model_bytes``
+    deploys a per-tensor recipe whose model files fit in that many bytes (docs/recipes.md).
     """
     _require_export_extra()
     targets_path = None if targets_file is None else Path(targets_file)
     profile = get_target(target, targets_path)
+    if max_model_bytes is not None:
+        profile = _with_size_budget(profile, max_model_bytes, targets_path)
     spec = classify_source(source)
     out_path = Path(out)
     if spec.path is not None and (out_path.resolve() == spec.path or out_path.resolve() in spec.path.parents):
@@ -96,6 +114,21 @@ def build(
         result = BuildResult(staging, read_manifest(staging), reporter.records, context.warnings)
     result.out = out_path.absolute()
     return result
+
+
+def _with_size_budget(profile: Target, max_model_bytes: int, targets_path: Path | None) -> Target:
+    """``profile`` deploying a recipe within ``max_model_bytes``, or a one-line error where it cannot take one."""
+    from pydantic import ValidationError as SchemaError
+
+    try:
+        return with_max_model_bytes(profile, max_model_bytes)
+    except SchemaError as exc:
+        problem = describe_validation_error(exc, Target).replace("\n", "; ")
+        raise UsageError(
+            f"--max-model-bytes on target '{profile.name}': {problem}",
+            path=targets_path or bundled_targets_path(),
+            fix="use a CPU int4 target (laptop-cpu), or leave --max-model-bytes out",
+        ) from None
 
 
 def failed_log_path(out: Path) -> Path:

@@ -232,10 +232,18 @@ class Target(_Strict):
     def _recipe_rules(self) -> Target:
         if Int4Method.RECIPE not in self.int4_methods:
             return self
+        if self.precision is not Precision.INT4:
+            raise PydanticCustomError("recipe_precision", "int4_methods recipe needs precision int4")
         if self.providers[0] is not Provider.CPU:
             raise PydanticCustomError(
                 "recipe_provider",
                 "int4_methods recipe builds CPU graphs: put cpu first in providers, or use rtn/gptq for a GPU target",
+            )
+        if Int4Method.RTN not in self.int4_methods:
+            raise PydanticCustomError(
+                "recipe_baseline",
+                "int4_methods recipe needs rtn beside it (its speed is measured against the RTN variant): "
+                "use [rtn, recipe]",
             )
         if self.recipe.max_model_bytes is None and self.budget.max_kl_mean is None:
             raise PydanticCustomError(
@@ -263,6 +271,22 @@ class Target(_Strict):
     def build_provider(self) -> Provider:
         """The provider the package's graphs are built for: the first in the chain."""
         return self.providers[0]
+
+
+def with_max_model_bytes(target: Target, max_model_bytes: int) -> Target:
+    """``target`` deploying a recipe that fits ``max_model_bytes`` (``--max-model-bytes``): rtn, then recipe.
+
+    Raises ``ValidationError`` where the target cannot take a recipe (a GPU target, a non-INT4 precision).
+    """
+    methods = [m for m in target.int4_methods if m is not Int4Method.RECIPE]
+    if Int4Method.RTN not in methods:
+        methods.insert(0, Int4Method.RTN)
+    data = target.model_dump()
+    data["int4_methods"] = [*methods, Int4Method.RECIPE]
+    data["recipe"] = {**data["recipe"], "max_model_bytes": max_model_bytes, "optimize": None}
+    changed = Target.model_validate(data)
+    changed._name = target.name
+    return changed
 
 
 class TargetsFile(_Strict):

@@ -18,7 +18,8 @@ LAYERS = {
     "runtimes": 2, "exporters": 2.5,
     "accuracy": 3,
     "quant": 4,
-    "build_steps": 4.5, "pipeline": 5, "demo": 5, "summary": 5.5, "serve": 5.8, "cli": 6, "__init__": 7,
+    "recipe_step": 4.2, "build_steps": 4.5,
+    "pipeline": 5, "demo": 5, "summary": 5.5, "serve": 5.8, "cli": 6, "__init__": 7,
 }  # fmt: skip
 SUBPACKAGES = {"package", "sources", "runtimes", "exporters", "accuracy", "quant", "serve"}
 

@@ -26,6 +26,7 @@ from edgekit.targets import (
 EXPECTED_CHAINS = {
     "laptop-cpu": ("cpu",),
     "laptop-cpu-gptq": ("cpu",),
+    "laptop-cpu-recipe": ("cpu",),
     "laptop-dml": ("dml", "cpu"),
     "edge-cuda": ("cuda", "cpu"),
     "edge-arm-cpu": ("cpu",),
@@ -67,12 +68,14 @@ def test_bundled_targets_yaml_parses_with_the_expected_provider_chains() -> None
     assert heads == {
         "laptop-cpu": "int8",
         "laptop-cpu-gptq": "int8",
+        "laptop-cpu-recipe": "int8",
         "laptop-dml": "int4",
         "edge-cuda": "int4",
         "edge-arm-cpu": "int8",
     }
     assert [m.value for m in targets["laptop-cpu-gptq"].int4_methods] == ["rtn", "gptq"]
     assert [m.value for m in targets["laptop-cpu"].int4_methods] == ["rtn"]
+    assert [m.value for m in targets["laptop-cpu-recipe"].int4_methods] == ["rtn", "recipe"]
 
 
 def test_get_target_returns_the_named_profile() -> None:

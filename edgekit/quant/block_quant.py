@@ -61,7 +61,7 @@ def quantize_matrix(weight: np.ndarray, fmt: TensorFormat, importance: np.ndarra
     rows, cols = weight.shape
     padded = -(-cols // fmt.block_size) * fmt.block_size
     w = torch.zeros((rows, padded), dtype=torch.float32)
-    w[:, :cols] = torch.from_numpy(np.asarray(weight, dtype=np.float32))
+    w[:, :cols] = torch.from_numpy(np.array(weight, dtype=np.float32))  # a copy: the input may be read-only
     imp = torch.ones(padded, dtype=torch.float32)
     if importance is not None and fmt.method is QuantMethod.WEIGHTED:
         imp[:cols] = torch.from_numpy(_regularised(importance))

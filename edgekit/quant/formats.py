@@ -74,11 +74,14 @@ def parse_format(text: str) -> TensorFormat:
     """``int4-b32-asym-weighted`` -> ``TensorFormat``; ``ValueError`` naming what is wrong otherwise."""
     match = _SPELLING.match(text) if isinstance(text, str) else None
     if match is None:
-        raise ValueError(f"'{text}' is not a format: write int<4|8>-b<32|64|128>-<sym|asym>-<rtn|search|weighted>")
+        raise ValueError(f"'{text}' is not a format: write int<4|8>-b<16|32|64|128>-<sym|asym>-<rtn|search|weighted>")
     methods = {m.value: m for m in QuantMethod}
     if match["method"] not in methods:
         raise ValueError(f"'{text}': unknown method '{match['method']}' (use one of: {', '.join(methods)})")
-    return TensorFormat(int(match["bits"]), int(match["block"]), match["kind"] == "asym", methods[match["method"]])
+    try:
+        return TensorFormat(int(match["bits"]), int(match["block"]), match["kind"] == "asym", methods[match["method"]])
+    except ValueError as exc:
+        raise ValueError(f"'{text}': {exc}") from None
 
 
 DEFAULT_CANDIDATES: tuple[TensorFormat, ...] = (

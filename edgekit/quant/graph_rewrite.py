@@ -95,6 +95,13 @@ def weight_matrix(model: onnx.ModelProto, linear: Linear, base_dir: Path | None 
     return np.ascontiguousarray(array.T)
 
 
+def stored_layout(linear: Linear, matrix: np.ndarray) -> np.ndarray:
+    """``matrix`` [N, K] laid out as the graph stores the linear's weight (``weight_matrix``'s inverse)."""
+    if linear.activation is None and linear.tied_to is None:
+        return np.ascontiguousarray(matrix)
+    return np.ascontiguousarray(matrix.T)
+
+
 def rewrite_model(
     model: onnx.ModelProto,
     formats: dict[str, TensorFormat],

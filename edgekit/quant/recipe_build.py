@@ -112,14 +112,15 @@ def build_recipe_variant(
     table = next((t for p in cache_paths if (t := read_table(p, key)) is not None), None)
     reused = table is not None
     if table is None:
-        probe_windows = windows[:_PROBE_WINDOWS, :_PROBE_CTX]
-        probe_reference = probe.reference(probe_windows, slice(_PROBE_CTX // 2, _PROBE_CTX - 1), importance=False)
+        ctx = min(_PROBE_CTX, windows.shape[1])
+        probe_windows, probe_scored = windows[:_PROBE_WINDOWS, :ctx], slice(ctx // 2, ctx - 1)
+        probe_reference = probe.reference(probe_windows, probe_scored, importance=False)
         probe_reference.importance = reference.importance
         table = measure_sensitivity(
             probe,
             probe_reference,
             probe_windows,
-            slice(_PROBE_CTX // 2, _PROBE_CTX - 1),
+            probe_scored,
             weight_of,
             request.candidates,
             key,

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from edgekit.errors import EdgekitError
 from edgekit.quant.block_quant import quantize_matrix, weighted_error
 from edgekit.quant.formats import PROBE_FORMAT, TensorFormat, parse_format
-from edgekit.quant.graph_rewrite import Linear
+from edgekit.quant.graph_rewrite import Linear, stored_layout
 from edgekit.quant.probe_session import CalibrationReference, ProbeSession
 from edgekit.safe_io import read_regular_file
 
@@ -124,7 +124,7 @@ def measure_sensitivity(
             fmt.spelling: weighted_error(sample, quantize_matrix(sample, fmt, importance), importance)
             for fmt in candidate_formats(linear, candidates)
         }
-        probes[linear.name] = np.ascontiguousarray(quantize_matrix(matrix, PROBE_FORMAT).dequantize().T)
+        probes[linear.name] = stored_layout(linear, quantize_matrix(matrix, PROBE_FORMAT).dequantize())
     groups: dict[str, list[Linear]] = {}
     for linear in linears:
         groups.setdefault(group_of(linear, layers), []).append(linear)

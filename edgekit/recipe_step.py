@@ -1,0 +1,98 @@
+"""What a build's ``int4-recipe`` variant is asked for, and where its sensitivity table is cached.
+
+``build_steps.build_recipe`` calls ``make_recipe_variant`` once the fp32 and RTN variants are exported;
+``quant/recipe_build.py`` does the measuring, searching and building.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.accuracy.texts import Corpus
+from edgekit.quant.formats import BLOCK_SIZES, DEFAULT_CANDIDATES, QuantMethod, TensorFormat, parse_format
+from edgekit.quant.recipe_build import RecipeOutcome, RecipeRequest, build_recipe_variant
+from edgekit.targets import HeadPrecision, Target
+from edgekit.version import __version__
+
+CALIBRATION_WINDOWS = 8
+"""Calibration windows of the recipe's fp32 pass and verification (seeded offsets into the text)."""
+CALIBRATION_CTX = 512
+SENSITIVITY_FILE = "sensitivity.json"
+
+
+def recipe_request(target: Target) -> RecipeRequest:
+    """The recipe ``target`` asks for: its objective, its budget as the accuracy bound, its candidates."""
+    settings, budget = target.recipe, target.budget
+    candidates = DEFAULT_CANDIDATES
+    if settings.candidates:
+        candidates = tuple(parse_format(spelling) for spelling in settings.candidates)
+    return RecipeRequest(
+        max_model_bytes=settings.max_model_bytes,
+        max_kl=None if settings.max_model_bytes is not None else budget.max_kl_mean,
+        min_top1=None if settings.max_model_bytes is not None else budget.min_top1_agreement,
+        min_decode_ratio=settings.min_decode_ratio,
+        accuracy_level=target.accuracy_level,
+        head_baseline=_rtn_head(target),
+        candidates=candidates,
+    )
+
+
+def sensitivity_key(fp32_dir: Path, corpus: Corpus, request: RecipeRequest, sampling: str) -> dict[str, str]:
+    """What a sensitivity table depends on: the model, the calibration text and sampling, the candidates."""
+    model = hashlib.sha256()
+    for name in ("model.onnx", "model.onnx.data"):
+        path = fp32_dir / name
+        if path.is_file():
+            with path.open("rb") as stream:
+                while chunk := stream.read(1 << 24):
+                    model.update(chunk)
+    return {
+        "model": model.hexdigest(),
+        "calibration": hashlib.sha256(corpus.text.encode("utf-8")).hexdigest(),
+        "windows": sampling,
+        "candidates": ",".join(f.spelling for f in request.candidates),
+        "accuracy_level": str(request.accuracy_level),
+        "edgekit": __version__,
+    }
+
+
+def sensitivity_cache_paths(eval_dir: Path, key: dict[str, str]) -> list[Path]:
+    """The package's copy of the table, then the user's cache (a later build of the same model reuses it)."""
+    import platformdirs
+
+    digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:32]
+    cache = Path(platformdirs.user_cache_dir("edgekit", appauthor=False)) / "sensitivity" / f"{digest}.json"
+    return [eval_dir / SENSITIVITY_FILE, cache]
+
+
+def make_recipe_variant(
+    fp32_dir: Path,
+    rtn_dir: Path,
+    out_dir: Path,
+    work: Path,
+    target: Target,
+    windows: np.ndarray,
+    calibration: tuple[Corpus, int],
+    progress: Callable[[str], None],
+) -> RecipeOutcome:
+    """Build ``target``'s recipe variant of ``fp32_dir`` into ``out_dir`` from calibration ``windows`` (drawn
+    from ``calibration``'s text with its seed); the sensitivity table goes to ``eval/`` beside ``out_dir``."""
+    request = recipe_request(target)
+    corpus, seed = calibration
+    sampling = f"{windows.shape[0]}x{windows.shape[1]} seed {seed}"
+    key = sensitivity_key(fp32_dir, corpus, request, sampling)
+    paths = sensitivity_cache_paths(out_dir.parent / "eval", key)
+    return build_recipe_variant(fp32_dir, out_dir, work, rtn_dir, request, windows, key, paths, progress=progress)
+
+
+def _rtn_head(target: Target) -> TensorFormat | None:
+    """The RTN variant's LM head as a format (None: left float), for the decode-cost bound."""
+    block = min(target.block_size, BLOCK_SIZES[-1])
+    if target.lm_head is HeadPrecision.FLOAT:
+        return None
+    bits = 8 if target.lm_head is HeadPrecision.INT8 else 4
+    return TensorFormat(bits, block, False, QuantMethod.RTN)

@@ -1,0 +1,232 @@
+"""Per-tensor recipes (issue #15): formats, the weighted fit, the search, targets, and a whole recipe build."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import snapshot
+
+from edgekit.errors import RecipeBudgetError, TargetError, UsageError
+from edgekit.quant.block_quant import quantize_matrix, weighted_error
+from edgekit.quant.formats import TensorFormat, parse_format
+from edgekit.quant.graph_rewrite import find_linears
+from edgekit.quant.recipe_build import recipe_formats
+from edgekit.quant.search import Objective, Option, choose
+from edgekit.targets import get_target, parse_targets, with_max_model_bytes
+
+# --- formats ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spelling", "bits_per_weight"),
+    [
+        ("int4-b32-sym-rtn", 4.5),
+        ("int4-b32-asym-weighted", 5.0),
+        ("int4-b128-sym-search", 4.125),
+        ("int8-b32-sym-rtn", 8.5),
+    ],
+)
+def test_a_format_reads_back_as_it_is_spelled_and_counts_its_scales(spelling: str, bits_per_weight: float) -> None:
+    fmt = parse_format(spelling)
+    assert fmt.spelling == spelling
+    assert fmt.bits_per_weight == pytest.approx(bits_per_weight)
+
+
+@pytest.mark.parametrize("spelling", ["int3-b32-sym-rtn", "int4-b48-sym-rtn", "int4-b32-sym-gptq", "int4_b32"])
+def test_a_format_edgekit_cannot_build_is_refused_by_name(spelling: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_format(spelling)
+    assert f"'{spelling}'" in str(info.value)
+
+
+# --- the fit ------------------------------------------------------------------------------------------------
+
+
+def test_the_weighted_search_cuts_the_error_the_activations_see_below_round_to_nearest() -> None:
+    rng = np.random.default_rng(0)
+    weight = rng.standard_normal((64, 256)).astype(np.float32)
+    # A few input channels carry most of the activation energy, as in real layers.
+    importance = np.exp(rng.standard_normal(256) * 2.0).astype(np.float32)
+    rtn = quantize_matrix(weight, parse_format("int4-b32-sym-rtn"))
+    weighted = quantize_matrix(weight, parse_format("int4-b32-sym-weighted"), importance)
+    ratio = weighted_error(weight, weighted, importance) / weighted_error(weight, rtn, importance)
+    assert ratio < 0.85, ratio
+
+
+def test_an_asymmetric_block_represents_an_off_centre_grid_exactly() -> None:
+    rng = np.random.default_rng(1)
+    codes = rng.integers(0, 16, size=(8, 64)).astype(np.float32)
+    weight = 0.01 * codes + 0.5  # every block sits off centre: a Q4_1-style grid
+    fitted = quantize_matrix(weight, parse_format("int4-b32-asym-search"))
+    assert np.abs(fitted.dequantize() - weight).max() < 1e-3
+    symmetric = quantize_matrix(weight, parse_format("int4-b32-sym-search"))
+    assert np.abs(symmetric.dequantize() - weight).max() > 1e-2
+
+
+# --- the search ---------------------------------------------------------------------------------------------
+
+SMALL, LARGE = parse_format("int4-b128-sym-rtn"), parse_format("int8-b32-sym-rtn")
+
+
+def _options(losses: dict[str, tuple[float, float]]) -> dict[str, list[Option]]:
+    """Two options per tensor: small (loss_small) and large (loss_large)."""
+    return {
+        name: [Option(SMALL, 100, small, 100.0), Option(LARGE, 200, large, 200.0)]
+        for name, (small, large) in losses.items()
+    }
+
+
+def test_the_search_spends_the_bytes_where_they_save_the_most_loss() -> None:
+    options = _options({"a": (1.0, 0.1), "b": (0.2, 0.15), "c": (0.5, 0.05)})
+    recipe = choose(options, Objective(max_bytes=450))
+    assert recipe.bytes <= 450
+    assert recipe.formats() == {"a": LARGE, "b": SMALL, "c": SMALL} or recipe.formats()["a"] == LARGE
+    assert recipe.loss == pytest.approx(0.1 + 0.2 + 0.5)
+
+
+def test_the_search_finds_the_fewest_bytes_within_a_loss_budget() -> None:
+    options = _options({"a": (1.0, 0.1), "b": (0.2, 0.15), "c": (0.5, 0.05)})
+    recipe = choose(options, Objective(max_loss=0.4))
+    assert recipe.loss <= 0.4
+    assert recipe.bytes == 500  # a and c upgraded, b left small
+
+
+def test_a_budget_no_recipe_meets_names_the_smallest_size_reached() -> None:
+    options = _options({"a": (1.0, 0.1), "b": (0.2, 0.15)})
+    with pytest.raises(RecipeBudgetError) as info:
+        choose(options, Objective(max_bytes=150, fixed_bytes=10))
+    assert "210" in str(info.value)
+    assert info.value.exit_code == 2
+
+
+def test_the_decode_cost_bound_keeps_the_slow_format_out() -> None:
+    options = _options({"a": (1.0, 0.1), "b": (0.2, 0.15)})
+    recipe = choose(options, Objective(max_bytes=400, max_cost=300.0))
+    assert recipe.cost <= 300.0
+    assert sum(option.fmt == LARGE for option in recipe.choices.values()) == 1
+
+
+def test_a_manifest_recipe_entry_reads_back_as_formats() -> None:
+    entry = {"tensors": {"lm_head": "int8-b32-sym-rtn", "model/layers.0/mlp/down_proj": "int4-b64-asym-weighted"}}
+    parsed = recipe_formats(entry)
+    assert parsed["lm_head"] == TensorFormat(8, 32, False, parse_format("int8-b32-sym-rtn").method)
+    with pytest.raises(ValueError):
+        recipe_formats({"tensors": {"lm_head": "int4-b32-sym-magic"}})
+
+
+# --- targets ------------------------------------------------------------------------------------------------
+
+
+def _profile(**changes: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "description": "t",
+        "providers": ["cpu"],
+        "precision": "int4",
+        "int4_methods": ["rtn", "recipe"],
+        "budget": {"max_kl_mean": 0.1},
+    }
+    return {"schema_version": 1, "targets": {"t": {**base, **changes}}}
+
+
+@pytest.mark.parametrize(
+    ("changes", "phrase"),
+    [
+        ({"providers": ["cuda", "cpu"]}, "put cpu first"),
+        ({"providers": ["dml", "cpu"]}, "put cpu first"),
+        ({"int4_methods": ["recipe"]}, "needs rtn beside it"),
+        ({"budget": {}}, "budget.max_kl_mean"),
+        ({"recipe": {"max_model_bytes": 10, "optimize": "size"}}, "not both"),
+        ({"recipe": {"candidates": ["int4-b32-sym-rtn", "int5-b32-sym-rtn"]}}, "int4-b32-asym-weighted"),
+        ({"recipe": {"max_bytes": 10}}, "'max_bytes'"),
+        ({"precision": "fp16"}, "precision int4"),
+    ],
+)
+def test_a_recipe_a_target_cannot_build_is_refused_naming_the_rule(changes: dict[str, object], phrase: str) -> None:
+    with pytest.raises(TargetError) as info:
+        parse_targets(_profile(**changes))
+    assert "targets.yaml" in str(info.value) and phrase in str(info.value)
+
+
+def test_max_model_bytes_turns_a_cpu_target_into_a_recipe_target() -> None:
+    target = with_max_model_bytes(get_target("laptop-cpu"), 5_000_000)
+    assert [m.value for m in target.int4_methods] == ["rtn", "recipe"]
+    assert target.recipe.max_model_bytes == 5_000_000
+    assert target.name == "laptop-cpu"
+
+
+@pytest.mark.parametrize("target", ["edge-cuda", "laptop-dml"])
+def test_max_model_bytes_on_a_gpu_target_is_a_one_line_error_before_anything_is_written(
+    target: str, tiny_checkpoints, tmp_path: Path
+) -> None:
+    from edgekit.pipeline import build
+
+    before = snapshot(tmp_path)
+    with pytest.raises(UsageError, match="--max-model-bytes") as info:
+        build(tiny_checkpoints("llama"), tmp_path / "out", target, progress=False, max_model_bytes=10**6)
+    assert "\n" not in str(info.value) and "put cpu first" in str(info.value)
+    assert snapshot(tmp_path) == before
+
+
+# --- a whole build ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def private_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache))
+    return cache
+
+
+def _model_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+
+
+@pytest.mark.slow
+def test_a_size_budget_build_deploys_a_recipe_that_fits_is_evaluated_and_generates(
+    tiny_checkpoints, tmp_path: Path, private_cache: Path
+) -> None:
+    from edgekit.pipeline import build
+    from edgekit.runtimes.model import load
+
+    out = tmp_path / "pkg"
+    # Made once without a budget to learn the RTN variant's size; the recipe must fit in 90% of it.
+    rtn_size = _model_bytes(build(tiny_checkpoints("llama"), out, "laptop-cpu", progress=False).out / "int4-rtn")
+    budget = int(rtn_size * 0.9)
+    result = build(tiny_checkpoints("llama"), out, "laptop-cpu", progress=False, force=True, max_model_bytes=budget)
+    manifest = result.manifest
+    assert manifest["default_variant"] == "int4-recipe"
+    assert manifest["targets"]["laptop-cpu"]["variant"] == "int4-recipe"
+    entry = manifest["variants"]["int4-recipe"]
+    recipe = entry["recipe"]
+    assert _model_bytes(out / "int4-recipe") == recipe["model_bytes"] <= budget
+    formats = recipe_formats(recipe)
+    graph = onnx.load(str(out / "fp32" / "model.onnx"), load_external_data=False)
+    expected = {linear.name for linear in find_linears(graph) if linear.tied_to is None}
+    assert set(formats) == expected and "lm_head" in formats and len(formats) > 10  # every linear, head, embedding
+    assert recipe["decode_ratio"] is not None and recipe["sensitivity_reused"] is False
+    report = json.loads((out / "eval" / "report.json").read_text())
+    assert "int4-recipe" in report["variants"]
+    assert (out / "eval" / "sensitivity.json").is_file()
+    assert load(out).generate("Hello", max_new_tokens=4) is not None
+
+    # Another budget for the same model and text: the sensitivity table is read from the user's cache.
+    again = build(tiny_checkpoints("llama"), tmp_path / "pkg2", "laptop-cpu", progress=False, max_model_bytes=rtn_size)
+    assert again.manifest["variants"]["int4-recipe"]["recipe"]["sensitivity_reused"] is True
+    assert any(private_cache.rglob("*.json"))
+
+
+def test_a_size_budget_no_recipe_fits_is_a_one_line_error_and_nothing_is_written(
+    tiny_checkpoints, tmp_path: Path, private_cache: Path
+) -> None:
+    from edgekit.pipeline import build
+
+    with pytest.raises(RecipeBudgetError) as info:
+        build(tiny_checkpoints("llama"), tmp_path / "out", "laptop-cpu", progress=False, max_model_bytes=1000)
+    message = str(info.value)
+    assert "\n" not in message and "bytes" in message
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name != "cache"]
