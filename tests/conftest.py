@@ -44,6 +44,18 @@ def tiny_llama_package(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactor
     return out
 
 
+@pytest.fixture(scope="session")
+def smollm2_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo SmolLM2-135M-Instruct GGUF built once for ``laptop-cpu`` with the CLI (the tests only read it)."""
+    from edgekit.cli import main
+    from edgekit.demo import demo_gguf_path
+
+    out = tmp_path_factory.mktemp("smollm2") / "pkg"
+    result = CliRunner().invoke(main, ["build", str(demo_gguf_path()), "-o", str(out), "--target", "laptop-cpu"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture
 def kept_gptq_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, Path]:
     """A copy of the GPTQ checkpoint the next build writes (in its temporary folder) goes to ``["folder"]``."""

@@ -15,16 +15,13 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Any]]:
-    from edgekit.demo import demo_gguf_path
-    from edgekit.pipeline import build
+def demo_server(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any]]:
     from edgekit.serve import create_app
 
-    # EDGEKIT_SERVE_DEMO_PACKAGE: reuse a demo package built before (local runs); CI builds it here.
+    # EDGEKIT_SERVE_DEMO_PACKAGE: reuse a demo package built before (local runs); else the session's build.
     package = Path(os.environ.get("EDGEKIT_SERVE_DEMO_PACKAGE", ""))
     if not (package / "manifest.json").is_file():
-        package = tmp_path_factory.mktemp("demo-serve") / "smollm2"
-        build(demo_gguf_path(), package, "laptop-cpu", progress=False)
+        package = request.getfixturevalue("smollm2_package")
     app = create_app(package, target="laptop-cpu", model_name="smollm2")
     with serving(app) as url:
         yield url, app.state.edgekit.model

@@ -8,19 +8,8 @@ from pathlib import Path
 import pytest
 
 from edgekit.cli import main
-from edgekit.demo import demo_gguf_path
 
 QUESTION = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def smollm2_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from click.testing import CliRunner
-
-    out = tmp_path_factory.mktemp("smollm2") / "pkg"
-    result = CliRunner().invoke(main, ["build", str(demo_gguf_path()), "-o", str(out), "--target", "laptop-cpu"])
-    assert result.exit_code == 0, result.output
-    return out
 
 
 @pytest.mark.slow

@@ -218,12 +218,8 @@ def test_a_build_whose_export_changes_the_template_fails(
 
 
 @pytest.mark.slow
-def test_smollm2_from_its_gguf_file_passes(tmp_path: Path) -> None:
-    from edgekit.demo import demo_gguf_path
-    from edgekit.pipeline import build
-
-    build(demo_gguf_path(), tmp_path / "pkg", "laptop-cpu", evaluation=None, progress=False)
-    parity = json.loads((tmp_path / "pkg" / "manifest.json").read_text())["tokenizer"]["parity"]
+def test_smollm2_from_its_gguf_file_passes(smollm2_package: Path) -> None:
+    parity = json.loads((smollm2_package / "manifest.json").read_text())["tokenizer"]["parity"]
     # The fixed strings and its 17 special tokens (<|endoftext|>, <|im_start|>, <|im_end|>, <repo_name>, ...)
     assert parity == {"strings": len(FIXED_STRINGS) + 17, "chat_template": "same"}
 

@@ -2,7 +2,9 @@
 
 A step is one token through the decoder with an empty cache: the linears' cost (what a recipe changes) at
 batch 1, without the attention over a long past, which is the same for every variant of a model.
-Alternating rounds put every folder under the same machine noise; the median of the rounds is reported.
+Short alternating chunks put every folder under the same machine noise, and each folder's time is the
+lower quartile of its chunks: noise on a shared machine only ever adds time, so the quartile is steadier
+than the median or the mean.
 """
 
 from __future__ import annotations
@@ -17,23 +19,24 @@ from edgekit.exporters.decoder_session import DecoderSession
 from edgekit.runtimes.cpu_threads import physical_cores
 
 _WARMUP_STEPS = 3
+_CHUNK_STEPS = 8
 
 
 def step_seconds(folders: list[Path], rounds: int = 7, steps: int = 64, threads: int | None = None) -> list[float]:
-    """Median seconds per decode step of each folder, measured in ``rounds`` alternating rounds."""
+    """Seconds per decode step of each folder: ``rounds`` x ``steps`` steps each, in alternating chunks."""
     sessions = [DecoderSession(folder, threads or physical_cores()) for folder in folders]
     token = np.array([[100]], dtype=np.int64)
     for session in sessions:
         for _ in range(_WARMUP_STEPS):
             session.run(token, ["logits"])
     times: list[list[float]] = [[] for _ in sessions]
-    for _ in range(rounds):
+    for _ in range(max(1, rounds * steps // _CHUNK_STEPS)):
         for index, session in enumerate(sessions):
             start = time.perf_counter()
-            for _ in range(steps):
+            for _ in range(_CHUNK_STEPS):
                 session.run(token, ["logits"])
-            times[index].append((time.perf_counter() - start) / steps)
-    return [statistics.median(values) for values in times]
+            times[index].append((time.perf_counter() - start) / _CHUNK_STEPS)
+    return [statistics.quantiles(values, n=4)[0] if len(values) > 1 else values[0] for values in times]
 
 
 def decode_ratio(baseline: Path, candidate: Path, rounds: int = 7) -> float:

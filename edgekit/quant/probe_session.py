@@ -15,7 +15,6 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from edgekit.accuracy.metrics import kl_divergence, log_softmax
 from edgekit.errors import ExportError, PackageError
 from edgekit.exporters.decoder_session import DecoderSession
 from edgekit.quant.graph_rewrite import Linear
@@ -31,6 +30,23 @@ class CalibrationReference:
     """Per window, [scored positions, vocab] float32."""
     importance: dict[str, np.ndarray] = field(default_factory=dict)
     """Activation name -> mean square per input column, over every position of every window."""
+
+
+def log_softmax32(logits: np.ndarray) -> np.ndarray:
+    """Log-softmax over the last axis in float32 with torch's threads: the calibration loop scores a few
+    thousand positions per probe, where ``accuracy.metrics``' float64 numpy took most of the time."""
+    import torch
+
+    return torch.log_softmax(torch.from_numpy(np.ascontiguousarray(logits, dtype=np.float32)), -1).numpy()
+
+
+def kl_divergence32(reference_logprobs: np.ndarray, variant_logprobs: np.ndarray) -> np.ndarray:
+    """KL(reference || variant) per position, like ``accuracy.metrics.kl_divergence``, summed in float32."""
+    import torch
+
+    reference = torch.from_numpy(np.ascontiguousarray(reference_logprobs, dtype=np.float32))
+    variant = torch.from_numpy(np.ascontiguousarray(variant_logprobs, dtype=np.float32))
+    return (reference.exp() * (reference - variant)).sum(-1).double().numpy()
 
 
 class ProbeSession:
@@ -65,7 +81,7 @@ class ProbeSession:
         for ids in windows:
             logits, *acts = self.run(ids, {}, activations=importance)
             if keep is None or len(logprobs) < keep:
-                logprobs.append(log_softmax(logits[scored]).astype(np.float32))
+                logprobs.append(log_softmax32(logits[scored]))
             for name, value in zip(self.activations if importance else [], acts, strict=True):
                 flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
                 sums[name] = sums.get(name, 0.0) + (flat * flat).sum(0)
@@ -79,7 +95,7 @@ class ProbeSession:
         total, positions = 0.0, 0
         for ids, ref in zip(windows, reference.logprobs[: len(windows)], strict=True):
             logits = self.run(ids, overrides)[0]
-            per_position = kl_divergence(ref.astype(np.float64), log_softmax(logits[scored]))
+            per_position = kl_divergence32(ref, log_softmax32(logits[scored]))
             total += float(per_position.sum())
             positions += len(per_position)
         return total / max(positions, 1)

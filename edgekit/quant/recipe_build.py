@@ -22,13 +22,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgekit.accuracy.metrics import kl_divergence, log_softmax
 from edgekit.exporters.decoder_session import DecoderSession
 from edgekit.quant.block_quant import QuantizedMatrix, quantize_matrix
 from edgekit.quant.decode_timing import decode_ratio
 from edgekit.quant.formats import DEFAULT_CANDIDATES, PROBE_FORMAT, TensorFormat, parse_format
 from edgekit.quant.graph_rewrite import Linear, find_linears, rewrite_model, weight_matrix, write_variant
-from edgekit.quant.probe_session import CalibrationReference, ProbeSession
+from edgekit.quant.probe_session import CalibrationReference, ProbeSession, kl_divergence32, log_softmax32
 from edgekit.quant.search import Objective, Option, Recipe, choose
 from edgekit.quant.sensitivity import SensitivityTable, candidate_formats, measure_sensitivity, read_table, write_table
 
@@ -304,8 +303,8 @@ def _check(
     session = DecoderSession(out_dir)
     kls, agree = [], []
     for ids, ref in zip(windows, reference.logprobs, strict=False):
-        logprobs = log_softmax(session.logits(ids[None])[0][scored])
-        kls.append(kl_divergence(ref.astype(np.float64), logprobs))
+        logprobs = log_softmax32(session.logits(ids[None])[0][scored])
+        kls.append(kl_divergence32(ref, logprobs))
         agree.append(ref.argmax(-1) == logprobs.argmax(-1))
     del session
     ratio = None
