@@ -1,14 +1,16 @@
 """Per-tensor recipes against RTN and llama.cpp's sizes on the demo model (issue #15's must-shows).
 
 Run: python benchmarks/bench_recipes.py [--budgets 91726688 105453920] [--calibration FILE|builtin]
-          [--windows 20] [--timing-rounds 7]
+          [--windows 20] [--timing-rounds 7] [--min-decode-ratio 0.9]
 
 For each byte budget (by default the files of llama.cpp's Q4_0 and Q4_K_M of SmolLM2-135M-Instruct) it
 builds the demo GGUF for ``laptop-cpu`` with ``--max-model-bytes`` (the whole build, search and evaluation
 included, is timed), then scores the RTN and recipe variants with ``edgekit eval``'s protocol (20 windows
 of 512, second half scored) on WikiText-2 test (in-domain: the recipe calibrates on WikiText-2 valid) and
 on the built-in corpus's evaluation part (out-of-domain), and times decoding of the recipe against RTN in
-alternating rounds in one process. llama.cpp's rows are the issue's measurements of its files.
+alternating rounds in one process. llama.cpp's rows are the issue's measurements of its files. Bytes are
+model-file bytes (``model.onnx`` and its data), as llama.cpp's are its file's. ``--min-decode-ratio`` sets
+the recipe's speed bound (the target's ``recipe.min_decode_ratio``, 0.9 by default).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from machine import describe_machine
 
 from edgekit.accuracy.evaluate import evaluate_package
@@ -26,6 +29,7 @@ from edgekit.accuracy.texts import builtin_corpus, load_text
 from edgekit.demo import demo_gguf_path
 from edgekit.pipeline import CalibrationSettings, EvalSettings, build
 from edgekit.quant.decode_timing import decode_ratio
+from edgekit.targets import bundled_targets_path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 LLAMA_CPP = {  # issue #15, same protocol: name -> (bytes, mean KL, top-1) on WikiText-2 test
@@ -43,12 +47,17 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=20)
     parser.add_argument("--timing-rounds", type=int, default=7)
     parser.add_argument("--keep", type=Path, help="keep the packages in this folder")
+    parser.add_argument("--min-decode-ratio", type=float, default=0.9)
     args = parser.parse_args()
     calibration = builtin_corpus("calibration") if args.calibration == "builtin" else load_text(args.calibration)
     texts = {"WikiText-2 test": load_text(DATA / "wikitext2-test.txt"), "built-in (Python docs)": None}
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
+        targets = yaml.safe_load(bundled_targets_path().read_text(encoding="utf-8"))
+        targets["targets"]["laptop-cpu"]["recipe"] = {"min_decode_ratio": args.min_decode_ratio}
+        targets_file = Path(tmp) / "targets.yaml"
+        targets_file.write_text(yaml.safe_dump(targets), encoding="utf-8")
         for budget in args.budgets:
             package = root / f"recipe-{budget}"
             started = time.perf_counter()
@@ -56,6 +65,7 @@ def main() -> None:
                 demo_gguf_path(),
                 package,
                 "laptop-cpu",
+                targets_file=targets_file,
                 force=True,
                 progress=False,
                 calibration=CalibrationSettings(calibration),
@@ -68,16 +78,25 @@ def main() -> None:
             for label, corpus in texts.items():
                 report = evaluate_package(package, corpus=corpus, windows=args.windows, write=False)
                 row[label] = {name: report["variants"][name] for name in ("int4-rtn", "int4-recipe")}
+                for name in row[label]:  # model files, as llama.cpp's file: no tokenizer or configs
+                    row[label][name]["bytes"] = _model_bytes(package / name)
             row["decode"] = decode_ratio(package / "int4-rtn", package / "int4-recipe", rounds=args.timing_rounds)
             rows.append(row)
     _print(rows, texts, args)
 
 
+def _model_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+
+
 def _print(rows: list[dict[str, Any]], texts: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"machine: {describe_machine()}")
-    print(f"calibration: {Path(args.calibration).name}; evaluation: {args.windows} windows of 512\n")
+    print(
+        f"calibration: {Path(args.calibration).name}; evaluation: {args.windows} windows of 512; "
+        f"min_decode_ratio {args.min_decode_ratio}\n"
+    )
     first = next(iter(texts))
-    print(f"| file ({first}) | bytes | mean KL | top-1 | PPL ratio | decode vs RTN | target KL | met |")
+    print(f"| file ({first}) | model bytes | mean KL | top-1 | PPL ratio | decode vs RTN | target KL | met |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for name, (size, kl, top1) in LLAMA_CPP.items():
         print(f"| {name} | {size:,} | {kl:.3f} | {top1:.1%} | - | - | - | - |")

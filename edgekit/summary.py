@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgekit.targets import Precision
@@ -58,6 +59,21 @@ def _variants_table(manifest: dict[str, Any]) -> Table:
             _mb(entry["bytes"]),
         )
     return table
+
+
+def _recipe_figures(recipe: dict[str, Any]) -> str:
+    """How many tensors take each format, and what the build measured on calibration text."""
+    tensors = recipe.get("tensors")
+    counts: dict[str, int] = {}
+    for spelling in tensors.values() if isinstance(tensors, dict) else []:
+        counts[str(spelling)] = counts.get(str(spelling), 0) + 1
+    text = ", ".join(f"{n} {spelling}" for spelling, n in sorted(counts.items(), key=lambda item: -item[1]))
+    kl, ratio = recipe.get("calibration_kl"), recipe.get("decode_ratio")
+    if isinstance(kl, (int, float)):
+        text += f"; calibration KL {kl:.4f}"
+    if isinstance(ratio, (int, float)):
+        text += f", decode {ratio:.2f}x RTN"
+    return text
 
 
 def _validation_figures(validation: dict[str, Any]) -> str:
@@ -122,6 +138,9 @@ def print_manifest(root: Path, manifest: dict[str, Any], console: Console | None
     console.print(_variants_table(manifest))
     for name, entry in manifest.get("targets", {}).items():
         console.print(f"target {name}: runs '{entry['variant']}' on {' -> '.join(entry['providers'])}")
+    for name, entry in manifest.get("variants", {}).items():
+        if isinstance(entry, dict) and isinstance(entry.get("recipe"), dict):
+            console.print(escape(f"recipe {name}: {_recipe_figures(entry['recipe'])}"))
     validation = manifest.get("validation", {})
     if "skipped" in validation:
         console.print(f"validation: skipped ({validation['skipped']})")

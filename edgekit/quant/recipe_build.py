@@ -108,26 +108,8 @@ def build_recipe_variant(
     def weight_of(linear: Linear) -> np.ndarray:
         return weight_matrix(model, linear, fp32_dir)
 
-    table = next((t for p in cache_paths if (t := read_table(p, key)) is not None), None)
-    reused = table is not None
-    if table is None:
-        ctx = min(_PROBE_CTX, windows.shape[1])
-        probe_windows, probe_scored = windows[:_PROBE_WINDOWS, :ctx], slice(ctx // 2, ctx - 1)
-        probe_reference = probe.reference(probe_windows, probe_scored, importance=False)
-        probe_reference.importance = reference.importance
-        table = measure_sensitivity(
-            probe,
-            probe_reference,
-            probe_windows,
-            probe_scored,
-            weight_of,
-            request.candidates,
-            key,
-            progress,
-        )
+    table, reused = _sensitivity_table(probe, reference, windows, weight_of, request, key, cache_paths, progress)
     del probe
-    for path in cache_paths:
-        write_table(path, table)
     quantized: dict[tuple[str, str], QuantizedMatrix] = {}
 
     def fit(linear: Linear, fmt: TensorFormat) -> QuantizedMatrix:
@@ -163,6 +145,39 @@ def build_recipe_variant(
     folder.rename(out_dir)
     chosen.notes.extend(search.shortfalls(chosen))
     return chosen
+
+
+def _sensitivity_table(
+    probe: ProbeSession,
+    reference: CalibrationReference,
+    windows: np.ndarray,
+    weight_of: Callable[[Linear], np.ndarray],
+    request: RecipeRequest,
+    key: dict[str, str],
+    cache_paths: list[Path],
+    progress: Callable[[str], None],
+) -> tuple[SensitivityTable, bool]:
+    """The cached table for ``key`` (and True), or one measured now; written to every cache path that takes it.
+
+    The first path (the package's copy) must be written; the others (the user's cache) may be read-only.
+    """
+    table = next((t for p in cache_paths if (t := read_table(p, key)) is not None), None)
+    reused = table is not None
+    if table is None:
+        ctx = min(_PROBE_CTX, windows.shape[1])
+        probe_windows, probe_scored = windows[:_PROBE_WINDOWS, :ctx], slice(ctx // 2, ctx - 1)
+        probe_reference = probe.reference(probe_windows, probe_scored, importance=False)
+        probe_reference.importance = reference.importance
+        table = measure_sensitivity(
+            probe, probe_reference, probe_windows, probe_scored, weight_of, request.candidates, key, progress
+        )
+    for index, path in enumerate(cache_paths):
+        try:
+            write_table(path, table)
+        except OSError:
+            if index == 0:
+                raise
+    return table, reused
 
 
 class _Rounds:
