@@ -230,3 +230,17 @@ def test_a_size_budget_no_recipe_fits_is_a_one_line_error_and_nothing_is_written
     assert "\n" not in message and "bytes" in message
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name != "cache"]
+
+
+def test_the_cli_refuses_max_model_bytes_on_a_gpu_target_in_one_line(tiny_checkpoints, tmp_path: Path, runner) -> None:
+    from edgekit.cli import main
+
+    result = runner.invoke(
+        main,
+        ["build", str(tiny_checkpoints("llama")), "-o", str(tmp_path / "out"), "-t", "edge-cuda",
+         "--max-model-bytes", "1000000"],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--max-model-bytes" in lines[0] and "edge-cuda" in lines[0], result.output
+    assert not (tmp_path / "out").exists()
