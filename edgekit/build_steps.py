@@ -199,6 +199,8 @@ def plan_variants_step(context: BuildContext) -> None:
     method = source.checked.quantization
     if method is not None:
         context.plan = prequantized_variants(target, method)
+        if Int4Method.RECIPE in target.int4_methods:
+            context.warnings.append(f"a {method} checkpoint is deployed as it is: no int4-recipe is made from it")
         if not context.options.streaming:  # the packed linears' fp32 function, for validation and evaluation
             context.folders = {REFERENCE_VARIANT: _dequantized_reference(context, method)}
     else:

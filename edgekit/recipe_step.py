@@ -83,7 +83,10 @@ def make_recipe_variant(
     from ``calibration``'s text with its seed); the sensitivity table goes to ``eval/`` beside ``out_dir``."""
     request = recipe_request(target)
     corpus, seed = calibration
-    sampling = f"{windows.shape[0]}x{windows.shape[1]} seed {seed}"
+    # The tokens themselves: the tokenizer and BOS rule decide them as much as the text and the seed do.
+    sampling = (
+        f"{windows.shape[0]}x{windows.shape[1]} seed {seed} tokens {hashlib.sha256(windows.tobytes()).hexdigest()}"
+    )
     key = sensitivity_key(fp32_dir, corpus, request, sampling)
     paths = sensitivity_cache_paths(out_dir.parent / "eval", key)
     return build_recipe_variant(fp32_dir, out_dir, work, rtn_dir, request, windows, key, paths, progress=progress)

@@ -7,6 +7,7 @@ piped output is not limited to 80 columns at all, so a script reading it gets ev
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -69,9 +70,10 @@ def _recipe_figures(recipe: dict[str, Any]) -> str:
         counts[str(spelling)] = counts.get(str(spelling), 0) + 1
     text = ", ".join(f"{n} {spelling}" for spelling, n in sorted(counts.items(), key=lambda item: -item[1]))
     kl, ratio = recipe.get("calibration_kl"), recipe.get("decode_ratio")
-    if isinstance(kl, (int, float)):
+    # The manifest is untrusted: only finite floats are formatted (a 400-digit integer overflows a float).
+    if isinstance(kl, float) and math.isfinite(kl):
         text += f"; calibration KL {kl:.4f}"
-    if isinstance(ratio, (int, float)):
+    if isinstance(ratio, float) and math.isfinite(ratio):
         text += f", decode {ratio:.2f}x RTN"
     return text
 

@@ -239,10 +239,11 @@ class Target(_Strict):
                 "recipe_provider",
                 "int4_methods recipe builds CPU graphs: put cpu first in providers, or use rtn/gptq for a GPU target",
             )
-        if Int4Method.RTN not in self.int4_methods:
+        methods = list(self.int4_methods)
+        if Int4Method.RTN not in methods or methods.index(Int4Method.RTN) > methods.index(Int4Method.RECIPE):
             raise PydanticCustomError(
                 "recipe_baseline",
-                "int4_methods recipe needs rtn beside it (its speed is measured against the RTN variant): "
+                "int4_methods recipe needs rtn before it (its speed is measured against the RTN variant): "
                 "use [rtn, recipe]",
             )
         if self.recipe.max_model_bytes is None and self.budget.max_kl_mean is None:

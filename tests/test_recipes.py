@@ -13,9 +13,10 @@ from conftest import snapshot
 from edgekit.errors import RecipeBudgetError, TargetError, UsageError
 from edgekit.quant.block_quant import quantize_matrix, weighted_error
 from edgekit.quant.formats import TensorFormat, parse_format
-from edgekit.quant.graph_rewrite import find_linears
+from edgekit.quant.graph_rewrite import Linear, find_linears
 from edgekit.quant.recipe_build import recipe_formats
 from edgekit.quant.search import Objective, Option, choose
+from edgekit.quant.sensitivity import read_table
 from edgekit.targets import get_target, parse_targets, with_max_model_bytes
 
 # --- formats ------------------------------------------------------------------------------------------------
@@ -137,7 +138,8 @@ def _profile(**changes: object) -> dict[str, object]:
     [
         ({"providers": ["cuda", "cpu"]}, "put cpu first"),
         ({"providers": ["dml", "cpu"]}, "put cpu first"),
-        ({"int4_methods": ["recipe"]}, "needs rtn beside it"),
+        ({"int4_methods": ["recipe"]}, "needs rtn before it"),
+        ({"int4_methods": ["recipe", "rtn"]}, "needs rtn before it"),
         ({"budget": {}}, "budget.max_kl_mean"),
         ({"recipe": {"max_model_bytes": 10, "optimize": "size"}}, "not both"),
         ({"recipe": {"candidates": ["int4-b32-sym-rtn", "int5-b32-sym-rtn"]}}, "int4-b32-asym-weighted"),
@@ -244,3 +246,88 @@ def test_the_cli_refuses_max_model_bytes_on_a_gpu_target_in_one_line(tiny_checkp
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--max-model-bytes" in lines[0] and "edge-cuda" in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+# --- untrusted caches and manifests -------------------------------------------------------------------------
+
+
+def _table_json(tensors: list[dict[str, object]]) -> str:
+    return json.dumps({"version": 1, "key": {"k": "v"}, "group_losses": {"g": 0.1}, "tensors": tensors})
+
+
+def _linear(name: str = "model/layers.0/mlp/down_proj") -> Linear:
+    return Linear(name, "w", 64, 128, "x")
+
+
+GOOD_ENTRY = {
+    "name": "model/layers.0/mlp/down_proj",
+    "rows": 64,
+    "cols": 128,
+    "group": "g",
+    "probe_loss": 0.01,
+    "proxy": {"int4-b32-sym-rtn": 1.0, "int8-b32-sym-rtn": 0.1},
+}
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        {**GOOD_ENTRY, "probe_loss": "Infinity"},
+        {**GOOD_ENTRY, "proxy": {"int4-b32-sym-rtn": 1e999, "int8-b32-sym-rtn": 0.1}},
+        {**GOOD_ENTRY, "proxy": {"int8-b32-sym-rtn": 0.1}},  # no probe format
+        {**GOOD_ENTRY, "proxy": {"int4-b32-sym-rtn": 1.0}},  # a candidate missing
+        {**GOOD_ENTRY, "rows": 65},  # another shape
+        {**GOOD_ENTRY, "name": "model/layers.9/mlp/down_proj"},  # another tensor
+    ],
+)
+def test_a_cached_table_that_does_not_fit_the_model_is_remeasured_not_trusted(
+    entry: dict[str, object], tmp_path: Path
+) -> None:
+    path = tmp_path / "sensitivity.json"
+    path.write_text(_table_json([entry]).replace('"Infinity"', "Infinity"))
+    candidates = (parse_format("int8-b32-sym-rtn"),)
+    table = read_table(path, {"k": "v"})
+    assert table is None or not table.fits([_linear()], candidates)
+    path.write_text(_table_json([GOOD_ENTRY]))
+    good = read_table(path, {"k": "v"})
+    assert good is not None and good.fits([_linear()], candidates)
+
+
+def test_info_prints_a_tampered_recipe_entry_without_a_traceback() -> None:
+    from edgekit.summary import _recipe_figures
+
+    text = _recipe_figures(
+        {"tensors": {"a": "int4-b32-sym-rtn", "b": 7}, "calibration_kl": 10**400, "decode_ratio": "x"}
+    )
+    assert text.startswith("1 int4-b32-sym-rtn") and "KL" not in text
+
+
+@pytest.mark.slow
+def test_a_size_objective_keeps_to_the_targets_candidates(
+    tiny_checkpoints, tmp_path: Path, private_cache: Path
+) -> None:
+    import yaml
+
+    from edgekit.pipeline import build
+
+    allowed = ["int4-b64-sym-weighted", "int8-b32-sym-rtn"]
+    targets = {
+        "schema_version": 1,
+        "targets": {
+            "small": {
+                "description": "recipe within a KL budget, two formats",
+                "providers": ["cpu"],
+                "int4_methods": ["rtn", "recipe"],
+                "lm_head": "int8",
+                "accuracy_level": 4,
+                "recipe": {"optimize": "size", "candidates": allowed, "min_decode_ratio": 0.5},
+                "budget": {"max_kl_mean": 0.5},
+            }
+        },
+    }
+    targets_file = tmp_path / "targets.yaml"
+    targets_file.write_text(yaml.safe_dump(targets))
+    result = build(tiny_checkpoints("llama"), tmp_path / "pkg", "small", targets_file=targets_file, progress=False)
+    recipe = result.manifest["variants"]["int4-recipe"]["recipe"]
+    assert set(recipe["tensors"].values()) <= set(allowed), recipe["tensors"]
+    assert result.manifest["default_variant"] == "int4-recipe"

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 import onnx
 
+from edgekit.errors import RecipeBudgetError
 from edgekit.exporters.decoder_session import DecoderSession
 from edgekit.quant.block_quant import QuantizedMatrix, quantize_matrix
 from edgekit.quant.decode_timing import decode_ratio
@@ -37,7 +38,9 @@ _PROBE_WINDOWS = 2  # windows the per-group probes run on (the slowest part: one
 _PROBE_CTX = 256  # ... each cut to its first 256 tokens, the second half scored
 _VERIFY_WINDOWS = 4
 _ASYM_OVERHEAD_BYTES = 147456  # an asymmetric linear's extra ops (block sums, offset product, add), as read bytes
-_GRAPH_SLACK_BYTES = 1024  # per linear: the rewritten graph's extra nodes and shape constants
+_GRAPH_BYTES = 512  # per linear: the rewritten graph's nodes and shape constants ...
+_ASYM_GRAPH_BYTES = 4096  # ... and an asymmetric linear's extra nodes and initializers
+_OVERSHOOT_MARGIN = 1.25  # a round over the byte budget makes the next one aim this much further under
 
 
 @dataclass(frozen=True)
@@ -108,7 +111,9 @@ def build_recipe_variant(
     def weight_of(linear: Linear) -> np.ndarray:
         return weight_matrix(model, linear, fp32_dir)
 
-    table, reused = _sensitivity_table(probe, reference, windows, weight_of, request, key, cache_paths, progress)
+    table, reused = _sensitivity_table(
+        probe, reference, windows, weight_of, request, key, cache_paths, progress, linears
+    )
     del probe
     quantized: dict[tuple[str, str], QuantizedMatrix] = {}
 
@@ -124,7 +129,12 @@ def build_recipe_variant(
     search = _Rounds(options, request, _fixed_bytes(fp32_dir, linears), max_cost)
     built: list[tuple[RecipeOutcome, Path]] = []
     for round_number in range(1, _ROUNDS + 1):
-        recipe = search.next_recipe()
+        try:
+            recipe = search.next_recipe()
+        except RecipeBudgetError:
+            if not built:
+                raise
+            break  # the bounds a missed round tightened leave nothing: keep the best round built
         progress(f"round {round_number}: build {len(recipe.choices)} tensors, predicted KL {recipe.loss:.4f}")
         folder = work / f"recipe-round-{round_number}"
         _build(fp32_dir, folder, recipe, request.accuracy_level, fit)
@@ -137,6 +147,14 @@ def build_recipe_variant(
         if not search.learn(recipe, outcome):
             break
     chosen, folder = min(built, key=lambda item: search.rank(item[0]))
+    if request.max_model_bytes is not None and chosen.model_bytes > request.max_model_bytes:
+        for _, other in built:
+            shutil.rmtree(other, ignore_errors=True)
+        raise RecipeBudgetError(
+            f"no recipe built fits in {request.max_model_bytes:,} bytes: the smallest built has "
+            f"{min(o.model_bytes for o, _ in built):,} bytes of model files",
+            fix="raise --max-model-bytes (or max_model_bytes in the target)",
+        )
     for _, other in built:
         if other != folder:
             shutil.rmtree(other, ignore_errors=True)
@@ -156,12 +174,14 @@ def _sensitivity_table(
     key: dict[str, str],
     cache_paths: list[Path],
     progress: Callable[[str], None],
+    linears: list[Linear],
 ) -> tuple[SensitivityTable, bool]:
     """The cached table for ``key`` (and True), or one measured now; written to every cache path that takes it.
 
     The first path (the package's copy) must be written; the others (the user's cache) may be read-only.
     """
-    table = next((t for p in cache_paths if (t := read_table(p, key)) is not None), None)
+    cached = (read_table(path, key) for path in cache_paths)
+    table = next((t for t in cached if t is not None and t.fits(linears, request.candidates)), None)
     reused = table is not None
     if table is None:
         ctx = min(_PROBE_CTX, windows.shape[1])
@@ -189,12 +209,13 @@ class _Rounds:
         self.fixed = fixed
         self.max_cost = max_cost
         self.max_loss = None if request.max_kl is None else request.max_kl * _LOSS_MARGIN
+        self.max_bytes = request.max_model_bytes
 
     def next_recipe(self) -> Recipe:
         """The recipe for the current bounds (``RecipeBudgetError`` when none meets them)."""
         by_bytes = self.request.max_model_bytes is not None
         objective = Objective(
-            max_bytes=self.request.max_model_bytes,
+            max_bytes=self.max_bytes,
             max_loss=None if by_bytes else self.max_loss,
             max_cost=self.max_cost,
             fixed_bytes=self.fixed,
@@ -204,6 +225,11 @@ class _Rounds:
     def learn(self, recipe: Recipe, outcome: RecipeOutcome) -> bool:
         """Adjust the bounds to what ``outcome`` measured; whether another round is worth building."""
         again = False
+        budget = self.request.max_model_bytes
+        if budget is not None and self.max_bytes is not None and outcome.model_bytes > budget:
+            # The graph grew more than estimated: aim under the budget by the overshoot, and some.
+            self.max_bytes -= int((outcome.model_bytes - budget) * _OVERSHOOT_MARGIN) + 1
+            again = True
         ratio, target = outcome.decode_ratio, self.request.min_decode_ratio
         if ratio is not None:
             # Cost scales with time: the bound that would have given exactly the target speed (2% under).
@@ -232,6 +258,9 @@ class _Rounds:
     def shortfalls(self, outcome: RecipeOutcome) -> list[str]:
         """What ``outcome`` misses of the request, in words."""
         missed = []
+        budget = self.request.max_model_bytes
+        if budget is not None and outcome.model_bytes > budget:
+            missed.append(f"{outcome.model_bytes:,} bytes of model files, over max_model_bytes {budget:,}")
         if outcome.decode_ratio is not None and outcome.decode_ratio < self.request.min_decode_ratio:
             missed.append(
                 f"decode {outcome.decode_ratio:.2f}x RTN, under min_decode_ratio {self.request.min_decode_ratio}"
@@ -251,16 +280,26 @@ def _options(
         if linear.tied_to is not None:
             continue
         entry = table.tensor(linear.name)
-        formats = [f for f in candidate_formats(linear, candidates) if f.spelling in entry.proxy]
+        # The probe format is always measured; it is a choice only where the candidates name it.
+        formats = [f for f in candidate_formats(linear, candidates) if f in candidates and f.spelling in entry.proxy]
         options[linear.name] = [
-            Option(fmt, fmt.file_bytes(linear.rows, linear.cols), entry.predicted_loss(fmt), _cost(linear, fmt))
-            for fmt in formats
+            Option(fmt, _file_bytes(linear, fmt), entry.predicted_loss(fmt), _cost(linear, fmt)) for fmt in formats
         ]
     return options
 
 
+def _file_bytes(linear: Linear, fmt: TensorFormat) -> int:
+    """The linear's bytes in the model files: codes, scales (and offsets), and its nodes in the graph."""
+    return fmt.file_bytes(linear.rows, linear.cols) + (_ASYM_GRAPH_BYTES if fmt.asymmetric else _GRAPH_BYTES)
+
+
 def _cost(linear: Linear, fmt: TensorFormat | None) -> float:
-    """Bytes a decode step reads for this linear (fp32 scales at run time), plus the offsets' extra ops."""
+    """Bytes a decode step reads for this linear (fp32 scales at run time), plus the offsets' extra ops.
+
+    An untied embedding's Gather reads one row a step: nothing a format changes measurably.
+    """
+    if linear.activation is None and linear.tied_to is None:
+        return 0.0
     weights = linear.rows * linear.cols
     if fmt is None:
         return 4.0 * weights
@@ -281,10 +320,10 @@ def _baseline_cost(linears: list[Linear], head: TensorFormat | None) -> float:
 
 
 def _fixed_bytes(fp32_dir: Path, linears: list[Linear]) -> int:
-    """Model-file bytes no choice changes: the fp32 files less their linears' float weights, plus graph slack."""
+    """Model-file bytes no choice changes: the fp32 files less their linears' float weights."""
     files = sum(p.stat().st_size for p in fp32_dir.iterdir() if p.name.startswith("model.onnx"))
     distinct = {lin.weight: lin.rows * lin.cols for lin in linears}
-    return files - 4 * sum(distinct.values()) + _GRAPH_SLACK_BYTES * len(linears)
+    return files - 4 * sum(distinct.values())
 
 
 def _build(

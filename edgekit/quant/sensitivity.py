@@ -40,7 +40,7 @@ _GROUPS_PER_KIND = 5  # runs of consecutive layers measured together, per kind o
 class TensorLoss(BaseModel):
     """One tensor's measured share of loss at the probe format and its proxy in every candidate format."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     name: str
     rows: int = Field(gt=0)
@@ -65,7 +65,7 @@ class TensorLoss(BaseModel):
 class SensitivityTable(BaseModel):
     """Every quantizable tensor's loss per format, with what it was measured on."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     version: int = SENSITIVITY_VERSION
     key: dict[str, str]
@@ -76,6 +76,21 @@ class SensitivityTable(BaseModel):
     def tensor(self, name: str) -> TensorLoss:
         """The entry named ``name``."""
         return next(t for t in self.tensors if t.name == name)
+
+    def fits(self, linears: list[Linear], candidates: tuple[TensorFormat, ...]) -> bool:
+        """Whether the table describes these linears: each once, its shape, the probe format and every
+        fitting candidate measured. A cached table is untrusted input: one that does not fit is remeasured."""
+        entries = {t.name: t for t in self.tensors}
+        for linear in linears:
+            if linear.tied_to is not None:
+                continue
+            entry = entries.get(linear.name)
+            if entry is None or (entry.rows, entry.cols) != (linear.rows, linear.cols):
+                return False
+            wanted = {f.spelling for f in candidate_formats(linear, candidates)}
+            if PROBE_FORMAT.spelling not in entry.proxy or not wanted <= set(entry.proxy):
+                return False
+        return True
 
 
 def candidate_formats(linear: Linear, candidates: tuple[TensorFormat, ...]) -> list[TensorFormat]:
