@@ -5,7 +5,7 @@ Run: python benchmarks/bench_gguf_scale.py [--sizes qwen3-1.7b,qwen3.5-9b] [--ro
 - ``qwen3-1.7b``: a Qwen3-1.7B-shaped file (the published config's shapes, 151,936-token vocabulary) with
   Q8_0 tensors of random values, written with the ``gguf`` package, the tokenizer metadata of the demo
   model's GGUF (padded with control tokens to the vocabulary's size). ``edgekit build FILE --streaming
-  --no-eval`` runs in a child process; the table gets its wall time, its peak RSS (``ru_maxrss``) and the
+  --no-eval`` runs in a child process; the table gets its wall time, its peak RSS (GNU time's ``%M``) and the
   package's bytes. The peak is what a GGUF build costs, since the file is converted one tensor at a time.
 - ``qwen3.5-9b``: a Qwen3.5-9B-shaped file (transformers' ``Qwen3_5TextConfig`` defaults) whose tensor data
   is a sparse hole: only its header is real. The build prints its estimate from the header, then stops:
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -141,13 +140,17 @@ def write_qwen3_5_header(path: Path, shape: dict[str, int]) -> None:
 def build_child(gguf: Path, out: Path) -> tuple[float, float, int, str]:
     """``edgekit build --streaming --no-eval`` in a child: seconds, peak RSS in GiB, exit code, last lines."""
     started = time.perf_counter()
+    # Linux carries the peak RSS of this (large) process over fork and exec into a direct child's ru_maxrss;
+    # GNU time's child is forked from a small process, so its peak is the build's own.
+    peak_file = out.with_name(f"{out.name}.peak-kib")
     done = subprocess.run(
-        [sys.executable, "-m", "edgekit.cli", "build", str(gguf), "-o", str(out), "--streaming", "--no-eval", "-q",
-         "--force"],
+        ["/usr/bin/time", "-f", "%M", "-o", str(peak_file), sys.executable, "-m", "edgekit.cli", "build", str(gguf),
+         "-o", str(out), "--streaming", "--no-eval", "-q", "--force"],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20
+    peak = int(peak_file.read_text().split()[-1]) / 2**20
+    peak_file.unlink()
     return seconds, peak, done.returncode, (done.stdout + done.stderr).strip().splitlines()[-3:].__str__()
 
 

@@ -26,7 +26,7 @@ import numpy as np
 
 from edgekit.errors import CorruptFileError, EdgekitError, ExportError, SourceError, UnsupportedArchitectureError
 from edgekit.sources.registry import Architecture, lookup_architecture
-from edgekit.sources.weight_files import open_gguf
+from edgekit.sources.weight_files import open_gguf, release_gguf_pages
 
 # GGUF tensor name -> Hugging Face name, for the tensors whose values must survive the import unchanged.
 _TENSOR_NAMES = {
@@ -297,6 +297,7 @@ def _write_weights(path: Path, target: Path, plan: _TensorPlan, config: Any) -> 
             if verify and index == 0:  # a tensor written in row blocks is checked on its first block
                 _check_block(path, tensor, block, slot.name, config.model_type, heads)
             yield memoryview(np.ascontiguousarray(block, dtype=np.float32).data).cast("B")
+            release_gguf_pages(reader)
         checked += verify
 
     write_safetensors(target, slots, produce)

@@ -6,9 +6,11 @@ of a crash deep inside a loader. These checks read headers only, never tensor da
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
+import mmap
 import os
 import re
 import struct
@@ -166,6 +168,18 @@ def open_gguf(path: Path) -> Any:
     """
     stat = path.stat()
     return _gguf_reader(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def release_gguf_pages(reader: Any) -> None:
+    """Drop the pages of ``reader``'s file mapping that reading tensors brought in (they are read again on use).
+
+    A GGUF file is memory-mapped: every tensor read stays resident as file-backed memory, so a whole import
+    would show the whole file in the process's RSS (and count against a container's memory limit).
+    """
+    mapping = getattr(getattr(reader, "data", None), "_mmap", None)
+    if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
+        with contextlib.suppress(OSError, ValueError):
+            mapping.madvise(mmap.MADV_DONTNEED)
 
 
 def check_gguf(path: Path) -> None:
