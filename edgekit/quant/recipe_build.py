@@ -146,18 +146,24 @@ def build_recipe_variant(
         built.append((outcome, folder))
         if not search.learn(recipe, outcome):
             break
+    return _keep_best(built, search, out_dir)
+
+
+def _keep_best(built: list[tuple[RecipeOutcome, Path]], search: _Rounds, out_dir: Path) -> RecipeOutcome:
+    """Rename the best round to ``out_dir`` and delete the others; none within ``max_model_bytes`` is an error."""
     chosen, folder = min(built, key=lambda item: search.rank(item[0]))
-    if request.max_model_bytes is not None and chosen.model_bytes > request.max_model_bytes:
-        for _, other in built:
+    limit = search.request.max_model_bytes
+    fits = limit is None or chosen.model_bytes <= limit
+    for _, other in built:
+        if other != folder or not fits:
             shutil.rmtree(other, ignore_errors=True)
+    if not fits:
+        assert limit is not None
         raise RecipeBudgetError(
-            f"no recipe built fits in {request.max_model_bytes:,} bytes: the smallest built has "
+            f"no recipe built fits in {limit:,} bytes: the smallest built has "
             f"{min(o.model_bytes for o, _ in built):,} bytes of model files",
             fix="raise --max-model-bytes (or max_model_bytes in the target)",
         )
-    for _, other in built:
-        if other != folder:
-            shutil.rmtree(other, ignore_errors=True)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     folder.rename(out_dir)
