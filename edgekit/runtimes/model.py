@@ -28,7 +28,7 @@ from edgekit.package.verify import variant_dir, verify_files
 from edgekit.package.verify_cache import verify_variant
 from edgekit.runtimes.chat_template import read_chat_template, render_chat, special_tokens
 from edgekit.runtimes.cpu_threads import physical_cores
-from edgekit.runtimes.generation import GenerationConfig
+from edgekit.runtimes.generation import GenerationConfig, cut_at_stop
 from edgekit.runtimes.providers import PROVIDERS, available_providers
 from edgekit.runtimes.tokens import TextTokenizer
 from edgekit.tokenizer_record import recorded_rule
@@ -163,7 +163,7 @@ class Model:
 
     def _text_stream(self, ids: list[int], config: GenerationConfig) -> Iterator[str]:
         pieces = self.tokenizer.decode_stream(self.token_stream(ids, config))
-        return _cut_at_stop(pieces, config.stop) if config.stop else pieces
+        return cut_at_stop(pieces, config.stop) if config.stop else pieces
 
     def _require_open(self) -> Any:
         if self._model is None:
@@ -191,25 +191,6 @@ def generation_length(config: GenaiConfig, prompt_tokens: int, max_new_tokens: i
     if window is not None:
         length = max(length, min(context, window.window_size + window.cache_slack))
     return length, allowed
-
-
-def _cut_at_stop(pieces: Iterator[str], stop: tuple[str, ...]) -> Iterator[str]:
-    """Pass text through until the first stop string, holding back what might be a stop string's start."""
-    held = ""
-    longest = max(len(s) for s in stop)
-    for piece in pieces:
-        held += piece
-        cut = min((i for i in (held.find(s) for s in stop) if i >= 0), default=-1)
-        if cut >= 0:
-            if held[:cut]:
-                yield held[:cut]
-            return
-        safe = len(held) - (longest - 1)
-        if safe > 0:
-            yield held[:safe]
-            held = held[safe:]
-    if held:
-        yield held
 
 
 def _generation_config(options: dict[str, Any]) -> GenerationConfig:

@@ -21,7 +21,7 @@ from collections.abc import AsyncGenerator, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from edgekit.runtimes.generation import GenerationConfig
+from edgekit.runtimes.generation import GenerationConfig, cut_at_stop
 
 
 class QueueFullError(Exception):
@@ -227,25 +227,9 @@ def _text_pieces(model: ModelRunner, job: Job) -> Generator[str, None, None]:
 
     pieces = model.tokenizer.decode_stream(counted())
     if job.config.stop:
-        pieces = cut_at_stop(pieces, job.config.stop, job)
-    yield from pieces
 
-
-def cut_at_stop(pieces: Iterator[str], stop: tuple[str, ...], job: Job) -> Iterator[str]:
-    """Pass text through until the first stop string, holding back what might be a stop string's start."""
-    held = ""
-    longest = max(len(s) for s in stop)
-    for piece in pieces:
-        held += piece
-        cut = min((i for i in (held.find(s) for s in stop) if i >= 0), default=-1)
-        if cut >= 0:
+        def stopped() -> None:
             job.hit_stop_string = True
-            if held[:cut]:
-                yield held[:cut]
-            return
-        safe = len(held) - (longest - 1)
-        if safe > 0:
-            yield held[:safe]
-            held = held[safe:]
-    if held:
-        yield held
+
+        pieces = cut_at_stop(pieces, job.config.stop, on_stop=stopped)
+    yield from pieces
