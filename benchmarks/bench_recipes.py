@@ -29,6 +29,7 @@ from edgekit.accuracy.texts import builtin_corpus, load_text
 from edgekit.demo import demo_gguf_path
 from edgekit.pipeline import CalibrationSettings, EvalSettings, build
 from edgekit.quant.decode_timing import decode_ratio
+from edgekit.quant.graph_rewrite import model_file_bytes
 from edgekit.targets import bundled_targets_path
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -79,14 +80,10 @@ def main() -> None:
                 report = evaluate_package(package, corpus=corpus, windows=args.windows, write=False)
                 row[label] = {name: report["variants"][name] for name in ("int4-rtn", "int4-recipe")}
                 for name in row[label]:  # model files, as llama.cpp's file: no tokenizer or configs
-                    row[label][name]["bytes"] = _model_bytes(package / name)
+                    row[label][name]["bytes"] = model_file_bytes(package / name)
             row["decode"] = decode_ratio(package / "int4-rtn", package / "int4-recipe", rounds=args.timing_rounds)
             rows.append(row)
     _print(rows, texts, args)
-
-
-def _model_bytes(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
 
 
 def _print(rows: list[dict[str, Any]], texts: dict[str, Any], args: argparse.Namespace) -> None:

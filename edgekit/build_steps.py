@@ -275,16 +275,12 @@ def build_recipe(context: BuildContext) -> None:
     variant = next((v for v in context.plan if v.method == Int4Method.RECIPE.value), None)
     if variant is None:
         return
-    from edgekit.quant.gptq_checkpoint import calibration_tokens
     from edgekit.recipe_step import CALIBRATION_CTX, CALIBRATION_WINDOWS, make_recipe_variant
 
-    source, settings = context.prepared, context.options.calibration
-    corpus = settings.corpus or builtin_corpus("calibration")
-    bos = source.rule.bos_token_id if source.rule.add_bos_token else None
     fp32_dir = context.staging / REFERENCE_VARIANT
     config = json.loads((fp32_dir / "genai_config.json").read_text(encoding="utf-8"))
     ctx = min(CALIBRATION_CTX, int(config["model"]["context_length"]))
-    windows = calibration_tokens(fp32_dir / "tokenizer.json", corpus, CALIBRATION_WINDOWS, ctx, settings.seed, bos)
+    corpus, windows = _calibration_windows(context, fp32_dir / "tokenizer.json", CALIBRATION_WINDOWS, ctx)
     folder = context.staging / variant.name
     with context.reporter.step(f"search and build {variant.name} (per-tensor formats)") as detail:
         outcome = make_recipe_variant(
@@ -294,7 +290,7 @@ def build_recipe(context: BuildContext) -> None:
             context.work / "recipe",
             context.target,
             windows.numpy(),
-            (corpus, settings.seed),
+            (corpus, context.options.calibration.seed),
             detail,
         )
     context.warnings.extend(f"{variant.name}: {note}" for note in outcome.notes)
@@ -390,15 +386,23 @@ def _dequantized_reference(context: BuildContext, method: str) -> Path:
     return folder
 
 
+def _calibration_windows(context: BuildContext, tokenizer: Path, samples: int, seq_len: int) -> tuple[Corpus, Any]:
+    """The calibration text (the caller's, else the built-in corpus's calibration part) and ``samples`` seeded
+    windows of ``seq_len`` tokens of it, each starting with BOS where the source's tokenizer adds one."""
+    from edgekit.quant.gptq_checkpoint import calibration_tokens
+
+    rule, settings = context.prepared.rule, context.options.calibration
+    corpus = settings.corpus or builtin_corpus("calibration")
+    bos = rule.bos_token_id if rule.add_bos_token else None
+    return corpus, calibration_tokens(tokenizer, corpus, samples, seq_len, settings.seed, bos)
+
+
 def _make_gptq_checkpoint(context: BuildContext, out: Path, detail: Callable[[str], None]) -> None:
     from edgekit.quant.gptq import GPTQConfig
-    from edgekit.quant.gptq_checkpoint import calibration_tokens, write_gptq_checkpoint
+    from edgekit.quant.gptq_checkpoint import write_gptq_checkpoint
 
     source, settings, target = context.prepared, context.options.calibration, context.target
-    corpus = settings.corpus or builtin_corpus("calibration")
-    bos = source.rule.bos_token_id if source.rule.add_bos_token else None
-    tokenizer = source.folder / "tokenizer.json"
-    tokens = calibration_tokens(tokenizer, corpus, settings.samples, settings.seq_len, settings.seed, bos)
+    _, tokens = _calibration_windows(context, source.folder / "tokenizer.json", settings.samples, settings.seq_len)
     with output_to_log(context.log_path):
         # Every GPTQ setting a target can give, by name: a new one in GPTQSettings reaches GPTQConfig or fails here.
         config = GPTQConfig(group_size=target.block_size, **target.gptq.model_dump())

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.accuracy.texts import Corpus
+from edgekit.errors import ExportError
+from edgekit.package.manifest import sha256_file
 from edgekit.quant.formats import BLOCK_SIZES, DEFAULT_CANDIDATES, QuantMethod, TensorFormat, parse_format
 from edgekit.quant.recipe_build import RecipeOutcome, RecipeRequest, build_recipe_variant
 from edgekit.targets import HeadPrecision, Target
@@ -43,15 +45,9 @@ def recipe_request(target: Target) -> RecipeRequest:
 
 def sensitivity_key(fp32_dir: Path, corpus: Corpus, request: RecipeRequest, sampling: str) -> dict[str, str]:
     """What a sensitivity table depends on: the model, the calibration text and sampling, the candidates."""
-    model = hashlib.sha256()
-    for name in ("model.onnx", "model.onnx.data"):
-        path = fp32_dir / name
-        if path.is_file():
-            with path.open("rb") as stream:
-                while chunk := stream.read(1 << 24):
-                    model.update(chunk)
+    files = (fp32_dir / name for name in ("model.onnx", "model.onnx.data"))
     return {
-        "model": model.hexdigest(),
+        "model": " ".join(sha256_file(path, ExportError) for path in files if path.is_file()),
         "calibration": hashlib.sha256(corpus.text.encode("utf-8")).hexdigest(),
         "windows": sampling,
         "candidates": ",".join(f.spelling for f in request.candidates),

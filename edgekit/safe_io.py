@@ -72,3 +72,15 @@ def require_regular(path: str | Path, error: type[EdgekitError] = UsageError, fi
     """Raise ``error`` unless ``path`` is a regular file (links followed); returns its size."""
     with open_regular(path, error, fix) as handle:
         return os.fstat(handle.fileno()).st_size
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a sibling temporary file renamed over it: a reader sees the old file
+    or the new one, never half of one. The temporary name carries the process id, so two processes writing
+    the same shared file (the user's caches) cannot interleave in one temporary file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)

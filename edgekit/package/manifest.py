@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError, PackageError
-from edgekit.safe_io import open_regular
+from edgekit.safe_io import open_regular, write_text_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -57,9 +56,7 @@ def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     body = {key: value for key, value in manifest.items() if key not in ("schema_version", "files")}
     manifest = {"schema_version": MANIFEST_SCHEMA_VERSION, **body, "files": file_entries(root)}
     path = root / MANIFEST
-    partial = root / f".{MANIFEST}.partial"
-    partial.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n", encoding="utf-8")
-    os.replace(partial, path)
+    write_text_atomic(path, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     return path
 
 

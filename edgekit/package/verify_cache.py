@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 from edgekit.package.manifest import MANIFEST
 from edgekit.package.verify import verify_files
+from edgekit.safe_io import write_text_atomic
 
 # Raised whenever verification learns a new rule, so verdicts cached under older rules are not trusted.
 POLICY_VERSION = 2
@@ -56,9 +56,7 @@ def verify_variant(root: Path, manifest: dict[str, Any], subfolder: str) -> bool
     cached[key] = fingerprint
     try:
         store.parent.mkdir(parents=True, exist_ok=True)
-        partial = store.with_name(f".{store.name}.{os.getpid()}")
-        partial.write_text(json.dumps(cached), encoding="utf-8")
-        os.replace(partial, store)
+        write_text_atomic(store, json.dumps(cached))
     except OSError:
         pass  # a read-only home only costs the next load a re-hash
     return False

@@ -102,6 +102,11 @@ def stored_layout(linear: Linear, matrix: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(matrix.T)
 
 
+def model_file_bytes(folder: Path) -> int:
+    """Bytes of a variant's model files (``model.onnx`` and its external data), what ``max_model_bytes`` counts."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("model.onnx"))
+
+
 def rewrite_model(
     model: onnx.ModelProto,
     formats: dict[str, TensorFormat],

@@ -27,7 +27,14 @@ from edgekit.exporters.decoder_session import DecoderSession
 from edgekit.quant.block_quant import QuantizedMatrix, quantize_matrix
 from edgekit.quant.decode_timing import decode_ratio
 from edgekit.quant.formats import DEFAULT_CANDIDATES, PROBE_FORMAT, TensorFormat, parse_format
-from edgekit.quant.graph_rewrite import Linear, find_linears, rewrite_model, weight_matrix, write_variant
+from edgekit.quant.graph_rewrite import (
+    Linear,
+    find_linears,
+    model_file_bytes,
+    rewrite_model,
+    weight_matrix,
+    write_variant,
+)
 from edgekit.quant.probe_session import CalibrationReference, ProbeSession, kl_divergence32, log_softmax32
 from edgekit.quant.search import Objective, Option, Recipe, choose
 from edgekit.quant.sensitivity import SensitivityTable, candidate_formats, measure_sensitivity, read_table, write_table
@@ -327,7 +334,7 @@ def _baseline_cost(linears: list[Linear], head: TensorFormat | None) -> float:
 
 def _fixed_bytes(fp32_dir: Path, linears: list[Linear]) -> int:
     """Model-file bytes no choice changes: the fp32 files less their linears' float weights."""
-    files = sum(p.stat().st_size for p in fp32_dir.iterdir() if p.name.startswith("model.onnx"))
+    files = model_file_bytes(fp32_dir)
     distinct = {lin.weight: lin.rows * lin.cols for lin in linears}
     return files - 4 * sum(distinct.values())
 
@@ -370,7 +377,7 @@ def _check(
     ratio = None
     if baseline_dir is not None and request.min_decode_ratio > 0:
         ratio = decode_ratio(baseline_dir, out_dir)
-    size = sum(p.stat().st_size for p in out_dir.iterdir() if p.name.startswith("model.onnx"))
+    size = model_file_bytes(out_dir)
     return RecipeOutcome(
         formats={name: option.fmt.spelling for name, option in recipe.choices.items()},
         predicted_kl=recipe.loss,

@@ -28,7 +28,7 @@ from edgekit.quant.block_quant import quantize_matrix, weighted_error
 from edgekit.quant.formats import PROBE_FORMAT, TensorFormat, parse_format
 from edgekit.quant.graph_rewrite import Linear, stored_layout
 from edgekit.quant.probe_session import CalibrationReference, ProbeSession
-from edgekit.safe_io import read_regular_file
+from edgekit.safe_io import read_regular_file, write_text_atomic
 
 SENSITIVITY_VERSION = 1
 MAX_TABLE_BYTES = 64 << 20  # a table holds a few numbers per tensor: 64 MiB is thousands of layers
@@ -181,6 +181,4 @@ def read_table(path: Path, key: dict[str, str]) -> SensitivityTable | None:
 def write_table(path: Path, table: SensitivityTable) -> None:
     """Write ``table`` atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(table.model_dump_json(indent=1), encoding="utf-8")
-    partial.replace(path)
+    write_text_atomic(path, table.model_dump_json(indent=1))
