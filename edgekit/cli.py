@@ -12,11 +12,12 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from edgekit.errors import EdgekitError
+from edgekit.interrupts import interrupts_recorded, was_interrupted
 from edgekit.runtimes.generation import GenerationConfig
 from edgekit.targets import DEFAULT_TARGET
 from edgekit.version import __version__
@@ -64,18 +65,30 @@ class EdgekitGroup(click.Group):
     """Maps edgekit's errors and Ctrl-C to one-line messages and exit codes."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except EdgekitError as exc:
-            click.echo(f"edgekit: error: {exc.one_line()}", err=True)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo("edgekit: interrupted; no partial output was left behind.", err=True)
-            sys.stdout.flush()
-            sys.stderr.flush()
-            # The cleanup already ran (context managers); a plain sys.exit can still end as a death by
-            # SIGINT when the interrupt landed inside a module import, so leave with the code directly.
-            os._exit(130)
+        with interrupts_recorded():
+            try:
+                return super().invoke(ctx)
+            except KeyboardInterrupt:
+                _exit_interrupted()
+            except EdgekitError as exc:
+                if was_interrupted():
+                    _exit_interrupted()  # a library turned the Ctrl-C into another error, which edgekit wrapped
+                click.echo(f"edgekit: error: {exc.one_line()}", err=True)
+                sys.exit(exc.exit_code)
+            except Exception:
+                if was_interrupted():
+                    _exit_interrupted()  # e.g. pydantic-core's SchemaError around a KeyboardInterrupt
+                raise
+
+
+def _exit_interrupted() -> NoReturn:
+    """Say the command was interrupted and leave with 130, as a shell reports a Ctrl-C."""
+    click.echo("edgekit: interrupted; no partial output was left behind.", err=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The cleanup already ran (context managers); a plain sys.exit can still end as a death by
+    # SIGINT when the interrupt landed inside a module import, so leave with the code directly.
+    os._exit(130)
 
 
 @click.group(cls=EdgekitGroup)

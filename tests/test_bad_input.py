@@ -508,6 +508,45 @@ def test_ctrl_c_during_a_build_leaves_nothing_behind(tmp_path: Path, tiny_checkp
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
+# A library that catches the KeyboardInterrupt of a Ctrl-C: swallowed outright (a bare ``except:``), or
+# turned into another error as pydantic-core does when it lands while a model class is being built.
+SWALLOWING_STEP = {
+    "swallowed": "try:\n        os.kill(os.getpid(), signal.SIGINT)\n    except BaseException:\n        pass",
+    "rewrapped": "try:\n        os.kill(os.getpid(), signal.SIGINT)\n    except BaseException as exc:\n"
+    "        raise RuntimeError('schema error') from exc",
+}
+
+
+@pytest.mark.parametrize("library", sorted(SWALLOWING_STEP))
+def test_a_ctrl_c_a_library_catches_still_stops_the_build(tmp_path: Path, tiny_checkpoints, library: str) -> None:
+    out = tmp_path / "out"
+    script = f"""
+import os, signal, sys
+import edgekit.pipeline as pipeline
+
+def step(context):
+    {SWALLOWING_STEP[library]}
+
+pipeline.BUILD_STEPS = (pipeline.BUILD_STEPS[0], step) + pipeline.BUILD_STEPS[1:]
+from edgekit.cli import main
+sys.argv = ["edgekit", "build", {str(tiny_checkpoints("llama"))!r}, "-o", {str(out)!r}, "-q", "--no-eval"]
+main()
+"""
+    process = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        timeout=300,
+    )
+    assert process.returncode == 130, process.stderr
+    assert process.stderr.strip().splitlines()[-1] == "edgekit: interrupted; no partial output was left behind."
+    assert "Traceback" not in process.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
 def test_kill_9_during_a_build_then_the_next_build_succeeds(runner, tmp_path: Path, tiny_checkpoints) -> None:
     out = tmp_path / "out"
     process = start_build(tiny_checkpoints("llama"), out)

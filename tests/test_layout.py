@@ -12,7 +12,7 @@ ROOT = Path(edgekit.__file__).parent
 # Layer of each part of edgekit: a module may import from lower layers, and from its own subpackage.
 # The base modules (layer 0.x) are ordered among themselves too.
 LAYERS = {
-    "version": 0.0, "errors": 0.0, "safe_io": 0.1, "progress": 0.2,
+    "version": 0.0, "errors": 0.0, "interrupts": 0.0, "safe_io": 0.1, "progress": 0.2,
     "targets": 0.3, "variants": 0.4, "tokenizer_record": 0.5,
     "package": 1, "sources": 1,
     "runtimes": 2, "exporters": 2.5,

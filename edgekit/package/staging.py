@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from edgekit.errors import OutputExistsError
+from edgekit.interrupts import raise_if_interrupted
 from edgekit.package.manifest import MANIFEST
 
 _PARTIAL = ".partial-"
@@ -23,7 +24,8 @@ _PARTIAL = ".partial-"
 def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     """Yield a private folder next to ``out``; on success it replaces ``out`` in one rename.
 
-    On any exception (Ctrl-C included) the private folder is removed and ``out`` is left as it was.
+    On any exception (Ctrl-C included, even one a library swallowed) the private folder is removed and
+    ``out`` is left as it was.
     Leftovers of builds that were killed outright are removed first; a previous package that such a build
     had moved aside (killed between its two renames) is put back.
     """
@@ -40,6 +42,7 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     staging.chmod(0o777 & ~umask)
     try:
         yield staging
+        raise_if_interrupted()  # a Ctrl-C that a library swallowed still keeps the output from landing
         if out.exists():
             retired = out.with_name(f".{out.name}{_PARTIAL}{os.getpid()}-old")
             out.rename(retired)

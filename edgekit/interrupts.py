@@ -1,0 +1,53 @@
+"""Ctrl-C that no library can lose: every SIGINT is recorded as well as raised.
+
+Python turns SIGINT into ``KeyboardInterrupt`` wherever the main thread happens to be, and some libraries
+catch it there: pydantic-core reports it as a ``SchemaError`` when it lands while a model class is being
+built (a lazy import), and a bare ``except:`` swallows it. The record lets the CLI tell an interrupted
+command from a failed one, and lets a build refuse to put its output in place after an interrupt that
+something swallowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from collections.abc import Iterator
+from types import FrameType
+
+_interrupted = threading.Event()
+
+
+def _record_and_raise(signum: int, frame: FrameType | None) -> None:
+    """The SIGINT handler: what Python's default handler does, plus the record."""
+    _interrupted.set()
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupts_recorded() -> Iterator[None]:
+    """Record every SIGINT while the block runs (main thread only; a SIGINT that was ignored stays ignored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is not signal.default_int_handler:
+        yield  # ignored, or someone else's handler: theirs to keep
+        return
+    _interrupted.clear()
+    signal.signal(signal.SIGINT, _record_and_raise)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def was_interrupted() -> bool:
+    """Whether a SIGINT arrived inside ``interrupts_recorded`` (False where none was recorded)."""
+    return _interrupted.is_set()
+
+
+def raise_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` again where an earlier one was swallowed; a no-op outside the CLI."""
+    if _interrupted.is_set():
+        raise KeyboardInterrupt
