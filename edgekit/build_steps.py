@@ -20,6 +20,7 @@ from edgekit.accuracy.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS
 from edgekit.accuracy.gate import evaluate_and_record
 from edgekit.accuracy.texts import Corpus, builtin_corpus
 from edgekit.errors import SourceError
+from edgekit.exporters.last_position import keep_last_position_in_folder
 from edgekit.exporters.memory_estimate import check_build_resources, check_gguf_resources
 from edgekit.exporters.onnx_builder import output_to_log, run_builder
 from edgekit.exporters.streaming import run_streaming_builder
@@ -250,6 +251,8 @@ def export_variants(context: BuildContext) -> None:
             source.checked.architecture.adapt_export(folder)
             if variant.precision == Precision.INT4.value:
                 drop_default_zero_points(folder)
+            if variant.name != REFERENCE_VARIANT and variant.provider == "cpu":
+                keep_last_position_in_folder(folder)  # the reference stays as exported: validation compares it whole
         context.variants[variant.name] = _variant_entry(variant, folder)
 
 

@@ -24,6 +24,20 @@ _DTYPES = {
 }
 
 
+def _every_position(path: Path, options: Any) -> str | bytes:
+    """What to load: the graph file, or the graph with its head over every position again (``last_position``)."""
+    import onnx
+
+    from edgekit.exporters.last_position import restore_all_positions
+
+    model = onnx.load(str(path), load_external_data=False)
+    if not restore_all_positions(model):
+        return str(path)
+    # Loaded from bytes, the graph's external weights are found through this entry instead of its path.
+    options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+    return model.SerializeToString()
+
+
 def context_length(model_dir: Path) -> int:
     """The longest sequence a model folder was exported for, from its genai_config.json (no session started)."""
     return _context_length(json.loads((Path(model_dir) / "genai_config.json").read_text(encoding="utf-8"))["model"])
@@ -45,7 +59,9 @@ class DecoderSession:
         options.intra_op_num_threads = threads or os.cpu_count() or 1
         path = graph or self.model_dir / self.decoder["filename"]
         try:
-            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(
+                _every_position(path, options), options, providers=["CPUExecutionProvider"]
+            )
         except Exception as exc:  # onnxruntime's Fail/InvalidGraph on a model that passed edgekit's checks
             raise PackageError(
                 f"onnxruntime cannot load this model ({_first_line(exc)})", path=path, fix="rebuild the package"
