@@ -263,7 +263,7 @@ def run(package: Path, variant: str | None, target: str | None, prompt: str | No
         )
     with load(package, target, variant=variant, providers=providers or None, strict=strict,
               chat_template=template, on_fallback=_notice) as model:  # fmt: skip
-        click.echo(f"[{model.info.variant} on {model.info.provider}]", err=True)
+        click.echo(f"[{model.info.describe()}]", err=True)
         if prompt:
             pieces = (
                 model.stream(prompt, **options)
@@ -353,6 +353,33 @@ def bench(package: Path, variants: tuple[str, ...], target: str | None, prompt_t
 
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
+@click.option("--variant", help="Variant to tune (default: the deployed one, as `run` picks it).")
+@click.option("-t", "--target", help="Tune the variant the manifest deploys for this target.")
+@click.option("--rounds", default=LibraryDefault("edgekit.runtimes.tune", "TuneSettings.rounds"), show_default=True,
+              type=click.IntRange(1), help="Timed rounds per setting.")  # fmt: skip
+@click.option("--prompt-tokens", default=LibraryDefault("edgekit.runtimes.tune", "TuneSettings.prompt_tokens"),
+              show_default=True, type=click.IntRange(1), help="Prompt length, in random tokens.")  # fmt: skip
+@click.option("--gen-tokens", default=LibraryDefault("edgekit.runtimes.tune", "TuneSettings.gen_tokens"),
+              show_default=True, type=click.IntRange(2), help="Tokens to generate per timed run.")  # fmt: skip
+@click.option("--dry-run", is_flag=True, help="Measure and print only; record nothing.")
+def tune(package: Path, variant: str | None, target: str | None, rounds: int, prompt_tokens: int, gen_tokens: int,
+         dry_run: bool) -> None:  # fmt: skip
+    """Measure PACKAGE's runtime settings on this machine; record the fastest for `run`, `serve` and `load`."""
+    from edgekit.runtimes.tune import TuneSettings, tune_package
+    from edgekit.summary import print_tuning, progress_callback
+
+    settings = TuneSettings(rounds, prompt_tokens, gen_tokens)
+    with progress_callback("tuning") as progress:
+        result = tune_package(package, variant=variant, target=target, settings=settings, record=not dry_run,
+                              progress=progress)  # fmt: skip
+    print_tuning(result.record)
+    chosen = result.record.settings.label()
+    where = f"recorded in {result.path}" if result.path else "not recorded (--dry-run)"
+    click.echo(f"{result.record.variant} on this machine: {chosen}; {where}")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Archive to write (default: PACKAGE.tar.gz).")
 @click.option("--force", is_flag=True, help="Replace the archive if it exists.")
 def pack(package: Path, out: Path | None, force: bool) -> None:
@@ -417,7 +444,7 @@ def demo(out: Path, prompt: str, rebuild: bool) -> None:
     if rebuild or not (out / "manifest.json").is_file():
         print_build_summary(build_package(demo_gguf_path(), out, DEFAULT_TARGET, force=True))
     with load(out, DEFAULT_TARGET, on_fallback=_notice) as model:
-        click.echo(f"\n[{model.info.variant} on {model.info.provider}] {prompt}", err=True)
+        click.echo(f"\n[{model.info.describe()}] {prompt}", err=True)
         _echo_stream(model.chat([{"role": "user", "content": prompt}], stream=True, max_new_tokens=64))
 
 

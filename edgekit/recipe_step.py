@@ -17,6 +17,7 @@ from edgekit.errors import ExportError
 from edgekit.package.manifest import sha256_file
 from edgekit.quant.formats import BLOCK_SIZES, DEFAULT_CANDIDATES, QuantMethod, TensorFormat, parse_format
 from edgekit.quant.recipe_build import RecipeOutcome, RecipeRequest, build_recipe_variant
+from edgekit.safe_io import user_cache_path
 from edgekit.targets import HeadPrecision, Target
 from edgekit.version import __version__
 
@@ -58,10 +59,8 @@ def sensitivity_key(fp32_dir: Path, corpus: Corpus, request: RecipeRequest, samp
 
 def sensitivity_cache_paths(eval_dir: Path, key: dict[str, str]) -> list[Path]:
     """The package's copy of the table, then the user's cache (a later build of the same model reuses it)."""
-    import platformdirs
-
     digest = hashlib.sha256(repr(sorted(key.items())).encode()).hexdigest()[:32]
-    cache = Path(platformdirs.user_cache_dir("edgekit", appauthor=False)) / "sensitivity" / f"{digest}.json"
+    cache = user_cache_path("sensitivity", f"{digest}.json")
     return [eval_dir / SENSITIVITY_FILE, cache]
 
 

@@ -84,3 +84,10 @@ def write_text_atomic(path: Path, text: str) -> None:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def user_cache_path(*parts: str) -> Path:
+    """A path in edgekit's folder of the user's cache (``$XDG_CACHE_HOME/edgekit`` on Linux)."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("edgekit", appauthor=False), *parts)

@@ -22,6 +22,7 @@ from edgekit.targets import Precision
 if TYPE_CHECKING:
     from edgekit.accuracy.gate import CheckResult
     from edgekit.pipeline import BuildResult
+    from edgekit.runtimes.tuning import TuningRecord
     from edgekit.targets import Target
 
 
@@ -247,4 +248,17 @@ def print_bench(results: list[dict[str, Any]], console: Console | None = None) -
             f"{row['peak_rss_mb']:,.0f} MiB",
             _mb(row["model_bytes"]) if row.get("model_bytes") else "-",
         )
+    console.print(table)
+
+
+def print_tuning(record: TuningRecord, console: Console | None = None) -> None:
+    """One row per measured setting: prefill and decode tokens/s, speed against the default, the choice."""
+    from edgekit.runtimes.tune import settings_table
+
+    console = console or output_console()
+    numbers = ("prefill tok/s", "decode tok/s", "vs default")
+    title = f"{record.variant}, prompt {record.prompt_tokens} tokens, on {record.machine}"
+    table = _table(title, ("settings", *numbers, "chosen"), right=numbers)
+    for label, prefill, decode, ratio, chosen in settings_table(record):
+        table.add_row(label, f"{prefill:.0f}", f"{decode:.1f}", f"{ratio:.2f}x", "*" if chosen else "")
     console.print(table)

@@ -248,6 +248,7 @@ def _library_defaults() -> dict[tuple[str, str], Any]:
     from edgekit.pipeline import CalibrationSettings, EvalSettings
     from edgekit.runtimes.bench import BenchSettings
     from edgekit.runtimes.generation import GenerationConfig
+    from edgekit.runtimes.tune import TuneSettings
     from edgekit.serve.options import DEFAULT_PORT, ServeOptions
 
     evaluation, calibration, bench = EvalSettings(), CalibrationSettings(), BenchSettings()
@@ -270,6 +271,9 @@ def _library_defaults() -> dict[tuple[str, str], Any]:
         ("run", "temperature"): generation.temperature,
         ("run", "top_p"): generation.top_p,
         ("run", "top_k"): generation.top_k,
+        ("tune", "rounds"): TuneSettings.rounds,
+        ("tune", "prompt_tokens"): TuneSettings.prompt_tokens,
+        ("tune", "gen_tokens"): TuneSettings.gen_tokens,
         ("serve", "port"): DEFAULT_PORT,
         ("serve", "max_concurrency"): ServeOptions.max_concurrency,
         ("serve", "max_queue"): ServeOptions.max_queue,

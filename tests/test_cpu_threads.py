@@ -8,6 +8,7 @@ import pytest
 
 from edgekit.runtimes import model as runtime_model
 from edgekit.runtimes.cpu_threads import physical_cores, usable_cpus
+from edgekit.runtimes.tuning import RuntimeSettings
 
 
 def fake_topology(root: Path, cores: dict[int, tuple[int, int]]) -> Path:
@@ -43,9 +44,9 @@ def test_every_load_sets_the_thread_counts(tiny_llama_package, monkeypatch, thre
     seen: list[dict] = []
     original = runtime_model._genai_config
 
-    def spy(og, folder, provider, strict, count):
-        config = original(og, folder, provider, strict, count)
-        seen.append({"threads": count})
+    def spy(og, folder, provider, strict, runtime):
+        config = original(og, folder, provider, strict, runtime)
+        seen.append({"threads": runtime.threads})
         return config
 
     monkeypatch.setattr(runtime_model, "_genai_config", spy)
@@ -56,9 +57,11 @@ def test_every_load_sets_the_thread_counts(tiny_llama_package, monkeypatch, thre
         assert len(model.generate_tokens([5, 6, 7], max_new_tokens=3)) == 3
 
 
-def test_onnxruntime_genai_accepts_the_thread_options(tiny_llama_package) -> None:
+@pytest.mark.parametrize("arena", [True, False])
+def test_onnxruntime_genai_accepts_the_session_options(tiny_llama_package, arena: bool) -> None:
     # og.Config validates an overlay's keys and raises on unknown ones (as it does for config_entries).
     og = pytest.importorskip("onnxruntime_genai")
-    config = runtime_model._genai_config(og, tiny_llama_package / "int4-rtn", "cpu", False, 3)
+    runtime = RuntimeSettings(threads=3, cpu_mem_arena=arena)
+    config = runtime_model._genai_config(og, tiny_llama_package / "int4-rtn", "cpu", False, runtime)
     model = og.Model(config)
     assert og.Tokenizer(model) is not None

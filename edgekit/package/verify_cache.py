@@ -14,7 +14,7 @@ from typing import Any
 
 from edgekit.package.manifest import MANIFEST
 from edgekit.package.verify import verify_files
-from edgekit.safe_io import write_text_atomic
+from edgekit.safe_io import user_cache_path, write_text_atomic
 
 # Raised whenever verification learns a new rule, so verdicts cached under older rules are not trusted.
 POLICY_VERSION = 2
@@ -22,9 +22,7 @@ POLICY_VERSION = 2
 
 def verdict_store_path() -> Path:
     """Where verdicts are stored: the user's cache folder (``$XDG_CACHE_HOME/edgekit`` on Linux)."""
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("edgekit", appauthor=False)) / "verified.json"
+    return user_cache_path("verified.json")
 
 
 def _fingerprint(root: Path, subfolder: str) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from edgekit.runtimes.cpu_threads import physical_cores
 from edgekit.runtimes.generation import GenerationConfig, cut_at_stop
 from edgekit.runtimes.providers import PROVIDERS, available_providers
 from edgekit.runtimes.tokens import TextTokenizer
+from edgekit.runtimes.tuning import RuntimeSettings, read_tuning
 from edgekit.tokenizer_record import recorded_rule
 
 
@@ -47,6 +48,16 @@ class ModelInfo:
     """Providers tried, in order; the last one started."""
     skipped: list[str] = field(default_factory=list)
     """Why each provider before it did not start (``"cuda: <reason>"``)."""
+    cpu_mem_arena: bool = True
+    settings_from: str = "default"
+    """Where the threads and arena came from: ``default``, ``given`` (arguments) or ``tuned`` (``edgekit tune``)."""
+
+    def describe(self) -> str:
+        """``int4-rtn on cpu``, with the settings where ``edgekit tune`` chose them."""
+        shown = f"{self.variant} on {self.provider}"
+        if self.settings_from == "tuned":
+            shown += f", tuned: {RuntimeSettings(threads=self.threads, cpu_mem_arena=self.cpu_mem_arena).label()}"
+        return shown
 
 
 class Model:
@@ -211,6 +222,8 @@ def load(
     strict: bool = False,
     verify: bool = True,
     threads: int | None = None,
+    settings: RuntimeSettings | None = None,
+    tuned: bool = True,
     chat_template: str | None = None,
     on_fallback: Callable[[str], None] | None = None,
 ) -> Model:
@@ -222,7 +235,9 @@ def load(
     the variant's own provider followed by the CPU. A provider that is missing or fails to start is
     skipped with a notice (``on_fallback``, a ``UserWarning`` by default); ``strict=True`` raises
     ``ProviderUnavailableError`` instead. A model the CPU cannot load is a ``PackageError``, not a
-    provider problem. ``threads``: onnxruntime's intra-op threads (one per physical core by default).
+    provider problem. ``threads``: onnxruntime's intra-op threads; ``settings``: threads and memory arena
+    together; without either, the settings ``edgekit tune`` recorded for this package variant on this
+    machine class apply (``tuned=False`` ignores them), else one thread per physical core.
     ``chat_template``: a Jinja template to use instead of the package's. No native library is ever
     loaded: edgekit's graphs use onnxruntime's built-in operators only.
     """
@@ -237,15 +252,17 @@ def load(
     else:  # no hashing, but links, unlisted files and paths out of the package are still refused
         verify_files(root, manifest, manifest["variants"][name]["path"], hashes=False)
     config = read_genai_config(folder)  # checked again: the verdict cache must not stand in for the schema
-    threads = threads or physical_cores()
+    manifest_hash = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+    runtime, settings_from = _runtime_settings(threads, settings, tuned, manifest_hash, name)
     chain = list(providers or _default_chain(manifest, name, target))
     unknown = [p for p in chain if p not in PROVIDERS]
     if unknown:
         raise UsageError(f"unknown provider '{unknown[0]}'", path=root, fix=f"use one of: {', '.join(PROVIDERS)}")
-    genai_model, provider, skipped = _start(folder, chain, strict, threads, on_fallback)
-    manifest_hash = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
+    genai_model, provider, skipped = _start(folder, chain, strict, runtime, on_fallback)
     tried = [reason.split(":", 1)[0] for reason in skipped] + [provider]
-    info = ModelInfo(str(root), name, provider, threads, manifest_hash, tried, skipped)
+    info = ModelInfo(
+        str(root), name, provider, runtime.threads, manifest_hash, tried, skipped, runtime.cpu_mem_arena, settings_from
+    )
     rule = recorded_rule(manifest)
     tokenizer = TextTokenizer(folder, add_bos=rule.add_bos_token, bos_token_id=rule.bos_token_id)
     template = chat_template if chat_template is not None else read_chat_template(folder)
@@ -256,7 +273,7 @@ def _start(
     folder: Path,
     chain: list[str],
     strict: bool,
-    threads: int,
+    runtime: RuntimeSettings,
     on_fallback: Callable[[str], None] | None,
 ) -> tuple[Any, str, list[str]]:
     """The first provider of ``chain`` that starts: (og.Model, provider, why each one before it did not)."""
@@ -268,7 +285,7 @@ def _start(
         reason = None if provider in present else "not available in the installed onnxruntime-genai"
         if reason is None:
             try:
-                return og.Model(_genai_config(og, folder, provider, strict, threads)), provider, tried
+                return og.Model(_genai_config(og, folder, provider, strict, runtime)), provider, tried
             except Exception as exc:  # a provider that fails at session start, or a model it cannot load
                 reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 if provider == "cpu":  # the CPU provider is always there: the model itself is at fault
@@ -301,14 +318,32 @@ def _default_chain(manifest: dict[str, Any], variant: str, target: str | None) -
     return [own] if own == "cpu" else [own, "cpu"]
 
 
-def _genai_config(og: Any, folder: Path, provider: str, strict: bool, threads: int) -> Any:
+def _runtime_settings(
+    threads: int | None, settings: RuntimeSettings | None, tuned: bool, manifest_hash: str, variant: str
+) -> tuple[RuntimeSettings, str]:
+    """The threads and arena to run with, and where they came from (see ``load``)."""
+    if threads:
+        if threads < 1:
+            raise UsageError(f"threads must be at least 1, not {threads}", fix="pass a positive thread count")
+        return RuntimeSettings(threads=min(threads, 4096)), "given"
+    if settings is not None:
+        return settings, "given"
+    recorded = read_tuning(manifest_hash, variant) if tuned else None
+    if recorded is not None:
+        return recorded, "tuned"
+    return RuntimeSettings(threads=physical_cores()), "default"
+
+
+def _genai_config(og: Any, folder: Path, provider: str, strict: bool, runtime: RuntimeSettings) -> Any:
     config = og.Config(str(folder))
     config.clear_providers()
     spec = PROVIDERS[provider]
     if spec.genai_name is not None:
         config.append_provider(spec.genai_name)
     # Explicit thread counts: onnxruntime's defaults decode slower (see cpu_threads.py).
-    session: dict[str, Any] = {"intra_op_num_threads": threads, "inter_op_num_threads": 1}
+    session: dict[str, Any] = {"intra_op_num_threads": runtime.threads, "inter_op_num_threads": 1}
+    if not runtime.cpu_mem_arena:
+        session["enable_cpu_mem_arena"] = False
     if strict:
         session.update(dict(spec.session_entries))
     config.overlay(json.dumps({"model": {"decoder": {"session_options": session}}}))

@@ -1,0 +1,176 @@
+"""Runtime levers of issue #17, side by side: each one a change to the session or search options of a package.
+
+Run: python benchmarks/bench_levers.py PACKAGE [--variant NAME] [--rounds 5] [--gen 64]
+     [--prefill-chunks 64,128,256] [--no-levers]
+
+Every lever is the package's variant loaded with one onnxruntime-genai config overlay on top of what
+``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread), and one is the graph as
+the builder exports it, with the LM head over every position (a copy of the package in a temporary folder).
+All of them stay loaded, and each round times every lever once, alternating the order, so they see the
+same machine state:
+
+- decode at depth D: D random prompt tokens, then ``--gen`` tokens, the first excluded (llama-bench's ``tg``);
+- prefill of 512 tokens: 512 over the time to the first token (llama-bench's ``pp``).
+
+The table gives medians and each lever's ratio to the default. ``--prefill-chunks`` adds a second table:
+the prompt appended to the generator in chunks of that many tokens (onnxruntime-genai runs one decoder
+pass per chunk) against one pass, for 512- and 2048-token prompts, on the default settings.
+``edgekit tune`` measures the levers that pay on some machines (threads, the arena) on the user's own
+machine and records the winner.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from machine import describe_machine
+
+ARENA_OFF = {"model": {"decoder": {"session_options": {"enable_cpu_mem_arena": False}}}}
+LEVERS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "KV buffer not shared (past_present_share_buffer false)": {"search": {"past_present_share_buffer": False}},
+    "CPU memory arena off": ARENA_OFF,
+    "memory pattern off": {"model": {"decoder": {"session_options": {"enable_mem_pattern": False}}}},
+    "1 intra-op thread": {"model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}},
+}
+WHOLE_HEAD = "LM head over every position (as exported)"
+PHASES = ("decode d0", "decode d512", "decode d2048", "prefill 512")
+
+
+def whole_head_copy(package: Path, variant: str | None, into: Path) -> Path:
+    """A copy of ``package`` whose variant computes the LM head over every position, as the builder exports it
+    (``exporters/last_position.py`` undone), its manifest rewritten to match."""
+    import shutil
+
+    import onnx
+
+    from edgekit.exporters.last_position import restore_all_positions
+    from edgekit.package.manifest import read_manifest, write_manifest
+    from edgekit.package.verify import variant_dir
+
+    copy = Path(shutil.copytree(package, into / package.name))
+    _, folder = variant_dir(copy, read_manifest(copy), variant)
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    if not restore_all_positions(model):
+        raise SystemExit(f"{folder}: the variant computes the head over every position already")
+    onnx.save(model, str(folder / "model.onnx"))
+    write_manifest(copy, read_manifest(copy))
+    return copy
+
+
+def load_with(package: Path, variant: str | None, overlay: dict[str, Any]) -> Any:
+    """The package loaded by ``edgekit.load`` with ``overlay`` applied after edgekit's own settings."""
+    import edgekit.runtimes.model as runtime_model
+
+    original = runtime_model._genai_config
+
+    def with_overlay(og: Any, folder: Path, provider: str, strict: bool, runtime: Any) -> Any:
+        config = original(og, folder, provider, strict, runtime)
+        if overlay:
+            config.overlay(json.dumps(overlay))
+        return config
+
+    runtime_model._genai_config = with_overlay  # type: ignore[assignment]
+    try:
+        return runtime_model.load(package, variant=variant, tuned=False)
+    finally:
+        runtime_model._genai_config = original  # type: ignore[assignment]
+
+
+def timings(model: Any, gen: int, prompts: dict[int, list[int]]) -> dict[str, float]:
+    """One round of every phase for one lever."""
+    from edgekit.runtimes.tune import time_generation
+
+    _, d0 = time_generation(model, prompts[1], gen)
+    _, d512 = time_generation(model, prompts[512], gen)
+    _, d2048 = time_generation(model, prompts[2048], gen // 2)
+    prefill, _ = time_generation(model, prompts[512], 2)
+    return dict(zip(PHASES, (d0, d512, d2048, prefill), strict=True))
+
+
+def chunked_prefill(model: Any, prompt: list[int], chunk: int | None) -> float:
+    """Prompt tokens per second to the first generated token, the prompt appended ``chunk`` tokens at a time."""
+    from edgekit.runtimes.generation import GenerationConfig
+
+    started = time.perf_counter()
+    generator = model._og.Generator(model._model, model._params(len(prompt) + 2, GenerationConfig(max_new_tokens=2)))
+    step = chunk or len(prompt)
+    for start in range(0, len(prompt), step):
+        generator.append_tokens(prompt[start : start + step])
+    generator.generate_next_token()
+    return len(prompt) / (time.perf_counter() - started)
+
+
+def chunk_table(model: Any, prompts: dict[int, list[int]], chunks: list[int], rounds: int) -> None:
+    """Print prefill speed per chunk size against one pass, alternating rounds."""
+    sizes: list[int | None] = [None, *chunks]
+    print(f"\nprefill tokens/s by chunk size, medians of {rounds} alternating rounds (ratio to one pass)\n")
+    print("| prompt | one pass | " + " | ".join(f"chunks of {c}" for c in chunks) + " |")
+    print("|---|" + "---:|" * len(sizes))
+    for length in (512, 2048):
+        chunked_prefill(model, prompts[length], None)  # warm-up
+        samples: dict[int | None, list[float]] = {size: [] for size in sizes}
+        for number in range(rounds):
+            for size in sizes if number % 2 == 0 else list(reversed(sizes)):
+                samples[size].append(chunked_prefill(model, prompts[length], size))
+        one = statistics.median(samples[None])
+        cells = [f"{statistics.median(v):.0f} ({statistics.median(v) / one:.2f}x)" for v in samples.values()]
+        print(f"| {length} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main() -> None:
+    import numpy as np
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("package", type=Path)
+    parser.add_argument("--variant")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--gen", type=int, default=64)
+    parser.add_argument("--prefill-chunks", default="", help="comma-separated chunk sizes for the second table")
+    parser.add_argument("--no-levers", action="store_true", help="only the chunk table")
+    args = parser.parse_args()
+
+    from edgekit.runtimes.tuning import machine_class
+
+    print(describe_machine())
+    print(f"CPU class: {machine_class()}")
+    rng = np.random.default_rng(0)
+    prompts = {n: [int(t) for t in rng.integers(100, 30000, size=n)] for n in (1, 512, 2048)}
+    chunks = [int(c) for c in args.prefill_chunks.split(",") if c]
+    if args.no_levers:
+        chunk_table(load_with(args.package, args.variant, {}), prompts, chunks, args.rounds)
+        return
+    models = {name: load_with(args.package, args.variant, overlay) for name, overlay in LEVERS.items()}
+    scratch = tempfile.TemporaryDirectory()
+    models[WHOLE_HEAD] = load_with(whole_head_copy(args.package, args.variant, Path(scratch.name)), args.variant, {})
+    for model in models.values():
+        timings(model, 8, prompts)  # warm-up: allocations, prepacking
+    samples: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in PHASES} for name in models}
+    for number in range(args.rounds):
+        names = list(models) if number % 2 == 0 else list(reversed(models))
+        for name in names:
+            for phase, value in timings(models[name], args.gen, prompts).items():
+                samples[name][phase].append(value)
+        print(f"round {number + 1}/{args.rounds} done", flush=True)
+    medians = {name: {p: statistics.median(v) for p, v in phases.items()} for name, phases in samples.items()}
+    base = medians["default"]
+    print(f"\ntokens/s, medians of {args.rounds} alternating rounds (ratio to the default)\n")
+    print("| lever | " + " | ".join(PHASES) + " |")
+    print("|---|" + "---:|" * len(PHASES))
+    for name, row in medians.items():
+        cells = [f"{row[p]:.1f} ({row[p] / base[p]:.2f}x)" for p in PHASES]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if chunks:
+        chunk_table(models["default"], prompts, chunks, args.rounds)
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    main()
+    print(f"\n({time.perf_counter() - started:.0f} s)")

@@ -1,0 +1,138 @@
+"""Measure a package variant under each candidate runtime setting and record the fastest (``edgekit tune``).
+
+One model is loaded at a time (a laptop need not hold several copies): every round loads each candidate in
+turn, alternating the order, warms it up with one generation and times the next. The prompt is random
+ordinary tokens, the same for every candidate.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgekit.errors import UsageError
+from edgekit.runtimes.cpu_threads import physical_cores, usable_cpus
+from edgekit.runtimes.generation import GenerationConfig
+from edgekit.runtimes.model import Model, load
+from edgekit.runtimes.tuning import (
+    Measurement,
+    RuntimeSettings,
+    TuningRecord,
+    candidates,
+    choose,
+    machine_class,
+    write_tuning,
+)
+
+
+@dataclass(frozen=True)
+class TuneSettings:
+    """How ``tune_package`` measures."""
+
+    rounds: int = 3
+    """Timed rounds per candidate (each after a warm-up generation)."""
+    prompt_tokens: int = 512
+    """Prompt length, in random ordinary tokens (shortened to fit the context)."""
+    gen_tokens: int = 64
+    """Tokens generated per timed run."""
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    """What ``tune_package`` measured and chose, and where the record went (None: not recorded)."""
+
+    record: TuningRecord
+    path: Path | None
+
+
+def time_generation(model: Model, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
+    """One generation: (prompt tokens/s to the first new token, new tokens/s after the first)."""
+    started = time.perf_counter()
+    stream = model.token_stream(prompt, GenerationConfig(max_new_tokens=gen_tokens))
+    next(stream)
+    first = time.perf_counter()
+    produced = sum(1 for _ in stream)
+    return len(prompt) / (first - started), max(produced, 1) / (time.perf_counter() - first)
+
+
+def tune_package(
+    package: str | Path,
+    *,
+    variant: str | None = None,
+    target: str | None = None,
+    settings: TuneSettings = TuneSettings(),
+    record: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Measure every candidate setting for the variant ``load`` would pick; record the fastest for this machine.
+
+    The default (one thread per physical core, arena on) is kept unless a candidate's geometric mean of
+    prefill and decode speed beats it by more than ``tuning.MARGIN``. ``record=False`` only measures.
+    """
+    rounds, prompt_tokens, gen_tokens = settings.rounds, settings.prompt_tokens, settings.gen_tokens
+    if rounds < 1 or prompt_tokens < 1 or gen_tokens < 2:
+        raise UsageError(
+            "rounds and prompt tokens must be at least 1, generated tokens at least 2",
+            fix="pass --rounds 3 --prompt-tokens 512 --gen-tokens 64",
+        )
+    options = candidates(physical_cores(), len(usable_cpus()))
+    samples: list[list[tuple[float, float]]] = [[] for _ in options]
+    prompt: list[int] = []
+    name, manifest_sha256 = "", ""
+    for number in range(rounds):
+        order = list(range(len(options)))
+        for index in order if number % 2 == 0 else reversed(order):
+            if progress is not None:
+                progress(f"round {number + 1}/{rounds}: {options[index].label()}")
+            with load(package, target, variant=variant, settings=options[index]) as model:
+                if not prompt:
+                    prompt = _prompt(model, prompt_tokens, gen_tokens)
+                    name, manifest_sha256 = model.info.variant, model.info.manifest_sha256
+                time_generation(model, prompt, gen_tokens)  # warm-up: allocations, prepacking
+                samples[index].append(time_generation(model, prompt, gen_tokens))
+    measured = [
+        Measurement(
+            settings=candidate,
+            prefill_tps=statistics.median(prefill for prefill, _ in runs),
+            decode_tps=statistics.median(decode for _, decode in runs),
+        )
+        for candidate, runs in zip(options, samples, strict=True)
+    ]
+    result = TuningRecord(
+        manifest_sha256=manifest_sha256,
+        variant=name,
+        machine=machine_class(),
+        prompt_tokens=len(prompt),
+        settings=choose(measured),
+        measured=measured,
+    )
+    return TuneResult(result, write_tuning(result) if record else None)
+
+
+def _prompt(model: Model, prompt_tokens: int, gen_tokens: int) -> list[int]:
+    """Random ordinary token ids (above the specials, below 30000), as many as fit with ``gen_tokens``."""
+    room = model.context_length - gen_tokens - 1
+    if room < 1:
+        raise UsageError(
+            f"{gen_tokens} generated tokens leave no room for a prompt in a {model.context_length}-token context",
+            fix="pass fewer --gen-tokens",
+        )
+    rng = np.random.default_rng(0)
+    return [int(t) for t in rng.integers(100, max(101, min(model.vocab_size, 30000)), size=min(prompt_tokens, room))]
+
+
+def settings_table(result: TuningRecord) -> list[tuple[str, float, float, float, bool]]:
+    """Rows for display: (settings, prefill tok/s, decode tok/s, score relative to the default, chosen)."""
+    default = result.measured[0].score
+    return [
+        (m.settings.label(), m.prefill_tps, m.decode_tps, m.score / default, m.settings == result.settings)
+        for m in result.measured
+    ]
+
+
+__all__ = ["RuntimeSettings", "TuneResult", "TuneSettings", "settings_table", "time_generation", "tune_package"]

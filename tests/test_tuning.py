@@ -1,0 +1,198 @@
+"""``edgekit tune``: the candidates, the choice, the record in the user's cache (untrusted), and ``load`` using it."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+import edgekit.runtimes.model as runtime_model
+from edgekit.cli import main
+from edgekit.runtimes import tuning
+from edgekit.runtimes.cpu_threads import physical_cores
+from edgekit.runtimes.tuning import (
+    Measurement,
+    RuntimeSettings,
+    TuningRecord,
+    candidates,
+    choose,
+    read_tuning,
+    record_path,
+    write_tuning,
+)
+
+HASH = "ab" * 32
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty user cache for this test."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def settings(threads: int, arena: bool = True) -> RuntimeSettings:
+    return RuntimeSettings(threads=threads, cpu_mem_arena=arena)
+
+
+def measured(*scores: tuple[RuntimeSettings, float, float]) -> list[Measurement]:
+    return [Measurement(settings=s, prefill_tps=p, decode_tps=d) for s, p, d in scores]
+
+
+def record(chosen: RuntimeSettings, manifest: str = HASH, variant: str = "int4-rtn") -> TuningRecord:
+    return TuningRecord(
+        manifest_sha256=manifest,
+        variant=variant,
+        machine=tuning.machine_class(),
+        prompt_tokens=16,
+        settings=chosen,
+        measured=measured((settings(physical_cores()), 100.0, 10.0), (chosen, 120.0, 12.0)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("cores", "logical", "expected"),
+    [
+        (2, 2, [(2, True), (2, False), (1, True)]),
+        (4, 8, [(4, True), (4, False), (8, True), (2, True)]),
+        (1, 1, [(1, True), (1, False)]),
+        (6, 6, [(6, True), (6, False), (3, True)]),
+    ],
+)
+def test_the_default_comes_first_then_the_arena_then_other_thread_counts(cores, logical, expected) -> None:
+    assert [(c.threads, c.cpu_mem_arena) for c in candidates(cores, logical)] == expected
+
+
+def test_a_candidate_within_the_margin_does_not_replace_the_default() -> None:
+    default, other = settings(2), settings(1)
+    assert choose(measured((default, 100, 10), (other, 104, 10.3))) == default
+    assert choose(measured((default, 100, 10), (other, 110, 10.0))) == default  # sqrt(1.1) < 1.05
+    assert choose(measured((default, 100, 10), (other, 112, 11.2))) == other
+    assert choose(measured((default, 100, 10), (other, 300, 3.0))) == default  # prefill alone does not decide
+
+
+def test_a_record_round_trips_for_its_package_variant_and_machine_only(cache: Path, monkeypatch) -> None:
+    path = write_tuning(record(settings(1, False)))
+    assert path.is_relative_to(cache) and path.parent.name == "tuning"
+    assert read_tuning(HASH, "int4-rtn") == settings(1, False)
+    assert read_tuning("cd" * 32, "int4-rtn") is None
+    assert read_tuning(HASH, "fp32") is None
+    monkeypatch.setattr(tuning, "machine_class", lambda: "another CPU | avx2 | 2 cores, 2 logical")
+    assert read_tuning(HASH, "int4-rtn") is None
+
+
+def _tamper(document: dict, change: str) -> dict | str:
+    if change == "zero threads":
+        document["settings"]["threads"] = 0
+    elif change == "more threads than usable CPUs":
+        document["settings"]["threads"] = len(os.sched_getaffinity(0)) + 1
+    elif change == "an unknown key":
+        document["settings"]["custom_ops_library"] = "/tmp/evil.so"
+    elif change == "NaN speed":
+        document["measured"][0]["decode_tps"] = float("nan")
+    elif change == "another manifest inside":
+        document["manifest_sha256"] = "cd" * 32
+    elif change == "not JSON":
+        return "{ not json"
+    elif change == "huge":
+        return " " * (tuning._MAX_RECORD_BYTES + 1) + "{}"
+    return document
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["zero threads", "more threads than usable CPUs", "an unknown key", "NaN speed", "another manifest inside",
+     "not JSON", "huge"],
+)  # fmt: skip
+def test_a_tampered_record_is_ignored(cache: Path, change: str) -> None:
+    path = write_tuning(record(settings(1)))
+    tampered = _tamper(json.loads(path.read_text()), change)
+    path.write_text(tampered if isinstance(tampered, str) else json.dumps(tampered), encoding="utf-8")
+    assert read_tuning(HASH, "int4-rtn") is None
+
+
+def test_a_fifo_in_place_of_the_record_is_ignored_without_blocking(cache: Path) -> None:
+    path = record_path(HASH, "int4-rtn", tuning.machine_class())
+    path.parent.mkdir(parents=True)
+    os.mkfifo(path)
+    assert read_tuning(HASH, "int4-rtn") is None
+
+
+def _spy_settings(monkeypatch) -> list[RuntimeSettings]:
+    seen: list[RuntimeSettings] = []
+    original = runtime_model._genai_config
+
+    def spy(og, folder, provider, strict, runtime):
+        seen.append(runtime)
+        return original(og, folder, provider, strict, runtime)
+
+    monkeypatch.setattr(runtime_model, "_genai_config", spy)
+    return seen
+
+
+def test_load_applies_the_record_unless_told_otherwise(tiny_llama_package: Path, cache: Path, monkeypatch) -> None:
+    seen = _spy_settings(monkeypatch)
+    with runtime_model.load(tiny_llama_package) as model:
+        assert model.info.settings_from == "default"
+        manifest_hash, variant = model.info.manifest_sha256, model.info.variant
+    write_tuning(record(settings(1, False), manifest_hash, variant))
+    with runtime_model.load(tiny_llama_package) as model:
+        assert (model.info.threads, model.info.cpu_mem_arena, model.info.settings_from) == (1, False, "tuned")
+        assert model.info.describe() == f"{variant} on cpu, tuned: 1 thread, arena off"
+        assert len(model.generate_tokens([5, 6, 7], max_new_tokens=3)) == 3
+    with runtime_model.load(tiny_llama_package, tuned=False) as model:
+        assert model.info.settings_from == "default" and model.info.cpu_mem_arena
+    with runtime_model.load(tiny_llama_package, threads=2) as model:
+        assert (model.info.threads, model.info.settings_from) == (2, "given")
+    cores = physical_cores()
+    assert [(s.threads, s.cpu_mem_arena) for s in seen] == [(cores, True), (1, False), (cores, True), (2, True)]
+
+
+def test_a_negative_thread_count_is_a_usage_error(tiny_llama_package: Path) -> None:
+    from edgekit.errors import UsageError
+
+    with pytest.raises(UsageError, match="threads must be at least 1"):
+        runtime_model.load(tiny_llama_package, threads=-1)
+
+
+def test_tune_measures_every_candidate_records_the_choice_and_run_uses_it(
+    runner, tiny_llama_package: Path, cache: Path
+) -> None:
+    options = ["--rounds", "1", "--prompt-tokens", "16", "--gen-tokens", "4"]
+    dry = runner.invoke(main, ["tune", str(tiny_llama_package), *options, "--dry-run"], env={"COLUMNS": "200"})
+    assert dry.exit_code == 0, dry.output
+    assert "not recorded (--dry-run)" in dry.stdout
+    assert not (cache / "edgekit" / "tuning").exists()
+
+    result = runner.invoke(main, ["tune", str(tiny_llama_package), *options], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    labels = [c.label() for c in candidates(physical_cores(), len(os.sched_getaffinity(0)))]
+    assert all(label in result.stdout for label in labels)
+    (path,) = (cache / "edgekit" / "tuning").iterdir()
+    saved = TuningRecord.model_validate_json(path.read_text())
+    assert [m.settings.label() for m in saved.measured] == labels
+    assert saved.settings.label() in labels and f"recorded in {path}" in result.stdout.replace("\n", "")
+
+    run = runner.invoke(main, ["run", str(tiny_llama_package), "--prompt", "hi", "--max-new-tokens", "2"])
+    assert run.exit_code == 0, run.output
+    assert f"tuned: {saved.settings.label()}]" in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [(["--gen-tokens", "1"], "--gen-tokens"), (["--rounds", "0"], "--rounds"), (["--variant", "nope"], "nope")],
+)
+def test_tune_refuses_bad_options_in_one_line(runner, tiny_llama_package: Path, cache: Path, options, message) -> None:
+    result = runner.invoke(main, ["tune", str(tiny_llama_package), *options])
+    assert result.exit_code != 0
+    assert message in result.stderr and "Traceback" not in result.output
+    assert not (cache / "edgekit" / "tuning").exists()
+
+
+def test_tune_on_a_folder_that_is_no_package_is_one_line(runner, tmp_path: Path, cache: Path) -> None:
+    result = runner.invoke(main, ["tune", str(tmp_path)])
+    assert result.exit_code != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("edgekit: error: ") and str(tmp_path) in lines[0]
