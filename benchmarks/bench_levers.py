@@ -1,13 +1,15 @@
-"""Runtime levers of issue #17, side by side: each one a change to the session or search options of a package.
+"""Runtime levers of issue #17, side by side: each one a change to a package's session options or graph.
 
 Run: python benchmarks/bench_levers.py PACKAGE [--variant NAME] [--rounds 5] [--gen 64]
-     [--prefill-chunks 64,128,256] [--no-levers]
+     [--prefill-chunks 64,128,256] [--no-levers] [--only WORD]
 
-Every lever is the package's variant loaded with one onnxruntime-genai config overlay on top of what
-``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread), and one is the graph as
-the builder exports it, with the LM head over every position (a copy of the package in a temporary folder).
-All of them stay loaded, and each round times every lever once, alternating the order, so they see the
-same machine state:
+Most levers are the package's variant loaded with one onnxruntime-genai config overlay on top of what
+``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); two are edited graphs
+(copies of the package in a temporary folder): the LM head over every position, as the builder exports it,
+and fp32 compute in every MatMulNBits. All of them stay loaded, and each round times every lever once,
+alternating the order, so they see the same machine state. Each lever's model has its own onnxruntime
+thread pool, whose threads spin for a while after a run, so with many levers loaded each timing carries
+some of the others' spinning: ``--only WORD`` compares the default with the matching levers alone.
 
 - decode at depth D: D random prompt tokens, then ``--gen`` tokens, the first excluded (llama-bench's ``tg``);
 - prefill of 512 tokens: 512 over the time to the first token (llama-bench's ``pp``).
@@ -39,26 +41,42 @@ LEVERS: dict[str, dict[str, Any]] = {
     "memory pattern off": {"model": {"decoder": {"session_options": {"enable_mem_pattern": False}}}},
     "1 intra-op thread": {"model": {"decoder": {"session_options": {"intra_op_num_threads": 1}}}},
 }
-WHOLE_HEAD = "LM head over every position (as exported)"
 PHASES = ("decode d0", "decode d512", "decode d2048", "prefill 512")
 
 
-def whole_head_copy(package: Path, variant: str | None, into: Path) -> Path:
-    """A copy of ``package`` whose variant computes the LM head over every position, as the builder exports it
-    (``exporters/last_position.py`` undone), its manifest rewritten to match."""
+def _whole_head(model: Any) -> None:
+    from edgekit.exporters.last_position import restore_all_positions
+
+    if not restore_all_positions(model):
+        raise SystemExit("the variant computes the head over every position already")
+
+
+def _fp32_compute(model: Any) -> None:
+    for node in model.graph.node:
+        for attribute in node.attribute:
+            if node.op_type == "MatMulNBits" and attribute.name == "accuracy_level":
+                attribute.i = 0
+
+
+GRAPH_LEVERS = {
+    "LM head over every position (as exported)": _whole_head,
+    "MatMulNBits accuracy level 0 (fp32 compute)": _fp32_compute,
+}
+
+
+def graph_copy(package: Path, variant: str | None, into: Path, edit: Any) -> Path:
+    """A copy of ``package`` in ``into`` whose variant's graph ``edit`` changed, its manifest rewritten to match."""
     import shutil
 
     import onnx
 
-    from edgekit.exporters.last_position import restore_all_positions
     from edgekit.package.manifest import read_manifest, write_manifest
     from edgekit.package.verify import variant_dir
 
-    copy = Path(shutil.copytree(package, into / package.name))
+    copy = Path(shutil.copytree(package, into))
     _, folder = variant_dir(copy, read_manifest(copy), variant)
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-    if not restore_all_positions(model):
-        raise SystemExit(f"{folder}: the variant computes the head over every position already")
+    edit(model)
     onnx.save(model, str(folder / "model.onnx"))
     write_manifest(copy, read_manifest(copy))
     return copy
@@ -134,6 +152,7 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=64)
     parser.add_argument("--prefill-chunks", default="", help="comma-separated chunk sizes for the second table")
     parser.add_argument("--no-levers", action="store_true", help="only the chunk table")
+    parser.add_argument("--only", help="only the levers whose name holds this word (and the default)")
     args = parser.parse_args()
 
     from edgekit.runtimes.tuning import machine_class
@@ -146,9 +165,13 @@ def main() -> None:
     if args.no_levers:
         chunk_table(load_with(args.package, args.variant, {}), prompts, chunks, args.rounds)
         return
-    models = {name: load_with(args.package, args.variant, overlay) for name, overlay in LEVERS.items()}
+    every = [*LEVERS, *GRAPH_LEVERS]
+    chosen = [name for name in every if name == "default" or not args.only or args.only in name]
+    models = {name: load_with(args.package, args.variant, LEVERS[name]) for name in chosen if name in LEVERS}
     scratch = tempfile.TemporaryDirectory()
-    models[WHOLE_HEAD] = load_with(whole_head_copy(args.package, args.variant, Path(scratch.name)), args.variant, {})
+    for number, name in enumerate(n for n in chosen if n in GRAPH_LEVERS):
+        copy = graph_copy(args.package, args.variant, Path(scratch.name) / str(number), GRAPH_LEVERS[name])
+        models[name] = load_with(copy, args.variant, {})
     for model in models.values():
         timings(model, 8, prompts)  # warm-up: allocations, prepacking
     samples: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in PHASES} for name in models}

@@ -109,10 +109,57 @@ def test_a_plain_head_is_rewritten_and_runs() -> None:
     model = _linear_head(extra_input=False)
     assert keep_last_position(model)
     onnx.checker.check_model(model, full_check=True)
+    read = {name for node in model.graph.node for name in node.input}
+    assert {init.name for init in model.graph.initializer} <= read, "an initializer no node reads"
     hidden = np.random.default_rng(0).standard_normal((1, 5, 4)).astype(np.float32)
     (logits,) = ort.InferenceSession(model.SerializeToString()).run(None, {"hidden": hidden})
     expected = hidden[:, -1:] @ np.arange(24, dtype=np.float32).reshape(4, 6)
     np.testing.assert_allclose(logits, np.broadcast_to(expected, (1, 5, 6)), rtol=1e-6)
+
+
+def _asymmetric_head(shape: list[int], axes: list[int]) -> onnx.ModelProto:
+    """logits = hidden @ W + ReduceSum(Reshape(hidden, shape), axes) @ offsets: the recipe's asymmetric head."""
+    hidden = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "S", 8])
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "S", 6])
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array(rng.standard_normal((8, 6)).astype(np.float32), "W"),
+        numpy_helper.from_array(rng.standard_normal((2, 6)).astype(np.float32), "offsets"),
+        numpy_helper.from_array(np.array(shape, np.int64), "blocks"),
+        numpy_helper.from_array(np.array(axes, np.int64), "axes"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["hidden", "W"], ["codes"]),
+        helper.make_node("Reshape", ["hidden", "blocks"], ["blocked"]),
+        helper.make_node("ReduceSum", ["blocked", "axes"], ["sums"], keepdims=0),
+        helper.make_node("MatMul", ["sums", "offsets"], ["shift"]),
+        helper.make_node("Add", ["codes", "shift"], ["logits"]),
+    ]
+    graph = helper.make_graph(nodes, "asym", [hidden], [logits], initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_an_asymmetric_heads_block_sums_are_sliced_too() -> None:
+    import onnxruntime as ort
+
+    whole = _asymmetric_head([0, 0, -1, 4], [-1])
+    model = _asymmetric_head([0, 0, -1, 4], [-1])
+    assert keep_last_position(model)
+    hidden = np.random.default_rng(1).standard_normal((1, 7, 8)).astype(np.float32)
+    (expected,) = ort.InferenceSession(whole.SerializeToString()).run(None, {"hidden": hidden})
+    (logits,) = ort.InferenceSession(model.SerializeToString()).run(None, {"hidden": hidden})
+    np.testing.assert_allclose(logits, np.broadcast_to(expected[:, -1:], logits.shape), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes", "why"),
+    [([1, -1, 4], [-1], "the reshape folds positions together"), ([0, 0, -1, 4], [1], "the sum runs over positions")],
+)
+def test_a_head_that_mixes_positions_is_left_alone(shape, axes, why) -> None:
+    model = _asymmetric_head(shape, axes)
+    before = model.SerializeToString()
+    assert not keep_last_position(model), why
+    assert model.SerializeToString() == before
 
 
 @pytest.fixture

@@ -5,8 +5,8 @@ the head over every position; on a small model the head is a large part of a pre
 of thousands of rows against a hidden size of hundreds). The rewrite slices the final norm's output to the
 last position before the head and expands the one row of logits back to ``[batch, sequence, vocab]``, the
 shape onnxruntime-genai binds for the output. Every node between the final norm and ``logits`` must work
-row by row (the head's MatMul or MatMulNBits, casts, scalings), so the last row is what the whole graph
-computed for it; a chain with any other node is left alone.
+row by row (the head's MatMul or MatMulNBits, casts, scalings, an asymmetric head's block sums), so the
+last row is what the whole graph computed for it; a head with any other node is left alone.
 
 Scoring needs every position's logits: ``restore_all_positions`` undoes the rewrite in memory, so the
 evaluation runs the package's own head (same weights, same accuracy level) over every position.
@@ -23,32 +23,84 @@ from onnx import ModelProto, helper, numpy_helper
 
 LOGITS = "logits"
 _PREFIX = "/edgekit/last_position"
-# Ops that act on each position (row) alone, so the head chain may hold them.
-_ROW_WISE = {"MatMul", "MatMulNBits", "Cast", "Mul", "Div", "Tanh", "Add", "Softcap"}
+# Ops that act on each position (row) alone; Reshape and ReduceSum only as ``_keeps_rows`` allows.
+_ROW_WISE = {"MatMul", "MatMulNBits", "Cast", "Mul", "Div", "Add", "Sub", "Tanh", "Softcap"}
 _HEAD_OPS = {"MatMul", "MatMulNBits"}
+_MAX_HEAD_NODES = 32
 
 
 def _producers(model: ModelProto) -> dict[str, onnx.NodeProto]:
     return {output: node for node in model.graph.node for output in node.output if output}
 
 
-def _head_chain(model: ModelProto) -> list[onnx.NodeProto] | None:
-    """The nodes from the head's MatMul to ``logits``, in graph order; None where the chain is not row-wise."""
-    producers = _producers(model)
-    initializers = {init.name for init in model.graph.initializer}
-    node = producers.get(LOGITS)
-    chain: list[onnx.NodeProto] = []
-    while node is not None and node.op_type in _ROW_WISE and len(chain) < 8:
-        chain.append(node)
-        if node.op_type in _HEAD_OPS:
-            return chain[::-1]
-        # Elementwise steps take the running tensor and constants only.
-        running = [name for name in node.input if name and name not in initializers and name in producers]
-        constants = [name for name in node.input if name and name not in running]
-        if len(running) != 1 or any(name not in initializers for name in constants):
+class _Graph:
+    """What the head search asks of a graph: who makes a tensor, and whether it depends on the inputs."""
+
+    def __init__(self, model: ModelProto) -> None:
+        self.producers = _producers(model)
+        self.initializers = {init.name: init for init in model.graph.initializer}
+        self._constant: dict[str, bool] = {}
+
+    def constant(self, name: str) -> bool:
+        """Whether ``name`` is computed from initializers alone (a weight, not an activation)."""
+        if name in self.initializers:
+            return True
+        if name not in self._constant:
+            node = self.producers.get(name)
+            self._constant[name] = False  # a cycle guard; graph inputs are activations
+            self._constant[name] = node is not None and all(self.constant(i) for i in node.input if i)
+        return self._constant[name]
+
+    def values(self, name: str) -> list[int] | None:
+        """An int64 initializer's values (a shape or axes), or None."""
+        init = self.initializers.get(name)
+        if init is None or init.data_location == onnx.TensorProto.EXTERNAL:
             return None
-        node = producers[running[0]]
-    return None
+        return [int(v) for v in numpy_helper.to_array(init).reshape(-1)]
+
+    def keeps_rows(self, node: onnx.NodeProto) -> bool:
+        """Whether ``node`` computes each position's output from that position's inputs alone."""
+        if node.op_type in _HEAD_OPS:
+            return self.constant(node.input[1])  # activations times a weight
+        if node.op_type == "Reshape":  # [batch, seq, ...] kept: the shape copies the first two dimensions
+            shape = self.values(node.input[1])
+            allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
+            return shape is not None and len(shape) >= 3 and shape[:2] == [0, 0] and not allow_zero
+        if node.op_type == "ReduceSum":  # over the last axis of a tensor a kept reshape made
+            axes = self.values(node.input[1]) if len(node.input) > 1 else None
+            source = self.producers.get(node.input[0])
+            return axes == [-1] and source is not None and self.keeps_rows(source) and source.op_type == "Reshape"
+        return node.op_type in _ROW_WISE
+
+
+def _head(model: ModelProto) -> tuple[str, list[onnx.NodeProto]] | None:
+    """The final norm's output and the nodes between it and ``logits`` (graph order); None unless all row-wise."""
+    graph = _Graph(model)
+    node = graph.producers.get(LOGITS)
+    for _ in range(_MAX_HEAD_NODES):  # down the activation path to the head's MatMul
+        if node is None or node.op_type in _HEAD_OPS:
+            break
+        running = [name for name in node.input if name and not graph.constant(name)]
+        node = graph.producers.get(running[0]) if running else None
+    if node is None or node.op_type not in _HEAD_OPS:
+        return None
+    hidden = node.input[0]
+    region: dict[int, onnx.NodeProto] = {}
+    pending = [graph.producers[LOGITS]]
+    while pending:
+        node = pending.pop()
+        if id(node) in region:
+            continue
+        if not graph.keeps_rows(node) or len(region) >= _MAX_HEAD_NODES:
+            return None
+        region[id(node)] = node
+        for name in node.input:
+            if name and name != hidden and not graph.constant(name):
+                if name not in graph.producers:
+                    return None  # a graph input reaches the logits another way
+                pending.append(graph.producers[name])
+    order = {id(n): index for index, n in enumerate(model.graph.node)}
+    return hidden, sorted(region.values(), key=lambda n: order[id(n)])
 
 
 def is_last_position(model: ModelProto) -> bool:
@@ -60,31 +112,31 @@ def keep_last_position(model: ModelProto) -> bool:
     """Rewrite ``model`` (in place) to compute the head on the last position only; False where it cannot."""
     if is_last_position(model) or LOGITS not in {output.name for output in model.graph.output}:
         return False
-    chain = _head_chain(model)
-    if chain is None:
+    head = _head(model)
+    if head is None:
         return False
-    hidden = chain[0].input[0]
+    hidden, nodes = head
     last_hidden, last_logits, shape = f"{_PREFIX}/hidden", f"{_PREFIX}/logits", f"{_PREFIX}/shape"
-    chain[0].input[0] = last_hidden
-    chain[-1].output[0] = last_logits
+    for node in nodes:
+        node.input[:] = [last_hidden if name == hidden else name for name in node.input]
+        node.output[:] = [last_logits if name == LOGITS else name for name in node.output]
     constants = {
         f"{_PREFIX}/starts": [-1],
         f"{_PREFIX}/ends": [np.iinfo(np.int64).max],
         f"{_PREFIX}/axes": [1],
-        f"{_PREFIX}/ones": [1, 1],
     }
     model.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in constants.items())
-    nodes = [
-        helper.make_node("Slice", [hidden, *list(constants)[:3]], [last_hidden], name=f"{_PREFIX}/Slice"),
+    added = [
+        helper.make_node("Slice", [hidden, *constants], [last_hidden], name=f"{_PREFIX}/Slice"),
         helper.make_node("Shape", [hidden], [f"{_PREFIX}/hidden_shape"], name=f"{_PREFIX}/Shape", end=2),
         helper.make_node("Shape", [last_logits], [f"{_PREFIX}/vocab"], name=f"{_PREFIX}/ShapeVocab", start=2),
         helper.make_node("Concat", [f"{_PREFIX}/hidden_shape", f"{_PREFIX}/vocab"], [shape], name=shape, axis=0),
         helper.make_node("Expand", [last_logits, shape], [LOGITS], name=f"{_PREFIX}/Expand"),
     ]
-    # Graph order: the slice before the chain, the expand after it.
-    position = list(model.graph.node).index(chain[0])
-    model.graph.node.insert(position, nodes[0])
-    model.graph.node.extend(nodes[1:])
+    # Graph order: the slice before the head's first node, the expand after everything.
+    position = list(model.graph.node).index(nodes[0])
+    model.graph.node.insert(position, added[0])
+    model.graph.node.extend(added[1:])
     return True
 
 

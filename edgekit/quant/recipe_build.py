@@ -123,15 +123,7 @@ def build_recipe_variant(
         probe, reference, windows, weight_of, request, key, cache_paths, progress, linears
     )
     del probe
-    quantized: dict[tuple[str, str], QuantizedMatrix] = {}
-
-    def fit(linear: Linear, fmt: TensorFormat) -> QuantizedMatrix:
-        cache_key = (linear.weight, fmt.spelling)
-        if cache_key not in quantized:
-            importance = reference.importance.get(linear.activation) if linear.activation else None
-            quantized[cache_key] = quantize_matrix(weight_of(linear), fmt, importance)
-        return quantized[cache_key]
-
+    fit = _memoized_fit(weight_of, reference)
     options = _options(table, linears, request.candidates)
     max_cost = _baseline_cost(linears, request.head_baseline) / request.min_decode_ratio
     search = _Rounds(options, request, _fixed_bytes(fp32_dir, linears), max_cost)
@@ -155,6 +147,22 @@ def build_recipe_variant(
         if not search.learn(recipe, outcome):
             break
     return _keep_best(built, search, out_dir)
+
+
+def _memoized_fit(
+    weight_of: Callable[[Linear], np.ndarray], reference: CalibrationReference
+) -> Callable[[Linear, TensorFormat], QuantizedMatrix]:
+    """Quantize a linear to a format once per build (rounds reuse the tensors they share)."""
+    quantized: dict[tuple[str, str], QuantizedMatrix] = {}
+
+    def fit(linear: Linear, fmt: TensorFormat) -> QuantizedMatrix:
+        cache_key = (linear.weight, fmt.spelling)
+        if cache_key not in quantized:
+            importance = reference.importance.get(linear.activation) if linear.activation else None
+            quantized[cache_key] = quantize_matrix(weight_of(linear), fmt, importance)
+        return quantized[cache_key]
+
+    return fit
 
 
 def _keep_best(built: list[tuple[RecipeOutcome, Path]], search: _Rounds, out_dir: Path) -> RecipeOutcome:

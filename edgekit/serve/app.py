@@ -178,11 +178,13 @@ def _routes(state: ServerState) -> list[Route]:
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
     ]
-    if options.chat_page:
-        routes += [Route("/", _static("index.html"), methods=["GET"]),
-                   Route("/chat.js", _static("chat.js"), methods=["GET"]),
-                   Route("/chat.css", _static("chat.css"), methods=["GET"])]  # fmt: skip
-    return routes
+    return routes + (_chat_page_routes() if options.chat_page else [])
+
+
+def _chat_page_routes() -> list[Route]:
+    """The chat page at ``/`` and its two files."""
+    return [Route(path, _static(name), methods=["GET"]) for path, name in
+            (("/", "index.html"), ("/chat.js", "chat.js"), ("/chat.css", "chat.css"))]  # fmt: skip
 
 
 def _gauges(state: ServerState) -> dict[str, tuple[str, float]]:
