@@ -6,8 +6,9 @@ Run: python benchmarks/bench_levers.py PACKAGE [--variant NAME] [--rounds 5] [--
 Most levers are the package's variant loaded with one onnxruntime-genai config overlay on top of what
 ``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); two are edited graphs
 (copies of the package in a temporary folder): the LM head over every position, as the builder exports it,
-and fp32 compute in every MatMulNBits. All of them stay loaded, and each round times every lever once,
-alternating the order, so they see the same machine state. Each lever's model has its own onnxruntime
+and fp32 compute in every MatMulNBits. All of them stay loaded, and each round times every
+phase of every lever once, phase by phase, alternating the levers' order, so they see the same machine
+state and each follows the same kind of work. Each lever's model has its own onnxruntime
 thread pool, whose threads spin for a while after a run, so with many levers loaded each timing carries
 some of the others' spinning: ``--only WORD`` compares the default with the matching levers alone.
 
@@ -101,15 +102,14 @@ def load_with(package: Path, variant: str | None, overlay: dict[str, Any]) -> An
         runtime_model._genai_config = original  # type: ignore[assignment]
 
 
-def timings(model: Any, gen: int, prompts: dict[int, list[int]]) -> dict[str, float]:
-    """One round of every phase for one lever."""
+def timing(model: Any, phase: str, gen: int, prompts: dict[int, list[int]]) -> float:
+    """One measurement of ``phase`` for one lever, in tokens/s."""
     from edgekit.runtimes.tune import time_generation
 
-    _, d0 = time_generation(model, prompts[1], gen)
-    _, d512 = time_generation(model, prompts[512], gen)
-    _, d2048 = time_generation(model, prompts[2048], gen // 2)
-    prefill, _ = time_generation(model, prompts[512], 2)
-    return dict(zip(PHASES, (d0, d512, d2048, prefill), strict=True))
+    if phase == "prefill 512":
+        return time_generation(model, prompts[512], 2)[0]
+    depth = int(phase.removeprefix("decode d")) or 1
+    return time_generation(model, prompts[depth], gen if depth < 2048 else gen // 2)[1]
 
 
 def chunked_prefill(model: Any, prompt: list[int], chunk: int | None) -> float:
@@ -173,13 +173,14 @@ def main() -> None:
         copy = graph_copy(args.package, args.variant, Path(scratch.name) / str(number), GRAPH_LEVERS[name])
         models[name] = load_with(copy, args.variant, {})
     for model in models.values():
-        timings(model, 8, prompts)  # warm-up: allocations, prepacking
+        for phase in PHASES:
+            timing(model, phase, 8, prompts)  # warm-up: allocations, prepacking
     samples: dict[str, dict[str, list[float]]] = {name: {phase: [] for phase in PHASES} for name in models}
     for number in range(args.rounds):
         names = list(models) if number % 2 == 0 else list(reversed(models))
-        for name in names:
-            for phase, value in timings(models[name], args.gen, prompts).items():
-                samples[name][phase].append(value)
+        for phase in PHASES:  # phase by phase, every lever in turn: each follows the same kind of work
+            for name in names:
+                samples[name][phase].append(timing(models[name], phase, args.gen, prompts))
         print(f"round {number + 1}/{args.rounds} done", flush=True)
     medians = {name: {p: statistics.median(v) for p, v in phases.items()} for name, phases in samples.items()}
     base = medians["default"]
