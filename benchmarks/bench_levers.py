@@ -109,7 +109,8 @@ def timing(model: Any, phase: str, gen: int, prompts: dict[int, list[int]]) -> f
     if phase == "prefill 512":
         return time_generation(model, prompts[512], 2)[0]
     depth = int(phase.removeprefix("decode d")) or 1
-    return time_generation(model, prompts[depth], gen if depth < 2048 else gen // 2)[1]
+    decode = time_generation(model, prompts[depth], gen if depth < 2048 else gen // 2)[1]
+    return float("nan") if decode is None else decode  # the model ended at its first token
 
 
 def chunked_prefill(model: Any, prompt: list[int], chunk: int | None) -> float:

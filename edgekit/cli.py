@@ -58,7 +58,7 @@ def _threads_shown(threads: int | None) -> str:
         return str(threads)
     from edgekit.runtimes.cpu_threads import physical_cores
 
-    return f"one per physical core this process may use, {physical_cores()} here"
+    return f"what `edgekit tune` recorded, else one per physical core this process may use ({physical_cores()} here)"
 
 
 class EdgekitGroup(click.Group):

@@ -40,6 +40,7 @@ def interrupts_recorded() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        _interrupted.clear()  # the record belongs to this block: later library calls in the process start clean
 
 
 def was_interrupted() -> bool:

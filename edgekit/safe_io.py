@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from edgekit.errors import EdgekitError, UsageError
+from edgekit.interrupts import raise_if_interrupted
 
 _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -81,6 +82,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
         partial.write_text(text, encoding="utf-8")
+        raise_if_interrupted()  # a Ctrl-C a library swallowed must not let the file land
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)

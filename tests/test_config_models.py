@@ -314,7 +314,7 @@ def test_help_shows_the_library_defaults(runner) -> None:
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())
     assert "(dynamic)" not in text
-    assert f"one per physical core this process may use, {physical_cores()} here" in text
+    assert f"else one per physical core this process may use ({physical_cores()} here)" in text
     assert "onnxruntime's choice" not in text
     result = runner.invoke(main, ["build", "--help"])
     text = " ".join(result.output.split())

@@ -103,6 +103,14 @@ def test_a_head_chain_that_mixes_in_another_tensor_is_left_alone() -> None:
     assert model.SerializeToString() == before
 
 
+def test_a_head_whose_inner_tensor_feeds_another_output_is_left_alone() -> None:
+    model = _asymmetric_head([0, 0, -1, 4], [-1])
+    model.graph.output.append(helper.make_tensor_value_info("codes", TensorProto.FLOAT, [1, "S", 6]))
+    before = model.SerializeToString()
+    assert not keep_last_position(model)
+    assert model.SerializeToString() == before
+
+
 def test_a_plain_head_is_rewritten_and_runs() -> None:
     import onnxruntime as ort
 

@@ -196,3 +196,12 @@ def test_tune_on_a_folder_that_is_no_package_is_one_line(runner, tmp_path: Path,
     assert result.exit_code != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("edgekit: error: ") and str(tmp_path) in lines[0]
+
+
+def test_a_candidate_whose_generations_all_ended_at_once_is_an_error_not_a_speed() -> None:
+    from edgekit.errors import UsageError
+    from edgekit.runtimes.tune import _measurement
+
+    assert _measurement(settings(2), [(100.0, None), (110.0, 9.0), (90.0, 11.0)]).decode_tps == 10.0
+    with pytest.raises(UsageError, match="ended at its first token"):
+        _measurement(settings(2), [(100.0, None), (120.0, None)])

@@ -10,6 +10,10 @@ last row is what the whole graph computed for it; a head with any other node is 
 
 Scoring needs every position's logits: ``restore_all_positions`` undoes the rewrite in memory, so the
 evaluation runs the package's own head (same weights, same accuracy level) over every position.
+
+A package is for unpadded single-sequence generation, as edgekit runs it: onnxruntime-genai reads the row
+of the last token that is not the pad id, so a padded batch (or a prompt ending in the pad id, where the
+rewrite gives the real last token's row) would read a different row than before.
 """
 
 from __future__ import annotations
@@ -99,6 +103,11 @@ def _head(model: ModelProto) -> tuple[str, list[onnx.NodeProto]] | None:
                 if name not in graph.producers:
                     return None  # a graph input reaches the logits another way
                 pending.append(graph.producers[name])
+    # The head's inner tensors must feed nothing else: a reader outside it would see sliced rows.
+    inner = {name for node in region.values() for name in node.output if name and name != LOGITS}
+    outside = (node for node in model.graph.node if id(node) not in region)
+    if inner & {output.name for output in model.graph.output} or any(inner & set(n.input) for n in outside):
+        return None
     order = {id(n): index for index, n in enumerate(model.graph.node)}
     return hidden, sorted(region.values(), key=lambda n: order[id(n)])
 

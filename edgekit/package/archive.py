@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from edgekit.errors import OutputExistsError, PackageError
+from edgekit.interrupts import raise_if_interrupted
 from edgekit.package.archive_headers import FIX_ARCHIVE, HeaderChecks, checked_name, refuse_member
 from edgekit.package.manifest import MANIFEST, MAX_MANIFEST_BYTES, parse_manifest, read_manifest
 from edgekit.package.staging import staged_output
@@ -89,6 +90,7 @@ def pack_package(
         with partial.open("wb") as raw:
             sink = _HashingWriter(raw)
             _write_archive(sink, root, manifest_bytes, entries, tally, compress=_compression_for(target))
+        raise_if_interrupted()  # a Ctrl-C a library swallowed must not let the archive land
         os.replace(partial, target)
     except BaseException as exc:
         partial.unlink(missing_ok=True)

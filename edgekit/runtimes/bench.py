@@ -32,7 +32,8 @@ class BenchSettings:
     runs: int = 5
     """Timed runs per variant, after one warm-up run."""
     threads: int | None = None
-    """onnxruntime's intra-op threads; ``None``: one per physical core this process may use (``cpu_threads``)."""
+    """onnxruntime's intra-op threads; ``None``: what ``edgekit tune`` recorded for the variant on this machine,
+    else one per physical core this process may use (``cpu_threads``)."""
     seed: int = 0
 
 
@@ -65,6 +66,7 @@ def bench_variant(package: Path, variant: str, settings: BenchSettings, target: 
         return {
             "variant": variant,
             "provider": model.info.provider,
+            "runs_on": model.info.describe(),
             "prompt_tokens": settings.prompt_tokens,
             "gen_tokens": settings.gen_tokens,
             "runs": settings.runs,

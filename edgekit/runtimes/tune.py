@@ -50,14 +50,16 @@ class TuneResult:
     path: Path | None
 
 
-def time_generation(model: Model, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
-    """One generation: (prompt tokens/s to the first new token, new tokens/s after the first)."""
+def time_generation(model: Model, prompt: list[int], gen_tokens: int) -> tuple[float, float | None]:
+    """One generation: (prompt tokens/s to the first new token, new tokens/s after the first; None where the
+    model ended the generation at its first token, so there is no decode to time)."""
     started = time.perf_counter()
     stream = model.token_stream(prompt, GenerationConfig(max_new_tokens=gen_tokens))
     next(stream)
     first = time.perf_counter()
     produced = sum(1 for _ in stream)
-    return len(prompt) / (first - started), max(produced, 1) / (time.perf_counter() - first)
+    decode = produced / (time.perf_counter() - first) if produced else None
+    return len(prompt) / (first - started), decode
 
 
 def tune_package(
@@ -81,7 +83,7 @@ def tune_package(
             fix="pass --rounds 3 --prompt-tokens 512 --gen-tokens 64",
         )
     options = candidates(physical_cores(), len(usable_cpus()))
-    samples: list[list[tuple[float, float]]] = [[] for _ in options]
+    samples: list[list[tuple[float, float | None]]] = [[] for _ in options]
     prompt: list[int] = []
     name, manifest_sha256 = "", ""
     for number in range(rounds):
@@ -95,14 +97,7 @@ def tune_package(
                     name, manifest_sha256 = model.info.variant, model.info.manifest_sha256
                 time_generation(model, prompt, gen_tokens)  # warm-up: allocations, prepacking
                 samples[index].append(time_generation(model, prompt, gen_tokens))
-    measured = [
-        Measurement(
-            settings=candidate,
-            prefill_tps=statistics.median(prefill for prefill, _ in runs),
-            decode_tps=statistics.median(decode for _, decode in runs),
-        )
-        for candidate, runs in zip(options, samples, strict=True)
-    ]
+    measured = [_measurement(candidate, runs) for candidate, runs in zip(options, samples, strict=True)]
     result = TuningRecord(
         manifest_sha256=manifest_sha256,
         variant=name,
@@ -112,6 +107,20 @@ def tune_package(
         measured=measured,
     )
     return TuneResult(result, write_tuning(result) if record else None)
+
+
+def _measurement(candidate: RuntimeSettings, runs: list[tuple[float, float | None]]) -> Measurement:
+    """A candidate's medians; runs the model ended at its first token have no decode speed and are left out."""
+    decodes = [decode for _, decode in runs if decode is not None]
+    if not decodes:
+        raise UsageError(
+            f"every timed generation with {candidate.label()} ended at its first token (end of sequence), "
+            "so there is no decode speed to compare",
+            fix="pass a longer --prompt-tokens, or tune another variant",
+        )
+    return Measurement(
+        settings=candidate, prefill_tps=statistics.median(p for p, _ in runs), decode_tps=statistics.median(decodes)
+    )
 
 
 def _prompt(model: Model, prompt_tokens: int, gen_tokens: int) -> list[int]:
