@@ -104,7 +104,7 @@ def load_with(package: Path, variant: str | None, overlay: dict[str, Any]) -> An
 
 def timing(model: Any, phase: str, gen: int, prompts: dict[int, list[int]]) -> float:
     """One measurement of ``phase`` for one lever, in tokens/s."""
-    from edgekit.runtimes.tune import time_generation
+    from edgekit.runtimes.bench import time_generation
 
     if phase == "prefill 512":
         return time_generation(model, prompts[512], 2)[0]

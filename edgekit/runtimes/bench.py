@@ -19,7 +19,7 @@ import numpy as np
 from edgekit.package.manifest import read_manifest
 from edgekit.package.verify import variant_dir
 from edgekit.progress import current_rss_mb
-from edgekit.runtimes.model import GenerationConfig, load
+from edgekit.runtimes.model import GenerationConfig, Model, load
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,18 @@ class BenchSettings:
     seed: int = 0
 
 
+def time_generation(model: Model, prompt: list[int], gen_tokens: int) -> tuple[float, float | None]:
+    """One generation: (prompt tokens/s to the first new token, new tokens/s after the first; None where the
+    model ended the generation at its first token, so there is no decode to time)."""
+    started = time.perf_counter()
+    stream = model.token_stream(prompt, GenerationConfig(max_new_tokens=gen_tokens))
+    next(stream)
+    first = time.perf_counter()
+    produced = sum(1 for _ in stream)
+    decode = produced / (time.perf_counter() - first) if produced else None
+    return len(prompt) / (first - started), decode
+
+
 def _stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -48,21 +60,15 @@ def bench_variant(package: Path, variant: str, settings: BenchSettings, target: 
         rng = np.random.default_rng(settings.seed)
         # Random ids from the lower vocabulary: ordinary tokens, no special ones, same for every variant.
         prompt = rng.integers(100, min(vocab, 30000), size=settings.prompt_tokens).tolist()
-        config = GenerationConfig(max_new_tokens=settings.gen_tokens)
         ttft, prefill, decode = [], [], []
         for run in range(settings.runs + 1):
-            start = time.perf_counter()
-            tokens = model.token_stream(prompt, config)
-            next(tokens)
-            first = time.perf_counter()
-            produced = 1 + sum(1 for _ in tokens)
-            end = time.perf_counter()
+            prompt_tps, decode_tps = time_generation(model, prompt, settings.gen_tokens)
             if run == 0:
                 continue  # warm-up: allocations, prepacking
-            ttft.append(first - start)
-            prefill.append(settings.prompt_tokens / (first - start))
-            if produced > 1:
-                decode.append((produced - 1) / (end - first))
+            ttft.append(settings.prompt_tokens / prompt_tps)
+            prefill.append(prompt_tps)
+            if decode_tps is not None:
+                decode.append(decode_tps)
         return {
             "variant": variant,
             "provider": model.info.provider,

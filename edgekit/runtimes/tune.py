@@ -8,7 +8,6 @@ ordinary tokens, the same for every candidate.
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from edgekit.errors import UsageError
+from edgekit.runtimes.bench import time_generation
 from edgekit.runtimes.cpu_threads import physical_cores, usable_cpus
-from edgekit.runtimes.generation import GenerationConfig
 from edgekit.runtimes.model import Model, load
 from edgekit.runtimes.tuning import (
     Measurement,
@@ -48,18 +47,6 @@ class TuneResult:
 
     record: TuningRecord
     path: Path | None
-
-
-def time_generation(model: Model, prompt: list[int], gen_tokens: int) -> tuple[float, float | None]:
-    """One generation: (prompt tokens/s to the first new token, new tokens/s after the first; None where the
-    model ended the generation at its first token, so there is no decode to time)."""
-    started = time.perf_counter()
-    stream = model.token_stream(prompt, GenerationConfig(max_new_tokens=gen_tokens))
-    next(stream)
-    first = time.perf_counter()
-    produced = sum(1 for _ in stream)
-    decode = produced / (time.perf_counter() - first) if produced else None
-    return len(prompt) / (first - started), decode
 
 
 def tune_package(
@@ -144,4 +131,4 @@ def settings_table(result: TuningRecord) -> list[tuple[str, float, float, float,
     ]
 
 
-__all__ = ["RuntimeSettings", "TuneResult", "TuneSettings", "settings_table", "time_generation", "tune_package"]
+__all__ = ["RuntimeSettings", "TuneResult", "TuneSettings", "settings_table", "tune_package"]
