@@ -128,10 +128,12 @@ def main() -> None:
 @click.option("--streaming", is_flag=True, help="Export one layer at a time from disk (INT4 only, no fp32 reference).")
 @click.option("--max-model-bytes", type=click.IntRange(1), default=None,
               help="Deploy a per-tensor recipe whose model files fit in N bytes (CPU targets).")  # fmt: skip
+@click.option("--min-decode-ratio", type=float, default=None,
+              help="The recipe decodes at least R times the RTN variant's speed (target's recipe; 0.9).")  # fmt: skip
 def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, targets_file: Path | None,
           quiet: bool, no_eval: bool, eval_text: Path | None, eval_windows: int, eval_ctx: int,
           calibration: Path | None, calib_samples: int, calib_seq_len: int, seed: int,
-          streaming: bool, max_model_bytes: int | None) -> None:  # fmt: skip
+          streaming: bool, max_model_bytes: int | None, min_decode_ratio: float | None) -> None:  # fmt: skip
     """Build a package from SOURCE: a Hugging Face folder, a .gguf file, or a hub id."""
     from edgekit.accuracy.texts import load_text
     from edgekit.pipeline import CalibrationSettings, EvalSettings
@@ -156,6 +158,7 @@ def build(source: str, out: Path, target: str, force: bool, allow_pickle: bool, 
         calibration=calibration_settings,
         streaming=streaming,
         max_model_bytes=max_model_bytes,
+        min_decode_ratio=min_decode_ratio,
     )
     print_build_summary(result)
 

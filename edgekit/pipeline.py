@@ -39,11 +39,13 @@ from edgekit.sources.checkpoint import CheckedFolder, SourceSpec, check_folder, 
 from edgekit.sources.weight_files import check_gguf
 from edgekit.targets import (
     DEFAULT_TARGET,
+    Int4Method,
     Target,
     bundled_targets_path,
     describe_validation_error,
     get_target,
     with_max_model_bytes,
+    with_min_decode_ratio,
 )
 
 DEFAULT_EVALUATION = EvalSettings()
@@ -75,6 +77,7 @@ def build(
     calibration: CalibrationSettings | None = None,
     streaming: bool = False,
     max_model_bytes: int | None = None,
+    min_decode_ratio: float | None = None,
 ) -> BuildResult:
     """Build a package at ``out`` from a Hugging Face folder, a GGUF file or a hub id, for ``target``.
 
@@ -84,13 +87,16 @@ def build(
     variants only, no fp32 reference (so no validation against PyTorch; the variants are evaluated against
     the checkpoint run in PyTorch layer by layer). Before any weight is read the build's peak memory and
     disk are estimated, and a machine short of either is refused with the numbers. ``max_model_bytes``
-    deploys a per-tensor recipe whose model files fit in that many bytes (docs/recipes.md).
+    deploys a per-tensor recipe whose model files fit in that many bytes (docs/recipes.md);
+    ``min_decode_ratio`` sets the recipe's speed bound (decode at least that times the RTN variant's).
     """
     _require_export_extra()
     targets_path = None if targets_file is None else Path(targets_file)
     profile = get_target(target, targets_path)
     if max_model_bytes is not None:
         profile = _with_size_budget(profile, max_model_bytes, targets_path)
+    if min_decode_ratio is not None:
+        profile = _with_speed_bound(profile, min_decode_ratio, targets_path)
     spec = classify_source(source)
     out_path = Path(out)
     if spec.path is not None and (out_path.resolve() == spec.path or out_path.resolve() in spec.path.parents):
@@ -129,6 +135,25 @@ def _with_size_budget(profile: Target, max_model_bytes: int, targets_path: Path 
             path=targets_path or bundled_targets_path(),
             fix="use a CPU int4 target (laptop-cpu), or leave --max-model-bytes out",
         ) from None
+
+
+def _with_speed_bound(profile: Target, ratio: float, targets_path: Path | None) -> Target:
+    """``profile`` whose recipe decodes at least ``ratio`` times RTN's, or a one-line error."""
+    from pydantic import ValidationError as SchemaError
+
+    path = targets_path or bundled_targets_path()
+    if Int4Method.RECIPE not in profile.int4_methods:
+        raise UsageError(
+            f"--min-decode-ratio on target '{profile.name}': the target builds no per-tensor recipe",
+            path=path,
+            fix="add --max-model-bytes N, or use a recipe target (laptop-cpu-recipe)",
+        )
+    try:
+        return with_min_decode_ratio(profile, ratio)
+    except SchemaError as exc:
+        problem = describe_validation_error(exc, Target).replace("\n", "; ")
+        fix = "give a ratio above 0, at most 4"
+        raise UsageError(f"--min-decode-ratio {ratio}: {problem}", path=path, fix=fix) from None
 
 
 def failed_log_path(out: Path) -> Path:

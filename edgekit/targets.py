@@ -81,7 +81,7 @@ class Precision(str, enum.Enum):
     INT4 = "int4"
 
 
-RECIPE_FORMAT = re.compile(r"^int(4|8)-b(16|32|64|128)-(sym|asym)-(rtn|search|weighted)$")
+RECIPE_FORMAT = re.compile(r"^int(4|8)-b(16|32|64|128)-(sym|zp|asym)-(rtn|search|weighted)$")
 """A per-tensor format as targets.yaml spells it (``edgekit.quant.formats`` parses it)."""
 
 
@@ -120,7 +120,7 @@ def _recipe_format(value: Any) -> Any:
         raise PydanticCustomError(
             "recipe_format",
             "Input should be a format like int4-b32-asym-weighted (int<4|8>-b<16|32|64|128>-"
-            "<sym|asym>-<rtn|search|weighted>)",
+            "<sym|zp|asym>-<rtn|search|weighted>)",
         )
     return value
 
@@ -285,6 +285,16 @@ def with_max_model_bytes(target: Target, max_model_bytes: int) -> Target:
     data = target.model_dump()
     data["int4_methods"] = [*methods, Int4Method.RECIPE]
     data["recipe"] = {**data["recipe"], "max_model_bytes": max_model_bytes, "optimize": None}
+    changed = Target.model_validate(data)
+    changed._name = target.name
+    return changed
+
+
+def with_min_decode_ratio(target: Target, ratio: float) -> Target:
+    """``target`` whose recipe must decode at least ``ratio`` times the RTN variant's speed
+    (``--min-decode-ratio``); ``ValidationError`` for a ratio out of range."""
+    data = target.model_dump()
+    data["recipe"] = {**data["recipe"], "min_decode_ratio": ratio}
     changed = Target.model_validate(data)
     changed._name = target.name
     return changed

@@ -16,7 +16,7 @@ from edgekit.quant.formats import TensorFormat, parse_format
 from edgekit.quant.graph_rewrite import Linear, find_linears
 from edgekit.quant.recipe_build import recipe_formats
 from edgekit.quant.search import Objective, Option, choose
-from edgekit.quant.sensitivity import read_table
+from edgekit.quant.sensitivity import SENSITIVITY_VERSION, read_table
 from edgekit.targets import get_target, parse_targets, with_max_model_bytes
 
 # --- formats ------------------------------------------------------------------------------------------------
@@ -27,6 +27,8 @@ from edgekit.targets import get_target, parse_targets, with_max_model_bytes
     [
         ("int4-b32-sym-rtn", 4.5),
         ("int4-b32-asym-weighted", 5.0),
+        ("int4-b32-zp-weighted", 4.625),
+        ("int4-b128-zp-rtn", 4.15625),
         ("int4-b128-sym-search", 4.125),
         ("int8-b32-sym-rtn", 8.5),
     ],
@@ -248,11 +250,44 @@ def test_the_cli_refuses_max_model_bytes_on_a_gpu_target_in_one_line(tiny_checkp
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(
+    ("extra", "phrase"),
+    [
+        ([], "builds no per-tensor recipe"),  # laptop-cpu alone deploys RTN
+        (["--max-model-bytes", "1000000", "--min-decode-ratio", "0"], "greater than 0"),
+        (["--max-model-bytes", "1000000", "--min-decode-ratio", "5"], "less than or equal to 4"),
+    ],
+)
+def test_the_cli_refuses_a_speed_bound_it_cannot_apply_in_one_line(
+    tiny_checkpoints, tmp_path: Path, runner, extra: list[str], phrase: str
+) -> None:
+    from edgekit.cli import main
+
+    args = ["build", str(tiny_checkpoints("llama")), "-o", str(tmp_path / "out"), "--min-decode-ratio", "1.0"]
+    result = runner.invoke(main, args + extra)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--min-decode-ratio" in lines[0] and phrase in lines[0], result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_speed_bound_from_the_command_line_reaches_the_recipe_request() -> None:
+    from edgekit.recipe_step import recipe_request
+    from edgekit.targets import with_min_decode_ratio
+
+    target = with_min_decode_ratio(with_max_model_bytes(get_target("laptop-cpu"), 10**8), 1.05)
+    request = recipe_request(target)
+    assert request.min_decode_ratio == 1.05 and request.max_model_bytes == 10**8
+    assert target.name == "laptop-cpu"
+
+
 # --- untrusted caches and manifests -------------------------------------------------------------------------
 
 
 def _table_json(tensors: list[dict[str, object]]) -> str:
-    return json.dumps({"version": 1, "key": {"k": "v"}, "group_losses": {"g": 0.1}, "tensors": tensors})
+    return json.dumps(
+        {"version": SENSITIVITY_VERSION, "key": {"k": "v"}, "group_losses": {"g": 0.1}, "tensors": tensors}
+    )
 
 
 def _linear(name: str = "model/layers.0/mlp/down_proj") -> Linear:
@@ -331,3 +366,112 @@ def test_a_size_objective_keeps_to_the_targets_candidates(
     recipe = result.manifest["variants"]["int4-recipe"]["recipe"]
     assert set(recipe["tensors"].values()) <= set(allowed), recipe["tensors"]
     assert result.manifest["default_variant"] == "int4-recipe"
+
+
+# --- the rewritten graph computes with the dequantized weights -------------------------------------------------
+
+
+def _tied_graph(weight: np.ndarray) -> onnx.ModelProto:
+    """ids -> embedding (the head's weight, transposed) -> + x -> head MatMul: one tied linear, both uses."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    k, n = weight.shape
+    nodes = [
+        helper.make_node("Transpose", ["W"], ["W_T"], name="/model/embed_tokens/Transpose", perm=[1, 0]),
+        helper.make_node("Gather", ["W_T", "input_ids"], ["embedded"], name="/model/embed_tokens/Gather"),
+        helper.make_node("Add", ["embedded", "x"], ["hidden"], name="/model/Add"),
+        helper.make_node("MatMul", ["hidden", "W"], ["logits"], name="/lm_head/MatMul"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tied",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 3]),
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, k]),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 3, n]),
+            helper.make_tensor_value_info("embedded", TensorProto.FLOAT, [1, 3, k]),
+        ],
+        [numpy_helper.from_array(weight, "W")],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets)
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "int4-b32-sym-weighted",
+        "int4-b64-zp-weighted",
+        "int4-b32-zp-rtn",
+        "int4-b64-asym-search",
+        "int8-b32-sym-rtn",
+        "int8-b32-zp-search",
+    ],
+)
+def test_the_rewritten_head_and_tied_embedding_compute_with_the_dequantized_weight(spelling: str) -> None:
+    import onnxruntime as ort
+
+    from edgekit.quant.graph_rewrite import rewrite_model
+
+    rng = np.random.default_rng(3)
+    k, n = 192, 96  # block 64: three blocks, so the last byte of each row's zero points holds one
+    weight = (rng.standard_normal((k, n)) * 0.05 + rng.standard_normal((1, n)) * 0.03).astype(np.float32)
+    model = _tied_graph(weight)
+    fmt = parse_format(spelling)
+    quantized = quantize_matrix(weight.T, fmt)
+    rewritten = rewrite_model(model, {"lm_head": fmt}, 0, lambda linear, f: quantized)
+    ops = {node.op_type for node in rewritten.graph.node}
+    assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
+    assert ("Offsets" in " ".join(n.name for n in rewritten.graph.node)) == fmt.offsets
+    nbits = next(node for node in rewritten.graph.node if node.op_type == "MatMulNBits")
+    assert (len(nbits.input) == 4) == fmt.zero_point
+    session = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 5, n - 1]], dtype=np.int64)
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    logits, embedded = session.run(["logits", "embedded"], {"input_ids": ids, "x": x})
+    dequantized = quantize_matrix(weight.T, fmt).dequantize()  # [n, k]
+    np.testing.assert_allclose(embedded[0], dequantized[ids[0]], rtol=1e-5, atol=1e-6)
+    expected = (dequantized[ids[0]] + x[0]) @ dequantized.T
+    np.testing.assert_allclose(logits[0], expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_zero_point_block_fits_an_off_centre_block_better_than_a_symmetric_one() -> None:
+    rng = np.random.default_rng(4)
+    weight = (rng.standard_normal((64, 256)) * 0.02 + 0.03).astype(np.float32)  # blocks sit off centre
+    importance = np.exp(rng.standard_normal(256)).astype(np.float32)
+    formats = {kind: parse_format(f"int4-b32-{kind}-weighted") for kind in ("sym", "zp")}
+    fitted = {kind: quantize_matrix(weight, fmt, importance) for kind, fmt in formats.items()}
+    errors = {kind: weighted_error(weight, q, importance) for kind, q in fitted.items()}
+    assert errors["zp"] < 0.7 * errors["sym"], errors
+    zero_points = fitted["zp"].zero_points
+    assert zero_points is not None and zero_points.max() <= 15 and fitted["zp"].minimums is None
+
+
+@pytest.mark.parametrize(("measured", "moves"), [(0.85, True), (0.91, False), (0.95, False), (0.98, True)])
+def test_the_speed_bound_moves_only_on_a_miss_or_a_clear_margin(measured: float, moves: bool) -> None:
+    from edgekit.quant.recipe_build import _SPEED_MARGIN, RecipeOutcome, RecipeRequest, _Rounds
+
+    request = RecipeRequest(
+        max_model_bytes=400, max_kl=None, min_top1=None, min_decode_ratio=0.9, accuracy_level=4, head_baseline=None
+    )
+    rounds = _Rounds(_options({"a": (1.0, 0.1), "b": (0.2, 0.15)}), request, 0, 400.0)
+    recipe = rounds.next_recipe()
+    assert recipe.cost == 400.0  # the bound binds: both large
+    outcome = RecipeOutcome({}, recipe.loss, 0.1, 0.9, 400, measured, 1, False)
+    assert rounds.learn(recipe, outcome) == moves
+    expected = recipe.cost * measured / (0.9 + _SPEED_MARGIN) if moves else 400.0
+    assert rounds.max_cost == pytest.approx(expected)
+
+
+def test_a_decode_ratio_pairs_back_to_back_chunks_so_a_slow_spell_cancels(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgekit.quant import decode_timing
+
+    # The candidate takes half the baseline's time per step; the machine is 3x slower for the last third
+    # of the run, and one baseline chunk is hit by a spike of its own.
+    baseline = [2.0] * 8 + [6.0] * 4
+    candidate = [1.0] * 8 + [3.0] * 4
+    baseline[2] = 20.0
+    monkeypatch.setattr(decode_timing, "chunk_seconds", lambda folders, rounds: [baseline, candidate])
+    assert decode_timing.decode_ratio(Path("rtn"), Path("recipe")) == pytest.approx(2.0)

@@ -3,8 +3,9 @@
 Layout (onnxruntime's MatMulNBits): the matrix is [N, K] (output rows, input columns), blocked along K.
 Symmetric blocks decode as ``scale * (code - 2^(bits-1))``, the scale chosen so that the value of largest
 magnitude maps to ``-2^(bits-1)`` (MLAS's rule, which onnxruntime's own quantizer uses). Asymmetric
-blocks decode as ``scale * code + minimum``. Scales and minimums are rounded to float16 (what the file
-stores) before the codes are chosen, so the codes fit the values the graph will use.
+blocks decode as ``scale * code + minimum``; zero-point blocks as ``scale * (code - zero_point)``, the
+zero point an integer code. Scales and minimums are rounded to float16 (what the file stores) before the
+codes are chosen, so the codes fit the values the graph will use.
 
 The searches fit each block by least squares, optionally weighting each input column by the mean square of
 the activations it multiplies (``importance``: the diagonal of XᵀX, llama.cpp's "imatrix"): a column that
@@ -29,7 +30,8 @@ _ASYM_DELTA = 0.1
 
 @dataclass
 class QuantizedMatrix:
-    """Codes [N, K_padded] (one uint8 per weight, unpacked), float16 scales [N, blocks], minimums or None."""
+    """Codes [N, K_padded] (one uint8 per weight, unpacked), float16 scales [N, blocks], minimums or None,
+    zero points [N, blocks] (uint8, unpacked) or None."""
 
     fmt: TensorFormat
     codes: np.ndarray
@@ -37,6 +39,7 @@ class QuantizedMatrix:
     minimums: np.ndarray | None
     cols: int
     """K before padding to whole blocks."""
+    zero_points: np.ndarray | None = None
 
     def dequantize(self) -> np.ndarray:
         """The fp32 matrix [N, K] the graph computes with."""
@@ -45,6 +48,7 @@ class QuantizedMatrix:
             torch.from_numpy(self.scales.astype(np.float32)),
             None if self.minimums is None else torch.from_numpy(self.minimums.astype(np.float32)),
             self.fmt,
+            None if self.zero_points is None else torch.from_numpy(self.zero_points.astype(np.float32)),
         ).numpy()[:, : self.cols]
 
     def packed_codes(self) -> np.ndarray:
@@ -54,6 +58,17 @@ class QuantizedMatrix:
         if self.fmt.bits == 8:
             return np.ascontiguousarray(blocks)
         return np.ascontiguousarray(blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)
+
+    def packed_zero_points(self) -> np.ndarray:
+        """Zero points as MatMulNBits stores them: [N, ceil(blocks * bits / 8)], two 4-bit points per byte
+        (the first block in the low half), padded with the default point."""
+        assert self.zero_points is not None
+        if self.fmt.bits == 8:
+            return np.ascontiguousarray(self.zero_points)
+        rows, blocks = self.zero_points.shape
+        padded = np.full((rows, blocks + blocks % 2), 2 ** (self.fmt.bits - 1), dtype=np.uint8)
+        padded[:, :blocks] = self.zero_points
+        return np.ascontiguousarray(padded[:, 0::2] | (padded[:, 1::2] << 4)).astype(np.uint8)
 
 
 def quantize_matrix(weight: np.ndarray, fmt: TensorFormat, importance: np.ndarray | None = None) -> QuantizedMatrix:
@@ -69,11 +84,16 @@ def quantize_matrix(weight: np.ndarray, fmt: TensorFormat, importance: np.ndarra
     codes = np.empty((rows, padded), dtype=np.uint8)
     blocks = padded // fmt.block_size
     scales = np.empty((rows, blocks), dtype=np.float16)
-    minimums = np.empty((rows, blocks), dtype=np.float16) if fmt.asymmetric else None
+    minimums = np.empty((rows, blocks), dtype=np.float16) if fmt.offsets else None
+    zero_points = np.empty((rows, blocks), dtype=np.uint8) if fmt.zero_point else None
     for start in range(0, rows, _ROWS_PER_CHUNK):
         chunk = w[start : start + _ROWS_PER_CHUNK].reshape(-1, blocks, fmt.block_size)
         weights = imp.reshape(1, blocks, fmt.block_size).expand_as(chunk)
-        if fmt.asymmetric:
+        if fmt.zero_point:
+            c, s, z = _fit_zero_point(chunk, weights, fmt)
+            assert zero_points is not None
+            zero_points[start : start + len(chunk)] = z.numpy()
+        elif fmt.asymmetric:
             c, s, m = _fit_asymmetric(chunk, weights, fmt)
             assert minimums is not None
             minimums[start : start + len(chunk)] = m.numpy()
@@ -81,7 +101,7 @@ def quantize_matrix(weight: np.ndarray, fmt: TensorFormat, importance: np.ndarra
             c, s = _fit_symmetric(chunk, weights, fmt)
         codes[start : start + len(chunk)] = c.reshape(len(chunk), -1).numpy()
         scales[start : start + len(chunk)] = s.numpy()
-    return QuantizedMatrix(fmt, codes, scales, minimums, cols)
+    return QuantizedMatrix(fmt, codes, scales, minimums, cols, zero_points)
 
 
 def weighted_error(weight: np.ndarray, quantized: QuantizedMatrix, importance: np.ndarray | None = None) -> float:
@@ -169,6 +189,47 @@ def _fit_asymmetric(
     return _asym_codes(blocks, minimum, scale, levels), scale.to(torch.float16), minimum.to(torch.float16)
 
 
+def _fit_zero_point(
+    blocks: torch.Tensor, weights: torch.Tensor, fmt: TensorFormat
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point per block: each (minimum, scale) the asymmetric fit tries, its minimum
+    rounded to a whole code, then the scale refit by least squares for that zero point; the least error wins."""
+    levels = 2**fmt.bits - 1
+    low, high = blocks.min(-1).values, blocks.max(-1).values
+    span = (high - low).clamp_min(1e-30)
+    rtn_scale = _half(torch.where(high > low, span / levels, torch.ones_like(span)))
+    starts = [(low, rtn_scale)]
+    if fmt.method is not QuantMethod.RTN:
+        for step in range(_ASYM_STEPS + 1):
+            inverse = (levels - 1.0 + _ASYM_DELTA * step) / span
+            codes = torch.round((blocks - low[..., None]) * inverse[..., None]).clamp(0, levels)
+            starts.append(_least_squares(blocks, weights, codes, low, rtn_scale))
+    best_err = torch.full(low.shape, float("inf"))
+    best_scale, best_zero = rtn_scale, torch.zeros_like(low)
+    for minimum, scale in starts:
+        zero = torch.round(-minimum / scale).clamp(0, levels)
+        candidates = [scale]
+        if fmt.method is not QuantMethod.RTN:
+            q = _zp_codes(blocks, scale, zero, levels) - zero[..., None]
+            num, den = (weights * q * blocks).sum(-1), (weights * q * q).sum(-1)
+            fitted = _half(torch.where(den > 0, num / den.clamp_min(1e-30), scale))
+            candidates.append(torch.where(fitted > 0, fitted, scale))
+        for candidate in candidates:
+            decoded = (_zp_codes(blocks, candidate, zero, levels) - zero[..., None]) * candidate[..., None]
+            err = (weights * (decoded - blocks) ** 2).sum(-1)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, candidate, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    codes = _zp_codes(blocks, best_scale, best_zero, levels).to(torch.uint8)
+    return codes, best_scale.to(torch.float16), best_zero.to(torch.uint8)
+
+
+def _zp_codes(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return (torch.round(blocks / safe[..., None]) + zero[..., None]).clamp(0, levels)
+
+
 def _least_squares(
     blocks: torch.Tensor, weights: torch.Tensor, codes: torch.Tensor, low: torch.Tensor, fallback: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,11 +258,17 @@ def _asym_error(
 
 
 def _decode(
-    codes: torch.Tensor, scales: torch.Tensor, minimums: torch.Tensor | None, fmt: TensorFormat
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    minimums: torch.Tensor | None,
+    fmt: TensorFormat,
+    zero_points: torch.Tensor | None = None,
 ) -> torch.Tensor:
     rows = codes.shape[0]
     q = codes.reshape(rows, -1, fmt.block_size).to(torch.float32)
-    if minimums is None:
+    if zero_points is not None:
+        values = (q - zero_points[..., None]) * scales[..., None]
+    elif minimums is None:
         values = (q - 2 ** (fmt.bits - 1)) * scales[..., None]
     else:
         values = q * scales[..., None] + minimums[..., None]

@@ -2,9 +2,9 @@
 
 A step is one token through the decoder with an empty cache: the linears' cost (what a recipe changes) at
 batch 1, without the attention over a long past, which is the same for every variant of a model.
-Short alternating chunks put every folder under the same machine noise, and each folder's time is the
-lower quartile of its chunks: noise on a shared machine only ever adds time, so the quartile is steadier
-than the median or the mean.
+Short alternating chunks put every folder under the same machine noise. A folder's time is the lower
+quartile of its chunks (noise on a shared machine only ever adds time); a ratio of two folders is the
+median of the ratios of chunks run back to back, so a slow spell that spans a pair cancels out of it.
 """
 
 from __future__ import annotations
@@ -22,8 +22,10 @@ _WARMUP_STEPS = 3
 _CHUNK_STEPS = 8
 
 
-def step_seconds(folders: list[Path], rounds: int = 7, steps: int = 64, threads: int | None = None) -> list[float]:
-    """Seconds per decode step of each folder: ``rounds`` x ``steps`` steps each, in alternating chunks."""
+def chunk_seconds(
+    folders: list[Path], rounds: int = 7, steps: int = 64, threads: int | None = None
+) -> list[list[float]]:
+    """Seconds per decode step of each folder, per chunk: ``rounds`` x ``steps`` steps each, alternating."""
     sessions = [DecoderSession(folder, threads or physical_cores()) for folder in folders]
     token = np.array([[100]], dtype=np.int64)
     for session in sessions:
@@ -36,10 +38,17 @@ def step_seconds(folders: list[Path], rounds: int = 7, steps: int = 64, threads:
             for _ in range(_CHUNK_STEPS):
                 session.run(token, ["logits"])
             times[index].append((time.perf_counter() - start) / _CHUNK_STEPS)
+    return times
+
+
+def step_seconds(folders: list[Path], rounds: int = 7, steps: int = 64, threads: int | None = None) -> list[float]:
+    """Seconds per decode step of each folder: the lower quartile of its alternating chunks."""
+    times = chunk_seconds(folders, rounds, steps, threads)
     return [statistics.quantiles(values, n=4)[0] if len(values) > 1 else values[0] for values in times]
 
 
 def decode_ratio(baseline: Path, candidate: Path, rounds: int = 7) -> float:
-    """Decode speed of ``candidate`` over ``baseline``'s (above 1: the candidate is faster)."""
-    base, other = step_seconds([baseline, candidate], rounds)
-    return base / other
+    """Decode speed of ``candidate`` over ``baseline``'s (above 1: the candidate is faster): the median of
+    back-to-back chunk pairs' ratios."""
+    base, other = chunk_seconds([baseline, candidate], rounds)
+    return statistics.median(b / o for b, o in zip(base, other, strict=True))

@@ -1,11 +1,14 @@
-"""Per-tensor quantization formats: bits, block size, symmetric or with per-block offsets, and a method.
+"""Per-tensor quantization formats: bits, block size, symmetric or asymmetric, and a method.
 
-A format is spelled ``int4-b32-asym-weighted``: ``int<bits>``, ``b<block>``, ``sym`` or ``asym``, method. In
-the file every block stores a float16 scale (and, asymmetric, a float16 offset); the graph casts them to fp32
-once, when onnxruntime folds constants at session start, so MatMulNBits runs exactly as with fp32 scales.
-An asymmetric block decodes as ``scale * (code - 2^(bits-1)) + offset``: a float offset, so a block whose
-values sit off-centre (a Q4_1 or Q4_K grid, most real weight rows) is represented without an integer zero
-point's rounding.
+A format is spelled ``int4-b32-zp-weighted``: ``int<bits>``, ``b<block>``, a kind, the method. In the file
+every block stores a float16 scale; the graph casts the scales to fp32 once, when onnxruntime folds constants
+at session start, so MatMulNBits runs exactly as with fp32 scales. The kinds:
+
+- ``sym``: ``scale * (code - 2^(bits-1))``, MatMulNBits' default zero point;
+- ``zp``: ``scale * (code - zero_point)`` with an integer zero point per block, stored as MatMulNBits'
+  own ``zero_points`` input (``bits`` bits per block): an off-centre block at a small cost in the kernel;
+- ``asym``: ``scale * (code - 2^(bits-1)) + offset`` with a float16 offset per block, added by extra graph
+  ops (block sums times offsets): any offset exactly (a Q4_1 or Q4_K grid), at a larger cost per step.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)
 _SCALE_BITS = 16  # float16 scales and offsets in the file
-_SPELLING = re.compile(r"^int(?P<bits>\d+)-b(?P<block>\d+)-(?P<kind>sym|asym)-(?P<method>[a-z]+)$")
+_SPELLING = re.compile(r"^int(?P<bits>\d+)-b(?P<block>\d+)-(?P<kind>sym|asym|zp)-(?P<method>[a-z]+)$")
 
 
 class QuantMethod(str, enum.Enum):
@@ -39,6 +42,8 @@ class TensorFormat:
     block_size: int = 32
     asymmetric: bool = False
     method: QuantMethod = QuantMethod.RTN
+    zero_point: bool = False
+    """Asymmetric with an integer zero point per block (``zp``) rather than a float offset (``asym``)."""
 
     def __post_init__(self) -> None:
         if self.bits not in BITS:
@@ -47,24 +52,42 @@ class TensorFormat:
             raise ValueError(f"block size must be one of {BLOCK_SIZES}, not {self.block_size}")
         if not isinstance(self.method, QuantMethod):
             raise ValueError(f"unknown method {self.method!r}")
+        if self.zero_point and not self.asymmetric:
+            raise ValueError("a zero-point format is asymmetric")
+
+    @property
+    def offsets(self) -> bool:
+        """Whether blocks carry float offsets (added by extra graph ops, not by the kernel)."""
+        return self.asymmetric and not self.zero_point
+
+    @property
+    def kind(self) -> str:
+        """``sym``, ``zp`` or ``asym``."""
+        return "zp" if self.zero_point else "asym" if self.asymmetric else "sym"
 
     @property
     def spelling(self) -> str:
         """``int4-b32-asym-weighted``: the format as targets.yaml, the CLI and the manifest write it."""
-        kind = "asym" if self.asymmetric else "sym"
-        return f"int{self.bits}-b{self.block_size}-{kind}-{self.method.value}"
+        return f"int{self.bits}-b{self.block_size}-{self.kind}-{self.method.value}"
 
     @property
     def bits_per_weight(self) -> float:
-        """File bits per weight: the code plus the block's float16 scale (and offset)."""
-        per_block = _SCALE_BITS * (2 if self.asymmetric else 1)
-        return self.bits + per_block / self.block_size
+        """File bits per weight: the code plus the block's float16 scale (and offset or zero point)."""
+        return self.bits + self._extra_bits_per_block() / self.block_size
 
     def file_bytes(self, rows: int, cols: int) -> int:
         """Bytes this format stores for a [rows, cols] matrix blocked along ``cols`` (padded to whole blocks)."""
         blocks = -(-cols // self.block_size)
         codes = rows * blocks * self.block_size * self.bits // 8
-        return codes + rows * blocks * (_SCALE_BITS // 8) * (2 if self.asymmetric else 1)
+        scales = rows * blocks * _SCALE_BITS // 8
+        if self.zero_point:  # MatMulNBits packs each row's zero points into whole bytes
+            return codes + scales + rows * -(-blocks * self.bits // 8)
+        return codes + scales * (2 if self.offsets else 1)
+
+    def _extra_bits_per_block(self) -> int:
+        if self.zero_point:
+            return _SCALE_BITS + self.bits
+        return _SCALE_BITS * (2 if self.offsets else 1)
 
     def __str__(self) -> str:
         return self.spelling
@@ -74,12 +97,15 @@ def parse_format(text: str) -> TensorFormat:
     """``int4-b32-asym-weighted`` -> ``TensorFormat``; ``ValueError`` naming what is wrong otherwise."""
     match = _SPELLING.match(text) if isinstance(text, str) else None
     if match is None:
-        raise ValueError(f"'{text}' is not a format: write int<4|8>-b<16|32|64|128>-<sym|asym>-<rtn|search|weighted>")
+        raise ValueError(
+            f"'{text}' is not a format: write int<4|8>-b<16|32|64|128>-<sym|zp|asym>-<rtn|search|weighted>"
+        )
     methods = {m.value: m for m in QuantMethod}
     if match["method"] not in methods:
         raise ValueError(f"'{text}': unknown method '{match['method']}' (use one of: {', '.join(methods)})")
     try:
-        return TensorFormat(int(match["bits"]), int(match["block"]), match["kind"] == "asym", methods[match["method"]])
+        kind, method = match["kind"], methods[match["method"]]
+        return TensorFormat(int(match["bits"]), int(match["block"]), kind != "sym", method, kind == "zp")
     except ValueError as exc:
         raise ValueError(f"'{text}': {exc}") from None
 
@@ -91,12 +117,15 @@ DEFAULT_CANDIDATES: tuple[TensorFormat, ...] = (
     TensorFormat(4, 32, False, QuantMethod.WEIGHTED),
     TensorFormat(4, 64, True, QuantMethod.WEIGHTED),
     TensorFormat(4, 32, True, QuantMethod.WEIGHTED),
+    TensorFormat(4, 128, True, QuantMethod.WEIGHTED, zero_point=True),
+    TensorFormat(4, 64, True, QuantMethod.WEIGHTED, zero_point=True),
+    TensorFormat(4, 32, True, QuantMethod.WEIGHTED, zero_point=True),
     TensorFormat(8, 32, False, QuantMethod.RTN),
 )
 """The formats the search chooses among for each linear when calibration statistics exist."""
 
 DATA_FREE_CANDIDATES: tuple[TensorFormat, ...] = tuple(
-    TensorFormat(f.bits, f.block_size, f.asymmetric, QuantMethod.SEARCH if f.bits == 4 else f.method)
+    TensorFormat(f.bits, f.block_size, f.asymmetric, QuantMethod.SEARCH if f.bits == 4 else f.method, f.zero_point)
     for f in DEFAULT_CANDIDATES
 )
 """The same formats fitted without activation statistics."""

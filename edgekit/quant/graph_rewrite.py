@@ -6,6 +6,7 @@ cache layout stay the builder's. For each quantized linear:
 - codes go into a MatMulNBits (4 or 8 bits, the tensor's block size, the target's accuracy level);
 - float16 scales (and minimums) are stored once and cast to fp32 in the graph: onnxruntime folds the casts
   when the session starts, so the kernel sees fp32 scales while the file holds half of them;
+- a zero-point tensor gives MatMulNBits its packed ``zero_points`` input (GatherBlockQuantized too);
 - an asymmetric tensor adds ``blocksum(x) @ offsets`` to the product: MatMulNBits applies the default zero
   point (the middle code), and each block's offset ``minimum + scale * 2^(bits-1)`` is a float no integer
   zero point can hold. Linears that read the same activation share one block-sum.
@@ -189,10 +190,13 @@ class _Rewriter:
         attrs: dict[str, Any] = {"K": linear.cols, "N": linear.rows, "bits": fmt.bits, "block_size": fmt.block_size}
         if self.level:
             attrs["accuracy_level"] = self.level
+        inputs = [node.input[0], packed, scales]
+        if "zero_points" in names:
+            inputs.append(names["zero_points"])
         new = [
             helper.make_node(
                 "MatMulNBits",
-                [node.input[0], packed, scales],
+                inputs,
                 [product],
                 name=f"{node.name}_NBits",
                 domain=_MS,
@@ -220,10 +224,13 @@ class _Rewriter:
         packed_cols = q.codes.shape[1] * fmt.bits // 8
         data = self._constant_reshape(names["codes"], [linear.rows, packed_cols])
         attrs: dict[str, Any] = {"gather_axis": 0, "quantize_axis": 1, "block_size": fmt.block_size, "bits": fmt.bits}
+        inputs = [data, node.input[1], names["scales"]]
+        if "zero_points" in names:
+            inputs.append(names["zero_points"])
         new = [
             helper.make_node(
                 "GatherBlockQuantized",
-                [data, node.input[1], names["scales"]],
+                inputs,
                 [gathered],
                 name=f"{node.name}_Quantized",
                 domain=_MS,
@@ -275,6 +282,8 @@ class _Rewriter:
         codes = q.packed_codes().reshape(q.codes.shape[0], -1)
         names = {"codes": self._initializer(f"{base}_Q{fmt.bits}", codes)}
         names["scales"] = self._half_constant(f"{base}_scales", q.scales)
+        if q.zero_points is not None:
+            names["zero_points"] = self._initializer(f"{base}_zero_points", q.packed_zero_points())
         if q.minimums is not None:
             # Offset of the default zero point's code: minimum + scale * 2^(bits-1), in fp32 at load.
             minimums = self._half_constant(f"{base}_minimums", q.minimums)
