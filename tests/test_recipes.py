@@ -465,13 +465,29 @@ def test_the_speed_bound_moves_only_on_a_miss_or_a_clear_margin(measured: float,
     assert rounds.max_cost == pytest.approx(expected)
 
 
-def test_a_decode_ratio_pairs_back_to_back_chunks_so_a_slow_spell_cancels(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_decode_ratio_is_the_median_of_back_to_back_pairs(monkeypatch: pytest.MonkeyPatch) -> None:
     from edgekit.quant import decode_timing
 
-    # The candidate takes half the baseline's time per step; the machine is 3x slower for the last third
-    # of the run, and one baseline chunk is hit by a spike of its own.
-    baseline = [2.0] * 8 + [6.0] * 4
-    candidate = [1.0] * 8 + [3.0] * 4
-    baseline[2] = 20.0
+    # The candidate takes half the baseline's time per step. The machine slows down by half for the
+    # last third of the run (both chunks of those pairs), one baseline chunk is hit by a spike, and three
+    # baseline chunks ran while a neighbour paused (faster than the machine's usual): a ratio of each
+    # folder's lower quartile would take those three for the baseline's speed (1.55x, not 2x).
+    candidate = [1.0] * 8 + [1.5] * 4
+    baseline = [2.0 * c for c in candidate]
+    baseline[9] = 30.0
+    baseline[1] = baseline[3] = baseline[5] = 1.4
     monkeypatch.setattr(decode_timing, "chunk_seconds", lambda folders, rounds: [baseline, candidate])
     assert decode_timing.decode_ratio(Path("rtn"), Path("recipe")) == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("method", ["rtn", "search", "weighted"])
+def test_a_zero_point_block_of_one_sign_keeps_its_values_inside_its_grid(method: str) -> None:
+    rng = np.random.default_rng(5)
+    positive = (rng.standard_normal((16, 64)) * 0.01 + 0.05).astype(np.float32)  # no value near zero
+    weight = np.concatenate([positive, -positive, np.full((2, 64), 0.2, np.float32)])
+    zp = quantize_matrix(weight, parse_format(f"int4-b32-zp-{method}"))
+    sym = quantize_matrix(weight, parse_format(f"int4-b32-sym-{method}"))
+    assert weighted_error(weight, zp) < 0.5 * weighted_error(weight, sym)
+    decoded = zp.dequantize()
+    assert np.abs(decoded[-2:] - 0.2).max() < 1e-3  # a constant block is on its grid, not clipped to 0
+    assert np.abs(decoded - weight).max() < 0.01  # nothing clipped at the zero point

@@ -192,21 +192,30 @@ def _fit_asymmetric(
 def _fit_zero_point(
     blocks: torch.Tensor, weights: torch.Tensor, fmt: TensorFormat
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point per block: each (minimum, scale) the asymmetric fit tries, its minimum
-    rounded to a whole code, then the scale refit by least squares for that zero point; the least error wins."""
+    """Scale and integer zero point per block, the least weighted error of the starts tried.
+
+    Codes run from 0 to ``2^bits - 1`` and the zero point is one of them, so a block's grid always holds 0:
+    every start spans the block's values and zero (onnxruntime's quantizers' rule), or a block of one sign
+    would clip at its zero point. The searches also try the asymmetric fit's starts (the minimum rounded to
+    a whole code) and refit each start's scale by least squares for its zero point.
+    """
     levels = 2**fmt.bits - 1
-    low, high = blocks.min(-1).values, blocks.max(-1).values
-    span = (high - low).clamp_min(1e-30)
-    rtn_scale = _half(torch.where(high > low, span / levels, torch.ones_like(span)))
+    low = blocks.min(-1).values.clamp(max=0.0)
+    high = blocks.max(-1).values.clamp(min=0.0)
+    span = high - low
+    rtn_scale = _half(torch.where(span > 0, span / levels, torch.ones_like(span)))
+    rtn_scale = torch.where(rtn_scale > 0, rtn_scale, torch.ones_like(rtn_scale))  # under fp16's least step
     starts = [(low, rtn_scale)]
     if fmt.method is not QuantMethod.RTN:
+        safe_span = span.clamp_min(1e-30)
         for step in range(_ASYM_STEPS + 1):
-            inverse = (levels - 1.0 + _ASYM_DELTA * step) / span
+            inverse = (levels - 1.0 + _ASYM_DELTA * step) / safe_span
             codes = torch.round((blocks - low[..., None]) * inverse[..., None]).clamp(0, levels)
             starts.append(_least_squares(blocks, weights, codes, low, rtn_scale))
     best_err = torch.full(low.shape, float("inf"))
     best_scale, best_zero = rtn_scale, torch.zeros_like(low)
     for minimum, scale in starts:
+        scale = torch.where(scale > 0, scale, rtn_scale)
         zero = torch.round(-minimum / scale).clamp(0, levels)
         candidates = [scale]
         if fmt.method is not QuantMethod.RTN:

@@ -3,8 +3,9 @@
 A step is one token through the decoder with an empty cache: the linears' cost (what a recipe changes) at
 batch 1, without the attention over a long past, which is the same for every variant of a model.
 Short alternating chunks put every folder under the same machine noise. A folder's time is the lower
-quartile of its chunks (noise on a shared machine only ever adds time); a ratio of two folders is the
-median of the ratios of chunks run back to back, so a slow spell that spans a pair cancels out of it.
+quartile of its chunks (noise on a shared machine mostly adds time); a ratio of two folders is the
+median of the ratios of chunks run back to back: a slow spell that spans a pair cancels out of it, and
+a few chunks that ran unusually slow or fast on one side move the median little.
 """
 
 from __future__ import annotations
