@@ -282,19 +282,20 @@ def with_max_model_bytes(target: Target, max_model_bytes: int) -> Target:
     methods = [m for m in target.int4_methods if m is not Int4Method.RECIPE]
     if Int4Method.RTN not in methods:
         methods.insert(0, Int4Method.RTN)
-    data = target.model_dump()
-    data["int4_methods"] = [*methods, Int4Method.RECIPE]
-    data["recipe"] = {**data["recipe"], "max_model_bytes": max_model_bytes, "optimize": None}
-    changed = Target.model_validate(data)
-    changed._name = target.name
-    return changed
+    return _with_recipe(target, [*methods, Int4Method.RECIPE], max_model_bytes=max_model_bytes, optimize=None)
 
 
 def with_min_decode_ratio(target: Target, ratio: float) -> Target:
     """``target`` whose recipe must decode at least ``ratio`` times the RTN variant's speed
     (``--min-decode-ratio``); ``ValidationError`` for a ratio out of range."""
+    return _with_recipe(target, target.int4_methods, min_decode_ratio=ratio)
+
+
+def _with_recipe(target: Target, methods: Any, **recipe: Any) -> Target:
+    """``target`` validated again with these INT4 methods and recipe settings, under its own name."""
     data = target.model_dump()
-    data["recipe"] = {**data["recipe"], "min_decode_ratio": ratio}
+    data["int4_methods"] = list(methods)
+    data["recipe"] = {**data["recipe"], **recipe}
     changed = Target.model_validate(data)
     changed._name = target.name
     return changed

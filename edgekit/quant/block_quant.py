@@ -176,11 +176,7 @@ def _fit_asymmetric(
     best = (_half(low), rtn_scale)
     best_err = _asym_error(blocks, weights, *best, levels)
     if fmt.method is not QuantMethod.RTN:
-        for step in range(_ASYM_STEPS + 1):
-            # llama.cpp's make_qkx2_quants: inverse scales around levels/range, each refit by least squares.
-            inverse = (levels - 1.0 + _ASYM_DELTA * step) / span
-            codes = torch.round((blocks - low[..., None]) * inverse[..., None]).clamp(0, levels)
-            minimum, scale = _least_squares(blocks, weights, codes, low, rtn_scale)
+        for minimum, scale in _search_starts(blocks, weights, low, span, rtn_scale, levels):
             err = _asym_error(blocks, weights, minimum, scale, levels)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
@@ -207,11 +203,7 @@ def _fit_zero_point(
     rtn_scale = torch.where(rtn_scale > 0, rtn_scale, torch.ones_like(rtn_scale))  # under fp16's least step
     starts = [(low, rtn_scale)]
     if fmt.method is not QuantMethod.RTN:
-        safe_span = span.clamp_min(1e-30)
-        for step in range(_ASYM_STEPS + 1):
-            inverse = (levels - 1.0 + _ASYM_DELTA * step) / safe_span
-            codes = torch.round((blocks - low[..., None]) * inverse[..., None]).clamp(0, levels)
-            starts.append(_least_squares(blocks, weights, codes, low, rtn_scale))
+        starts += _search_starts(blocks, weights, low, span.clamp_min(1e-30), rtn_scale, levels)
     best_err = torch.full(low.shape, float("inf"))
     best_scale, best_zero = rtn_scale, torch.zeros_like(low)
     for minimum, scale in starts:
@@ -232,6 +224,24 @@ def _fit_zero_point(
             best_zero = torch.where(better, zero, best_zero)
     codes = _zp_codes(blocks, best_scale, best_zero, levels).to(torch.uint8)
     return codes, best_scale.to(torch.float16), best_zero.to(torch.uint8)
+
+
+def _search_starts(
+    blocks: torch.Tensor,
+    weights: torch.Tensor,
+    low: torch.Tensor,
+    span: torch.Tensor,
+    fallback: torch.Tensor,
+    levels: int,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """llama.cpp's make_qkx2_quants: (minimum, scale) for inverse scales around levels/span from ``low``,
+    each refit by weighted least squares."""
+    starts = []
+    for step in range(_ASYM_STEPS + 1):
+        inverse = (levels - 1.0 + _ASYM_DELTA * step) / span
+        codes = torch.round((blocks - low[..., None]) * inverse[..., None]).clamp(0, levels)
+        starts.append(_least_squares(blocks, weights, codes, low, fallback))
+    return starts
 
 
 def _zp_codes(blocks: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: int) -> torch.Tensor:
