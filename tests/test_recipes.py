@@ -26,7 +26,7 @@ from edgekit.targets import get_target, parse_targets, with_max_model_bytes
     ("spelling", "bits_per_weight"),
     [
         ("int4-b32-sym-rtn", 4.5),
-        ("int4-b32-asym-weighted", 5.0),
+        ("int4-b32-asym-weighted", 4.75),
         ("int4-b32-zp-weighted", 4.625),
         ("int4-b128-zp-rtn", 4.15625),
         ("int4-b128-sym-search", 4.125),
@@ -406,6 +406,8 @@ def _tied_graph(weight: np.ndarray) -> onnx.ModelProto:
         "int4-b64-zp-weighted",
         "int4-b32-zp-rtn",
         "int4-b64-asym-search",
+        "int4-b32-asym-weighted",
+        "int8-b32-asym-rtn",
         "int8-b32-sym-rtn",
         "int8-b32-zp-search",
     ],
@@ -424,9 +426,12 @@ def test_the_rewritten_head_and_tied_embedding_compute_with_the_dequantized_weig
     rewritten = rewrite_model(model, {"lm_head": fmt}, 0, lambda linear, f: quantized)
     ops = {node.op_type for node in rewritten.graph.node}
     assert {"MatMulNBits", "GatherBlockQuantized"} <= ops
-    assert ("Offsets" in " ".join(n.name for n in rewritten.graph.node)) == fmt.offsets
     nbits = next(node for node in rewritten.graph.node if node.op_type == "MatMulNBits")
     assert (len(nbits.input) == 4) == fmt.zero_point
+    # An asymmetric head's offsets are extra columns of the one MatMulNBits: no other product, no other add.
+    inner_k = next(a.i for a in nbits.attribute if a.name == "K")
+    assert (inner_k > k) == fmt.offsets and inner_k == quantized.columns - (quantized.codes.shape[1] - k)
+    assert not ops & {"MatMul", "ReduceSum"}
     session = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = np.array([[0, 5, n - 1]], dtype=np.int64)
     x = rng.standard_normal((1, 3, k)).astype(np.float32)
@@ -435,6 +440,29 @@ def test_the_rewritten_head_and_tied_embedding_compute_with_the_dequantized_weig
     np.testing.assert_allclose(embedded[0], dequantized[ids[0]], rtol=1e-5, atol=1e-6)
     expected = (dequantized[ids[0]] + x[0]) @ dequantized.T
     np.testing.assert_allclose(logits[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_offsets_round_to_a_grid_of_the_rows_largest_offset(bits: int) -> None:
+    from edgekit.quant import offset_digits
+
+    rng = np.random.default_rng(6)
+    codes = rng.integers(0, 2**bits, size=(16, 256)).astype(np.float32)
+    codes[:, 0::32], codes[:, 1::32] = 0, 2**bits - 1  # each block spans the whole grid: the fit finds it
+    centres = np.repeat(rng.uniform(-0.08, 0.08, size=(16, 8)), 32, axis=1)  # every block off centre its own way
+    grid = 0.16 / 2**bits  # blocks span +-0.08 around their centres
+    weight = (grid * (codes - 2 ** (bits - 1)) + centres).astype(np.float32)
+    fitted = quantize_matrix(weight, parse_format(f"int{bits}-b32-asym-search"))
+    offsets = fitted.offsets()
+    assert offsets is not None and fitted.offset_steps is not None
+    step = fitted.offset_steps.astype(np.float32)
+    assert np.all(np.abs(offsets) <= offset_digits.limit(bits) * step[:, None] * (1 + 1e-3))
+    # Rounding moves an offset by at most half a step (the row's largest offset over 119, or 127); the rest
+    # is the scale's float16 rounding, at most 2^-11 of it per code from the middle.
+    scale_rounding = 2 ** (bits - 1) * grid * 2.0**-11
+    assert np.abs(fitted.dequantize() - weight).max() <= 0.5 * step.max() + scale_rounding
+    digits = offset_digits.digit_codes(fitted.offset_levels, bits, 32)
+    assert digits.max() < 2**bits and digits.shape[1] == offset_digits.digits(bits) * 32
 
 
 def test_a_zero_point_block_fits_an_off_centre_block_better_than_a_symmetric_one() -> None:
@@ -446,7 +474,7 @@ def test_a_zero_point_block_fits_an_off_centre_block_better_than_a_symmetric_one
     errors = {kind: weighted_error(weight, q, importance) for kind, q in fitted.items()}
     assert errors["zp"] < 0.7 * errors["sym"], errors
     zero_points = fitted["zp"].zero_points
-    assert zero_points is not None and zero_points.max() <= 15 and fitted["zp"].minimums is None
+    assert zero_points is not None and zero_points.max() <= 15 and fitted["zp"].offsets() is None
 
 
 @pytest.mark.parametrize(("measured", "moves"), [(0.85, True), (0.91, False), (0.95, False), (0.98, True)])

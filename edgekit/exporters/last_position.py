@@ -5,8 +5,9 @@ the head over every position; on a small model the head is a large part of a pre
 of thousands of rows against a hidden size of hundreds). The rewrite slices the final norm's output to the
 last position before the head and expands the one row of logits back to ``[batch, sequence, vocab]``, the
 shape onnxruntime-genai binds for the output. Every node between the final norm and ``logits`` must work
-row by row (the head's MatMul or MatMulNBits, casts, scalings, an asymmetric head's block sums), so the
-last row is what the whole graph computed for it; a head with any other node is left alone.
+row by row (the head's MatMul or MatMulNBits, casts, scalings), so the last row is what the whole graph
+computed for it; a head with any other node is left alone. An asymmetric head multiplies the final norm's
+output with its block means appended: that joined input is the one sliced.
 
 Scoring needs every position's logits: ``restore_all_positions`` undoes the rewrite in memory, so the
 evaluation runs the package's own head (same weights, same accuracy level) over every position.
@@ -27,7 +28,8 @@ from onnx import ModelProto, helper, numpy_helper
 
 LOGITS = "logits"
 _PREFIX = "/edgekit/last_position"
-# Ops that act on each position (row) alone; Reshape and ReduceSum only as ``_keeps_rows`` allows.
+# Ops that act on each position (row) alone. An asymmetric head's block means are appended to its input
+# before its MatMulNBits: the head's input is that concatenation, sliced like any other.
 _ROW_WISE = {"MatMul", "MatMulNBits", "Cast", "Mul", "Div", "Add", "Sub", "Tanh", "Softcap"}
 _HEAD_OPS = {"MatMul", "MatMulNBits"}
 _MAX_HEAD_NODES = 32
@@ -55,25 +57,10 @@ class _Graph:
             self._constant[name] = node is not None and all(self.constant(i) for i in node.input if i)
         return self._constant[name]
 
-    def values(self, name: str) -> list[int] | None:
-        """An int64 initializer's values (a shape or axes), or None."""
-        init = self.initializers.get(name)
-        if init is None or init.data_location == onnx.TensorProto.EXTERNAL:
-            return None
-        return [int(v) for v in numpy_helper.to_array(init).reshape(-1)]
-
     def keeps_rows(self, node: onnx.NodeProto) -> bool:
         """Whether ``node`` computes each position's output from that position's inputs alone."""
         if node.op_type in _HEAD_OPS:
             return self.constant(node.input[1])  # activations times a weight
-        if node.op_type == "Reshape":  # [batch, seq, ...] kept: the shape copies the first two dimensions
-            shape = self.values(node.input[1])
-            allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
-            return shape is not None and len(shape) >= 3 and shape[:2] == [0, 0] and not allow_zero
-        if node.op_type == "ReduceSum":  # over the last axis of a tensor a kept reshape made
-            axes = self.values(node.input[1]) if len(node.input) > 1 else None
-            source = self.producers.get(node.input[0])
-            return axes == [-1] and source is not None and self.keeps_rows(source) and source.op_type == "Reshape"
         return node.op_type in _ROW_WISE
 
 

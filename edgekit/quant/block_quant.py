@@ -3,9 +3,10 @@
 Layout (onnxruntime's MatMulNBits): the matrix is [N, K] (output rows, input columns), blocked along K.
 Symmetric blocks decode as ``scale * (code - 2^(bits-1))``, the scale chosen so that the value of largest
 magnitude maps to ``-2^(bits-1)`` (MLAS's rule, which onnxruntime's own quantizer uses). Asymmetric
-blocks decode as ``scale * code + minimum``; zero-point blocks as ``scale * (code - zero_point)``, the
-zero point an integer code. Scales and minimums are rounded to float16 (what the file stores) before the
-codes are chosen, so the codes fit the values the graph will use.
+blocks add an offset, ``scale * (code - 2^(bits-1)) + offset``: fitted as a minimum and a scale, then the
+offset rounded to its row's grid (``offset_digits``) and the codes chosen again; zero-point blocks decode
+as ``scale * (code - zero_point)``, the zero point an integer code. Scales are rounded to float16 (what the
+file stores) before the codes are chosen, so the codes fit the values the graph will use.
 
 The searches fit each block by least squares, optionally weighting each input column by the mean square of
 the activations it multiplies (``importance``: the diagonal of XᵀX, llama.cpp's "imatrix"): a column that
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from edgekit.quant import offset_digits
 from edgekit.quant.formats import QuantMethod, TensorFormat
 
 _ROWS_PER_CHUNK = 4096
@@ -30,34 +32,67 @@ _ASYM_DELTA = 0.1
 
 @dataclass
 class QuantizedMatrix:
-    """Codes [N, K_padded] (one uint8 per weight, unpacked), float16 scales [N, blocks], minimums or None,
-    zero points [N, blocks] (uint8, unpacked) or None."""
+    """Codes [N, K_padded] (one uint8 per weight, unpacked), float16 scales [N, blocks], and for an asymmetric
+    format its offsets (integer levels [N, blocks] on float16 steps [N], see ``offset_digits``), for a
+    zero-point format its zero points [N, blocks] (uint8, unpacked)."""
 
     fmt: TensorFormat
     codes: np.ndarray
     scales: np.ndarray
-    minimums: np.ndarray | None
+    offset_levels: np.ndarray | None
+    offset_steps: np.ndarray | None
     cols: int
     """K before padding to whole blocks."""
     zero_points: np.ndarray | None = None
 
+    @property
+    def columns(self) -> int:
+        """Columns of the stored matrix: K padded to whole blocks, then an asymmetric matrix's offset columns."""
+        if self.offset_levels is None:
+            return self.codes.shape[1]
+        blocks = self.offset_levels.shape[1]
+        return self.codes.shape[1] + offset_digits.digits(self.fmt.bits) * offset_digits.segment(
+            blocks, self.fmt.block_size
+        )
+
+    def offsets(self) -> np.ndarray | None:
+        """Each block's offset [N, blocks] (fp32), or None for a format without."""
+        if self.offset_levels is None or self.offset_steps is None:
+            return None
+        return self.offset_levels.astype(np.float32) * self.offset_steps.astype(np.float32)[:, None]
+
     def dequantize(self) -> np.ndarray:
         """The fp32 matrix [N, K] the graph computes with."""
+        offsets = self.offsets()
         return _decode(
             torch.from_numpy(self.codes),
             torch.from_numpy(self.scales.astype(np.float32)),
-            None if self.minimums is None else torch.from_numpy(self.minimums.astype(np.float32)),
+            None if offsets is None else torch.from_numpy(offsets),
             self.fmt,
             None if self.zero_points is None else torch.from_numpy(self.zero_points.astype(np.float32)),
         ).numpy()[:, : self.cols]
 
     def packed_codes(self) -> np.ndarray:
-        """Codes as MatMulNBits stores them: [N, blocks, block_size * bits / 8], two 4-bit codes per byte."""
-        rows = self.codes.shape[0]
-        blocks = self.codes.reshape(rows, -1, self.fmt.block_size)
+        """Codes as MatMulNBits stores them: [N, blocks, block_size * bits / 8], two 4-bit codes per byte.
+        An asymmetric matrix's offset columns follow its weights' (``offset_digits``)."""
+        codes = self.codes
+        if self.offset_levels is not None:
+            codes = np.concatenate(
+                [codes, offset_digits.digit_codes(self.offset_levels, self.fmt.bits, self.fmt.block_size)], 1
+            )
+        rows = codes.shape[0]
+        blocks = codes.reshape(rows, -1, self.fmt.block_size)
         if self.fmt.bits == 8:
             return np.ascontiguousarray(blocks)
         return np.ascontiguousarray(blocks[..., 0::2] | (blocks[..., 1::2] << 4)).astype(np.uint8)
+
+    def packed_scales(self) -> np.ndarray:
+        """Scales as MatMulNBits reads them, [N, blocks], float16; an asymmetric matrix's offset columns' follow."""
+        if self.offset_steps is None:
+            return self.scales
+        blocks = self.scales.shape[1]
+        extra = offset_digits.digit_scales(self.offset_steps, self.fmt.bits, self.fmt.block_size, blocks)
+        return np.concatenate([self.scales, extra.astype(np.float16)], 1)
 
     def packed_zero_points(self) -> np.ndarray:
         """Zero points as MatMulNBits stores them: [N, ceil(blocks * bits / 8)], two 4-bit points per byte
@@ -84,7 +119,8 @@ def quantize_matrix(weight: np.ndarray, fmt: TensorFormat, importance: np.ndarra
     codes = np.empty((rows, padded), dtype=np.uint8)
     blocks = padded // fmt.block_size
     scales = np.empty((rows, blocks), dtype=np.float16)
-    minimums = np.empty((rows, blocks), dtype=np.float16) if fmt.offsets else None
+    offset_levels = np.empty((rows, blocks), dtype=np.int16) if fmt.offsets else None
+    offset_steps = np.empty(rows, dtype=np.float16) if fmt.offsets else None
     zero_points = np.empty((rows, blocks), dtype=np.uint8) if fmt.zero_point else None
     for start in range(0, rows, _ROWS_PER_CHUNK):
         chunk = w[start : start + _ROWS_PER_CHUNK].reshape(-1, blocks, fmt.block_size)
@@ -94,14 +130,15 @@ def quantize_matrix(weight: np.ndarray, fmt: TensorFormat, importance: np.ndarra
             assert zero_points is not None
             zero_points[start : start + len(chunk)] = z.numpy()
         elif fmt.asymmetric:
-            c, s, m = _fit_asymmetric(chunk, weights, fmt)
-            assert minimums is not None
-            minimums[start : start + len(chunk)] = m.numpy()
+            c, s, levels, steps = _fit_offsets(chunk, weights, fmt)
+            assert offset_levels is not None and offset_steps is not None
+            offset_levels[start : start + len(chunk)] = levels
+            offset_steps[start : start + len(chunk)] = steps
         else:
             c, s = _fit_symmetric(chunk, weights, fmt)
         codes[start : start + len(chunk)] = c.reshape(len(chunk), -1).numpy()
         scales[start : start + len(chunk)] = s.numpy()
-    return QuantizedMatrix(fmt, codes, scales, minimums, cols, zero_points)
+    return QuantizedMatrix(fmt, codes, scales, offset_levels, offset_steps, cols, zero_points)
 
 
 def weighted_error(weight: np.ndarray, quantized: QuantizedMatrix, importance: np.ndarray | None = None) -> float:
@@ -183,6 +220,22 @@ def _fit_asymmetric(
             best = (torch.where(better, minimum, best[0]), torch.where(better, scale, best[1]))
     minimum, scale = best
     return _asym_codes(blocks, minimum, scale, levels), scale.to(torch.float16), minimum.to(torch.float16)
+
+
+def _fit_offsets(
+    blocks: torch.Tensor, weights: torch.Tensor, fmt: TensorFormat
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """The asymmetric fit, each block's offset (the default zero point's value) rounded to its row's grid
+    (``offset_digits``), and the codes chosen again for the rounded offsets."""
+    levels_count = 2**fmt.bits - 1
+    half = 2 ** (fmt.bits - 1)
+    _, scale, minimum = _fit_asymmetric(blocks, weights, fmt)
+    scale32 = scale.to(torch.float32)
+    offsets = minimum.to(torch.float32) + scale32 * half
+    levels, steps = offset_digits.round_offsets(offsets.numpy(), fmt.bits)
+    rounded = torch.from_numpy(levels.astype(np.float32) * steps.astype(np.float32)[:, None])
+    codes = _asym_codes(blocks, rounded - scale32 * half, scale32, levels_count)
+    return codes, scale, levels, steps
 
 
 def _fit_zero_point(
@@ -279,7 +332,7 @@ def _asym_error(
 def _decode(
     codes: torch.Tensor,
     scales: torch.Tensor,
-    minimums: torch.Tensor | None,
+    offsets: torch.Tensor | None,
     fmt: TensorFormat,
     zero_points: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -287,8 +340,8 @@ def _decode(
     q = codes.reshape(rows, -1, fmt.block_size).to(torch.float32)
     if zero_points is not None:
         values = (q - zero_points[..., None]) * scales[..., None]
-    elif minimums is None:
+    elif offsets is None:
         values = (q - 2 ** (fmt.bits - 1)) * scales[..., None]
     else:
-        values = q * scales[..., None] + minimums[..., None]
+        values = (q - 2 ** (fmt.bits - 1)) * scales[..., None] + offsets[..., None]
     return values.reshape(rows, -1)

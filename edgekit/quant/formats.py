@@ -7,8 +7,10 @@ at session start, so MatMulNBits runs exactly as with fp32 scales. The kinds:
 - ``sym``: ``scale * (code - 2^(bits-1))``, MatMulNBits' default zero point;
 - ``zp``: ``scale * (code - zero_point)`` with an integer zero point per block, stored as MatMulNBits'
   own ``zero_points`` input (``bits`` bits per block): an off-centre block at a small cost in the kernel;
-- ``asym``: ``scale * (code - 2^(bits-1)) + offset`` with a float16 offset per block, added by extra graph
-  ops (block sums times offsets): any offset exactly (a Q4_1 or Q4_K grid), at a larger cost per step.
+- ``asym``: ``scale * (code - 2^(bits-1)) + offset`` with a float offset per block, on an 8-bit grid of
+  its row (``offset_digits``): carried as extra input columns of the same MatMulNBits, which multiply the
+  activation's block means, so a Q4_1 or Q4_K grid is kept to within half a grid step, at some cost per step
+  (the longer rows, and a pooling of each activation).
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from __future__ import annotations
 import enum
 import re
 from dataclasses import dataclass
+
+from edgekit.quant import offset_digits
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)
@@ -57,7 +61,7 @@ class TensorFormat:
 
     @property
     def offsets(self) -> bool:
-        """Whether blocks carry float offsets (added by extra graph ops, not by the kernel)."""
+        """Whether blocks carry float offsets (as extra input columns, not the kernel's zero points)."""
         return self.asymmetric and not self.zero_point
 
     @property
@@ -72,22 +76,32 @@ class TensorFormat:
 
     @property
     def bits_per_weight(self) -> float:
-        """File bits per weight: the code plus the block's float16 scale (and offset or zero point)."""
+        """File bits per weight: the code plus the block's float16 scale (and zero point, or offset: 8 bits on
+        its row's grid, before the offset columns are padded to whole blocks)."""
         return self.bits + self._extra_bits_per_block() / self.block_size
+
+    def stored_columns(self, cols: int) -> int:
+        """Columns stored for a matrix of ``cols`` inputs: whole blocks, then any offset columns."""
+        blocks = -(-cols // self.block_size)
+        if not self.offsets:
+            return blocks * self.block_size
+        return blocks * self.block_size + offset_digits.digits(self.bits) * offset_digits.segment(
+            blocks, self.block_size
+        )
 
     def file_bytes(self, rows: int, cols: int) -> int:
         """Bytes this format stores for a [rows, cols] matrix blocked along ``cols`` (padded to whole blocks)."""
-        blocks = -(-cols // self.block_size)
-        codes = rows * blocks * self.block_size * self.bits // 8
-        scales = rows * blocks * _SCALE_BITS // 8
+        stored = self.stored_columns(cols)
+        codes = rows * stored * self.bits // 8
+        scales = rows * (stored // self.block_size) * _SCALE_BITS // 8
         if self.zero_point:  # MatMulNBits packs each row's zero points into whole bytes
-            return codes + scales + rows * -(-blocks * self.bits // 8)
-        return codes + scales * (2 if self.offsets else 1)
+            return codes + scales + rows * -(-(stored // self.block_size) * self.bits // 8)
+        return codes + scales
 
     def _extra_bits_per_block(self) -> int:
         if self.zero_point:
             return _SCALE_BITS + self.bits
-        return _SCALE_BITS * (2 if self.offsets else 1)
+        return _SCALE_BITS + (8 if self.offsets else 0)
 
     def __str__(self) -> str:
         return self.spelling

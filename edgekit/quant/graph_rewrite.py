@@ -7,9 +7,10 @@ cache layout stay the builder's. For each quantized linear:
 - float16 scales (and minimums) are stored once and cast to fp32 in the graph: onnxruntime folds the casts
   when the session starts, so the kernel sees fp32 scales while the file holds half of them;
 - a zero-point tensor gives MatMulNBits its packed ``zero_points`` input (GatherBlockQuantized too);
-- an asymmetric tensor adds ``blocksum(x) @ offsets`` to the product: MatMulNBits applies the default zero
-  point (the middle code), and each block's offset ``minimum + scale * 2^(bits-1)`` is a float no integer
-  zero point can hold. Linears that read the same activation share one block-sum.
+- an asymmetric tensor's float offsets are extra columns of its MatMulNBits (``offset_digits``): its input
+  is the activation with its block means appended (an AveragePool, a Pad to whole blocks and a Concat,
+  shared by the linears that read that activation), so the product, offsets included, is one kernel call;
+  an asymmetric embedding adds its gathered offset columns back to its blocks.
 
 A tied embedding shares its codes with the LM head: the head's MatMulNBits and the embedding's
 GatherBlockQuantized read one packed initializer (reshaped in the graph, folded at load), so the file stores
@@ -29,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgekit.quant import offset_digits
 from edgekit.quant.block_quant import QuantizedMatrix, quantize_matrix
 from edgekit.quant.formats import TensorFormat
 
@@ -173,7 +175,7 @@ class _Rewriter:
         self.level = accuracy_level
         self.quantized: dict[str, QuantizedMatrix] = {}
         self.stored: dict[str, dict[str, str]] = {}  # weight -> its stored initializers' names
-        self.block_sums: dict[tuple[str, int], str] = {}
+        self.block_means: dict[tuple[str, int, int], str] = {}
         self.prefix: list[onnx.NodeProto] = []  # casts and reshapes of constants: folded at load
         self.replaced_weights: set[str] = set()
         self.replacements: dict[str, list[onnx.NodeProto]] = {}  # node name -> the nodes that stand in for it
@@ -182,36 +184,26 @@ class _Rewriter:
         node = self._node(lambda n: n.op_type == "MatMul" and n.input[1] == linear.weight)
         fmt = q.fmt
         names = self._store(linear, q)
-        blocks = q.codes.shape[1] // fmt.block_size
+        new: list[onnx.NodeProto] = []
+        source, cols = node.input[0], linear.cols
+        if q.offset_levels is not None:
+            assert linear.activation is not None
+            if linear.cols % fmt.block_size:  # the offset columns must start right after the K inputs
+                raise ValueError(f"{linear.name}: {linear.cols} columns are not whole blocks of {fmt.block_size}")
+            source = self._with_block_means(linear.activation, fmt, linear.cols // fmt.block_size, new)
+            cols = q.columns
+        blocks = q.columns // fmt.block_size
         packed = self._constant_reshape(names["codes"], [linear.rows, blocks, fmt.block_size * fmt.bits // 8])
         scales = self._constant_reshape(names["scales"], [-1])
-        out = node.output[0]
-        product = out if q.minimums is None else f"{out}_nbits"
-        attrs: dict[str, Any] = {"K": linear.cols, "N": linear.rows, "bits": fmt.bits, "block_size": fmt.block_size}
+        attrs: dict[str, Any] = {"K": cols, "N": linear.rows, "bits": fmt.bits, "block_size": fmt.block_size}
         if self.level:
             attrs["accuracy_level"] = self.level
-        inputs = [node.input[0], packed, scales]
+        inputs = [source, packed, scales]
         if "zero_points" in names:
             inputs.append(names["zero_points"])
-        new = [
-            helper.make_node(
-                "MatMulNBits",
-                inputs,
-                [product],
-                name=f"{node.name}_NBits",
-                domain=_MS,
-                **attrs,
-            )
-        ]
-        if q.minimums is not None:
-            assert linear.activation is not None
-            block_sum = self._block_sum(linear.activation, fmt.block_size, new)
-            offsets_t = self._constant(names["offsets"] + "_T", "Transpose", [names["offsets"]], perm=[1, 0])
-            correction = f"{out}_offsets"
-            new += [
-                helper.make_node("MatMul", [block_sum, offsets_t], [correction], name=f"{node.name}_Offsets"),
-                helper.make_node("Add", [product, correction], [out], name=f"{node.name}_AddOffsets"),
-            ]
+        new.append(
+            helper.make_node("MatMulNBits", inputs, list(node.output), name=f"{node.name}_NBits", domain=_MS, **attrs)
+        )
         self._swap(node, new)
         self.replaced_weights.add(linear.weight)
 
@@ -220,41 +212,65 @@ class _Rewriter:
         fmt = q.fmt
         names = self._store(linear, q)
         out = node.output[0]
-        gathered = out if q.minimums is None else f"{out}_codes"
-        packed_cols = q.codes.shape[1] * fmt.bits // 8
-        data = self._constant_reshape(names["codes"], [linear.rows, packed_cols])
+        gathered = out if q.offset_levels is None else f"{out}_with_offsets"
+        data = self._constant_reshape(names["codes"], [linear.rows, q.columns * fmt.bits // 8])
         attrs: dict[str, Any] = {"gather_axis": 0, "quantize_axis": 1, "block_size": fmt.block_size, "bits": fmt.bits}
         inputs = [data, node.input[1], names["scales"]]
         if "zero_points" in names:
             inputs.append(names["zero_points"])
         new = [
             helper.make_node(
-                "GatherBlockQuantized",
-                inputs,
-                [gathered],
-                name=f"{node.name}_Quantized",
-                domain=_MS,
-                **attrs,
+                "GatherBlockQuantized", inputs, [gathered], name=f"{node.name}_Quantized", domain=_MS, **attrs
             )
         ]
-        if q.minimums is not None:
-            blocks = q.codes.shape[1] // fmt.block_size
-            rows_offsets, by_block, by_one, back = (f"{out}_{s}" for s in ("row_offsets", "blocks", "offsets1", "sum"))
-            shape_blocks = self._int64(f"{out}_shape_blocks", [0, 0, blocks, fmt.block_size])
-            shape_one = self._int64(f"{out}_shape_one", [0, 0, blocks, 1])
-            shape_back = self._int64(f"{out}_shape_back", [0, 0, blocks * fmt.block_size])
-            new += [
-                helper.make_node("Gather", [names["offsets"], node.input[1]], [rows_offsets], name=f"{node.name}_Off"),
-                helper.make_node("Reshape", [gathered, shape_blocks], [by_block], name=f"{node.name}_Blocks"),
-                helper.make_node("Reshape", [rows_offsets, shape_one], [by_one], name=f"{node.name}_OffBlocks"),
-                helper.make_node("Add", [by_block, by_one], [back], name=f"{node.name}_AddOffsets"),
-            ]
-            if linear.cols == blocks * fmt.block_size:
-                new.append(helper.make_node("Reshape", [back, shape_back], [out], name=f"{node.name}_Back"))
-            else:  # padded columns: drop them again
+        if q.offset_levels is not None:
+            if linear.cols % fmt.block_size:  # padded columns: the offsets' segments would not start at K
                 raise ValueError(f"{linear.name}: {linear.cols} columns are not whole blocks of {fmt.block_size}")
+            new += self._add_gathered_offsets(gathered, out, linear.cols, fmt, node.name)
         self._swap(node, new)
         self.replaced_weights.add(linear.weight)
+
+    def _add_gathered_offsets(
+        self, gathered: str, out: str, cols: int, fmt: TensorFormat, name: str
+    ) -> list[onnx.NodeProto]:
+        """A gathered row [..., K + offset columns] back to K weights: each offset is its digits' sum (their
+        columns decode as level * step * block_size), added to its block's weights."""
+        blocks = cols // fmt.block_size
+        width = offset_digits.segment(blocks, fmt.block_size)
+        slices = [(0, cols)] + [
+            (cols + i * width, cols + i * width + blocks) for i in range(offset_digits.digits(fmt.bits))
+        ]
+        axes = self._int64(f"{out}_axes", [-1])
+        parts = [f"{out}_part{i}" for i in range(len(slices))]
+        nodes = [
+            helper.make_node(
+                "Slice",
+                [gathered, self._int64(f"{part}_start", [start]), self._int64(f"{part}_end", [end]), axes],
+                [part],
+                name=f"{name}_{part.rsplit('_', 1)[1]}",
+            )
+            for part, (start, end) in zip(parts, slices, strict=True)
+        ]
+        inverse = self._initializer(f"{out}_per_block", np.array(1.0 / fmt.block_size, dtype=np.float32))
+        by_block, offsets, back = (f"{out}_{s}" for s in ("by_block", "offsets", "sum"))
+        nodes += [
+            helper.make_node("Sum", parts[1:], [f"{out}_levels"], name=f"{name}_Levels"),
+            helper.make_node("Mul", [f"{out}_levels", inverse], [offsets], name=f"{name}_OffsetValues"),
+            helper.make_node(
+                "Reshape",
+                [parts[0], self._int64(f"{out}_shape_blocks", [0, 0, blocks, fmt.block_size])],
+                [by_block],
+                name=f"{name}_Blocks",
+            ),
+            helper.make_node(
+                "Unsqueeze", [offsets, self._int64(f"{out}_last", [-1])], [f"{offsets}_1"], name=f"{name}_OffBlocks"
+            ),
+            helper.make_node("Add", [by_block, f"{offsets}_1"], [back], name=f"{name}_AddOffsets"),
+            helper.make_node(
+                "Reshape", [back, self._int64(f"{out}_shape_back", [0, 0, cols])], [out], name=f"{name}_Back"
+            ),
+        ]
+        return nodes
 
     def finish(self) -> None:
         """Splice in the new nodes (constants first), drop replaced weights and the reference-only outputs."""
@@ -274,37 +290,41 @@ class _Rewriter:
     # --- helpers -----------------------------------------------------------------------------------------------
 
     def _store(self, linear: Linear, q: QuantizedMatrix) -> dict[str, str]:
-        """Codes, fp16 scales and offsets of one weight, stored once (a tied head and embedding share them)."""
+        """Codes and fp16 scales (the offset columns' included) of one weight, stored once (a tied head and
+        embedding share them)."""
         if linear.weight in self.stored:
             return self.stored[linear.weight]
         base = linear.weight.replace("/", "_")
-        fmt = q.fmt
-        codes = q.packed_codes().reshape(q.codes.shape[0], -1)
-        names = {"codes": self._initializer(f"{base}_Q{fmt.bits}", codes)}
-        names["scales"] = self._half_constant(f"{base}_scales", q.scales)
+        packed = q.packed_codes()
+        names = {"codes": self._initializer(f"{base}_Q{q.fmt.bits}", packed.reshape(packed.shape[0], -1))}
+        names["scales"] = self._half_constant(f"{base}_scales", q.packed_scales())
         if q.zero_points is not None:
             names["zero_points"] = self._initializer(f"{base}_zero_points", q.packed_zero_points())
-        if q.minimums is not None:
-            # Offset of the default zero point's code: minimum + scale * 2^(bits-1), in fp32 at load.
-            minimums = self._half_constant(f"{base}_minimums", q.minimums)
-            half = self._initializer(f"{base}_half", np.array(2 ** (fmt.bits - 1), dtype=np.float32))
-            scaled = self._constant(f"{base}_scaled_half", "Mul", [names["scales"], half])
-            names["offsets"] = self._constant(f"{base}_offsets", "Add", [minimums, scaled])
         self.stored[linear.weight] = names
         return names
 
-    def _block_sum(self, activation: str, block_size: int, new: list[onnx.NodeProto]) -> str:
-        key = (activation, block_size)
-        if key not in self.block_sums:
-            base = f"{activation}_bsum{block_size}"
-            shape = self._int64(f"{base}_shape", [0, 0, -1, block_size])
-            axes = self._int64(f"{base}_axes", [-1])
-            new += [
-                helper.make_node("Reshape", [activation, shape], [f"{base}_blocks"], name=f"{base}_Reshape"),
-                helper.make_node("ReduceSum", [f"{base}_blocks", axes], [base], keepdims=0, name=f"{base}_ReduceSum"),
-            ]
-            self.block_sums[key] = base
-        return self.block_sums[key]
+    def _with_block_means(self, activation: str, fmt: TensorFormat, blocks: int, new: list[onnx.NodeProto]) -> str:
+        """``activation`` [..., K] with its block means appended, padded to whole blocks, once per offset digit:
+        the input an asymmetric linear's MatMulNBits multiplies (``offset_digits``). One AveragePool, Pad and
+        Concat per activation and format, shared by the linears that read it."""
+        count = offset_digits.digits(fmt.bits)
+        key = (activation, fmt.block_size, count)
+        if key not in self.block_means:
+            base = f"{activation}_means{fmt.block_size}x{count}"
+            size = fmt.block_size
+            new.append(
+                helper.make_node("AveragePool", [activation], [base], kernel_shape=[size], strides=[size], name=base)
+            )
+            width = offset_digits.segment(blocks, size)
+            means = base
+            if width > blocks:
+                means = f"{base}_padded"
+                pads = self._int64(f"{means}_pads", [0, 0, 0, 0, 0, width - blocks])
+                new.append(helper.make_node("Pad", [base, pads], [means], name=means))
+            joined = f"{base}_joined"
+            new.append(helper.make_node("Concat", [activation, *[means] * count], [joined], axis=-1, name=joined))
+            self.block_means[key] = joined
+        return self.block_means[key]
 
     def _initializer(self, name: str, array: np.ndarray) -> str:
         self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))

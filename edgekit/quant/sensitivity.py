@@ -30,7 +30,7 @@ from edgekit.quant.graph_rewrite import Linear, stored_layout
 from edgekit.quant.probe_session import CalibrationReference, ProbeSession
 from edgekit.safe_io import read_regular_file, write_text_atomic
 
-SENSITIVITY_VERSION = 2
+SENSITIVITY_VERSION = 3
 MAX_TABLE_BYTES = 64 << 20  # a table holds a few numbers per tensor: 64 MiB is thousands of layers
 _LAYER = re.compile(r"(?P<prefix>.*?layers\.)(?P<index>\d+)(?P<suffix>/.*)")
 _PROXY_ROWS = 128  # rows sampled per tensor for the proxy: the ratio between formats converges long before
