@@ -118,7 +118,7 @@ def _print(rows: list[dict[str, Any]], texts: dict[str, Any], args: argparse.Nam
         ratios = [row[label]["int4-recipe"]["kl_mean"] / row[label]["int4-rtn"]["kl_mean"] for label in texts]
         print(f"| {row['budget']:,} | " + " | ".join(f"{r:.2f}" for r in ratios) + f" | {ratios[-1] / ratios[0]:.2f} |")
     print("\nThe recipes (model-file bytes; calibration KL and decode ratio as the build measured them)\n")
-    print("| budget | model bytes | formats | calibration KL | build decode ratio | rounds | whole build (s) |")
+    print("| budget | model bytes | formats | calibration KL | build decode ratio | rounds (kept) | whole build (s) |")
     print("|---:|---:|---|---:|---:|---:|---:|")
     for row in rows:
         recipe = row["recipe"]
@@ -130,7 +130,7 @@ def _print(rows: list[dict[str, Any]], texts: dict[str, Any], args: argparse.Nam
         print(
             f"| {row['budget']:,} | {recipe['model_bytes']:,} | {formats}; head {recipe['tensors'].get('lm_head')} | "
             f"{recipe['calibration_kl']:.4f} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
-            f"{recipe['search_rounds']} | {row['build_s']:.0f} |"
+            f"{recipe['search_rounds']} ({recipe.get('kept_round', '-')}) | {row['build_s']:.0f} |"
         )
     print("\nBuild steps of the last budget (seconds)\n")
     print("| step | seconds |\n|---|---:|")

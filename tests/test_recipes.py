@@ -212,6 +212,7 @@ def test_a_size_budget_build_deploys_a_recipe_that_fits_is_evaluated_and_generat
     expected = {linear.name for linear in find_linears(graph) if linear.tied_to is None}
     assert set(formats) == expected and "lm_head" in formats and len(formats) > 10  # every linear, head, embedding
     assert recipe["decode_ratio"] is not None and recipe["sensitivity_reused"] is False
+    assert 1 <= recipe["kept_round"] <= recipe["search_rounds"]
     report = json.loads((out / "eval" / "report.json").read_text())
     assert "int4-recipe" in report["variants"]
     assert (out / "eval" / "sensitivity.json").is_file()

@@ -79,9 +79,12 @@ class RecipeOutcome:
     calibration_top1: float
     model_bytes: int
     decode_ratio: float | None
-    rounds: int
+    round: int
+    """Which round of the search built this recipe."""
     sensitivity_reused: bool
     notes: list[str] = field(default_factory=list)
+    rounds_built: int = 1
+    """How many rounds the search built in all (set on the kept one)."""
 
     def as_manifest(self) -> dict[str, Any]:
         """The manifest's ``recipe`` entry of the variant."""
@@ -92,7 +95,8 @@ class RecipeOutcome:
             "calibration_top1": round(self.calibration_top1, 6),
             "model_bytes": self.model_bytes,
             "decode_ratio": None if self.decode_ratio is None else round(self.decode_ratio, 4),
-            "search_rounds": self.rounds,
+            "search_rounds": self.rounds_built,
+            "kept_round": self.round,
             "sensitivity_reused": self.sensitivity_reused,
         }
 
@@ -188,6 +192,7 @@ def _keep_best(built: list[tuple[RecipeOutcome, Path]], search: _Rounds, out_dir
         shutil.rmtree(out_dir)
     folder.rename(out_dir)
     chosen.notes.extend(search.shortfalls(chosen))
+    chosen.rounds_built = len(built)
     return chosen
 
 
@@ -406,7 +411,7 @@ def _check(
         calibration_top1=float(np.concatenate(agree).mean()),
         model_bytes=size,
         decode_ratio=ratio,
-        rounds=round_number,
+        round=round_number,
         sensitivity_reused=reused,
     )
 
