@@ -455,15 +455,55 @@ def test_offsets_round_to_a_grid_of_the_rows_largest_offset(bits: int) -> None:
     weight = (grid * (codes - 2 ** (bits - 1)) + centres).astype(np.float32)
     fitted = quantize_matrix(weight, parse_format(f"int{bits}-b32-asym-search"))
     offsets = fitted.offsets()
-    assert offsets is not None and fitted.offset_steps is not None
+    assert offsets is not None and fitted.offset_levels is not None and fitted.offset_steps is not None
     step = fitted.offset_steps.astype(np.float32)
-    assert np.all(np.abs(offsets) <= offset_digits.limit(bits) * step[:, None] * (1 + 1e-3))
     # Rounding moves an offset by at most half a step (the row's largest offset over 119, or 127); the rest
     # is the scale's float16 rounding, at most 2^-11 of it per code from the middle.
     scale_rounding = 2 ** (bits - 1) * grid * 2.0**-11
     assert np.abs(fitted.dequantize() - weight).max() <= 0.5 * step.max() + scale_rounding
-    digits = offset_digits.digit_codes(fitted.offset_levels, bits, 32)
-    assert digits.max() < 2**bits and digits.shape[1] == offset_digits.digits(bits) * 32
+    # The offset columns the kernel multiplies by block means decode to block_size times each offset.
+    codes_out = offset_digits.digit_codes(fitted.offset_levels, bits, 32).astype(np.float32)
+    scales_out = np.repeat(offset_digits.digit_scales(fitted.offset_steps, bits, 32, 8), 32, axis=1)
+    decoded = (scales_out * (codes_out - 2 ** (bits - 1))).reshape(16, -1, 32).sum(axis=1)  # digits summed
+    np.testing.assert_allclose(decoded[:, :8], 32 * offsets, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(decoded[:, 8:], 0)  # the padding columns add nothing
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_a_constant_block_keeps_its_value_and_its_rows_grid(bits: int) -> None:
+    rng = np.random.default_rng(7)
+    weight = (rng.standard_normal((4, 128)) * 0.02).astype(np.float32)
+    weight[0] = 0.0  # a zero row (a padding token's embedding)
+    weight[1, 32:64] = 0.0  # a pruned block
+    weight[2, :32] = 0.05  # a constant block off zero
+    fitted = quantize_matrix(weight, parse_format(f"int{bits}-b32-asym-rtn"))
+    error = np.abs(fitted.dequantize() - weight)
+    assert error[0].max() == 0.0
+    # The other blocks of those rows keep the grid a row without a constant block gets.
+    assert error[1:3].max() < 2 * error[3].max(), error.max(axis=1)
+    assert np.abs(fitted.dequantize()[2, :32] - 0.05).max() < 1e-3
+
+
+def test_a_rewritten_asymmetric_head_keeps_its_last_row_when_sliced() -> None:
+    import onnxruntime as ort
+
+    from edgekit.exporters.last_position import keep_last_position
+    from edgekit.quant.graph_rewrite import rewrite_model
+
+    rng = np.random.default_rng(8)
+    weight = (rng.standard_normal((192, 96)) * 0.05).astype(np.float32)
+    fmt = parse_format("int4-b32-asym-search")
+    quantized = quantize_matrix(weight.T, fmt)
+    whole = rewrite_model(_tied_graph(weight), {"lm_head": fmt}, 4, lambda linear, f: quantized)
+    sliced = rewrite_model(_tied_graph(weight), {"lm_head": fmt}, 4, lambda linear, f: quantized)
+    assert keep_last_position(sliced)
+    feed = {
+        "input_ids": np.array([[0, 5, 7]], dtype=np.int64),
+        "x": rng.standard_normal((1, 3, 192)).astype(np.float32),
+    }
+    (expected,) = ort.InferenceSession(whole.SerializeToString()).run(["logits"], feed)
+    (logits,) = ort.InferenceSession(sliced.SerializeToString()).run(["logits"], feed)
+    np.testing.assert_allclose(logits, np.broadcast_to(expected[:, -1:], logits.shape), rtol=1e-5, atol=1e-5)
 
 
 def test_a_zero_point_block_fits_an_off_centre_block_better_than_a_symmetric_one() -> None:

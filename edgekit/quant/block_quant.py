@@ -230,8 +230,12 @@ def _fit_offsets(
     levels_count = 2**fmt.bits - 1
     half = 2 ** (fmt.bits - 1)
     _, scale, minimum = _fit_asymmetric(blocks, weights, fmt)
+    # A constant block (a zero row, a pruned block) is its offset alone: its fallback scale of 1 would put
+    # the offset 2^(bits-1) away from its value and stretch its whole row's grid.
+    constant = blocks.amax(-1) == blocks.amin(-1)
+    scale = torch.where(constant, torch.zeros_like(scale), scale)
     scale32 = scale.to(torch.float32)
-    offsets = minimum.to(torch.float32) + scale32 * half
+    offsets = torch.where(constant, blocks[..., 0], minimum.to(torch.float32) + scale32 * half)
     levels, steps = offset_digits.round_offsets(offsets.numpy(), fmt.bits)
     rounded = torch.from_numpy(levels.astype(np.float32) * steps.astype(np.float32)[:, None])
     codes = _asym_codes(blocks, rounded - scale32 * half, scale32, levels_count)

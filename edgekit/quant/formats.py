@@ -23,7 +23,7 @@ from edgekit.quant import offset_digits
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128)
-_SCALE_BITS = 16  # float16 scales and offsets in the file
+_SCALE_BITS = 16  # float16 scales in the file
 _SPELLING = re.compile(r"^int(?P<bits>\d+)-b(?P<block>\d+)-(?P<kind>sym|asym|zp)-(?P<method>[a-z]+)$")
 
 

@@ -4,8 +4,9 @@ The fp32 graph onnxruntime-genai's builder exported is rewritten node by node, s
 cache layout stay the builder's. For each quantized linear:
 
 - codes go into a MatMulNBits (4 or 8 bits, the tensor's block size, the target's accuracy level);
-- float16 scales (and minimums) are stored once and cast to fp32 in the graph: onnxruntime folds the casts
-  when the session starts, so the kernel sees fp32 scales while the file holds half of them;
+- float16 scales (an asymmetric matrix's offset columns' included) are stored once and cast to fp32 in the
+  graph: onnxruntime folds the casts when the session starts, so the kernel sees fp32 scales while the
+  file holds half of them;
 - a zero-point tensor gives MatMulNBits its packed ``zero_points`` input (GatherBlockQuantized too);
 - an asymmetric tensor's float offsets are extra columns of its MatMulNBits (``offset_digits``): its input
   is the activation with its block means appended (an AveragePool, a Pad to whole blocks and a Concat,

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+_FLOAT16_MAX = 65504.0
+
 
 def digits(bits: int) -> int:
     """Codes per offset: enough ``bits``-bit digits for an 8-bit offset grid."""
@@ -33,12 +35,19 @@ def round_offsets(offsets: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarra
     """``offsets`` [N, blocks] (fp32) on each row's grid: integer levels [N, blocks] and float16 steps [N]."""
     top = limit(bits)
     peak = np.abs(offsets).max(axis=1) if offsets.size else np.zeros(len(offsets), np.float32)
+    if not np.all(np.isfinite(peak)) or peak.max(initial=0.0) / top * block_limit(bits) > _FLOAT16_MAX:
+        raise ValueError("block offsets beyond what float16 scales can hold: the weights are not a model's")
     steps = (peak / top).astype(np.float16)
     short = steps.astype(np.float32) * top < peak  # rounded down to float16: the largest offset would clip
     steps = np.where(short, np.nextafter(steps, np.float16(np.inf)), steps)
-    steps = np.where(np.isfinite(steps) & (steps > 0), steps, np.float16(1.0)).astype(np.float16)
+    steps = np.where(steps > 0, steps, np.float16(1.0)).astype(np.float16)  # a row without offsets
     levels = np.clip(np.rint(offsets / steps.astype(np.float32)[:, None]), -top, top).astype(np.int16)
     return levels, steps
+
+
+def block_limit(bits: int) -> int:
+    """The largest factor a digit scale puts on a step: the largest block (128) times the top digit's weight."""
+    return 128 * 2 ** (bits * (digits(bits) - 1))
 
 
 def segment(blocks: int, block_size: int) -> int:

@@ -45,10 +45,13 @@ _LOSS_MARGIN = 0.8  # the first search aims this far under the KL budget; verifi
 _PROBE_WINDOWS = 2  # windows the per-group probes run on (the slowest part: one forward per group) ...
 _PROBE_CTX = 256  # ... each cut to its first 256 tokens, the second half scored
 _VERIFY_WINDOWS = 4
-_ASYM_OVERHEAD_BYTES = 40960  # an asymmetric linear's share of its activation's block means (pool, pad, concat)
+# An asymmetric linear's share of its activation's block means (pool, pad, concat), as read bytes: set from
+# pairwise decode timings of the demo model, every linear asymmetric against none, less what the offset
+# columns' bytes account for.
+_ASYM_OVERHEAD_BYTES = 40960
 _ZERO_POINT_OVERHEAD_BYTES = 20480  # MatMulNBits' zero-point path over its default, as read bytes
 _GRAPH_BYTES = 512  # per linear: the rewritten graph's nodes and shape constants ...
-_ASYM_GRAPH_BYTES = 1024  # ... and an asymmetric linear's share of the block means' nodes
+_ASYM_GRAPH_BYTES = 1024  # ... or, for an asymmetric linear, that and its share of the block means' nodes
 _OVERSHOOT_MARGIN = 1.25  # a round over the byte budget makes the next one aim this much further under
 # The speed bound aims this far above min_decode_ratio: a round measured just over it can measure under it
 # on a rerun (the bench, the user's machine), and one measured this far above the aim loosens the bound.
