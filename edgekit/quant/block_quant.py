@@ -48,12 +48,7 @@ class QuantizedMatrix:
     @property
     def columns(self) -> int:
         """Columns of the stored matrix: K padded to whole blocks, then an asymmetric matrix's offset columns."""
-        if self.offset_levels is None:
-            return self.codes.shape[1]
-        blocks = self.offset_levels.shape[1]
-        return self.codes.shape[1] + offset_digits.digits(self.fmt.bits) * offset_digits.segment(
-            blocks, self.fmt.block_size
-        )
+        return self.fmt.stored_columns(self.cols)
 
     def offsets(self) -> np.ndarray | None:
         """Each block's offset [N, blocks] (fp32), or None for a format without."""
@@ -205,7 +200,8 @@ def _sym_error(blocks: torch.Tensor, weights: torch.Tensor, scale: torch.Tensor,
 
 def _fit_asymmetric(
     blocks: torch.Tensor, weights: torch.Tensor, fmt: TensorFormat
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each block's float16 (scale, minimum): the least weighted error of the starts tried."""
     levels = 2**fmt.bits - 1
     low, high = blocks.min(-1).values, blocks.max(-1).values
     span = (high - low).clamp_min(1e-30)
@@ -219,7 +215,7 @@ def _fit_asymmetric(
             best_err = torch.where(better, err, best_err)
             best = (torch.where(better, minimum, best[0]), torch.where(better, scale, best[1]))
     minimum, scale = best
-    return _asym_codes(blocks, minimum, scale, levels), scale.to(torch.float16), minimum.to(torch.float16)
+    return scale.to(torch.float16), minimum.to(torch.float16)
 
 
 def _fit_offsets(
@@ -229,7 +225,7 @@ def _fit_offsets(
     (``offset_digits``), and the codes chosen again for the rounded offsets."""
     levels_count = 2**fmt.bits - 1
     half = 2 ** (fmt.bits - 1)
-    _, scale, minimum = _fit_asymmetric(blocks, weights, fmt)
+    scale, minimum = _fit_asymmetric(blocks, weights, fmt)
     # A constant block (a zero row, a pruned block) is its offset alone: its fallback scale of 1 would put
     # the offset 2^(bits-1) away from its value and stretch its whole row's grid.
     constant = blocks.amax(-1) == blocks.amin(-1)
