@@ -5,8 +5,10 @@ Run: python benchmarks/bench_recipes.py [--budgets 91726688 105453920] [--calibr
 
 For each byte budget (by default the files of llama.cpp's Q4_0 and Q4_K_M of SmolLM2-135M-Instruct) it
 builds the demo GGUF for ``laptop-cpu`` with ``--max-model-bytes`` (the whole build, search and evaluation
-included, is timed), then scores the RTN and recipe variants with ``edgekit eval``'s protocol (20 windows
-of 512, second half scored) on WikiText-2 test (in-domain: the recipe calibrates on WikiText-2 valid) and
+included, is timed); budget 0 builds ``laptop-cpu`` as it is bundled (``optimize: loss``: least loss in
+the RTN variant's bytes; ``--budgets 0 --calibration builtin`` is what ``edgekit build`` does by default),
+then scores the RTN and recipe variants with ``edgekit eval``'s protocol (20 windows of 512, second half
+scored) on WikiText-2 test (in-domain when the recipe calibrates on WikiText-2 valid, the default) and
 on the built-in corpus's evaluation part (out-of-domain), and times decoding of the recipe against RTN in
 alternating rounds in one process. llama.cpp's rows are the issue's measurements of its files. Bytes are
 model-file bytes (``model.onnx`` and its data), as llama.cpp's are its file's. ``--min-decode-ratio`` sets
@@ -56,7 +58,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = args.keep or Path(tmp)
         targets = yaml.safe_load(bundled_targets_path().read_text(encoding="utf-8"))
-        targets["targets"]["laptop-cpu"]["recipe"] = {"min_decode_ratio": args.min_decode_ratio}
+        targets["targets"]["laptop-cpu"]["recipe"]["min_decode_ratio"] = args.min_decode_ratio
         targets_file = Path(tmp) / "targets.yaml"
         targets_file.write_text(yaml.safe_dump(targets), encoding="utf-8")
         for budget in args.budgets:
@@ -71,7 +73,7 @@ def main() -> None:
                 progress=False,
                 calibration=CalibrationSettings(calibration),
                 evaluation=EvalSettings(),
-                max_model_bytes=budget,
+                max_model_bytes=budget or None,
             )
             seconds = time.perf_counter() - started
             recipe = result.manifest["variants"]["int4-recipe"]["recipe"]
@@ -89,7 +91,7 @@ def main() -> None:
 def _print(rows: list[dict[str, Any]], texts: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"machine: {describe_machine()}")
     print(
-        f"calibration: {Path(args.calibration).name}; evaluation: {args.windows} windows of 512; "
+        f"calibration: {_calibration_name(args)}; evaluation: {args.windows} windows of 512; "
         f"min_decode_ratio {args.min_decode_ratio}\n"
     )
     first = next(iter(texts))
@@ -101,22 +103,23 @@ def _print(rows: list[dict[str, Any]], texts: dict[str, Any], args: argparse.Nam
         rtn, recipe = row[first]["int4-rtn"], row[first]["int4-recipe"]
         if row is rows[0]:
             print(
-                f"| edgekit int4-rtn (laptop-cpu) | {rtn['bytes']:,} | {rtn['kl_mean']:.3f} | "
+                f"| edgekit int4-rtn (laptop-cpu-rtn) | {rtn['bytes']:,} | {rtn['kl_mean']:.3f} | "
                 f"{rtn['top1_agreement']:.1%} | {rtn['ppl_ratio']:.3f} | 1.00x | - | - |"
             )
         target = TARGETS.get(row["budget"])
         met = "-" if target is None else ("yes" if recipe["kl_mean"] <= target else "no")
         print(
-            f"| edgekit recipe <= {row['budget']:,} | {recipe['bytes']:,} | {recipe['kl_mean']:.3f} | "
+            f"| edgekit recipe <= {_budget_name(row)} | {recipe['bytes']:,} | {recipe['kl_mean']:.3f} | "
             f"{recipe['top1_agreement']:.1%} | {recipe['ppl_ratio']:.3f} | {row['decode']:.2f}x | "
             f"{'-' if target is None else f'{target:.3f}'} | {met} |"
         )
-    print("\nDomain: the recipe's KL as a fraction of RTN's on each text (calibration: WikiText-2 valid)\n")
+    print(f"\nDomain: the recipe's KL as a fraction of RTN's on each text (calibration: {_calibration_name(args)})\n")
     print("| budget | " + " | ".join(texts) + " | out-of-domain / in-domain |")
     print("|---:|" + "---:|" * (len(texts) + 1))
     for row in rows:
         ratios = [row[label]["int4-recipe"]["kl_mean"] / row[label]["int4-rtn"]["kl_mean"] for label in texts]
-        print(f"| {row['budget']:,} | " + " | ".join(f"{r:.2f}" for r in ratios) + f" | {ratios[-1] / ratios[0]:.2f} |")
+        cells = " | ".join(f"{r:.2f}" for r in ratios)
+        print(f"| {_budget_name(row)} | {cells} | {ratios[-1] / ratios[0]:.2f} |")
     print("\nThe recipes (model-file bytes; calibration KL and decode ratio as the build measured them)\n")
     print("| budget | model bytes | formats | calibration KL | build decode ratio | rounds (kept) | whole build (s) |")
     print("|---:|---:|---|---:|---:|---:|---:|")
@@ -128,7 +131,7 @@ def _print(rows: list[dict[str, Any]], texts: dict[str, Any], args: argparse.Nam
         formats = ", ".join(f"{n} {s}" for s, n in sorted(counts.items(), key=lambda item: -item[1]))
         ratio = recipe["decode_ratio"]
         print(
-            f"| {row['budget']:,} | {recipe['model_bytes']:,} | {formats}; head {recipe['tensors'].get('lm_head')} | "
+            f"| {_budget_name(row)} | {recipe['model_bytes']:,} | {formats}; head {recipe['tensors'].get('lm_head')} | "
             f"{recipe['calibration_kl']:.4f} | {'-' if ratio is None else f'{ratio:.2f}x'} | "
             f"{recipe['search_rounds']} ({recipe.get('kept_round', '-')}) | {row['build_s']:.0f} |"
         )
@@ -136,6 +139,14 @@ def _print(rows: list[dict[str, Any]], texts: dict[str, Any], args: argparse.Nam
     print("| step | seconds |\n|---|---:|")
     for record in rows[-1]["steps"]:
         print(f"| {record.name} | {record.seconds:.1f} |")
+
+
+def _budget_name(row: dict[str, Any]) -> str:
+    return f"{row['budget']:,}" if row["budget"] else "RTN's bytes (laptop-cpu)"
+
+
+def _calibration_name(args: argparse.Namespace) -> str:
+    return "built-in corpus" if args.calibration == "builtin" else Path(args.calibration).name
 
 
 if __name__ == "__main__":

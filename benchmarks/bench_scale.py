@@ -1,7 +1,7 @@
 """Build random-weight checkpoints of real model shapes to INT4, streamed, and print time, memory and disk.
 
 Run: python benchmarks/bench_scale.py [--sizes qwen3-1.7b,qwen3-4b,qwen3.5-9b] [--root /work/scale-ckpts]
-     [--compare-whole] [--generate] [--keep] [--gptq SAMPLESxLEN]
+     [--compare-whole] [--generate] [--keep] [--gptq SAMPLESxLEN | --recipe]
 
 For each size: a checkpoint is made from the published config values with transformers on the meta device
 and random bf16 tensors written shard by shard (no download, bounded memory), then ``edgekit build
@@ -12,6 +12,8 @@ checkpoint, with its peak RSS, and compares the two INT4 models' logits; ``--gen
 with onnxruntime-genai and generates tokens. ``--gptq 16x256`` builds the ``laptop-cpu-gptq`` target
 instead (GPTQ from disk one layer at a time on that many calibration tokens of the built-in corpus, then
 both INT4 variants streamed); the peak RSS is then GPTQ's or the export's, whichever is higher.
+``--recipe`` builds the default ``laptop-cpu`` whole (not streamed), as ``edgekit build CKPT -o OUT --no-eval``
+does: the fp32 export, the RTN variant and the per-tensor recipe searched on the built-in corpus.
 
 Where the configs come from: Qwen3-1.7B and Qwen3-4B are the values of the published config.json files of
 Qwen/Qwen3-1.7B and Qwen/Qwen3-4B; the 9B is transformers' ``Qwen3_5TextConfig`` defaults, which its
@@ -148,6 +150,10 @@ _STREAMED_GPTQ = (
     "build(sys.argv[1], sys.argv[2], sys.argv[4], force=True, progress=False, evaluation=None, streaming=True, "
     "calibration=CalibrationSettings(samples=samples, seq_len=length), targets_file=sys.argv[5] or None); " + _RSS
 )
+_WHOLE_RECIPE = (
+    "import sys; from edgekit.pipeline import build; "
+    "build(sys.argv[1], sys.argv[2], 'laptop-cpu', force=True, progress=False, evaluation=None); " + _RSS
+)
 # laptop-cpu-gptq without the RTN variant beside it: half the export time and disk on a 9B model.
 _GPTQ_ONLY = """schema_version: 1
 targets:
@@ -212,6 +218,7 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep checkpoints and packages")
     parser.add_argument("--gptq", metavar="SAMPLESxLEN", help="build laptop-cpu-gptq with this much calibration")
     parser.add_argument("--gptq-only", action="store_true", help="with --gptq: skip the RTN variant beside it")
+    parser.add_argument("--recipe", action="store_true", help="build laptop-cpu whole, with its per-tensor recipe")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine import describe_machine
@@ -235,6 +242,9 @@ def main() -> None:
             target = "gptq-only" if args.gptq_only else "laptop-cpu-gptq"
             wall, rss, _ = run_child(_STREAMED_GPTQ, str(checkpoint), str(package), args.gptq, target, targets_file)
             kind = f"GPTQ {args.gptq} + streamed" + (" (GPTQ variant only)" if args.gptq_only else "")
+        elif args.recipe:
+            wall, rss, _ = run_child(_WHOLE_RECIPE, str(checkpoint), str(package))
+            kind = "whole + recipe (laptop-cpu)"
         else:
             wall, rss, _ = run_child(_STREAMED, str(checkpoint), str(package))
             kind = "streamed"
@@ -258,7 +268,8 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(whole, ignore_errors=True)
         if args.generate:
-            _, rss, text = run_child(_GENERATE, str(package / ("int4-gptq" if args.gptq else "int4-rtn")))
+            variant = "int4-gptq" if args.gptq else "int4-recipe" if args.recipe else "int4-rtn"
+            _, rss, text = run_child(_GENERATE, str(package / variant))
             notes.append(f"{size}: {text.splitlines()[-2]} (peak RSS {gib(rss)} GiB)")
         if not args.keep:
             shutil.rmtree(package, ignore_errors=True)

@@ -16,6 +16,7 @@ from edgekit.accuracy.texts import Corpus
 from edgekit.errors import ExportError
 from edgekit.package.manifest import sha256_file
 from edgekit.quant.formats import BLOCK_SIZES, DEFAULT_CANDIDATES, QuantMethod, TensorFormat, parse_format
+from edgekit.quant.graph_rewrite import model_file_bytes
 from edgekit.quant.recipe_build import RecipeOutcome, RecipeRequest, build_recipe_variant
 from edgekit.safe_io import user_cache_path
 from edgekit.targets import HeadPrecision, Target
@@ -27,16 +28,24 @@ CALIBRATION_CTX = 512
 SENSITIVITY_FILE = "sensitivity.json"
 
 
-def recipe_request(target: Target) -> RecipeRequest:
-    """The recipe ``target`` asks for: its objective, its budget as the accuracy bound, its candidates."""
+def recipe_request(target: Target, rtn_model_bytes: int | None = None) -> RecipeRequest:
+    """The recipe ``target`` asks for: its objective, its budget as the accuracy bound, its candidates.
+
+    ``optimize: loss`` bounds the bytes by ``rtn_model_bytes``, the all-int4 RTN variant's model files.
+    """
     settings, budget = target.recipe, target.budget
     candidates = DEFAULT_CANDIDATES
     if settings.candidates:
         candidates = tuple(parse_format(spelling) for spelling in settings.candidates)
+    max_bytes = settings.max_model_bytes
+    if max_bytes is None and settings.optimize == "loss":
+        if rtn_model_bytes is None:
+            raise ValueError("optimize: loss needs the RTN variant's model bytes")
+        max_bytes = rtn_model_bytes
     return RecipeRequest(
-        max_model_bytes=settings.max_model_bytes,
-        max_kl=None if settings.max_model_bytes is not None else budget.max_kl_mean,
-        min_top1=None if settings.max_model_bytes is not None else budget.min_top1_agreement,
+        max_model_bytes=max_bytes,
+        max_kl=None if max_bytes is not None else budget.max_kl_mean,
+        min_top1=None if max_bytes is not None else budget.min_top1_agreement,
         min_decode_ratio=settings.min_decode_ratio,
         accuracy_level=target.accuracy_level,
         head_baseline=_rtn_head(target),
@@ -76,7 +85,7 @@ def make_recipe_variant(
 ) -> RecipeOutcome:
     """Build ``target``'s recipe variant of ``fp32_dir`` into ``out_dir`` from calibration ``windows`` (drawn
     from ``calibration``'s text with its seed); the sensitivity table goes to ``eval/`` beside ``out_dir``."""
-    request = recipe_request(target)
+    request = recipe_request(target, model_file_bytes(rtn_dir))
     corpus, seed = calibration
     # The tokens themselves: the tokenizer and BOS rule decide them as much as the text and the seed do.
     sampling = (

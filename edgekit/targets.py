@@ -173,10 +173,11 @@ class RecipeSettings(_Strict):
     max_model_bytes: int | None = Field(
         None, gt=0, description="Least loss whose model files (model.onnx + data) fit in this many bytes."
     )
-    optimize: Literal["size"] | None = Field(
+    optimize: Literal["size", "loss"] | None = Field(
         None,
-        description="Fewest bytes whose predicted loss meets the target's budget (the default when "
-        "max_model_bytes is not set); a verification run on calibration text confirms the margin.",
+        description="size: fewest bytes whose predicted loss meets the target's budget (the default when "
+        "max_model_bytes is not set; a verification run on calibration text confirms the margin). loss: least "
+        "loss whose model files fit in the all-int4 RTN variant's bytes.",
     )
     min_decode_ratio: float = Field(
         0.9, gt=0, le=4, description="Decode speed at least this times the all-int4 RTN variant's, measured."
@@ -190,7 +191,9 @@ class RecipeSettings(_Strict):
     def _one_objective(self) -> RecipeSettings:
         if self.max_model_bytes is not None and self.optimize is not None:
             raise PydanticCustomError(
-                "recipe_objective", "give max_model_bytes or optimize: size, not both (they are two objectives)"
+                "recipe_objective",
+                "give max_model_bytes or optimize (size or loss), not both: max_model_bytes already asks for the "
+                "least loss in that many bytes",
             )
         return self
 
@@ -246,7 +249,8 @@ class Target(_Strict):
                 "int4_methods recipe needs rtn before it (its speed is measured against the RTN variant): "
                 "use [rtn, recipe]",
             )
-        if self.recipe.max_model_bytes is None and self.budget.max_kl_mean is None:
+        objective = self.recipe
+        if objective.max_model_bytes is None and objective.optimize != "loss" and self.budget.max_kl_mean is None:
             raise PydanticCustomError(
                 "recipe_budget", "a recipe without max_model_bytes optimizes size within budget.max_kl_mean: set one"
             )

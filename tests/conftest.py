@@ -45,11 +45,11 @@ def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="session")
 def tiny_llama_package(tiny_checkpoints, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A package built once from the tiny llama checkpoint."""
+    """A package built once from the tiny llama checkpoint for ``laptop-cpu-rtn`` (its default variant int4-rtn)."""
     from edgekit.pipeline import build
 
     out = tmp_path_factory.mktemp("pkg") / "llama"
-    build(tiny_checkpoints("llama"), out, "laptop-cpu", progress=False)
+    build(tiny_checkpoints("llama"), out, "laptop-cpu-rtn", progress=False)
     return out
 
 

@@ -333,7 +333,7 @@ def test_force_replaces_an_existing_out_with_a_complete_package(runner, tmp_path
     assert not (out / "old-variant").exists()
     manifest = read_manifest(out)
     verify_files(out, manifest)
-    assert set(manifest["variants"]) == {"fp32", "int4-rtn"}
+    assert set(manifest["variants"]) == {"fp32", "int4-rtn", "int4-recipe"}  # the default target deploys a recipe
     assert partials(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 

@@ -27,7 +27,7 @@ def copy_package(source: Path, destination: Path) -> Path:
     return Path(shutil.copytree(source, destination))
 
 
-def write_targets(path: Path, budget: dict[str, float], name: str = "laptop-cpu") -> Path:
+def write_targets(path: Path, budget: dict[str, float], name: str = "laptop-cpu-rtn") -> Path:
     body = {
         "schema_version": 1,
         "targets": {name: {"description": "test", "providers": ["cpu"], "precision": "int4", "budget": budget}},
@@ -71,7 +71,7 @@ def damaged_package(tiny_checkpoints, tiny_llama_package: Path, tmp_path_factory
 
     work = tmp_path_factory.mktemp("damaged")
     damaged = damage_checkpoint(tiny_checkpoints("llama"), work / "checkpoint")
-    build(damaged, work / "damaged-pkg", "laptop-cpu", progress=False, evaluation=None)
+    build(damaged, work / "damaged-pkg", "laptop-cpu-rtn", progress=False, evaluation=None)
     root = copy_package(tiny_llama_package, work / "pkg")
     shutil.rmtree(root / "int4-rtn")
     shutil.copytree(work / "damaged-pkg" / "int4-rtn", root / "int4-rtn")
@@ -117,10 +117,10 @@ def test_fixed_kl_budget_fails_the_damaged_variant_only(
     evaluated_package: Path, damaged_package: Path, tmp_path: Path
 ) -> None:
     targets = write_targets(tmp_path / "targets.yaml", {"max_kl_mean": 0.05})
-    good = check_package(evaluated_package, "laptop-cpu", targets_file=targets)
+    good = check_package(evaluated_package, "laptop-cpu-rtn", targets_file=targets)
     assert good.passed and good.variant == "int4-rtn"
     assert [(c.variant, c.metric, c.passed) for c in good.checks] == [("int4-rtn", "kl_mean", True)]
-    bad = check_package(damaged_package, "laptop-cpu", targets_file=targets)
+    bad = check_package(damaged_package, "laptop-cpu-rtn", targets_file=targets)
     assert not bad.passed
     assert [(c.variant, c.metric, c.passed) for c in bad.checks] == [("int4-rtn", "kl_mean", False)]
     assert bad.checks[0].limit == 0.05
@@ -136,10 +136,10 @@ def test_budget_from_measured_values_passes_the_good_variant_and_fails_the_damag
         "min_top1_agreement": good["top1_agreement"] - 0.1,
     }
     targets = write_targets(tmp_path / "targets.yaml", budget)
-    passed = check_package(evaluated_package, "laptop-cpu", targets_file=targets)
+    passed = check_package(evaluated_package, "laptop-cpu-rtn", targets_file=targets)
     assert passed.passed
     assert len(passed.checks) == 3 and all(c.passed for c in passed.checks)
-    failed = check_package(damaged_package, "laptop-cpu", targets_file=targets)
+    failed = check_package(damaged_package, "laptop-cpu-rtn", targets_file=targets)
     assert not failed.passed
     assert {c.metric: c.passed for c in failed.checks} == {
         "kl_mean": False,
@@ -152,8 +152,8 @@ def test_budget_is_read_at_check_time(evaluated_package: Path, tmp_path: Path) -
     kl = report_of(evaluated_package)["variants"]["int4-rtn"]["kl_mean"]
     loose = write_targets(tmp_path / "loose.yaml", {"max_kl_mean": kl * 2})
     tight = write_targets(tmp_path / "tight.yaml", {"max_kl_mean": kl / 2})
-    assert check_package(evaluated_package, "laptop-cpu", targets_file=loose).passed
-    assert not check_package(evaluated_package, "laptop-cpu", targets_file=tight).passed
+    assert check_package(evaluated_package, "laptop-cpu-rtn", targets_file=loose).passed
+    assert not check_package(evaluated_package, "laptop-cpu-rtn", targets_file=tight).passed
 
 
 def test_target_defined_only_in_the_targets_file_can_be_checked(evaluated_package: Path, tmp_path: Path) -> None:
@@ -176,7 +176,7 @@ def test_evaluation_records_verdicts_in_the_manifest(damaged_package: Path, tmp_
 
 def test_check_exits_0_on_pass(runner, evaluated_package: Path, tmp_path: Path) -> None:
     junit = tmp_path / "junit.xml"
-    result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu", "--junit", str(junit)])
+    result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu-rtn", "--junit", str(junit)])
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output
     suite = ET.parse(junit).getroot()
@@ -190,10 +190,10 @@ def test_check_exits_1_on_fail_with_junit_and_markdown(runner, damaged_package: 
         tmp_path / "targets.yaml", {"max_kl_mean": 0.05, "max_ppl_ratio": 1e9, "min_top1_agreement": 0.5}
     )
     junit, markdown = tmp_path / "junit.xml", tmp_path / "summary.md"
-    args = ["check", str(damaged_package), "-t", "laptop-cpu", "--targets-file", str(targets)]
+    args = ["check", str(damaged_package), "-t", "laptop-cpu-rtn", "--targets-file", str(targets)]
     result = runner.invoke(main, [*args, "--junit", str(junit), "--markdown", str(markdown)], env=WIDE)
     assert result.exit_code == 1, result.output
-    api = check_package(damaged_package, "laptop-cpu", targets_file=targets)
+    api = check_package(damaged_package, "laptop-cpu-rtn", targets_file=targets)
     expected_failures = sum(not c.passed for c in api.checks)
     assert expected_failures == 2  # kl_mean and top1 fail, ppl_ratio passes
 
@@ -218,7 +218,7 @@ def test_check_exits_1_on_fail_with_junit_and_markdown(runner, damaged_package: 
 
 def test_check_markdown_says_pass(runner, evaluated_package: Path, tmp_path: Path) -> None:
     markdown = tmp_path / "summary.md"
-    result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu", "--markdown", str(markdown)])
+    result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu-rtn", "--markdown", str(markdown)])
     assert result.exit_code == 0, result.output
     text = markdown.read_text(encoding="utf-8")
     assert "PASS" in text and "FAIL" not in text
@@ -237,14 +237,14 @@ def test_check_exit_2_without_target_option(runner, evaluated_package: Path) -> 
 
 
 def test_check_exit_2_on_package_without_eval_report(runner, no_eval_package: Path) -> None:
-    result = runner.invoke(main, ["check", str(no_eval_package), "-t", "laptop-cpu"])
+    result = runner.invoke(main, ["check", str(no_eval_package), "-t", "laptop-cpu-rtn"])
     assert result.exit_code == 2, result.output
     assert "no evaluation report" in result.output
     assert "edgekit eval" in result.output
 
 
 def test_check_exit_2_on_missing_package(runner, tmp_path: Path) -> None:
-    result = runner.invoke(main, ["check", str(tmp_path / "nowhere"), "-t", "laptop-cpu"])
+    result = runner.invoke(main, ["check", str(tmp_path / "nowhere"), "-t", "laptop-cpu-rtn"])
     assert result.exit_code == 2
     assert str(tmp_path / "nowhere") in result.output
 
@@ -252,14 +252,14 @@ def test_check_exit_2_on_missing_package(runner, tmp_path: Path) -> None:
 def test_check_exit_2_on_baseline_that_is_not_json(runner, evaluated_package: Path, tmp_path: Path) -> None:
     baseline = tmp_path / "baseline.json"
     baseline.write_text("this is { not json", encoding="utf-8")
-    result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu", "--baseline", str(baseline)])
+    result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu-rtn", "--baseline", str(baseline)])
     assert result.exit_code == 2
     assert "not valid JSON" in result.output and str(baseline) in result.output
 
 
 def test_check_exit_2_on_missing_baseline(runner, evaluated_package: Path, tmp_path: Path) -> None:
     baseline = tmp_path / "absent.json"
-    result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu", "--baseline", str(baseline)])
+    result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu-rtn", "--baseline", str(baseline)])
     assert result.exit_code == 2
     assert str(baseline) in result.output
 
@@ -272,7 +272,7 @@ def test_check_exit_2_on_baseline_with_another_protocol(
     old["protocol"][key] = value
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps(old), encoding="utf-8")
-    result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu", "--baseline", str(baseline)])
+    result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu-rtn", "--baseline", str(baseline)])
     assert result.exit_code == 2, result.output
     assert "another protocol" in result.output
 
@@ -283,10 +283,10 @@ def test_check_exit_2_on_baseline_with_another_protocol(
 def test_identical_baseline_passes(runner, evaluated_package: Path, tmp_path: Path) -> None:
     baseline = Path(shutil.copy(evaluated_package / EVAL_DIR / "report.json", tmp_path / "baseline.json"))
     result = runner.invoke(
-        main, ["check", str(evaluated_package), "-t", "laptop-cpu", "--baseline", str(baseline)], env=WIDE
+        main, ["check", str(evaluated_package), "-t", "laptop-cpu-rtn", "--baseline", str(baseline)], env=WIDE
     )
     assert result.exit_code == 0, result.output
-    api = check_package(evaluated_package, "laptop-cpu", baseline=baseline)
+    api = check_package(evaluated_package, "laptop-cpu-rtn", baseline=baseline)
     baseline_checks = [c for c in api.checks if c.kind == "baseline"]
     assert {c.metric for c in baseline_checks} == {"kl_mean", "kl_p99", "ppl_ratio", "top1_agreement"}
     assert all(c.passed for c in baseline_checks)
@@ -304,10 +304,10 @@ def baseline_with_kl(package: Path, folder: Path, divisor: float) -> Path:
 def test_regression_against_baseline_fails(runner, evaluated_package: Path, tmp_path: Path) -> None:
     baseline = baseline_with_kl(evaluated_package, tmp_path, 100)
     junit = tmp_path / "junit.xml"
-    args = ["check", str(evaluated_package), "-t", "laptop-cpu", "--baseline", str(baseline), "--junit", str(junit)]
+    args = ["check", str(evaluated_package), "-t", "laptop-cpu-rtn", "--baseline", str(baseline), "--junit", str(junit)]
     result = runner.invoke(main, args, env=WIDE)
     assert result.exit_code == 1, result.output
-    api = check_package(evaluated_package, "laptop-cpu", baseline=baseline)
+    api = check_package(evaluated_package, "laptop-cpu-rtn", baseline=baseline)
     assert not api.passed
     failed = [(c.kind, c.variant, c.metric) for c in api.checks if not c.passed]
     assert failed == [("baseline", "int4-rtn", "kl_mean")]
@@ -320,7 +320,7 @@ def test_regression_against_baseline_fails(runner, evaluated_package: Path, tmp_
 def test_baseline_tolerance_is_honoured(runner, evaluated_package: Path, tmp_path: Path) -> None:
     # the current kl_mean is 1.5x the baseline's: a 50% worsening
     baseline = baseline_with_kl(evaluated_package, tmp_path, 1.5)
-    args = ["check", str(evaluated_package), "-t", "laptop-cpu", "--baseline", str(baseline)]
+    args = ["check", str(evaluated_package), "-t", "laptop-cpu-rtn", "--baseline", str(baseline)]
     assert runner.invoke(main, args).exit_code == 1
     assert runner.invoke(main, [*args, "--baseline-tolerance", "0.4"]).exit_code == 1
     assert runner.invoke(main, [*args, "--baseline-tolerance", "0.6"]).exit_code == 0
@@ -407,7 +407,8 @@ def test_eval_exit_2_on_missing_package(runner, tmp_path: Path) -> None:
 
 def test_build_records_budget_verdicts_and_reports(runner, tiny_checkpoints, tmp_path: Path) -> None:
     out = tmp_path / "pkg"
-    args = ["build", str(tiny_checkpoints("llama")), "-o", str(out), "-q", "--eval-windows", "2", "--eval-ctx", "64"]
+    args = ["build", str(tiny_checkpoints("llama")), "-o", str(out), "-q", "-t", "laptop-cpu-rtn"]
+    args += ["--eval-windows", "2", "--eval-ctx", "64"]
     result = runner.invoke(main, args)
     assert result.exit_code == 0, result.output
     manifest = read_manifest(out)
@@ -415,12 +416,12 @@ def test_build_records_budget_verdicts_and_reports(runner, tiny_checkpoints, tmp
     assert evaluation["report"] == "eval/report.json"
     assert (evaluation["protocol"]["windows"], evaluation["protocol"]["ctx"]) == (2, 64)
     budgets = evaluation["budgets"]
-    # Only the targets this laptop-cpu package can deploy are judged (and `check` accepts exactly those).
-    assert set(budgets) == {"laptop-cpu", "edge-arm-cpu"}
+    # Only the targets this laptop-cpu-rtn package can deploy are judged (and `check` accepts exactly those).
+    assert set(budgets) == {"laptop-cpu-rtn", "edge-arm-cpu"}
     for target, verdicts in budgets.items():
         assert set(verdicts) == set(manifest["variants"]), target
         assert all(isinstance(v, bool) for v in verdicts.values()), target
-    assert budgets["laptop-cpu"] == {"fp32": True, "int4-rtn": True}
+    assert budgets["laptop-cpu-rtn"] == {"fp32": True, "int4-rtn": True}
     report = report_of(out)
     assert report["variants"].keys() == evaluation["variants"].keys()
     assert "int4-rtn" in (out / EVAL_DIR / "report.md").read_text(encoding="utf-8")
@@ -432,14 +433,15 @@ def test_build_records_budget_verdicts_and_reports(runner, tiny_checkpoints, tmp
 def test_build_no_eval_writes_no_evaluation(no_eval_package: Path) -> None:
     manifest = read_manifest(no_eval_package)
     assert "evaluation" not in manifest
-    assert not (no_eval_package / EVAL_DIR).exists()
+    # The default target's recipe keeps its sensitivity table there (a later build reuses it); nothing else.
+    assert [p.name for p in (no_eval_package / EVAL_DIR).iterdir()] == ["sensitivity.json"]
     verify_files(no_eval_package, manifest)
 
 
 def test_eval_judges_exactly_the_targets_check_accepts(evaluated_package: Path, runner) -> None:
     """`eval` printed budgets for targets a package cannot deploy, which `check` then refused (exit 2)."""
     judged = set(report_of(evaluated_package)["budgets"])
-    assert judged == {"laptop-cpu", "edge-arm-cpu"}
+    assert judged == {"laptop-cpu-rtn", "edge-arm-cpu"}
     for target in load_targets():
         result = runner.invoke(main, ["check", str(evaluated_package), "-t", target])
         assert (result.exit_code != 2) == (target in judged), (target, result.output)

@@ -168,7 +168,7 @@ def test_check_fails_a_tampered_package(runner, tmp_path: Path, tiny_llama_packa
     from edgekit.package.manifest import read_manifest, write_manifest
 
     package = Path(shutil.copytree(tiny_llama_package, tmp_path / "pkg"))
-    assert runner.invoke(main, ["check", str(package), "-t", "laptop-cpu"]).exit_code == 0
+    assert runner.invoke(main, ["check", str(package), "-t", "laptop-cpu-rtn"]).exit_code == 0
     data = package / "int4-rtn" / "model.onnx.data"
     if damage == "flipped-byte":
         blob = bytearray(data.read_bytes())
@@ -182,7 +182,7 @@ def test_check_fails_a_tampered_package(runner, tmp_path: Path, tiny_llama_packa
         raw = json.loads((package / "manifest.json").read_text())
         raw["files"].append({"path": "../secret", "size": 1, "sha256": "0" * 64})
         (package / "manifest.json").write_text(json.dumps(raw))
-    result = runner.invoke(main, ["check", str(package), "-t", "laptop-cpu"])
+    result = runner.invoke(main, ["check", str(package), "-t", "laptop-cpu-rtn"])
     assert result.exit_code == 2 and "PASS" not in result.output
 
 

@@ -337,7 +337,7 @@ def test_info_shows_architecture_variants_and_validation(runner, tiny_llama_pack
     assert f"{manifest['parameter_count']:,} parameters" in out
     assert "fp32" in out and "int4-rtn" in out
     assert "int4-rtn *" in out  # the deployed variant is marked
-    assert "target laptop-cpu: runs 'int4-rtn' on cpu" in out
+    assert "target laptop-cpu-rtn: runs 'int4-rtn' on cpu" in out
     validation = manifest["validation"]
     assert f"max |Δlogit| {validation['max_abs_diff']:.2e}" in out
     assert f"tolerance {validation['tolerance']:g}" in out

@@ -144,6 +144,8 @@ def _profile(**changes: object) -> dict[str, object]:
         ({"int4_methods": ["recipe", "rtn"]}, "needs rtn before it"),
         ({"budget": {}}, "budget.max_kl_mean"),
         ({"recipe": {"max_model_bytes": 10, "optimize": "size"}}, "not both"),
+        ({"recipe": {"max_model_bytes": 10, "optimize": "loss"}}, "not both"),
+        ({"recipe": {"optimize": "speed"}}, "'size' or 'loss'"),
         ({"recipe": {"candidates": ["int4-b32-sym-rtn", "int5-b32-sym-rtn"]}}, "int4-b32-asym-weighted"),
         ({"recipe": {"max_bytes": 10}}, "'max_bytes'"),
         ({"precision": "fp16"}, "precision int4"),
@@ -156,10 +158,10 @@ def test_a_recipe_a_target_cannot_build_is_refused_naming_the_rule(changes: dict
 
 
 def test_max_model_bytes_turns_a_cpu_target_into_a_recipe_target() -> None:
-    target = with_max_model_bytes(get_target("laptop-cpu"), 5_000_000)
+    target = with_max_model_bytes(get_target("laptop-cpu-rtn"), 5_000_000)
     assert [m.value for m in target.int4_methods] == ["rtn", "recipe"]
-    assert target.recipe.max_model_bytes == 5_000_000
-    assert target.name == "laptop-cpu"
+    assert target.recipe.max_model_bytes == 5_000_000 and target.recipe.optimize is None
+    assert target.name == "laptop-cpu-rtn"
 
 
 @pytest.mark.parametrize("target", ["edge-cuda", "laptop-dml"])
@@ -197,8 +199,13 @@ def test_a_size_budget_build_deploys_a_recipe_that_fits_is_evaluated_and_generat
     from edgekit.runtimes.model import load
 
     out = tmp_path / "pkg"
-    # Made once without a budget to learn the RTN variant's size; the recipe must fit in 90% of it.
-    rtn_size = _model_bytes(build(tiny_checkpoints("llama"), out, "laptop-cpu", progress=False).out / "int4-rtn")
+    # The default target first: its recipe (optimize: loss) fits in its own RTN variant's model bytes.
+    default = build(tiny_checkpoints("llama"), out, "laptop-cpu", progress=False).manifest
+    rtn_size = _model_bytes(out / "int4-rtn")
+    assert default["targets"]["laptop-cpu"]["variant"] == "int4-recipe"
+    assert _model_bytes(out / "int4-recipe") == default["variants"]["int4-recipe"]["recipe"]["model_bytes"] <= rtn_size
+    assert default["variants"]["int4-recipe"]["recipe"]["sensitivity_reused"] is False
+    # Then a byte budget under RTN's size: the same model and text, so the table comes from the user's cache.
     budget = int(rtn_size * 0.9)
     result = build(tiny_checkpoints("llama"), out, "laptop-cpu", progress=False, force=True, max_model_bytes=budget)
     manifest = result.manifest
@@ -211,16 +218,12 @@ def test_a_size_budget_build_deploys_a_recipe_that_fits_is_evaluated_and_generat
     graph = onnx.load(str(out / "fp32" / "model.onnx"), load_external_data=False)
     expected = {linear.name for linear in find_linears(graph) if linear.tied_to is None}
     assert set(formats) == expected and "lm_head" in formats and len(formats) > 10  # every linear, head, embedding
-    assert recipe["decode_ratio"] is not None and recipe["sensitivity_reused"] is False
+    assert recipe["decode_ratio"] is not None and recipe["sensitivity_reused"] is True
     assert 1 <= recipe["kept_round"] <= recipe["search_rounds"]
     report = json.loads((out / "eval" / "report.json").read_text())
     assert "int4-recipe" in report["variants"]
     assert (out / "eval" / "sensitivity.json").is_file()
     assert load(out).generate("Hello", max_new_tokens=4) is not None
-
-    # Another budget for the same model and text: the sensitivity table is read from the user's cache.
-    again = build(tiny_checkpoints("llama"), tmp_path / "pkg2", "laptop-cpu", progress=False, max_model_bytes=rtn_size)
-    assert again.manifest["variants"]["int4-recipe"]["recipe"]["sensitivity_reused"] is True
     assert any(private_cache.rglob("*.json"))
 
 
@@ -254,7 +257,7 @@ def test_the_cli_refuses_max_model_bytes_on_a_gpu_target_in_one_line(tiny_checkp
 @pytest.mark.parametrize(
     ("extra", "phrase"),
     [
-        ([], "builds no per-tensor recipe"),  # laptop-cpu alone deploys RTN
+        (["-t", "laptop-cpu-rtn"], "builds no per-tensor recipe"),
         (["--max-model-bytes", "1000000", "--min-decode-ratio", "0"], "greater than 0"),
         (["--max-model-bytes", "1000000", "--min-decode-ratio", "5"], "less than or equal to 4"),
     ],
@@ -270,6 +273,22 @@ def test_the_cli_refuses_a_speed_bound_it_cannot_apply_in_one_line(
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and "--min-decode-ratio" in lines[0] and phrase in lines[0], result.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_loss_objective_bounds_the_bytes_by_the_rtn_variants() -> None:
+    from edgekit.recipe_step import recipe_request
+
+    target = get_target("laptop-cpu")
+    assert target.recipe.optimize == "loss" and target.recipe.max_model_bytes is None
+    request = recipe_request(target, rtn_model_bytes=123_456)
+    assert (request.max_model_bytes, request.max_kl, request.min_top1) == (123_456, None, None)
+    with pytest.raises(ValueError, match="RTN variant's model bytes"):
+        recipe_request(target)
+    # --max-model-bytes replaces the objective; the RTN size no longer matters.
+    assert recipe_request(with_max_model_bytes(target, 10**6), rtn_model_bytes=5).max_model_bytes == 10**6
+    # A loss objective needs no accuracy budget: the bytes bound it.
+    (parsed,) = parse_targets(_profile(budget={}, recipe={"optimize": "loss"})).values()
+    assert parsed.recipe.optimize == "loss"
 
 
 def test_a_speed_bound_from_the_command_line_reaches_the_recipe_request() -> None:
@@ -440,6 +459,39 @@ def test_the_rewritten_head_and_tied_embedding_compute_with_the_dequantized_weig
     dequantized = quantize_matrix(weight.T, fmt).dequantize()  # [n, k]
     np.testing.assert_allclose(embedded[0], dequantized[ids[0]], rtol=1e-5, atol=1e-6)
     expected = (dequantized[ids[0]] + x[0]) @ dequantized.T
+    np.testing.assert_allclose(logits[0], expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("ids_name", ["input_ids", "tokens"])
+def test_block_means_are_padded_by_zeros_made_once_or_by_a_pad_without_input_ids(ids_name: str) -> None:
+    """Zeros from input_ids' shape, ahead of the graph, pad the means (a Pad per activation cost decode time);
+    a graph without input_ids pads where the means are made. Both compute the same product."""
+    import onnxruntime as ort
+
+    from edgekit.quant.graph_rewrite import rewrite_model
+
+    rng = np.random.default_rng(5)
+    k, n = 192, 96  # block 32: six blocks of means, padded to 32 columns per digit
+    weight = (rng.standard_normal((k, n)) * 0.05 + rng.standard_normal((1, n)) * 0.03).astype(np.float32)
+    model = _tied_graph(weight)
+    for value in [*model.graph.input, *model.graph.node]:
+        names = value.input if isinstance(value, onnx.NodeProto) else None
+        if names is None and value.name == "input_ids":
+            value.name = ids_name
+        elif names is not None:
+            names[:] = [ids_name if name == "input_ids" else name for name in names]
+    fmt = parse_format("int4-b32-asym-rtn")
+    quantized = quantize_matrix(weight.T, fmt)
+    rewritten = rewrite_model(model, {"lm_head": fmt}, 0, lambda linear, f: quantized)
+    ops = [node.op_type for node in rewritten.graph.node]
+    assert ops.count("AveragePool") == 1 and ops.count("Pad") == (ids_name != "input_ids")
+    assert ops.count("ConstantOfShape") == (ids_name == "input_ids")
+    session = ort.InferenceSession(rewritten.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 5, n - 1]], dtype=np.int64)
+    x = rng.standard_normal((1, 3, k)).astype(np.float32)
+    logits, embedded = session.run(["logits", "embedded"], {ids_name: ids, "x": x})
+    # (Without input_ids the embedding is not recognised as tied: the head's product is what is compared.)
+    expected = (embedded[0] + x[0]) @ quantized.dequantize().T
     np.testing.assert_allclose(logits[0], expected, rtol=1e-4, atol=1e-4)
 
 

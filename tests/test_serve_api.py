@@ -42,7 +42,7 @@ def test_models_lists_the_variant_and_target(server: dict[str, Any], tiny_model:
     (entry,) = server["client"].models.list().data
     assert entry.id == "tiny" and entry.object == "model" and entry.owned_by == "edgekit"
     assert entry.model_extra["variant"] == tiny_model.info.variant
-    assert entry.model_extra["target"] == "laptop-cpu"
+    assert entry.model_extra["target"] == "laptop-cpu-rtn"
     assert entry.model_extra["context_length"] == tiny_model.context_length
     assert server["client"].models.retrieve("tiny").id == "tiny"
     with pytest.raises(openai.NotFoundError):

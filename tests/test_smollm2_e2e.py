@@ -18,13 +18,17 @@ def test_build_records_a_validated_reference_and_the_int4_choice(smollm2_package
     assert manifest["architecture"] == "llama"
     assert 130e6 < manifest["parameter_count"] < 140e6
     assert manifest["validation"]["max_abs_diff"] <= manifest["validation"]["tolerance"]
-    assert manifest["targets"]["laptop-cpu"]["variant"] == "int4-rtn"
+    assert manifest["targets"]["laptop-cpu"]["variant"] == "int4-recipe"
     assert manifest["variants"]["int4-rtn"]["bytes"] < manifest["variants"]["fp32"]["bytes"] / 4
+    # The default recipe fits in the RTN variant's model bytes (optimize: loss) and says what it chose.
+    recipe = manifest["variants"]["int4-recipe"]["recipe"]
+    assert recipe["model_bytes"] <= manifest["variants"]["int4-rtn"]["bytes"]
+    assert len(recipe["tensors"]) >= 30 * 5
     assert manifest["source"]["weights"][0]["name"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["fp32", "int4-rtn"])
+@pytest.mark.parametrize("variant", ["fp32", "int4-rtn", "int4-recipe"])
 def test_each_variant_answers_paris(smollm2_package: Path, variant: str, runner) -> None:
     result = runner.invoke(
         main,
@@ -59,6 +63,11 @@ def test_build_measures_int4_against_fp32_and_the_laptop_budget_passes(smollm2_p
     assert 1.05 < int4["ppl_ratio"] < 1.6
     assert evaluation["variants"]["fp32"]["kl_mean"] == 0.0
     assert evaluation["budgets"]["laptop-cpu"]["int4-rtn"] is True
+    # The deployed recipe, calibrated on the built-in corpus's calibration part, loses far less than RTN.
+    recipe = evaluation["variants"]["int4-recipe"]
+    assert recipe["kl_mean"] < 0.5 * int4["kl_mean"]
+    assert recipe["top1_agreement"] > int4["top1_agreement"]
+    assert evaluation["budgets"]["laptop-cpu"]["int4-recipe"] is True
     result = runner.invoke(main, ["check", str(smollm2_package), "--target", "laptop-cpu"])
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output

@@ -25,6 +25,7 @@ from edgekit.targets import (
 
 EXPECTED_CHAINS = {
     "laptop-cpu": ("cpu",),
+    "laptop-cpu-rtn": ("cpu",),
     "laptop-cpu-gptq": ("cpu",),
     "laptop-cpu-recipe": ("cpu",),
     "laptop-dml": ("dml", "cpu"),
@@ -67,6 +68,7 @@ def test_bundled_targets_yaml_parses_with_the_expected_provider_chains() -> None
     heads = {name: t.lm_head.value for name, t in targets.items()}
     assert heads == {
         "laptop-cpu": "int8",
+        "laptop-cpu-rtn": "int8",
         "laptop-cpu-gptq": "int8",
         "laptop-cpu-recipe": "int8",
         "laptop-dml": "int4",
@@ -74,7 +76,9 @@ def test_bundled_targets_yaml_parses_with_the_expected_provider_chains() -> None
         "edge-arm-cpu": "int8",
     }
     assert [m.value for m in targets["laptop-cpu-gptq"].int4_methods] == ["rtn", "gptq"]
-    assert [m.value for m in targets["laptop-cpu"].int4_methods] == ["rtn"]
+    assert [m.value for m in targets["laptop-cpu-rtn"].int4_methods] == ["rtn"]
+    assert [m.value for m in targets["laptop-cpu"].int4_methods] == ["rtn", "recipe"]
+    assert targets["laptop-cpu"].recipe.optimize == "loss"
     assert [m.value for m in targets["laptop-cpu-recipe"].int4_methods] == ["rtn", "recipe"]
 
 

@@ -42,6 +42,8 @@ WHOLE_BYTES_PER_PARAM = 7.5
 STREAMED_BYTES_PER_LAYER_PARAM = 4.0
 STREAMED_BLOCK_BYTES = GIB // 4
 """One block of embedding or LM-head rows: bf16 read, fp32 copy, transposed copy, quantized output."""
+RECIPE_ROUNDS = 3
+"""The most rounds a recipe search builds (``quant.recipe_build._ROUNDS``; a test keeps the two equal)."""
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 _SKIPPED = ("visual.", "vision_tower.", "mtp.")  # never exported by the text builders
 
@@ -160,7 +162,8 @@ def estimate_from_shapes(
             hessians = max((sum(8 * n * n for n in dims) + 8 * max(dims) ** 2 for dims in inputs.values()), default=0)
         gptq = BASE_BYTES + 12 * largest + activations + hessians
         peak = max(peak, gptq)
-    disk = sum(_variant_bytes(shapes, variant, tied) for variant in variants)
+    # A recipe's search keeps every round it builds until it picks one (quant/recipe_build.py).
+    disk = sum(_variant_bytes(shapes, v, tied) * (RECIPE_ROUNDS if v.method == "recipe" else 1) for v in variants)
     return BuildEstimate(parameters, largest, int(peak), disk, streaming)
 
 

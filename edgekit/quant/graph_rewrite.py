@@ -9,7 +9,7 @@ cache layout stay the builder's. For each quantized linear:
   file holds half of them;
 - a zero-point tensor gives MatMulNBits its packed ``zero_points`` input (GatherBlockQuantized too);
 - an asymmetric tensor's float offsets are extra columns of its MatMulNBits (``offset_digits``): its input
-  is the activation with its block means appended (an AveragePool, a Pad to whole blocks and a Concat,
+  is the activation with its block means appended (an AveragePool and a Concat with zeros to whole blocks,
   shared by the linears that read that activation), so the product, offsets included, is one kernel call;
   an asymmetric embedding adds its gathered offset columns back to its blocks.
 
@@ -177,7 +177,8 @@ class _Rewriter:
         self.quantized: dict[str, QuantizedMatrix] = {}
         self.stored: dict[str, dict[str, str]] = {}  # weight -> its stored initializers' names
         self.block_means: dict[tuple[str, int, int], str] = {}
-        self.prefix: list[onnx.NodeProto] = []  # casts and reshapes of constants: folded at load
+        # Casts and reshapes of constants (folded at load) and the block means' zero padding: ahead of the graph.
+        self.prefix: list[onnx.NodeProto] = []
         self.replaced_weights: set[str] = set()
         self.replacements: dict[str, list[onnx.NodeProto]] = {}  # node name -> the nodes that stand in for it
 
@@ -306,7 +307,7 @@ class _Rewriter:
 
     def _with_block_means(self, activation: str, fmt: TensorFormat, blocks: int, new: list[onnx.NodeProto]) -> str:
         """``activation`` [..., K] with its block means appended, padded to whole blocks, once per offset digit:
-        the input an asymmetric linear's MatMulNBits multiplies (``offset_digits``). One AveragePool, Pad and
+        the input an asymmetric linear's MatMulNBits multiplies (``offset_digits``). One AveragePool and one
         Concat per activation and format, shared by the linears that read it."""
         count = offset_digits.digits(fmt.bits)
         key = (activation, fmt.block_size, count)
@@ -317,15 +318,30 @@ class _Rewriter:
                 helper.make_node("AveragePool", [activation], [base], kernel_shape=[size], strides=[size], name=base)
             )
             width = offset_digits.segment(blocks, size)
-            means = base
-            if width > blocks:
-                means = f"{base}_padded"
-                pads = self._int64(f"{means}_pads", [0, 0, 0, 0, 0, width - blocks])
-                new.append(helper.make_node("Pad", [base, pads], [means], name=means))
+            segment = self._padded(base, width - blocks, new) if width > blocks else [base]
             joined = f"{base}_joined"
-            new.append(helper.make_node("Concat", [activation, *[means] * count], [joined], axis=-1, name=joined))
+            new.append(helper.make_node("Concat", [activation, *segment * count], [joined], axis=-1, name=joined))
             self.block_means[key] = joined
         return self.block_means[key]
+
+    def _padded(self, means: str, width: int, new: list[onnx.NodeProto]) -> list[str]:
+        """``means`` [batch, sequence, blocks] and ``width`` zero columns after them, as Concat inputs.
+
+        The zeros are made once per width from ``input_ids``' shape, ahead of the graph: a Pad per activation
+        cost a measurable share of a decode step. A graph without ``input_ids`` pads ``means`` where it stands.
+        """
+        name = f"block_means_zeros{width}"
+        if any(name in node.output for node in self.prefix):
+            return [means, name]
+        if not any(i.name == "input_ids" for i in self.graph.input):
+            padded = f"{means}_padded"
+            pads = self._int64(f"{padded}_pads", [0, 0, 0, 0, 0, width])
+            new.append(helper.make_node("Pad", [means, pads], [padded], name=padded))
+            return [padded]
+        rows = self._constant(f"{name}_rows", "Shape", ["input_ids"])
+        shape = self._constant(f"{name}_shape", "Concat", [rows, self._int64(f"{name}_width", [width])], axis=0)
+        zero = helper.make_tensor(f"{name}_value", TensorProto.FLOAT, [1], [0.0])
+        return [means, self._constant(name, "ConstantOfShape", [shape], value=zero)]
 
     def _initializer(self, name: str, array: np.ndarray) -> str:
         self.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
