@@ -45,7 +45,7 @@ def main() -> None:
             from edgekit.pipeline import build
 
             package = Path(tmp) / "pkg"
-            build(demo_gguf_path(), package, "laptop-cpu", progress=False, evaluation=None)
+            build(demo_gguf_path(), package, "laptop-cpu-rtn", progress=False, evaluation=None)
         start = time.perf_counter()
         report = evaluate_package(package, corpus=load_text(args.text), windows=args.windows, ctx=args.ctx)
         total = time.perf_counter() - start

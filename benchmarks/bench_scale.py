@@ -15,8 +15,8 @@ both INT4 variants streamed); the peak RSS is then GPTQ's or the export's, which
 ``--recipe`` builds the default ``laptop-cpu`` whole (not streamed), as ``edgekit build CKPT -o OUT --no-eval``
 does: the fp32 export, the RTN variant and the per-tensor recipe searched on the built-in corpus.
 
-Where the configs come from: Qwen3-1.7B and Qwen3-4B are the values of the published config.json files of
-Qwen/Qwen3-1.7B and Qwen/Qwen3-4B; the 9B is transformers' ``Qwen3_5TextConfig`` defaults, which its
+Where the configs come from: Qwen3-0.6B, Qwen3-1.7B and Qwen3-4B are the values of the published config.json
+files of Qwen/Qwen3-0.6B, Qwen/Qwen3-1.7B and Qwen/Qwen3-4B; the 9B is transformers' ``Qwen3_5TextConfig`` defaults, which its
 docstring calls "the Qwen3.5-9B style configuration" (``transformers/models/qwen3_5/configuration_qwen3_5.py``).
 The 9B's vision tower is cut to one small block: the text export never reads it.
 """
@@ -42,6 +42,8 @@ _QWEN3_COMMON = dict(
     tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=3, hidden_act="silu",
 )  # fmt: skip
 SIZES: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": dict(_QWEN3_COMMON, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                       num_attention_heads=16, num_key_value_heads=8),
     "qwen3-1.7b": dict(_QWEN3_COMMON, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                        num_attention_heads=16, num_key_value_heads=8),
     "qwen3-4b": dict(_QWEN3_COMMON, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,

@@ -112,6 +112,8 @@ class BuildContext:
     variants: dict[str, dict[str, Any]] = field(default_factory=dict)
     parity: ParityResult | None = None
     tokenizer_parity: TokenizerParity | None = None
+    recipe_dropped: str | None = None
+    """Why the target's recipe is not built (memory), where a whole-model build runs without it."""
 
     @property
     def log_path(self) -> Path:
@@ -159,6 +161,11 @@ def check_resources(context: BuildContext) -> None:
         f"[dim]estimate ({how}, {chosen.parameters / 1e9:.2f}B parameters): peak {chosen.peak_memory / 2**30:.1f} "
         f"GiB of memory, {chosen.disk / 1e9:.1f} GB of disk[/dim]"
     )
+    if plan.recipe_dropped is not None:
+        context.recipe_dropped = (
+            f"the recipe search needs about {plan.recipe_dropped.peak_memory / 2**30:.1f} GiB of memory, more than "
+            "is available, so no int4-recipe (build on a machine with more memory, or for laptop-cpu-rtn)"
+        )
     if plan.switched:
         note = (
             f"streamed export: the whole-model build needs about {plan.whole.peak_memory / 2**30:.1f} GiB of memory, "
@@ -212,6 +219,9 @@ def plan_variants_step(context: BuildContext) -> None:
             with context.reporter.step(f"GPTQ ({settings.samples} x {settings.seq_len} calibration tokens)") as detail:
                 _make_gptq_checkpoint(context, gptq_folder, detail)
             context.folders = {v.name: gptq_folder for v in context.plan if v.method == Int4Method.GPTQ.value}
+    if context.recipe_dropped is not None and not context.options.streaming:
+        context.warnings.append(context.recipe_dropped)
+        context.plan = [variant for variant in context.plan if variant.method != Int4Method.RECIPE.value]
     if context.options.streaming:
         if any(v.method == Int4Method.RECIPE.value for v in context.plan):
             context.warnings.append("streamed build: no fp32 reference to measure a recipe on, so no int4-recipe")

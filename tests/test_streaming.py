@@ -309,6 +309,33 @@ def test_build_refuses_when_memory_is_short(
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
+def test_a_recipe_search_that_does_not_fit_is_left_out_and_rtn_deployed(
+    tiny_checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The export fits in memory and the recipe search would not: a whole-model build without the recipe."""
+    from edgekit.pipeline import build
+    from edgekit.quant import recipe_build
+    from edgekit.targets import get_target
+    from edgekit.variants import target_variants
+
+    assert memory_estimate.RECIPE_ROUNDS == recipe_build._ROUNDS  # the disk estimate counts every round
+
+    monkeypatch.setattr(memory_estimate, "available_memory", lambda: 2 * GIB)
+    monkeypatch.setattr(memory_estimate, "RECIPE_BYTES_PER_PARAM", 1e6)  # the tiny model's search: terabytes
+    result = build(tiny_checkpoints("llama"), tmp_path / "pkg", "laptop-cpu", progress=False, evaluation=None)
+    assert set(result.manifest["variants"]) == {"fp32", "int4-rtn"}  # whole: the fp32 reference is there
+    assert result.manifest["targets"]["laptop-cpu"]["variant"] == "int4-rtn"
+    (note,) = [w for w in result.warnings if "recipe search needs about" in w]
+    assert "no int4-recipe" in note and "laptop-cpu-rtn" in note
+    monkeypatch.undo()
+    plain = memory_estimate.estimate_from_shapes({"model.layers.0.mlp.w": (1000, 1000)}, [], streaming=False, tied=False)
+    recipe = memory_estimate.estimate_from_shapes(
+        {"model.layers.0.mlp.w": (1000, 1000)}, target_variants(get_target("laptop-cpu")), streaming=False, tied=False
+    )
+    per_param = memory_estimate.RECIPE_BYTES_PER_PARAM - memory_estimate.WHOLE_BYTES_PER_PARAM
+    assert recipe.peak_memory - plain.peak_memory == per_param * 10**6 > 0
+
+
 def test_memory_refusal_names_streaming_when_it_fits() -> None:
     whole = BuildEstimate(9_000_000_000, 220_000_000, 70 * GIB, 9 * 10**9, streaming=False)
     streamed = BuildEstimate(9_000_000_000, 220_000_000, 5 * GIB, 9 * 10**9, streaming=True)

@@ -3,9 +3,10 @@
 The per-parameter costs below were fit to measured peaks (``benchmarks/bench_scale.py``; the figures and
 their machine are in docs/streaming.md and docs/benchmarks.md), rounded up so the estimate stays above them:
 
-- onnxruntime-genai's own export holds the PyTorch model, then serializes the whole float graph to one
-  in-memory ModelProto before quantizing it: about 7.5 bytes of RSS per parameter on top of ~1 GiB of
-  libraries; validation and evaluation stay below that.
+- a whole-model build's peak is its validation against PyTorch, in a process that still holds what
+  onnxruntime-genai's export left (the export alone: about 7.5 bytes of RSS per parameter on top of ~1 GiB
+  of libraries): about 20 bytes per parameter for a 0.6B model with a 152k vocabulary; a build that also
+  searches a per-tensor recipe peaks in the search, about 28.
 - the streamed export (``exporters/streaming.py``) holds one decoder layer (bf16 as stored) and one
   block of rows in fp32 with the quantizer's buffers, plus the same libraries: 4 bytes per parameter of
   the largest layer and a quarter GiB for the blocks.
@@ -38,7 +39,11 @@ from edgekit.variants import VariantSpec
 GIB = 1024**3
 BASE_BYTES = 1 * GIB
 """Python, torch, transformers, onnxruntime and the builder, loaded."""
-WHOLE_BYTES_PER_PARAM = 7.5
+WHOLE_BYTES_PER_PARAM = 20.0
+RECIPE_BYTES_PER_PARAM = 28.0
+"""A whole-model build that searches a per-tensor recipe (``quant/recipe_build.py``): onnxruntime holds the
+fp32 export with its weights as inputs, the calibration logits and activations, then the rounds' quantized
+tensors and sessions, in a process that still holds what validation left; see docs/streaming.md."""
 STREAMED_BYTES_PER_LAYER_PARAM = 4.0
 STREAMED_BLOCK_BYTES = GIB // 4
 """One block of embedding or LM-head rows: bf16 read, fp32 copy, transposed copy, quantized output."""
@@ -142,7 +147,10 @@ def estimate_from_shapes(
     if streaming:
         peak = BASE_BYTES + STREAMED_BYTES_PER_LAYER_PARAM * largest + STREAMED_BLOCK_BYTES
     else:
-        peak = BASE_BYTES + WHOLE_BYTES_PER_PARAM * parameters
+        per_param = WHOLE_BYTES_PER_PARAM
+        if any(v.method == "recipe" for v in variants):
+            per_param = RECIPE_BYTES_PER_PARAM
+        peak = BASE_BYTES + per_param * parameters
     if calibration_tokens:
         hidden = max((shape[1] for name, shape in shapes.items() if "embed_tokens" in name), default=0)
         widest = max((max(dims) for dims in inputs.values()), default=hidden)
@@ -244,6 +252,8 @@ class ResourcePlan:
     """True when the whole-model build would not fit in memory and the streamed one does."""
     whole: BuildEstimate
     streamed: BuildEstimate
+    recipe_dropped: BuildEstimate | None = None
+    """The whole-model estimate with the recipe search, when it did not fit and the build without it does."""
 
 
 def check_build_resources(
@@ -308,15 +318,22 @@ def plan_resources(
         return estimate_from_shapes(shapes, variants, streaming=streamed, tied=tied, calibration_tokens=tokens,
                                     gptq_one_pass=target.gptq.one_pass)  # fmt: skip
 
-    whole, streamed = estimate(plan_variants(target), False), estimate(target_variants(target), True)
+    planned = plan_variants(target)
+    whole, streamed = estimate(planned, False), estimate(target_variants(target), True)
     memory = available_memory() if memory is None else memory
+    dropped = None
+    if not streaming and whole.peak_memory > memory:
+        # The recipe search is what does not fit: build the rest whole and deploy what it built (the build warns).
+        plain = estimate([v for v in planned if v.method != "recipe"], False)
+        if plain.peak_memory <= memory < whole.peak_memory:
+            whole, dropped = plain, whole
     switch = not streaming and whole.peak_memory > memory >= streamed.peak_memory
     if switch and architecture.streamed_builder is not None:
         check_resources(_with_disk(streamed, scratch_disk), out, source=source, memory=memory)
         return ResourcePlan(True, True, whole, streamed)
     chosen = streamed if streaming else whole
     check_resources(_with_disk(chosen, scratch_disk), out, source=source, streamed=streamed, memory=memory)
-    return ResourcePlan(streaming, False, whole, streamed)
+    return ResourcePlan(streaming, False, whole, streamed, dropped)
 
 
 def _with_disk(estimate: BuildEstimate, extra: int) -> BuildEstimate:

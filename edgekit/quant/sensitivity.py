@@ -127,19 +127,16 @@ def measure_sensitivity(
     layers = 1 + max((int(m["index"]) for lin in linears if (m := _LAYER.match(lin.name))), default=0)
     rng = np.random.default_rng(0)
     proxies: dict[str, dict[str, float]] = {}
-    probes: dict[str, np.ndarray] = {}
     for number, linear in enumerate(linears, 1):
         if progress:
             progress(f"proxies {number}/{len(linears)}")
-        matrix = weights(linear)
         importance = reference.importance.get(linear.activation) if linear.activation else None
         rows = np.sort(rng.choice(linear.rows, min(_PROXY_ROWS, linear.rows), replace=False))
-        sample = matrix[rows]
+        sample = weights(linear)[rows]
         proxies[linear.name] = {
             fmt.spelling: weighted_error(sample, quantize_matrix(sample, fmt, importance), importance)
             for fmt in candidate_formats(linear, candidates)
         }
-        probes[linear.name] = stored_layout(linear, quantize_matrix(matrix, PROBE_FORMAT).dequantize())
     groups: dict[str, list[Linear]] = {}
     for linear in linears:
         groups.setdefault(group_of(linear, layers), []).append(linear)
@@ -147,8 +144,12 @@ def measure_sensitivity(
     for number, (group, members) in enumerate(groups.items(), 1):
         if progress:
             progress(f"probe {number}/{len(groups)}: {group}")
-        overrides = {lin.weight: probes[lin.name] for lin in members}
+        # One group's quantized weights at a time: all of them at once would be a second fp32 model.
+        overrides = {
+            lin.weight: stored_layout(lin, quantize_matrix(weights(lin), PROBE_FORMAT).dequantize()) for lin in members
+        }
         group_losses[group] = max(0.0, probe.kl(windows, scored, reference, overrides))
+        del overrides
     tensors = []
     for group, members in groups.items():
         total = sum(proxies[lin.name][PROBE_FORMAT.spelling] for lin in members) or 1.0
