@@ -328,10 +328,10 @@ def test_a_recipe_search_that_does_not_fit_is_left_out_and_rtn_deployed(
     (note,) = [w for w in result.warnings if "recipe search needs about" in w]
     assert "no int4-recipe" in note and "laptop-cpu-rtn" in note
     monkeypatch.undo()
-    plain = memory_estimate.estimate_from_shapes({"model.layers.0.mlp.w": (1000, 1000)}, [], streaming=False, tied=False)
-    recipe = memory_estimate.estimate_from_shapes(
-        {"model.layers.0.mlp.w": (1000, 1000)}, target_variants(get_target("laptop-cpu")), streaming=False, tied=False
-    )
+    shapes = {"model.layers.0.mlp.w": (1000, 1000)}
+    plain = memory_estimate.estimate_from_shapes(shapes, [], streaming=False, tied=False)
+    variants = target_variants(get_target("laptop-cpu"))
+    recipe = memory_estimate.estimate_from_shapes(shapes, variants, streaming=False, tied=False)
     per_param = memory_estimate.RECIPE_BYTES_PER_PARAM - memory_estimate.WHOLE_BYTES_PER_PARAM
     assert recipe.peak_memory - plain.peak_memory == per_param * 10**6 > 0
 
