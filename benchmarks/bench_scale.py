@@ -17,7 +17,8 @@ does: the fp32 export, the RTN variant and the per-tensor recipe searched on the
 
 Where the configs come from: Qwen3-0.6B, Qwen3-1.7B and Qwen3-4B are the values of the published
 config.json files of Qwen/Qwen3-0.6B, Qwen/Qwen3-1.7B and Qwen/Qwen3-4B; the 9B is transformers'
-``Qwen3_5TextConfig`` defaults, which its docstring calls "the Qwen3.5-9B style configuration" (``transformers/models/qwen3_5/configuration_qwen3_5.py``).
+``Qwen3_5TextConfig`` defaults, which its docstring calls "the Qwen3.5-9B style configuration"
+(``transformers/models/qwen3_5/configuration_qwen3_5.py``).
 The 9B's vision tower is cut to one small block: the text export never reads it.
 """
 
