@@ -164,7 +164,8 @@ def check_resources(context: BuildContext) -> None:
     if plan.recipe_dropped is not None:
         context.recipe_dropped = (
             f"the recipe search needs about {plan.recipe_dropped.peak_memory / 2**30:.1f} GiB of memory, more than "
-            "is available, so no int4-recipe (build on a machine with more memory, or for laptop-cpu-rtn)"
+            "is available, so no int4-recipe (build on a machine with more memory, or for a target without recipe "
+            "in its int4_methods, such as laptop-cpu-rtn)"
         )
     if plan.switched:
         note = (

@@ -252,7 +252,9 @@ class Target(_Strict):
         objective = self.recipe
         if objective.max_model_bytes is None and objective.optimize != "loss" and self.budget.max_kl_mean is None:
             raise PydanticCustomError(
-                "recipe_budget", "a recipe without max_model_bytes optimizes size within budget.max_kl_mean: set one"
+                "recipe_budget",
+                "a recipe without max_model_bytes optimizes size within budget.max_kl_mean: set one, or "
+                "max_model_bytes, or optimize: loss",
             )
         return self
 

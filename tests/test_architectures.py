@@ -36,7 +36,9 @@ def test_tiny_model_builds_matches_transformers_and_generates_the_same_tokens(
     manifest = json.loads((out / "manifest.json").read_text())
     tolerance = manifest["validation"]["tolerance"]  # the bound measured for this model
     assert manifest["validation"]["max_abs_diff"] <= tolerance
-    assert set(manifest["variants"]) == {"fp32", "int4-rtn"}
+    # The default target: RTN, then the recipe it deploys (searched on the built-in corpus).
+    assert set(manifest["variants"]) == {"fp32", "int4-rtn", "int4-recipe"}
+    assert manifest["default_variant"] == "int4-recipe"
 
     # Independent of the build's own check: logits on other tokens, against the user's checkpoint.
     model = load_tiny_model(source)
@@ -56,5 +58,6 @@ def test_tiny_model_builds_matches_transformers_and_generates_the_same_tokens(
     assert ours, "the runtime generated nothing"
     assert ours == hf_tokens[: len(ours)]
 
-    with load(out, variant="int4-rtn") as runtime:
-        assert len(runtime.generate_tokens(ids[0].tolist(), max_new_tokens=4)) >= 1
+    for variant in ("int4-rtn", "int4-recipe"):
+        with load(out, variant=variant) as runtime:
+            assert len(runtime.generate_tokens(ids[0].tolist(), max_new_tokens=4)) >= 1, variant

@@ -336,6 +336,32 @@ def test_a_recipe_search_that_does_not_fit_is_left_out_and_rtn_deployed(
     assert recipe.peak_memory - plain.peak_memory == per_param * 10**6 > 0
 
 
+def test_a_streamed_or_pre_quantized_build_plans_no_recipe(tmp_path: Path) -> None:
+    """Neither makes a recipe: its rounds take no disk, and a short memory never drops one."""
+    from edgekit.sources.registry import lookup_architecture
+    from edgekit.targets import get_target
+    from edgekit.variants import target_variants
+
+    shapes = {f"model.layers.{i}.mlp.w": (1000, 1000) for i in range(4)}
+    default, rtn = (target_variants(get_target(name)) for name in ("laptop-cpu", "laptop-cpu-rtn"))
+    streamed = memory_estimate.estimate_from_shapes(shapes, default, streaming=True, tied=False)
+    assert streamed.disk == memory_estimate.estimate_from_shapes(shapes, rtn, streaming=True, tied=False).disk
+    whole = memory_estimate.estimate_from_shapes(shapes, default, streaming=False, tied=False)
+    assert whole.disk > memory_estimate.estimate_from_shapes(shapes, rtn, streaming=False, tied=False).disk
+    architecture = lookup_architecture({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    memory = GIB + int(memory_estimate.WHOLE_BYTES_PER_PARAM * 4 * 10**6) + 1  # the build without the search fits
+    plan = memory_estimate.plan_resources(
+        shapes, architecture, get_target("laptop-cpu"), tmp_path / "out", tmp_path, streaming=False, tied=False,
+        memory=memory, recipe=False,
+    )  # fmt: skip
+    assert plan.recipe_dropped is None and not plan.streaming
+    plan = memory_estimate.plan_resources(
+        shapes, architecture, get_target("laptop-cpu"), tmp_path / "out", tmp_path, streaming=False, tied=False,
+        memory=memory,
+    )  # fmt: skip
+    assert plan.recipe_dropped is not None and not plan.streaming
+
+
 def test_memory_refusal_names_streaming_when_it_fits() -> None:
     whole = BuildEstimate(9_000_000_000, 220_000_000, 70 * GIB, 9 * 10**9, streaming=False)
     streamed = BuildEstimate(9_000_000_000, 220_000_000, 5 * GIB, 9 * 10**9, streaming=True)

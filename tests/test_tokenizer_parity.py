@@ -190,7 +190,7 @@ def test_a_template_our_renderer_refuses_fails_without_reaching_transformers(
 def test_every_family_build_records_parity(tiny_checkpoints, tmp_path: Path, model_type: str) -> None:
     from edgekit.pipeline import build
 
-    build(tiny_checkpoints(model_type), tmp_path / "pkg", "laptop-cpu", evaluation=None, progress=False)
+    build(tiny_checkpoints(model_type), tmp_path / "pkg", "laptop-cpu-rtn", evaluation=None, progress=False)
     manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
     strings = len(FIXED_STRINGS) + len(special_token_strings(tiny_tokenizer()))
     assert manifest["tokenizer"]["parity"] == {"strings": strings, "chat_template": "same"}

@@ -3,10 +3,10 @@
 The per-parameter costs below were fit to measured peaks (``benchmarks/bench_scale.py``; the figures and
 their machine are in docs/streaming.md and docs/benchmarks.md), rounded up so the estimate stays above them:
 
-- a whole-model build's peak is its validation against PyTorch, in a process that still holds what
-  onnxruntime-genai's export left (the export alone: about 7.5 bytes of RSS per parameter on top of ~1 GiB
-  of libraries): about 20 bytes per parameter for a 0.6B model with a 152k vocabulary; a build that also
-  searches a per-tensor recipe peaks in the search, about 28.
+- a whole-model build peaks in its validation against PyTorch, in a process that still holds what
+  onnxruntime-genai's export left (the builder holds the PyTorch model and the whole float graph before
+  quantizing), or, when it searches a per-tensor recipe, in that search; both per parameter, on top of
+  the libraries (the measured peaks behind the constants: docs/streaming.md).
 - the streamed export (``exporters/streaming.py``) holds one decoder layer (bf16 as stored) and one
   block of rows in fp32 with the quantizer's buffers, plus the same libraries: 4 bytes per parameter of
   the largest layer and a quarter GiB for the blocks.
@@ -39,7 +39,7 @@ from edgekit.variants import VariantSpec
 GIB = 1024**3
 BASE_BYTES = 1 * GIB
 """Python, torch, transformers, onnxruntime and the builder, loaded."""
-WHOLE_BYTES_PER_PARAM = 20.0
+WHOLE_BYTES_PER_PARAM = 21.0
 RECIPE_BYTES_PER_PARAM = 28.0
 """A whole-model build that searches a per-tensor recipe (``quant/recipe_build.py``): onnxruntime holds the
 fp32 export with its weights as inputs, the calibration logits and activations, then the rounds' quantized
@@ -170,8 +170,9 @@ def estimate_from_shapes(
             hessians = max((sum(8 * n * n for n in dims) + 8 * max(dims) ** 2 for dims in inputs.values()), default=0)
         gptq = BASE_BYTES + 12 * largest + activations + hessians
         peak = max(peak, gptq)
-    # A recipe's search keeps every round it builds until it picks one (quant/recipe_build.py).
-    disk = sum(_variant_bytes(shapes, v, tied) * (RECIPE_ROUNDS if v.method == "recipe" else 1) for v in variants)
+    # A streamed build makes no recipe; a whole one keeps every round it builds until it picks one.
+    rounds = {"recipe": 0 if streaming else RECIPE_ROUNDS}
+    disk = sum(_variant_bytes(shapes, v, tied) * rounds.get(v.method, 1) for v in variants)
     return BuildEstimate(parameters, largest, int(peak), disk, streaming)
 
 
@@ -265,7 +266,7 @@ def check_build_resources(
     shapes = _weights(sorted(hf_folder.glob("*.safetensors")))
     quantized = checked.quantization is not None
     return plan_resources(shapes, checked.architecture, target, out, checked.folder, streaming=streaming, tied=tied,
-                          calibration_tokens=0 if quantized else calibration_tokens)  # fmt: skip
+                          calibration_tokens=0 if quantized else calibration_tokens, recipe=not quantized)  # fmt: skip
 
 
 def check_gguf_resources(
@@ -297,11 +298,13 @@ def plan_resources(
     calibration_tokens: int = 0,
     scratch_disk: int = 0,
     memory: int | None = None,
+    recipe: bool = True,
 ) -> ResourcePlan:
     """Can this build stream, and does it fit here; a whole-model build that does not fit is streamed instead.
 
     ``calibration_tokens`` is the GPTQ calibration's size (samples x sequence length) when the target asks
-    for GPTQ. A build that fits neither way is refused (``ResourceError``) with both numbers.
+    for GPTQ. A build that fits neither way is refused (``ResourceError``) with both numbers. ``recipe``: False
+    for a source no recipe is made from (a pre-quantized checkpoint).
     """
     from edgekit.sources.registry import streamable_architectures
     from edgekit.variants import plan_variants, target_variants, uses_gptq
@@ -319,6 +322,8 @@ def plan_resources(
                                     gptq_one_pass=target.gptq.one_pass)  # fmt: skip
 
     planned = plan_variants(target)
+    if not recipe:
+        planned = [v for v in planned if v.method != "recipe"]
     whole, streamed = estimate(planned, False), estimate(target_variants(target), True)
     memory = available_memory() if memory is None else memory
     dropped = None

@@ -189,7 +189,8 @@ def _keep_best(built: list[tuple[RecipeOutcome, Path]], search: _Rounds, out_dir
         raise RecipeBudgetError(
             f"no recipe built fits in {limit:,} bytes: the smallest built has "
             f"{min(o.model_bytes for o, _ in built):,} bytes of model files",
-            fix="raise --max-model-bytes (or max_model_bytes in the target)",
+            fix="raise --max-model-bytes (or max_model_bytes in the target), or build for a target without a recipe "
+            "(laptop-cpu-rtn)",
         )
     if out_dir.exists():
         shutil.rmtree(out_dir)

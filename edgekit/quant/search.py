@@ -177,7 +177,8 @@ def _unreachable(table: _Table, objective: Objective) -> RecipeBudgetError:
             f"no recipe fits in {objective.max_bytes:,} bytes: the smallest reaches "
             f"{int(size) + objective.fixed_bytes:,} bytes "
             f"(predicted mean KL {loss:.4f})",
-            fix="raise --max-model-bytes (or max_model_bytes in the target)",
+            fix="raise --max-model-bytes (or max_model_bytes in the target), or build for a target without a recipe "
+            "(laptop-cpu-rtn)",
         )
     best = np.argmin(table.loss + 1e-30 * table.bytes, axis=1)
     loss, size, _ = table.totals(best)
