@@ -220,7 +220,7 @@ def plan_variants_step(context: BuildContext) -> None:
             with context.reporter.step(f"GPTQ ({settings.samples} x {settings.seq_len} calibration tokens)") as detail:
                 _make_gptq_checkpoint(context, gptq_folder, detail)
             context.folders = {v.name: gptq_folder for v in context.plan if v.method == Int4Method.GPTQ.value}
-    if context.recipe_dropped is not None and not context.options.streaming:
+    if context.recipe_dropped is not None:  # set only for a whole-model build (plan_resources)
         context.warnings.append(context.recipe_dropped)
         context.plan = [variant for variant in context.plan if variant.method != Int4Method.RECIPE.value]
     if context.options.streaming:

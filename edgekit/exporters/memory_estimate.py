@@ -33,7 +33,7 @@ from edgekit.errors import ResourceError, UsageError
 from edgekit.sources.checkpoint import CheckedFolder
 from edgekit.sources.registry import Architecture
 from edgekit.sources.weight_files import read_safetensors_header
-from edgekit.targets import Target
+from edgekit.targets import Int4Method, Target
 from edgekit.variants import VariantSpec
 
 GIB = 1024**3
@@ -148,7 +148,7 @@ def estimate_from_shapes(
         peak = BASE_BYTES + STREAMED_BYTES_PER_LAYER_PARAM * largest + STREAMED_BLOCK_BYTES
     else:
         per_param = WHOLE_BYTES_PER_PARAM
-        if any(v.method == "recipe" for v in variants):
+        if any(v.method == Int4Method.RECIPE.value for v in variants):
             per_param = RECIPE_BYTES_PER_PARAM
         peak = BASE_BYTES + per_param * parameters
     if calibration_tokens:
@@ -171,7 +171,7 @@ def estimate_from_shapes(
         gptq = BASE_BYTES + 12 * largest + activations + hessians
         peak = max(peak, gptq)
     # A streamed build makes no recipe; a whole one keeps every round it builds until it picks one.
-    rounds = {"recipe": 0 if streaming else RECIPE_ROUNDS}
+    rounds = {Int4Method.RECIPE.value: 0 if streaming else RECIPE_ROUNDS}
     disk = sum(_variant_bytes(shapes, v, tied) * rounds.get(v.method, 1) for v in variants)
     return BuildEstimate(parameters, largest, int(peak), disk, streaming)
 
@@ -322,14 +322,14 @@ def plan_resources(
                                     gptq_one_pass=target.gptq.one_pass)  # fmt: skip
 
     planned = plan_variants(target)
-    if not recipe:
-        planned = [v for v in planned if v.method != "recipe"]
-    whole, streamed = estimate(planned, False), estimate(target_variants(target), True)
+    without_recipe = [v for v in planned if v.method != Int4Method.RECIPE.value]
+    whole = estimate(planned if recipe else without_recipe, False)
+    streamed = estimate(target_variants(target), True)
     memory = available_memory() if memory is None else memory
     dropped = None
     if not streaming and whole.peak_memory > memory:
         # The recipe search is what does not fit: build the rest whole and deploy what it built (the build warns).
-        plain = estimate([v for v in planned if v.method != "recipe"], False)
+        plain = estimate(without_recipe, False)
         if plain.peak_memory <= memory < whole.peak_memory:
             whole, dropped = plain, whole
     switch = not streaming and whole.peak_memory > memory >= streamed.peak_memory
