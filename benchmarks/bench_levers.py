@@ -4,11 +4,12 @@ Run: python benchmarks/bench_levers.py PACKAGE [--variant NAME] [--rounds 5] [--
      [--prefill-chunks 64,128,256] [--no-levers] [--only WORD]
 
 Most levers are the package's variant loaded with one onnxruntime-genai config overlay on top of what
-``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); two are edited graphs
+``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); three are edited graphs
 (copies of the package in a temporary folder): the LM head over every position, as the builder exports it,
-and fp32 compute in every MatMulNBits. All of them stay loaded, and each round times every
-phase of every lever once, phase by phase, alternating the levers' order, so they see the same machine
-state and each follows the same kind of work. Each lever's model has its own onnxruntime
+fp32 compute in every MatMulNBits, and (for a recipe with asymmetric formats) each activation's block means
+made by one MatMul with a constant averaging matrix instead of an AveragePool. All of them stay loaded,
+and each round times every phase of every lever once, phase by phase, alternating the levers' order, so
+they see the same machine state and each follows the same kind of work. Each lever's model has its own onnxruntime
 thread pool, whose threads spin for a while after a run, so with many levers loaded each timing carries
 some of the others' spinning: ``--only WORD`` compares the default with the matching levers alone.
 
@@ -59,9 +60,60 @@ def _fp32_compute(model: Any) -> None:
                 attribute.i = 0
 
 
+def _means_by_matmul(model: Any) -> None:
+    """Each activation's block means (AveragePool, then a Concat with the zero padding) as one MatMul with a
+    constant [K, digits * segment] averaging matrix whose padding columns are zero, then a two-input Concat."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from edgekit.quant.offset_digits import segment
+
+    graph = model.graph
+    pools = {n.output[0]: n for n in graph.node if n.op_type == "AveragePool"}
+    readers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "AveragePool":
+            continue
+        if node.op_type == "Concat" and len(node.input) > 1 and node.input[1] in pools:
+            size = next(a.ints[0] for a in pools[node.input[1]].attribute if a.name == "kernel_shape")
+            count = list(node.input).count(node.input[1])
+            width = _reader_k(node.output[0], readers)  # K + count * segment(K / size)
+            cols = next(k for k in range(size, width, size) if k + count * segment(k // size, size) == width)
+            blocks, seg = cols // size, segment(cols // size, size)
+            matrix = np.zeros((cols, count * seg), np.float32)
+            for digit in range(count):
+                for block in range(blocks):
+                    matrix[block * size : (block + 1) * size, digit * seg + block] = 1.0 / size
+            name = f"{node.output[0]}_averaging"
+            graph.initializer.append(numpy_helper.from_array(matrix, name))
+            nodes.append(helper.make_node("MatMul", [node.input[0], name], [f"{name}_means"], name=name))
+            node.input[1:] = [f"{name}_means"]
+        nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+
+
+def _reader_k(name: str, readers: dict[str, list[Any]]) -> int:
+    """The K of the first MatMulNBits downstream of ``name`` (through the head's last-position Slice)."""
+    frontier = [name]
+    while frontier:
+        ahead = []
+        for node in (n for f in frontier for n in readers.get(f, [])):
+            if node.op_type == "MatMulNBits":
+                return next(a.i for a in node.attribute if a.name == "K")
+            ahead.extend(node.output)
+        frontier = ahead
+    raise SystemExit(f"no MatMulNBits reads {name}")
+
+
 GRAPH_LEVERS = {
     "LM head over every position (as exported)": _whole_head,
     "MatMulNBits accuracy level 0 (fp32 compute)": _fp32_compute,
+    "block means by MatMul (asymmetric recipes)": _means_by_matmul,
 }
 
 
