@@ -18,6 +18,7 @@ import click
 
 from edgekit.errors import EdgekitError
 from edgekit.interrupts import interrupts_recorded, was_interrupted
+from edgekit.package.archive import DEFAULT_COMPRESS_LEVEL
 from edgekit.runtimes.generation import GenerationConfig
 from edgekit.targets import DEFAULT_TARGET
 from edgekit.version import __version__
@@ -385,7 +386,9 @@ def tune(package: Path, variant: str | None, target: str | None, rounds: int, pr
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Archive to write (default: PACKAGE.tar.gz).")
 @click.option("--force", is_flag=True, help="Replace the archive if it exists.")
-def pack(package: Path, out: Path | None, force: bool) -> None:
+@click.option("--level", type=click.IntRange(1, 9), default=DEFAULT_COMPRESS_LEVEL, show_default=True,
+              help="gzip level: 9 is smaller and several times slower (quantized weights barely shrink).")  # fmt: skip
+def pack(package: Path, out: Path | None, force: bool, level: int) -> None:
     """Write PACKAGE, verified against its manifest, as one reproducible .tar.gz (or .tar) file."""
     from rich.console import Console
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -403,6 +406,7 @@ def pack(package: Path, out: Path | None, force: bool) -> None:
             out or folder.with_name(f"{folder.name}.tar.gz"),
             force=force,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
+            compress_level=level,
         )
     click.echo(f"wrote {packed.path} ({packed.size} bytes, sha256 {packed.sha256})")
 

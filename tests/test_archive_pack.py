@@ -16,6 +16,7 @@ from edgekit.cli import main
 from edgekit.errors import PackageError
 from edgekit.package import archive as archive_module
 from edgekit.package.archive import PackedArchive, pack_package, unpack_package
+from edgekit.package.manifest import write_manifest
 from edgekit.package.verify import verify_files
 
 
@@ -113,3 +114,27 @@ def test_a_package_whose_manifest_has_no_file_list_packs_and_unpacks(tmp_path: P
     (root / "manifest.json").write_text('{"schema_version": 1}')
     packed = pack_package(root, tmp_path / "bare.tar")
     assert unpack_package(packed, tmp_path / "copy") == {"schema_version": 1}
+
+
+def test_the_gzip_level_trades_size_and_each_level_unpacks_to_the_package(package: Path, tmp_path: Path) -> None:
+    # Compressible weights, so the levels give different bytes; every level must still unpack and verify.
+    (package / "fp32" / "model.onnx.data").write_bytes(bytes(range(64)) * 4096)
+    write_manifest(package, {"variants": {"fp32": {"path": "fp32"}}})
+    sizes = {}
+    for level in (1, 9):
+        result = CliRunner().invoke(main, ["pack", str(package), "-o", str(tmp_path / f"{level}.tar.gz"), "--level",
+                                           str(level)])  # fmt: skip
+        assert result.exit_code == 0, result.output
+        sizes[level] = (tmp_path / f"{level}.tar.gz").stat().st_size
+        verify_files(tmp_path / f"copy{level}", unpack_package(tmp_path / f"{level}.tar.gz", tmp_path / f"copy{level}"))
+    assert sizes[9] < sizes[1]
+    assert pack_package(package, tmp_path / "default.tar.gz").size == sizes[1]  # level 1 is the default
+
+
+@pytest.mark.parametrize("level", ["0", "10"])
+def test_a_gzip_level_outside_1_to_9_is_refused_before_writing(package: Path, tmp_path: Path, level: str) -> None:
+    result = CliRunner().invoke(main, ["pack", str(package), "-o", str(tmp_path / "pkg.tar.gz"), "--level", level])
+    assert result.exit_code == 2 and "--level" in result.output
+    assert not (tmp_path / "pkg.tar.gz").exists()
+    with pytest.raises(ValueError, match="1 to 9"):
+        pack_package(package, tmp_path / "pkg.tar.gz", compress_level=int(level))

@@ -39,6 +39,9 @@ from edgekit.package.verify import verify_files
 MAX_MEMBERS = 10_000
 MAX_TOTAL_BYTES = 1 << 40  # 1 TiB of declared file data
 MAX_HEADER_READ = 16 << 20  # the longest single read tarfile may make (a pax or long-name header)
+# gzip's fastest level: quantized weights compress by the same few percent at every level, and level 9 is
+# several times slower on the float weights that do compress.
+DEFAULT_COMPRESS_LEVEL = 1
 _COPY_CHUNK = 1 << 20  # tarfile's copy buffer when packing: 1 MiB reads, one progress call each
 _COMPRESSED = {b"\x1f\x8b": "gz", b"BZh": "bz2", b"\xfd7zXZ\x00": "xz"}
 _FIX_ORDER = "repack it with `edgekit pack`, which writes manifest.json first"
@@ -68,16 +71,20 @@ def pack_package(
     *,
     force: bool = False,
     progress: Progress | None = None,
+    compress_level: int = DEFAULT_COMPRESS_LEVEL,
 ) -> PackedArchive:
     """Write ``package``, verified against its manifest, as a tar archive at ``archive``.
 
-    ``.tar.gz``/``.tgz`` names give a gzip archive, ``.tar`` an uncompressed one. ``manifest.json`` comes
+    ``.tar.gz``/``.tgz`` names give a gzip archive (``compress_level`` 1-9, gzip's trade of time for
+    size), ``.tar`` an uncompressed one. ``manifest.json`` comes
     first, then the listed files, sorted; the bytes depend only on the package's files (times, owners and
     the gzip header fixed). Each file's sha256 is checked against the manifest as it is copied in, so what
     the archive holds is what was verified. ``progress(done, total)`` is called as bytes are hashed and
     written. The archive goes to a hidden file renamed into place; the result gives its sha256 and size.
     """
     root, target = Path(package), Path(archive).absolute()
+    if not 1 <= compress_level <= 9:
+        raise ValueError(f"compress_level must be 1 to 9, not {compress_level}")
     _check_target(root, target, force=force)
     manifest_bytes = _manifest_bytes(root)
     manifest = parse_manifest(manifest_bytes, root / MANIFEST)
@@ -89,7 +96,8 @@ def pack_package(
     try:
         with partial.open("wb") as raw:
             sink = _HashingWriter(raw)
-            _write_archive(sink, root, manifest_bytes, entries, tally, compress=_compression_for(target))
+            level = compress_level if _compression_for(target) else None
+            _write_archive(sink, root, manifest_bytes, entries, tally, level=level)
         raise_if_interrupted()  # a Ctrl-C a library swallowed must not let the archive land
         os.replace(partial, target)
     except BaseException as exc:
@@ -125,15 +133,24 @@ def _manifest_bytes(root: Path) -> bytes:
 
 
 def _write_archive(
-    sink: _HashingWriter, root: Path, manifest: bytes, entries: list[dict[str, Any]], tally: _Tally, *, compress: bool
+    sink: _HashingWriter,
+    root: Path,
+    manifest: bytes,
+    entries: list[dict[str, Any]],
+    tally: _Tally,
+    *,
+    level: int | None,
 ) -> None:
-    stream: Any = gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0) if compress else sink
+    """The tar stream into ``sink``, gzip-compressed at ``level`` (``None``: a plain tar)."""
+    stream: Any = (
+        sink if level is None else gzip.GzipFile(filename="", mode="wb", fileobj=sink, mtime=0, compresslevel=level)
+    )
     with tarfile.TarFile(fileobj=stream, mode="w", format=tarfile.PAX_FORMAT, copybufsize=_COPY_CHUNK) as tar:
         tar.addfile(_info(MANIFEST, len(manifest)), io.BytesIO(manifest))
         tally.add(len(manifest))
         for entry in entries:
             _add_file(tar, root, entry, tally)
-    if compress:
+    if level is not None:
         stream.close()
 
 
