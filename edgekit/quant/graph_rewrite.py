@@ -9,7 +9,7 @@ cache layout stay the builder's. For each quantized linear:
   file holds half of them;
 - a zero-point tensor gives MatMulNBits its packed ``zero_points`` input (GatherBlockQuantized too);
 - an asymmetric tensor's float offsets are extra columns of its MatMulNBits (``offset_digits``): its input
-  is the activation with its block means appended (an AveragePool and a Concat with zeros to whole blocks,
+  is the activation with its block means appended (a ReduceMean and a Concat with zeros to whole blocks,
   shared by the linears that read that activation), so the product, offsets included, is one kernel call;
   an asymmetric embedding adds its gathered offset columns back to its blocks.
 
@@ -307,22 +307,37 @@ class _Rewriter:
 
     def _with_block_means(self, activation: str, fmt: TensorFormat, blocks: int, new: list[onnx.NodeProto]) -> str:
         """``activation`` [..., K] with its block means appended, padded to whole blocks, once per offset digit:
-        the input an asymmetric linear's MatMulNBits multiplies (``offset_digits``). One AveragePool and one
+        the input an asymmetric linear's MatMulNBits multiplies (``offset_digits``). One Reshape, ReduceMean and
         Concat per activation and format, shared by the linears that read it."""
         count = offset_digits.digits(fmt.bits)
         key = (activation, fmt.block_size, count)
         if key not in self.block_means:
             base = f"{activation}_means{fmt.block_size}x{count}"
             size = fmt.block_size
-            new.append(
-                helper.make_node("AveragePool", [activation], [base], kernel_shape=[size], strides=[size], name=base)
-            )
+            new += self._block_mean_nodes(activation, base, size)
             width = offset_digits.segment(blocks, size)
             segment = self._padded(base, width - blocks, new) if width > blocks else [base]
             joined = f"{base}_joined"
             new.append(helper.make_node("Concat", [activation, *segment * count], [joined], axis=-1, name=joined))
             self.block_means[key] = joined
         return self.block_means[key]
+
+    def _block_mean_nodes(self, activation: str, means: str, size: int) -> list[onnx.NodeProto]:
+        """``means`` [batch, sequence, K / size]: the mean of each block of ``size`` inputs of ``activation``.
+
+        A Reshape to [batch, sequence, blocks, size] and a ReduceMean over the last axis: onnxruntime's
+        AveragePool, the one-node spelling, took measurably longer per decode step and prefill
+        (``benchmarks/bench_levers.py``)."""
+        shape = self._int64(f"block_means_shape{size}", [0, 0, -1, size])
+        blocks = f"{means}_blocks"
+        nodes = [helper.make_node("Reshape", [activation, shape], [blocks], name=blocks)]
+        opset = next((o.version for o in self.model.opset_import if o.domain in ("", "ai.onnx")), 0)
+        if opset >= 18:  # axes became an input in opset 18
+            axes = self._int64("block_means_last_axis", [-1])
+            nodes.append(helper.make_node("ReduceMean", [blocks, axes], [means], keepdims=0, name=means))
+        else:
+            nodes.append(helper.make_node("ReduceMean", [blocks], [means], axes=[-1], keepdims=0, name=means))
+        return nodes
 
     def _padded(self, means: str, width: int, new: list[onnx.NodeProto]) -> list[str]:
         """``means`` [batch, sequence, blocks] and ``width`` zero columns after them, as Concat inputs.
