@@ -4,10 +4,11 @@ Run: python benchmarks/bench_levers.py PACKAGE [--variant NAME] [--rounds 5] [--
      [--prefill-chunks 64,128,256] [--no-levers] [--only WORD]
 
 Most levers are the package's variant loaded with one onnxruntime-genai config overlay on top of what
-``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); three are edited graphs
+``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); four are edited graphs
 (copies of the package in a temporary folder): the LM head over every position, as the builder exports it,
 fp32 compute in every MatMulNBits, and (for a recipe with asymmetric formats) each activation's block means
-made by one MatMul with a constant averaging matrix instead of an AveragePool. All of them stay loaded,
+made by one MatMul with a constant averaging matrix, or by one AveragePool, instead of a Reshape and a
+ReduceMean. All of them stay loaded,
 and each round times every phase of every lever once, phase by phase, alternating the levers' order, so
 they see the same machine state and each follows the same kind of work. Each lever's model has its own onnxruntime
 thread pool, whose threads spin for a while after a run, so with many levers loaded each timing carries
@@ -60,26 +61,49 @@ def _fp32_compute(model: Any) -> None:
                 attribute.i = 0
 
 
+def _block_means(graph: Any) -> dict[str, tuple[str, int, list[Any]]]:
+    """An asymmetric recipe's block means: each means tensor's activation, block size and the nodes that make
+    it (a Reshape and a ReduceMean since commit b01effc, one AveragePool in graphs built before)."""
+    from onnx import numpy_helper
+
+    made = {node.output[0]: node for node in graph.node}
+    constants = {t.name: t for t in graph.initializer}
+    found = {}
+    for node in graph.node:
+        if node.op_type == "AveragePool":
+            size = next(a.ints[0] for a in node.attribute if a.name == "kernel_shape")
+            found[node.output[0]] = (node.input[0], size, [node])
+        elif node.op_type == "ReduceMean" and made.get(node.input[0]) is not None:
+            reshape = made[node.input[0]]
+            if reshape.op_type == "Reshape" and reshape.input[1] in constants:
+                size = int(numpy_helper.to_array(constants[reshape.input[1]])[-1])
+                found[node.output[0]] = (reshape.input[0], size, [reshape, node])
+    if not found:
+        raise SystemExit("the variant has no block means: pass an asymmetric recipe (--variant int4-recipe)")
+    return found
+
+
 def _means_by_matmul(model: Any) -> None:
-    """Each activation's block means (AveragePool, then a Concat with the zero padding) as one MatMul with a
-    constant [K, digits * segment] averaging matrix whose padding columns are zero, then a two-input Concat."""
+    """Each activation's block means (then a Concat with the zero padding) as one MatMul with a constant
+    [K, digits * segment] averaging matrix whose padding columns are zero, then a two-input Concat."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     from edgekit.quant.offset_digits import segment
 
     graph = model.graph
-    pools = {n.output[0]: n for n in graph.node if n.op_type == "AveragePool"}
+    means = _block_means(graph)
+    dropped = {id(node) for _, _, made in means.values() for node in made}
     readers: dict[str, list[Any]] = {}
     for node in graph.node:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     nodes = []
     for node in graph.node:
-        if node.op_type == "AveragePool":
+        if id(node) in dropped:
             continue
-        if node.op_type == "Concat" and len(node.input) > 1 and node.input[1] in pools:
-            size = next(a.ints[0] for a in pools[node.input[1]].attribute if a.name == "kernel_shape")
+        if node.op_type == "Concat" and len(node.input) > 1 and node.input[1] in means:
+            activation, size, _ = means[node.input[1]]
             count = list(node.input).count(node.input[1])
             width = _reader_k(node.output[0], readers)  # K + count * segment(K / size)
             cols = next(k for k in range(size, width, size) if k + count * segment(k // size, size) == width)
@@ -90,9 +114,31 @@ def _means_by_matmul(model: Any) -> None:
                     matrix[block * size : (block + 1) * size, digit * seg + block] = 1.0 / size
             name = f"{node.output[0]}_averaging"
             graph.initializer.append(numpy_helper.from_array(matrix, name))
-            nodes.append(helper.make_node("MatMul", [node.input[0], name], [f"{name}_means"], name=name))
+            nodes.append(helper.make_node("MatMul", [activation, name], [f"{name}_means"], name=name))
             node.input[1:] = [f"{name}_means"]
         nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+
+
+def _means_by_average_pool(model: Any) -> None:
+    """Each activation's block means by one AveragePool (how recipes made them before commit b01effc)
+    instead of a Reshape and a ReduceMean."""
+    from onnx import helper
+
+    graph = model.graph
+    means = _block_means(graph)
+    if any(made[0].op_type == "AveragePool" for _, _, made in means.values()):
+        raise SystemExit("the variant's block means are AveragePools already")
+    last = {id(made[-1]): (name, activation, size) for name, (activation, size, made) in means.items()}
+    dropped = {id(made[0]) for _, _, made in means.values()}
+    nodes = []
+    for node in graph.node:
+        if id(node) in last:
+            name, activation, size = last[id(node)]
+            node = helper.make_node("AveragePool", [activation], [name], kernel_shape=[size], strides=[size], name=name)
+        if id(node) not in dropped:
+            nodes.append(node)
     graph.ClearField("node")
     graph.node.extend(nodes)
 
@@ -114,6 +160,7 @@ GRAPH_LEVERS = {
     "LM head over every position (as exported)": _whole_head,
     "MatMulNBits accuracy level 0 (fp32 compute)": _fp32_compute,
     "block means by MatMul (asymmetric recipes)": _means_by_matmul,
+    "block means by AveragePool (asymmetric recipes, as before)": _means_by_average_pool,
 }
 
 
