@@ -18,7 +18,6 @@ import click
 
 from edgekit.errors import EdgekitError
 from edgekit.interrupts import interrupts_recorded, was_interrupted
-from edgekit.package.archive import DEFAULT_COMPRESS_LEVEL
 from edgekit.runtimes.generation import GenerationConfig
 from edgekit.targets import DEFAULT_TARGET
 from edgekit.version import __version__
@@ -386,7 +385,8 @@ def tune(package: Path, variant: str | None, target: str | None, rounds: int, pr
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("-o", "--out", type=click.Path(path_type=Path), help="Archive to write (default: PACKAGE.tar.gz).")
 @click.option("--force", is_flag=True, help="Replace the archive if it exists.")
-@click.option("--level", type=click.IntRange(1, 9), default=DEFAULT_COMPRESS_LEVEL, show_default=True,
+@click.option("--level", type=click.IntRange(1, 9), show_default=True,
+              default=LibraryDefault("edgekit.package.archive", "DEFAULT_COMPRESS_LEVEL"),
               help="gzip level: 9 is smaller and several times slower (quantized weights barely shrink).")  # fmt: skip
 def pack(package: Path, out: Path | None, force: bool, level: int) -> None:
     """Write PACKAGE, verified against its manifest, as one reproducible .tar.gz (or .tar) file."""

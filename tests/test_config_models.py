@@ -245,6 +245,7 @@ def test_edgekit_targets_has_no_memory_column(runner) -> None:
 
 def _library_defaults() -> dict[tuple[str, str], Any]:
     from edgekit.accuracy.gate import check_package, evaluate_and_record
+    from edgekit.package.archive import DEFAULT_COMPRESS_LEVEL
     from edgekit.pipeline import CalibrationSettings, EvalSettings
     from edgekit.runtimes.bench import BenchSettings
     from edgekit.runtimes.generation import GenerationConfig
@@ -280,6 +281,7 @@ def _library_defaults() -> dict[tuple[str, str], Any]:
         ("serve", "max_tokens"): ServeOptions.max_tokens,
         ("serve", "timeout"): ServeOptions.timeout_s,
         ("serve", "max_body_bytes"): ServeOptions.max_body_bytes,
+        ("pack", "level"): DEFAULT_COMPRESS_LEVEL,
     }
 
 
