@@ -326,8 +326,7 @@ class _Rewriter:
         """``means`` [batch, sequence, K / size]: the mean of each block of ``size`` inputs of ``activation``.
 
         A Reshape to [batch, sequence, blocks, size] and a ReduceMean over the last axis: onnxruntime's
-        AveragePool, the one-node spelling, took measurably longer per decode step and prefill
-        (``benchmarks/bench_levers.py``)."""
+        AveragePool, the one-node spelling, made a prefill measurably slower (``benchmarks/bench_levers.py``)."""
         shape = self._int64(f"block_means_shape{size}", [0, 0, -1, size])
         blocks = f"{means}_blocks"
         nodes = [helper.make_node("Reshape", [activation, shape], [blocks], name=blocks)]
