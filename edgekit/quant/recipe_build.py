@@ -37,7 +37,7 @@ from edgekit.quant.graph_rewrite import (
     write_variant,
 )
 from edgekit.quant.probe_session import CalibrationReference, ProbeSession, kl_divergence32, log_softmax32
-from edgekit.quant.search import Objective, Option, Recipe, choose
+from edgekit.quant.search import BUDGET_FIX, Objective, Option, Recipe, choose
 from edgekit.quant.sensitivity import SensitivityTable, candidate_formats, measure_sensitivity, read_table, write_table
 
 _ROUNDS = 3
@@ -189,8 +189,7 @@ def _keep_best(built: list[tuple[RecipeOutcome, Path]], search: _Rounds, out_dir
         raise RecipeBudgetError(
             f"no recipe built fits in {limit:,} bytes: the smallest built has "
             f"{min(o.model_bytes for o, _ in built):,} bytes of model files",
-            fix="raise --max-model-bytes (or max_model_bytes in the target), or build for a target without a recipe "
-            "(laptop-cpu-rtn)",
+            fix=BUDGET_FIX,
         )
     if out_dir.exists():
         shutil.rmtree(out_dir)

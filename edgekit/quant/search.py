@@ -18,6 +18,12 @@ from edgekit.quant.formats import TensorFormat
 
 _BISECTIONS = 60
 
+BUDGET_FIX = (
+    "raise --max-model-bytes (or max_model_bytes in the target), or build for a target without a recipe "
+    "(laptop-cpu-rtn)"
+)
+"""What to do when no recipe fits the byte budget: predicted here, or measured once built (``recipe_build``)."""
+
 
 @dataclass(frozen=True)
 class Option:
@@ -177,8 +183,7 @@ def _unreachable(table: _Table, objective: Objective) -> RecipeBudgetError:
             f"no recipe fits in {objective.max_bytes:,} bytes: the smallest reaches "
             f"{int(size) + objective.fixed_bytes:,} bytes "
             f"(predicted mean KL {loss:.4f})",
-            fix="raise --max-model-bytes (or max_model_bytes in the target), or build for a target without a recipe "
-            "(laptop-cpu-rtn)",
+            fix=BUDGET_FIX,
         )
     best = np.argmin(table.loss + 1e-30 * table.bytes, axis=1)
     loss, size, _ = table.totals(best)
