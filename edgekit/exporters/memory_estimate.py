@@ -327,7 +327,7 @@ def plan_resources(
     streamed = estimate(target_variants(target), True)
     memory = available_memory() if memory is None else memory
     dropped = None
-    if not streaming and whole.peak_memory > memory:
+    if recipe and not streaming and whole.peak_memory > memory:
         # The recipe search is what does not fit: build the rest whole and deploy what it built (the build warns).
         plain = estimate(without_recipe, False)
         if plain.peak_memory <= memory < whole.peak_memory:
