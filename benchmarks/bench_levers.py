@@ -8,7 +8,9 @@ Most levers are the package's variant loaded with one onnxruntime-genai config o
 (copies of the package in a temporary folder): the LM head over every position, as the builder exports it,
 fp32 compute in every MatMulNBits, and (for a recipe with asymmetric formats) each activation's block means
 made by one MatMul with a constant averaging matrix, or by one AveragePool, instead of a Reshape and a
-ReduceMean. All of them stay loaded,
+ReduceMean. One more runs prompts on a copy of the graph with fp32-compute MatMulNBits (held in memory)
+and generated tokens on the package's graph, two sessions in onnxruntime-genai's decoder pipeline. All of
+them stay loaded,
 and each round times every phase of every lever once, phase by phase, alternating the levers' order, so
 they see the same machine state and each follows the same kind of work. Each lever's model has its own onnxruntime
 thread pool, whose threads spin for a while after a run, so with many levers loaded each timing carries
@@ -156,6 +158,30 @@ def _reader_k(name: str, readers: dict[str, list[Any]]) -> int:
     raise SystemExit(f"no MatMulNBits reads {name}")
 
 
+def _prompts_on_fp32_compute(config: Any, folder: Path) -> bytes:
+    """Prompts on a copy of the graph with fp32-compute MatMulNBits, tokens on the package's own graph: two
+    sessions in onnxruntime-genai's decoder pipeline. Returns the copy's bytes, which the caller keeps alive
+    (genai holds a pointer to them, not a copy)."""
+    import onnx
+
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    _fp32_compute(model)
+    data: bytes = model.SerializeToString()
+    config.add_model_data("model_prompt.onnx", data)
+    inputs, outputs = [i.name for i in model.graph.input], [o.name for o in model.graph.output]
+
+    def stage(filename: str, prompt: bool) -> dict[str, Any]:
+        return {"filename": filename, "inputs": inputs, "outputs": outputs, "run_on_prompt": prompt,
+                "run_on_token_gen": not prompt}  # fmt: skip
+
+    pipeline = [{"prompt": stage("model_prompt.onnx", True)}, {"tokens": stage("model.onnx", False)}]
+    config.overlay(json.dumps({"model": {"type": "decoder-pipeline", "decoder": {"pipeline": pipeline}}}))
+    return data
+
+
+CONFIG_LEVERS = {"prompts on an fp32-compute copy of the graph (genai pipeline)": _prompts_on_fp32_compute}
+_KEPT: list[bytes] = []  # model bytes genai reads in place, alive as long as the process
+
 GRAPH_LEVERS = {
     "LM head over every position (as exported)": _whole_head,
     "MatMulNBits accuracy level 0 (fp32 compute)": _fp32_compute,
@@ -182,8 +208,9 @@ def graph_copy(package: Path, variant: str | None, into: Path, edit: Any) -> Pat
     return copy
 
 
-def load_with(package: Path, variant: str | None, overlay: dict[str, Any]) -> Any:
-    """The package loaded by ``edgekit.load`` with ``overlay`` applied after edgekit's own settings."""
+def load_with(package: Path, variant: str | None, overlay: dict[str, Any], edit: Any = None) -> Any:
+    """The package loaded by ``edgekit.load`` with ``overlay`` applied after edgekit's own settings (and
+    ``edit(config, folder)`` after that, where given)."""
     import edgekit.runtimes.model as runtime_model
 
     original = runtime_model._genai_config
@@ -192,6 +219,8 @@ def load_with(package: Path, variant: str | None, overlay: dict[str, Any]) -> An
         config = original(og, folder, provider, strict, runtime)
         if overlay:
             config.overlay(json.dumps(overlay))
+        if edit is not None:
+            _KEPT.append(edit(config, folder))
         return config
 
     runtime_model._genai_config = with_overlay  # type: ignore[assignment]
@@ -265,9 +294,11 @@ def main() -> None:
     if args.no_levers:
         chunk_table(load_with(args.package, args.variant, {}), prompts, chunks, args.rounds)
         return
-    every = [*LEVERS, *GRAPH_LEVERS]
+    every = [*LEVERS, *CONFIG_LEVERS, *GRAPH_LEVERS]
     chosen = [name for name in every if name == "default" or not args.only or args.only in name]
     models = {name: load_with(args.package, args.variant, LEVERS[name]) for name in chosen if name in LEVERS}
+    for name in (n for n in chosen if n in CONFIG_LEVERS):
+        models[name] = load_with(args.package, args.variant, {}, CONFIG_LEVERS[name])
     scratch = tempfile.TemporaryDirectory()
     for number, name in enumerate(n for n in chosen if n in GRAPH_LEVERS):
         copy = graph_copy(args.package, args.variant, Path(scratch.name) / str(number), GRAPH_LEVERS[name])
