@@ -182,7 +182,45 @@ def _prompts_on_fp32_compute(config: Any, folder: Path) -> bytes:
 CONFIG_LEVERS = {"prompts on an fp32-compute copy of the graph (genai pipeline)": _prompts_on_fp32_compute}
 _KEPT: list[bytes] = []  # model bytes genai reads in place, alive as long as the process
 
+
+def _gate_up_fused(model: Any) -> None:
+    """Each MLP's gate and up projections (two MatMulNBits reading one input) as one MatMulNBits over both
+    weights (their packed codes and scales concatenated along N, folded when the session starts) and a Split."""
+    from onnx import helper
+
+    graph = model.graph
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    by_name = {n.name: n for n in graph.node}
+    nodes = []
+    for node in graph.node:
+        if node.op_type == "MatMulNBits" and "/mlp/up_proj/" in node.name:
+            continue  # joined into its gate projection below
+        if node.op_type == "MatMulNBits" and "/mlp/gate_proj/" in node.name:
+            up = by_name[node.name.replace("gate_proj", "up_proj")]
+            assert list(up.input[0:1]) == list(node.input[0:1]) and len(node.input) == len(up.input)
+            fused, base = f"{node.name}_gate_up", node.name
+            joined = [f"{base}_joined{i}" for i in range(1, len(node.input))]
+            for i, name in enumerate(joined, start=1):
+                nodes.append(helper.make_node("Concat", [node.input[i], up.input[i]], [name], axis=0, name=name))
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            n = attrs["N"]
+            attrs["N"] = 2 * n
+            nodes.append(helper.make_node("MatMulNBits", [node.input[0], *joined], [f"{fused}_out"], name=fused,
+                                          domain="com.microsoft", **attrs))  # fmt: skip
+            sizes = f"{fused}_sizes"
+            graph.initializer.append(helper.make_tensor(sizes, 7, [2], [n, n]))
+            split = [f"{fused}_out", sizes] if opset >= 13 else [f"{fused}_out"]
+            extra = {} if opset >= 13 else {"split": [n, n]}
+            outputs = [node.output[0], up.output[0]]
+            nodes.append(helper.make_node("Split", split, outputs, axis=-1, name=f"{fused}_split", **extra))
+            continue
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 GRAPH_LEVERS = {
+    "gate and up projections in one MatMulNBits": _gate_up_fused,
     "LM head over every position (as exported)": _whole_head,
     "MatMulNBits accuracy level 0 (fp32 compute)": _fp32_compute,
     "block means by MatMul (asymmetric recipes)": _means_by_matmul,

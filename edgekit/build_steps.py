@@ -23,6 +23,7 @@ from edgekit.errors import SourceError
 from edgekit.exporters.last_position import keep_last_position_in_folder
 from edgekit.exporters.memory_estimate import check_build_resources, check_gguf_resources
 from edgekit.exporters.onnx_builder import output_to_log, run_builder
+from edgekit.exporters.parallel_matmuls import join_parallel_matmuls_in_folder
 from edgekit.exporters.streaming import run_streaming_builder
 from edgekit.exporters.tokenizer_parity import TokenizerParity, check_tokenizer_parity
 from edgekit.exporters.validate import ParityResult, validate_export
@@ -264,6 +265,7 @@ def export_variants(context: BuildContext) -> None:
                 drop_default_zero_points(folder)
             if variant.name != REFERENCE_VARIANT and variant.provider == "cpu":
                 keep_last_position_in_folder(folder)  # the reference stays as exported: validation compares it whole
+                join_parallel_matmuls_in_folder(folder)
         context.variants[variant.name] = _variant_entry(variant, folder)
 
 

@@ -25,6 +25,7 @@ import onnx
 from edgekit.errors import RecipeBudgetError
 from edgekit.exporters.decoder_session import DecoderSession
 from edgekit.exporters.last_position import keep_last_position
+from edgekit.exporters.parallel_matmuls import join_parallel_matmuls
 from edgekit.quant.block_quant import QuantizedMatrix, quantize_matrix
 from edgekit.quant.decode_timing import decode_ratio
 from edgekit.quant.formats import DEFAULT_CANDIDATES, PROBE_FORMAT, TensorFormat, parse_format
@@ -379,6 +380,7 @@ def _build(
     graph = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)
     rewrite_model(graph, recipe.formats(), level, fit)
     keep_last_position(graph)  # as every CPU variant: the head on the last position (exporters/last_position.py)
+    join_parallel_matmuls(graph)  # and linears of one input in one kernel call (exporters/parallel_matmuls.py)
     load_external_data_for_model(graph, str(fp32_dir))  # what the rewrite kept: norms, rotary tables
     if out_dir.exists():
         shutil.rmtree(out_dir)
