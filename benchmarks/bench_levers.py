@@ -4,17 +4,18 @@ Run: python benchmarks/bench_levers.py PACKAGE [--variant NAME] [--rounds 5] [--
      [--prefill-chunks 64,128,256] [--no-levers] [--only WORD]
 
 Most levers are the package's variant loaded with one onnxruntime-genai config overlay on top of what
-``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); four are edited graphs
-(copies of the package in a temporary folder): the LM head over every position, as the builder exports it,
+``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); five are edited graphs
+(copies of the package in a temporary folder): an MLP's gate and up projections in one MatMulNBits (for
+packages built before the build did that), the LM head over every position, as the builder exports it,
 fp32 compute in every MatMulNBits, and (for a recipe with asymmetric formats) each activation's block means
 made by one MatMul with a constant averaging matrix, or by one AveragePool, instead of a Reshape and a
 ReduceMean. One more runs prompts on a copy of the graph with fp32-compute MatMulNBits (held in memory)
 and generated tokens on the package's graph, two sessions in onnxruntime-genai's decoder pipeline. All of
-them stay loaded,
-and each round times every phase of every lever once, phase by phase, alternating the levers' order, so
-they see the same machine state and each follows the same kind of work. Each lever's model has its own onnxruntime
-thread pool, whose threads spin for a while after a run, so with many levers loaded each timing carries
-some of the others' spinning: ``--only WORD`` compares the default with the matching levers alone.
+them stay loaded, and each round times every phase of every lever once, phase by phase, alternating the
+levers' order, so they see the same machine state and each follows the same kind of work. Each lever's
+model has its own onnxruntime thread pool, whose threads spin for a while after a run, so with many
+levers loaded each timing carries some of the others' spinning: ``--only WORD`` compares the default with
+the matching levers alone.
 
 - decode at depth D: D random prompt tokens, then ``--gen`` tokens, the first excluded (llama-bench's ``tg``);
 - prefill of 512 tokens: 512 over the time to the first token (llama-bench's ``pp``).
@@ -185,12 +186,15 @@ _KEPT: list[bytes] = []  # model bytes genai reads in place, alive as long as th
 
 def _gate_up_fused(model: Any) -> None:
     """Each MLP's gate and up projections (two MatMulNBits reading one input) as one MatMulNBits over both
-    weights (their packed codes and scales concatenated along N, folded when the session starts) and a Split."""
+    weights (their packed codes and scales concatenated along N, folded when the session starts) and a Split:
+    the measurement behind ``edgekit/exporters/parallel_matmuls.py``, for packages built before it."""
     from onnx import helper
 
     graph = model.graph
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     by_name = {n.name: n for n in graph.node}
+    if not any(n.op_type == "MatMulNBits" and "/mlp/gate_proj/" in n.name for n in graph.node):
+        raise SystemExit("no separate gate projection: packages built since commit e375c80 join them already")
     nodes = []
     for node in graph.node:
         if node.op_type == "MatMulNBits" and "/mlp/up_proj/" in node.name:
