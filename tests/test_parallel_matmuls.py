@@ -109,3 +109,29 @@ def test_a_folder_is_rewritten_in_place_only_when_something_joins(tmp_path: Path
     assert join_parallel_matmuls_in_folder(pair) == 1
     assert len(_matmuls(onnx.load(str(pair / "model.onnx")))) == 1
     assert [p.name for p in pair.iterdir()] == ["model.onnx"]  # no partial file left behind
+
+
+def test_scales_stored_in_either_shape_join_alike() -> None:
+    model = _model([("a", "y", 32, {}), ("b", "y", 16, {})])
+    scales = next(t for t in model.graph.initializer if t.name == "b_S")
+    scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales).reshape(-1), "b_S"))  # [N * blocks]
+    before = _run(model)
+    assert join_parallel_matmuls(model) == 1
+    for expected, got in zip(before, _run(model), strict=True):
+        np.testing.assert_array_equal(expected, got)
+
+
+def test_a_second_join_takes_names_the_first_did_not() -> None:
+    model = _model([("a", "y", 32, {}), ("b", "y", 16, {}), ("c", "x", 16, {})])
+    assert join_parallel_matmuls(model) == 1
+    extra, tensors = _linear("d", "x", 24, np.random.default_rng(5))
+    model.graph.node.append(extra)
+    model.graph.initializer.extend(tensors)
+    model.graph.output.append(helper.make_tensor_value_info("d_out", TensorProto.FLOAT, ["M", 24]))
+    before = _run(model)
+    assert join_parallel_matmuls(model) == 1  # c and d, both on x
+    onnx.checker.check_model(model)
+    names = [n.name for n in model.graph.node] + [t.name for t in model.graph.initializer]
+    assert len(names) == len(set(names))
+    for expected, got in zip(before, _run(model), strict=True):
+        np.testing.assert_array_equal(expected, got)

@@ -15,7 +15,9 @@ or a bias, whose layouts this does not handle).
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +26,9 @@ from onnx import TensorProto, helper
 
 _JOINABLE_INPUTS = (3, 4)  # activation, codes, scales[, zero points]
 _PREFIX = "edgekit_joined"
+_OWN_NAME = re.compile(rf"^{_PREFIX}(\d+)(?:_|$)")  # an earlier join's names: new ones must not clash
+_ATTRIBUTES = frozenset({"K", "N", "bits", "block_size", "accuracy_level"})
+_REQUIRED = ("K", "N", "bits", "block_size")
 
 
 def join_parallel_matmuls(model: onnx.ModelProto) -> int:
@@ -40,13 +45,16 @@ def join_parallel_matmuls(model: onnx.ModelProto) -> int:
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
     nodes: list[onnx.NodeProto] = []
     constants: list[onnx.TensorProto] = []
+    names_in_use = [n.name for n in graph.node] + [t.name for t in graph.initializer]
+    used = {int(match.group(1)) for name in names_in_use if (match := _OWN_NAME.match(name))}
+    fresh_names = (f"{_PREFIX}{number}" for number in itertools.count() if number not in used)
     count = 0
     for node in graph.node:
         members = joined.get(id(node))
         if members is None:
             nodes.append(node)
         elif node is members[0]:  # the group's nodes go where its first one stood: its input exists there
-            made, made_constants = _joined_nodes(members, f"{_PREFIX}{count}", version)
+            made, made_constants = _joined_nodes(members, next(fresh_names), version)
             nodes += made
             constants += made_constants
             count += 1
@@ -82,13 +90,7 @@ def _join_key(node: onnx.NodeProto) -> tuple[object, ...] | None:
     if len(node.input) not in _JOINABLE_INPUTS or not all(node.input) or len(node.output) != 1:
         return None
     attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-    if not isinstance(attributes.get("N"), int) or attributes.keys() - {
-        "K",
-        "N",
-        "bits",
-        "block_size",
-        "accuracy_level",
-    }:
+    if attributes.keys() - _ATTRIBUTES or not all(isinstance(attributes.get(name), int) for name in _REQUIRED):
         return None
     shared = tuple(sorted((name, value) for name, value in attributes.items() if name != "N"))
     return (node.input[0], len(node.input), shared)
@@ -98,27 +100,31 @@ def _joined_nodes(
     members: list[onnx.NodeProto], name: str, version: int
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
     """One MatMulNBits over the members' weights (codes by rows; scales and zero points flattened, as the
-    operator also reads them) and a Split back into the members' outputs; and the two constants they use."""
+    operator also reads them) and a Split back into the members' outputs; and the constants they use."""
     sizes = [int(helper.get_attribute_value(next(a for a in m.attribute if a.name == "N"))) for m in members]
-    flat, split_sizes = f"{name}_flat", f"{name}_sizes"
+    attributes = {a.name: helper.get_attribute_value(a) for a in members[0].attribute}
+    k, block, bits = int(attributes["K"]), int(attributes["block_size"]), int(attributes["bits"])
+    flat, codes_shape, split_sizes = f"{name}_flat", f"{name}_codes_shape", f"{name}_sizes"
     constants = [
         helper.make_tensor(flat, TensorProto.INT64, [1], [-1]),
+        helper.make_tensor(codes_shape, TensorProto.INT64, [3], [-1, -(-k // block), block * bits // 8]),
         helper.make_tensor(split_sizes, TensorProto.INT64, [len(sizes)], sizes),
     ]
     made: list[onnx.NodeProto] = []
     inputs = [members[0].input[0]]
     for position in range(1, len(members[0].input)):
         parts = [m.input[position] for m in members]
-        if position > 1:  # scales, zero points: one flat vector each, row after row
-            flattened = [f"{name}_in{position}_{index}" for index in range(len(parts))]
-            made += [
-                helper.make_node("Reshape", [part, flat], [out], name=out)
-                for part, out in zip(parts, flattened, strict=True)
-            ]
-            parts = flattened
+        # Codes as [N, blocks, blob] (the layout MatMulNBits reads), scales and zero points as flat vectors,
+        # whatever shape each member's were stored in, so the Concat along rows cannot meet a mismatch.
+        reshaped = [f"{name}_in{position}_{index}" for index in range(len(parts))]
+        shape = codes_shape if position == 1 else flat
+        made += [
+            helper.make_node("Reshape", [part, shape], [out], name=out)
+            for part, out in zip(parts, reshaped, strict=True)
+        ]
+        parts = reshaped
         inputs.append(f"{name}_in{position}")
         made.append(helper.make_node("Concat", parts, [inputs[-1]], axis=0, name=inputs[-1]))
-    attributes = {a.name: helper.get_attribute_value(a) for a in members[0].attribute}
     attributes["N"] = sum(sizes)
     made.append(
         helper.make_node("MatMulNBits", inputs, [f"{name}_out"], name=name, domain="com.microsoft", **attributes)
