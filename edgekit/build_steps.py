@@ -265,7 +265,8 @@ def export_variants(context: BuildContext) -> None:
                 drop_default_zero_points(folder)
             if variant.name != REFERENCE_VARIANT and variant.provider == "cpu":
                 keep_last_position_in_folder(folder)  # the reference stays as exported: validation compares it whole
-                join_parallel_matmuls_in_folder(folder)
+                if not streamed:  # the join reads the whole variant into memory (exporters/parallel_matmuls.py)
+                    join_parallel_matmuls_in_folder(folder)
         context.variants[variant.name] = _variant_entry(variant, folder)
 
 

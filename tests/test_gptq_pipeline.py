@@ -55,7 +55,8 @@ def test_gptq_variant_matches_the_fake_quantized_model_and_is_deployed(
 
     graph = onnx.load(str(out / "int4-gptq" / "model.onnx"), load_external_data=False).graph
     nbits = [node for node in graph.node if node.op_type == "MatMulNBits"]
-    assert len(nbits) == 2 * 5  # qkv, o, gate, up, down in each of the 2 layers
+    assert len(nbits) == 2 * 4  # qkv, o, gate and up joined (exporters/parallel_matmuls.py), down; 2 layers
+    assert sum(node.name.startswith("edgekit_joined") for node in nbits) == 2
     # No g_idx (it would disable prepacking) and no zero points: symmetric GPTQ's are all the default,
     # and the input would slow decoding (edgekit/exporters/zero_points.py).
     assert all(len(node.input) == 3 for node in nbits), [list(node.input) for node in nbits]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -12,51 +13,100 @@ from onnx import TensorProto, helper, numpy_helper
 
 from edgekit.exporters.parallel_matmuls import join_parallel_matmuls, join_parallel_matmuls_in_folder
 
-K, BLOCK = 64, 32
-
 
 def _linear(
-    name: str, source: str, n: int, rng: np.random.Generator, *, level: int = 4, zero_points: bool = False
-) -> tuple[onnx.NodeProto, list[onnx.TensorProto]]:
-    blocks = K // BLOCK
-    tensors = [
-        numpy_helper.from_array(rng.integers(0, 256, (n, blocks, BLOCK // 2), dtype=np.uint8), f"{name}_B"),
-        numpy_helper.from_array((rng.random((n, blocks), dtype=np.float32) * 0.1).astype(np.float32), f"{name}_S"),
-    ]
-    if zero_points:
-        tensors.append(
-            numpy_helper.from_array(rng.integers(0, 256, n * ((blocks + 1) // 2), dtype=np.uint8), f"{name}_Z")
+    name: str,
+    source: str,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    k: int = 64,
+    block: int = 32,
+    bits: int = 4,
+    level: int = 4,
+    zero_points: str | None = None,
+    stored_half: bool = False,
+) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
+    """A MatMulNBits [M, k] x [k, n]; ``stored_half``: codes stored flat and scales float16, reshaped and cast
+    in the graph as the recipe writes them; ``zero_points``: None, "uint8" (packed) or "float"."""
+    blocks = math.ceil(k / block)
+    codes = rng.integers(0, 256, (n, blocks, block * bits // 8), dtype=np.uint8)
+    scales = (rng.random((n, blocks), dtype=np.float32) * 0.1).astype(np.float32)
+    nodes: list[onnx.NodeProto] = []
+    tensors = [numpy_helper.from_array(codes.reshape(-1) if stored_half else codes, f"{name}_B")]
+    inputs = [source, f"{name}_B"]
+    if stored_half:
+        tensors.append(numpy_helper.from_array(np.array(codes.shape, dtype=np.int64), f"{name}_B_shape"))
+        nodes.append(helper.make_node("Reshape", [f"{name}_B", f"{name}_B_shape"], [f"{name}_B3"], name=f"{name}_r"))
+        tensors.append(numpy_helper.from_array(scales.astype(np.float16), f"{name}_S16"))
+        nodes.append(helper.make_node("Cast", [f"{name}_S16"], [f"{name}_S"], to=TensorProto.FLOAT, name=f"{name}_c"))
+        inputs = [source, f"{name}_B3"]
+    else:
+        tensors.append(numpy_helper.from_array(scales, f"{name}_S"))
+    inputs.append(f"{name}_S")
+    if zero_points == "uint8":
+        zp_bytes = math.ceil(blocks * bits / 8)
+        tensors.append(numpy_helper.from_array(rng.integers(0, 256, n * zp_bytes, dtype=np.uint8), f"{name}_Z"))
+        inputs.append(f"{name}_Z")
+    elif zero_points == "float":
+        tensors.append(numpy_helper.from_array(rng.random((n, blocks), dtype=np.float32) * 8, f"{name}_Z"))
+        inputs.append(f"{name}_Z")
+    nodes.append(
+        helper.make_node(
+            "MatMulNBits",
+            inputs,
+            [f"{name}_out"],
+            name=name,
+            domain="com.microsoft",
+            K=k,
+            N=n,
+            bits=bits,
+            block_size=block,
+            accuracy_level=level,
         )
-    node = helper.make_node(
-        "MatMulNBits", [source, *(t.name for t in tensors)], [f"{name}_out"], name=name, domain="com.microsoft",
-        K=K, N=n, bits=4, block_size=BLOCK, accuracy_level=level,
-    )  # fmt: skip
-    return node, tensors
+    )
+    return nodes, tensors
 
 
-def _model(specs: list[tuple[str, str, int, dict[str, object]]], opset: int = 21) -> onnx.ModelProto:
+def _model(specs: list[tuple[str, str, int, dict[str, object]]], opset: int = 21, k: int = 64) -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     nodes, initializers = [helper.make_node("Relu", ["x"], ["y"], name="relu")], []
     for name, source, n, options in specs:
-        node, tensors = _linear(name, source, n, rng, **options)  # type: ignore[arg-type]
-        nodes.append(node)
+        made, tensors = _linear(name, source, n, rng, k=k, **options)  # type: ignore[arg-type]
+        nodes += made
         initializers += tensors
     outputs = [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, ["M", n]) for name, _, n, _ in specs]
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", K])], outputs, initializers
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])], outputs, initializers
     )
     opsets = [helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)]
     return helper.make_model(graph, opset_imports=opsets, ir_version=8 if opset < 21 else 10)
 
 
-def _run(model: onnx.ModelProto, rows: int = 3) -> list[np.ndarray]:
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(1).standard_normal((rows, K)).astype(np.float32)
+def _run(model: onnx.ModelProto | Path, rows: int = 3, optimized: bool = True) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    k = session.get_inputs()[0].shape[1]
+    x = np.random.default_rng(1).standard_normal((rows, k)).astype(np.float32)
     return session.run(None, {"x": x})  # type: ignore[return-value]
 
 
 def _matmuls(model: onnx.ModelProto) -> list[onnx.NodeProto]:
     return [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+
+
+def _copy(model: onnx.ModelProto) -> onnx.ModelProto:
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    return copy
+
+
+def _assert_same(before: list[np.ndarray], after: list[np.ndarray]) -> None:
+    for expected, got in zip(before, after, strict=True):
+        np.testing.assert_array_equal(expected, got)  # each column depends on its own weights only
 
 
 @pytest.mark.parametrize("opset", [11, 21])
@@ -67,14 +117,12 @@ def test_linears_of_one_input_become_one_call_with_the_same_outputs(opset: int) 
             ("up", "y", 80, {}),
             ("other_input", "x", 16, {}),  # alone on its input
             ("fp32_compute", "y", 16, {"level": 0}),  # another accuracy level: not joined
-            ("zp_a", "y", 24, {"zero_points": True}),  # a second group: zero points of their own
-            ("zp_b", "y", 40, {"zero_points": True}),
+            ("zp_a", "y", 24, {"zero_points": "uint8"}),  # a second group: zero points of their own
+            ("zp_b", "y", 40, {"zero_points": "uint8"}),
         ],
         opset,
     )
-    before = _run(model)
-    joined = onnx.ModelProto()
-    joined.CopyFrom(model)
+    joined = _copy(model)
     assert join_parallel_matmuls(joined) == 2
     onnx.checker.check_model(joined)
     assert len(_matmuls(joined)) == 4  # gate+up, zp_a+zp_b, and the two that stayed alone
@@ -82,50 +130,60 @@ def test_linears_of_one_input_become_one_call_with_the_same_outputs(opset: int) 
         "fp32_compute",
         "other_input",
     ]
-    for expected, got in zip(before, _run(joined), strict=True):
-        np.testing.assert_array_equal(expected, got)  # each column depends on its own weights only
+    names = {t.name for t in joined.graph.initializer}
+    assert not names & {"gate_B", "gate_S", "up_B", "up_S", "zp_a_Z", "zp_b_Z"}, "the members' weights are gone"
+    _assert_same(_run(model), _run(joined))
+    _assert_same(_run(model, optimized=False), _run(joined, optimized=False))  # no folding needed
     assert join_parallel_matmuls(joined) == 0  # nothing left to join
 
 
+@pytest.mark.parametrize(
+    ("k", "options"),
+    [
+        (80, {"zero_points": "uint8"}),  # 3 blocks: each row's packed zero points padded to 2 bytes
+        (80, {"bits": 8}),  # K not a multiple of the block
+        (96, {"bits": 8, "block": 16, "zero_points": "uint8"}),
+        (96, {"bits": 2, "block": 64}),
+        (96, {"level": 0, "block": 64}),
+    ],
+)
+def test_every_layout_joins_exactly(k: int, options: dict[str, object]) -> None:
+    model = _model([("a", "y", 24, options), ("b", "y", 40, options)], k=k)
+    joined = _copy(model)
+    assert join_parallel_matmuls(joined) == 1
+    _assert_same(_run(model), _run(joined))
+
+
+def test_weights_the_recipe_reshapes_and_casts_are_joined_stored_the_same_way() -> None:
+    model = _model([("a", "y", 32, {"stored_half": True}), ("b", "y", 16, {"stored_half": True})])
+    joined = _copy(model)
+    assert join_parallel_matmuls(joined) == 1
+    types = {t.name: t.data_type for t in joined.graph.initializer}
+    assert TensorProto.FLOAT16 in types.values() and TensorProto.FLOAT not in types.values(), "scales stay half"
+    assert [n.op_type for n in joined.graph.node].count("Cast") == 1
+    assert not {"a_r", "a_c", "b_r", "b_c"} & {n.name for n in joined.graph.node}, "the members' chains are gone"
+    _assert_same(_run(model), _run(joined))
+
+
 def test_nodes_that_differ_in_their_inputs_or_attributes_stay_apart() -> None:
-    model = _model([("plain", "y", 32, {}), ("with_zero_points", "y", 32, {"zero_points": True})])
-    extra = _model([("a", "y", 32, {}), ("b", "y", 32, {})])
-    extra.graph.node[2].attribute.append(helper.make_attribute("future_option", 1))  # an attribute not understood
-    for graph_model in (model, extra):
-        assert join_parallel_matmuls(graph_model) == 0
-        assert len(_matmuls(graph_model)) == 2
-
-
-def test_a_folder_is_rewritten_in_place_only_when_something_joins(tmp_path: Path) -> None:
-    lone = tmp_path / "lone"
-    lone.mkdir()
-    onnx.save(_model([("a", "y", 32, {})]), str(lone / "model.onnx"))
-    before = (lone / "model.onnx").read_bytes()
-    assert join_parallel_matmuls_in_folder(lone) == 0
-    assert (lone / "model.onnx").read_bytes() == before
-    pair = tmp_path / "pair"
-    pair.mkdir()
-    onnx.save(_model([("a", "y", 32, {}), ("b", "y", 32, {})]), str(pair / "model.onnx"))
-    assert join_parallel_matmuls_in_folder(pair) == 1
-    assert len(_matmuls(onnx.load(str(pair / "model.onnx")))) == 1
-    assert [p.name for p in pair.iterdir()] == ["model.onnx"]  # no partial file left behind
-
-
-def test_scales_stored_in_either_shape_join_alike() -> None:
-    model = _model([("a", "y", 32, {}), ("b", "y", 16, {})])
-    scales = next(t for t in model.graph.initializer if t.name == "b_S")
-    scales.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(scales).reshape(-1), "b_S"))  # [N * blocks]
-    before = _run(model)
-    assert join_parallel_matmuls(model) == 1
-    for expected, got in zip(before, _run(model), strict=True):
-        np.testing.assert_array_equal(expected, got)
+    cases = [
+        _model([("plain", "y", 32, {}), ("with_zero_points", "y", 32, {"zero_points": "uint8"})]),
+        _model([("packed", "y", 32, {"zero_points": "uint8"}), ("float", "y", 32, {"zero_points": "float"})]),
+        _model([("stored", "y", 32, {}), ("reshaped", "y", 32, {"stored_half": True})]),  # fp32 and fp16 scales
+    ]
+    unknown = _model([("a", "y", 32, {}), ("b", "y", 32, {})])
+    unknown.graph.node[-1].attribute.append(helper.make_attribute("future_option", 1))  # not understood
+    for model in [*cases, unknown]:
+        before = model.SerializeToString()
+        assert join_parallel_matmuls(model) == 0
+        assert model.SerializeToString() == before
 
 
 def test_a_second_join_takes_names_the_first_did_not() -> None:
     model = _model([("a", "y", 32, {}), ("b", "y", 16, {}), ("c", "x", 16, {})])
     assert join_parallel_matmuls(model) == 1
     extra, tensors = _linear("d", "x", 24, np.random.default_rng(5))
-    model.graph.node.append(extra)
+    model.graph.node.extend(extra)
     model.graph.initializer.extend(tensors)
     model.graph.output.append(helper.make_tensor_value_info("d_out", TensorProto.FLOAT, ["M", 24]))
     before = _run(model)
@@ -133,5 +191,29 @@ def test_a_second_join_takes_names_the_first_did_not() -> None:
     onnx.checker.check_model(model)
     names = [n.name for n in model.graph.node] + [t.name for t in model.graph.initializer]
     assert len(names) == len(set(names))
-    for expected, got in zip(before, _run(model), strict=True):
-        np.testing.assert_array_equal(expected, got)
+    _assert_same(before, _run(model))
+
+
+def _save(model: onnx.ModelProto, folder: Path) -> None:
+    folder.mkdir()
+    onnx.save_model(
+        model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=0
+    )
+
+
+def test_a_folder_is_rewritten_with_its_data_file_only_when_something_joins(tmp_path: Path) -> None:
+    _save(_model([("a", "y", 32, {})]), tmp_path / "lone")
+    files = {p.name: p.read_bytes() for p in (tmp_path / "lone").iterdir()}
+    assert join_parallel_matmuls_in_folder(tmp_path / "lone") == 0
+    assert {p.name: p.read_bytes() for p in (tmp_path / "lone").iterdir()} == files
+
+    model = _model([("a", "y", 32, {}), ("b", "y", 48, {"zero_points": None})])
+    _save(model, tmp_path / "pair")
+    before = _run(tmp_path / "pair" / "model.onnx")
+    data_bytes = (tmp_path / "pair" / "model.onnx.data").stat().st_size
+    assert join_parallel_matmuls_in_folder(tmp_path / "pair") == 1
+    assert sorted(p.name for p in (tmp_path / "pair").iterdir()) == ["model.onnx", "model.onnx.data"]
+    # The members' tensors left the data file: it holds the joined ones, not both.
+    assert (tmp_path / "pair" / "model.onnx.data").stat().st_size <= data_bytes + 1024
+    assert len(_matmuls(onnx.load(str(tmp_path / "pair" / "model.onnx"), load_external_data=False))) == 1
+    _assert_same(before, _run(tmp_path / "pair" / "model.onnx"))

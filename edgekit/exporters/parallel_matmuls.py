@@ -3,14 +3,18 @@
 A Llama-style MLP multiplies one activation by its gate and its up projection, two MatMulNBits nodes the
 builder keeps apart. On the CPU a decode step is hundreds of small kernel calls, each waking the thread
 pool, so one call over both weights is cheaper than two (``benchmarks/bench_levers.py``, lever "gate and
-up projections in one MatMulNBits"; docs/benchmarks.md). The joined node reads its codes, scales and zero
-points through Concat nodes over the originals' (constants, which onnxruntime folds when the session
-starts), so the data file is untouched, and a Split gives each original output its old name back, so every
-reader is unchanged. Each output column depends only on its own weights: the outputs are bit-identical.
+up projections in one MatMulNBits"; docs/benchmarks.md). The joined node's codes, scales and zero points
+are written joined, row after row, into the data file, in the type each member stored them (a float16
+scale stays float16, cast in the graph as before); the members' own tensors leave it. Joining them in the
+graph instead (Concat nodes that onnxruntime folds at load) would keep an extra copy of the joined weights
+in memory. A Split gives each original output its old name back, so every reader is unchanged; each output
+column depends only on its own weights and scales, so the outputs are those of the separate nodes.
 
 Only nodes that agree on everything but ``N`` are joined: the same input, bits, block size, ``K``,
 accuracy level, and the same inputs present (codes, scales, optionally zero points; none with a ``g_idx``
-or a bias, whose layouts this does not handle).
+or a bias), each stored as an initializer, or reached from one through the Reshape and Cast nodes the
+recipe writes, the same chain for every member. The whole variant is read into memory to be rewritten:
+whole-model builds only (a streamed build's variants are left as exported).
 """
 
 from __future__ import annotations
@@ -18,69 +22,128 @@ from __future__ import annotations
 import itertools
 import os
 import re
-from collections import defaultdict
+import shutil
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 _JOINABLE_INPUTS = (3, 4)  # activation, codes, scales[, zero points]
 _PREFIX = "edgekit_joined"
 _OWN_NAME = re.compile(rf"^{_PREFIX}(\d+)(?:_|$)")  # an earlier join's names: new ones must not clash
 _ATTRIBUTES = frozenset({"K", "N", "bits", "block_size", "accuracy_level"})
 _REQUIRED = ("K", "N", "bits", "block_size")
+_DATA_FILE = "model.onnx.data"
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where one weight input of a MatMulNBits comes from: an initializer, then Reshape and Cast nodes."""
+
+    tensor: onnx.TensorProto
+    nodes: tuple[onnx.NodeProto, ...]
+    """The Reshape and Cast nodes between the initializer and the MatMulNBits, in order."""
+
+    @property
+    def casts(self) -> tuple[int, ...]:
+        """The element types the chain casts to: what a joined tensor must go through as well."""
+        return tuple(int(helper.get_attribute_value(a)) for n in self.nodes if n.op_type == "Cast" for a in n.attribute)
 
 
 def join_parallel_matmuls(model: onnx.ModelProto) -> int:
-    """Join every group of compatible MatMulNBits nodes that read one input (in place); return how many groups."""
+    """Join every group of compatible MatMulNBits nodes that read one input (in place, the weights in memory:
+    ``onnx.load`` with its external data); return how many groups were joined."""
     graph = model.graph
-    groups: dict[tuple[object, ...], list[onnx.NodeProto]] = defaultdict(list)
-    for node in graph.node:
-        key = _join_key(node)
-        if key is not None:
-            groups[key].append(node)
-    joined = {id(node): members for members in groups.values() if len(members) > 1 for node in members}
-    if not joined:
+    producers = {output: node for node in graph.node for output in node.output}
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    plans = []
+    for members in (m for m in _groups(graph).values() if len(m) > 1):
+        sources = [[_stored(name, producers, initializers) for name in m.input[1:]] for m in members]
+        if _joinable(sources):
+            plans.append((members, sources))
+    if not plans:
         return 0
     version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
-    nodes: list[onnx.NodeProto] = []
-    constants: list[onnx.TensorProto] = []
     names_in_use = [n.name for n in graph.node] + [t.name for t in graph.initializer]
+    names_in_use += [v.name for v in [*graph.input, *graph.output, *graph.value_info]]
+    names_in_use += [output for node in graph.node for output in node.output]
     used = {int(match.group(1)) for name in names_in_use if (match := _OWN_NAME.match(name))}
     fresh_names = (f"{_PREFIX}{number}" for number in itertools.count() if number not in used)
-    count = 0
-    for node in graph.node:
-        members = joined.get(id(node))
-        if members is None:
-            nodes.append(node)
-        elif node is members[0]:  # the group's nodes go where its first one stood: its input exists there
-            made, made_constants = _joined_nodes(members, next(fresh_names), version)
-            nodes += made
-            constants += made_constants
-            count += 1
+    replaced: dict[str, list[onnx.NodeProto]] = {}  # by a member's output: unique, unlike names or ids
+    constants: list[onnx.TensorProto] = []
+    left_behind: list[_Stored] = []
+    for members, sources in plans:
+        made, made_constants = _joined(members, sources, next(fresh_names), version)
+        replaced[members[0].output[0]] = made
+        replaced.update({member.output[0]: [] for member in members[1:]})
+        constants += made_constants
+        left_behind += [s for member in sources for s in member if s is not None]
+    nodes = [new for node in graph.node for new in replaced.get(node.output[0] if node.output else "", [node])]
     del graph.node[:]
     graph.node.extend(nodes)
+    _drop_unread(graph, left_behind)
     # First, not last: a later rewrite that appends its own (exporters/last_position.py) and is undone and
     # redone leaves the graph byte for byte as it was.
     existing = list(graph.initializer)
     del graph.initializer[:]
     graph.initializer.extend([*constants, *existing])
-    return count
+    return len(plans)
 
 
 def join_parallel_matmuls_in_folder(folder: Path, filename: str = "model.onnx") -> int:
-    """Apply ``join_parallel_matmuls`` to a variant folder's graph file (its weights are untouched)."""
-    path = Path(folder) / filename
+    """Apply ``join_parallel_matmuls`` to a variant folder's graph and its data file, replaced atomically;
+    the folder is left as it was where nothing joins."""
+    from onnx.external_data_helper import load_external_data_for_model
+
+    folder = Path(folder)
+    path = folder / filename
     model = onnx.load(str(path), load_external_data=False)
+    if not any(len(members) > 1 for members in _groups(model.graph).values()):
+        return 0  # decided from the graph alone, before any weight is read
+    locations = {
+        entry.value
+        for tensor in model.graph.initializer
+        if tensor.data_location == TensorProto.EXTERNAL
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    load_external_data_for_model(model, str(folder))
     count = join_parallel_matmuls(model)
-    if count:
-        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-        try:
-            onnx.save(model, str(partial))
-            os.replace(partial, path)
-        finally:
-            partial.unlink(missing_ok=True)
+    if not count:
+        return 0
+    staging = folder / f".{filename}.{os.getpid()}.joining"
+    staging.mkdir()
+    try:
+        onnx.save_model(
+            model,
+            str(staging / filename),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=_DATA_FILE,
+            size_threshold=1024,
+        )
+        written = (staging / _DATA_FILE).is_file()
+        if written:
+            os.replace(staging / _DATA_FILE, folder / _DATA_FILE)
+        os.replace(staging / filename, path)
+        for location in locations - ({_DATA_FILE} if written else set()):  # every tensor is in the new file
+            if "/" not in location and "\\" not in location:  # names the builder wrote: inside the folder
+                (folder / location).unlink(missing_ok=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return count
+
+
+def _groups(graph: onnx.GraphProto) -> dict[tuple[object, ...], list[onnx.NodeProto]]:
+    groups: dict[tuple[object, ...], list[onnx.NodeProto]] = defaultdict(list)
+    for node in graph.node:
+        key = _join_key(node)
+        if key is not None:
+            groups[key].append(node)
+    return groups
 
 
 def _join_key(node: onnx.NodeProto) -> tuple[object, ...] | None:
@@ -96,42 +159,103 @@ def _join_key(node: onnx.NodeProto) -> tuple[object, ...] | None:
     return (node.input[0], len(node.input), shared)
 
 
-def _joined_nodes(
-    members: list[onnx.NodeProto], name: str, version: int
+def _stored(
+    name: str, producers: dict[str, onnx.NodeProto], initializers: dict[str, onnx.TensorProto]
+) -> _Stored | None:
+    """The initializer behind a weight input and the Reshape/Cast chain from it; None for anything else."""
+    chain: list[onnx.NodeProto] = []
+    while name not in initializers:
+        node = producers.get(name)
+        if node is None or node.op_type not in ("Reshape", "Cast") or node.domain not in ("", "ai.onnx"):
+            return None
+        if node.op_type == "Reshape" and (len(node.input) != 2 or node.input[1] not in initializers):
+            return None
+        chain.append(node)
+        name = node.input[0]
+    tensor = initializers[name]
+    if tensor.data_location == TensorProto.EXTERNAL:
+        return None  # its bytes are not in memory (join_parallel_matmuls_in_folder loads them first)
+    return _Stored(tensor, tuple(reversed(chain)))
+
+
+def _joinable(sources: list[list[_Stored | None]]) -> bool:
+    """Every member's weights are stored, in one element type and through one chain of casts, per input."""
+    for position in range(len(sources[0])):
+        column = [member[position] for member in sources]
+        if any(s is None for s in column):
+            return False
+        stored = [s for s in column if s is not None]
+        if len({(s.tensor.data_type, s.casts) for s in stored}) != 1:
+            return False
+    return True
+
+
+def _joined(
+    members: list[onnx.NodeProto], sources: list[list[_Stored | None]], name: str, version: int
 ) -> tuple[list[onnx.NodeProto], list[onnx.TensorProto]]:
-    """One MatMulNBits over the members' weights (codes by rows; scales and zero points flattened, as the
-    operator also reads them) and a Split back into the members' outputs; and the constants they use."""
+    """One MatMulNBits over the members' joined weights and a Split back into their outputs; the nodes and
+    the new initializers (codes as [N, blocks, blob], scales and zero points flat, as the operator reads)."""
     sizes = [int(helper.get_attribute_value(next(a for a in m.attribute if a.name == "N"))) for m in members]
     attributes = {a.name: helper.get_attribute_value(a) for a in members[0].attribute}
     k, block, bits = int(attributes["K"]), int(attributes["block_size"]), int(attributes["bits"])
-    flat, codes_shape, split_sizes = f"{name}_flat", f"{name}_codes_shape", f"{name}_sizes"
-    constants = [
-        helper.make_tensor(flat, TensorProto.INT64, [1], [-1]),
-        helper.make_tensor(codes_shape, TensorProto.INT64, [3], [-1, -(-k // block), block * bits // 8]),
-        helper.make_tensor(split_sizes, TensorProto.INT64, [len(sizes)], sizes),
-    ]
     made: list[onnx.NodeProto] = []
+    constants: list[onnx.TensorProto] = []
     inputs = [members[0].input[0]]
-    for position in range(1, len(members[0].input)):
-        parts = [m.input[position] for m in members]
-        # Codes as [N, blocks, blob] (the layout MatMulNBits reads), scales and zero points as flat vectors,
-        # whatever shape each member's were stored in, so the Concat along rows cannot meet a mismatch.
-        reshaped = [f"{name}_in{position}_{index}" for index in range(len(parts))]
-        shape = codes_shape if position == 1 else flat
-        made += [
-            helper.make_node("Reshape", [part, shape], [out], name=out)
-            for part, out in zip(parts, reshaped, strict=True)
+    for position in range(len(members[0].input) - 1):
+        stored = [member[position] for member in sources]
+        rows = [
+            numpy_helper.to_array(s.tensor).reshape(n, -1) for s, n in zip(stored, sizes, strict=True) if s is not None
         ]
-        parts = reshaped
-        inputs.append(f"{name}_in{position}")
-        made.append(helper.make_node("Concat", parts, [inputs[-1]], axis=0, name=inputs[-1]))
+        joined = np.concatenate(rows, axis=0)
+        joined = joined.reshape(-1, -(-k // block), block * bits // 8) if position == 0 else joined.reshape(-1)
+        first = stored[0]
+        assert first is not None  # _joinable checked every member
+        tensor = numpy_helper.from_array(joined, f"{name}_in{position + 1}_stored")
+        if first.tensor.data_type != tensor.data_type:  # bfloat16 and friends: numpy's view, the stored type
+            tensor.data_type = first.tensor.data_type
+        constants.append(tensor)
+        current = tensor.name
+        for step, target in enumerate(first.casts):
+            cast = f"{name}_in{position + 1}_cast{step}"
+            made.append(helper.make_node("Cast", [current], [cast], to=target, name=cast))
+            current = cast
+        inputs.append(current)
     attributes["N"] = sum(sizes)
     made.append(
         helper.make_node("MatMulNBits", inputs, [f"{name}_out"], name=name, domain="com.microsoft", **attributes)
     )
     outputs = [m.output[0] for m in members]
     if version >= 13:  # the sizes as an input since opset 13, an attribute before
+        split_sizes = f"{name}_sizes"
+        constants.append(helper.make_tensor(split_sizes, TensorProto.INT64, [len(sizes)], sizes))
         made.append(helper.make_node("Split", [f"{name}_out", split_sizes], outputs, axis=-1, name=f"{name}_split"))
     else:
         made.append(helper.make_node("Split", [f"{name}_out"], outputs, axis=-1, split=sizes, name=f"{name}_split"))
     return made, constants
+
+
+def _drop_unread(graph: onnx.GraphProto, left_behind: list[_Stored]) -> None:
+    """Remove the members' chains and stored weights that nothing reads any more (a tied embedding, say,
+    may still read a head's codes; such a tensor stays)."""
+    outputs = {value.name for value in graph.output}
+    # By output name: the graph's node list was rebuilt, and protobuf copies messages it is given.
+    chain_outputs = {output for stored in left_behind for node in stored.nodes for output in node.output}
+    candidates = {stored.tensor.name for stored in left_behind}
+    candidates |= {node.input[1] for stored in left_behind for node in stored.nodes if node.op_type == "Reshape"}
+    while True:
+        reads = Counter(name for node in graph.node for name in node.input)
+        dead = [
+            node
+            for node in graph.node
+            if set(node.output) <= chain_outputs and not any(reads[o] or o in outputs for o in node.output)
+        ]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    reads = Counter(name for node in graph.node for name in node.input)
+    unread = {name for name in candidates if not reads[name] and name not in outputs}
+    for tensor in [t for t in graph.initializer if t.name in unread]:
+        graph.initializer.remove(tensor)
+    for value in [v for v in graph.input if v.name in unread]:  # old IRs list initializers as inputs too
+        graph.input.remove(value)

@@ -380,8 +380,8 @@ def _build(
     graph = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)
     rewrite_model(graph, recipe.formats(), level, fit)
     keep_last_position(graph)  # as every CPU variant: the head on the last position (exporters/last_position.py)
-    join_parallel_matmuls(graph)  # and linears of one input in one kernel call (exporters/parallel_matmuls.py)
     load_external_data_for_model(graph, str(fp32_dir))  # what the rewrite kept: norms, rotary tables
+    join_parallel_matmuls(graph)  # and linears of one input in one kernel call (exporters/parallel_matmuls.py)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     write_variant(graph, fp32_dir, out_dir)
