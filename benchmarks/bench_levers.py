@@ -194,7 +194,7 @@ def _gate_up_fused(model: Any) -> None:
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     by_name = {n.name: n for n in graph.node}
     if not any(n.op_type == "MatMulNBits" and "/mlp/gate_proj/" in n.name for n in graph.node):
-        raise SystemExit("no separate gate projection: packages built since commit e375c80 join them already")
+        raise SystemExit("no separate gate projection: packages built since commit 3159b5f join them already")
     nodes = []
     for node in graph.node:
         if node.op_type == "MatMulNBits" and "/mlp/up_proj/" in node.name:
