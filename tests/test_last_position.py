@@ -60,10 +60,13 @@ def test_the_last_row_is_the_whole_graphs_last_row_and_fills_every_position(tiny
     whole = graph_of(folder)
     assert restore_all_positions(whole)
     last, every = raw_logits(folder, rewritten), raw_logits(folder, whole)
-    assert last.shape == every.shape == (1, IDS.shape[1], every.shape[-1])
+    assert every.shape == (1, IDS.shape[1], every.shape[-1])
+    assert last.shape == (1, 1, every.shape[-1]), "one position, as the declared [batch, 1, vocab] says"
     np.testing.assert_allclose(last[0, -1], every[0, -1], rtol=1e-4, atol=1e-4)
-    assert (last == last[:, -1:]).all(), "every position holds the last row"
     assert not np.allclose(every[0, 0], every[0, -1]), "the whole graph's rows differ"
+    declared = next(o for o in rewritten.graph.output if o.name == "logits").type.tensor_type.shape.dim
+    assert declared[1].dim_value == 1  # what onnxruntime-genai reads as a graph that keeps the last position
+    assert not next(o for o in whole.graph.output if o.name == "logits").type.tensor_type.shape.dim[1].dim_value
 
 
 def test_scoring_restores_every_position(tiny_llama_package: Path) -> None:
@@ -125,14 +128,23 @@ def test_a_plain_head_is_rewritten_and_runs() -> None:
     hidden = np.random.default_rng(0).standard_normal((1, 5, 4)).astype(np.float32)
     (logits,) = ort.InferenceSession(model.SerializeToString()).run(None, {"hidden": hidden})
     expected = hidden[:, -1:] @ np.arange(24, dtype=np.float32).reshape(4, 6)
-    np.testing.assert_allclose(logits, np.broadcast_to(expected, (1, 5, 6)), rtol=1e-6)
+    assert logits.shape == (1, 1, 6)
+    np.testing.assert_allclose(logits, expected, rtol=1e-6)
+
+
+def test_logits_without_a_declared_shape_are_left_alone() -> None:
+    model = _linear_head(extra_input=False)
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    before = model.SerializeToString()
+    assert not keep_last_position(model)  # nothing to mark as one position: onnxruntime-genai would bind S
+    assert model.SerializeToString() == before
 
 
 def _pooled_head() -> onnx.ModelProto:
     """logits = [hidden, Pad(AveragePool(hidden))] @ W: the recipe's asymmetric head, its block means appended
     to its input."""
     hidden = helper.make_tensor_value_info("hidden", TensorProto.FLOAT, [1, "S", 8])
-    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)
+    logits = helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "S", 6])
     pads = [0, 0, 0, 0, 0, 2]
     initializers = [
         numpy_helper.from_array(np.random.default_rng(0).standard_normal((12, 6)).astype(np.float32), "W"),
@@ -156,7 +168,8 @@ def test_a_pooled_asymmetric_head_is_sliced_to_the_last_position() -> None:
     hidden = np.random.default_rng(1).standard_normal((1, 7, 8)).astype(np.float32)
     (expected,) = ort.InferenceSession(whole.SerializeToString()).run(None, {"hidden": hidden})
     (logits,) = ort.InferenceSession(model.SerializeToString()).run(None, {"hidden": hidden})
-    np.testing.assert_allclose(logits, np.broadcast_to(expected[:, -1:], logits.shape), rtol=1e-5, atol=1e-6)
+    assert logits.shape == (1, 1, 6)
+    np.testing.assert_allclose(logits, expected[:, -1:], rtol=1e-5, atol=1e-6)
 
 
 @pytest.fixture
@@ -185,3 +198,36 @@ def test_rewriting_a_folder_twice_changes_nothing(whole_head_package: Path) -> N
     assert not keep_last_position_in_folder(folder)
     assert (folder / "model.onnx").read_bytes() == once
     assert sorted(p.name for p in folder.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_package_of_the_earlier_expanded_form_is_restored() -> None:
+    """Packages built before the logits were declared [batch, 1, vocab] expand the last row back to every
+    position; scoring them must still see every position."""
+    import onnxruntime as ort
+
+    prefix = "/edgekit/last_position"
+    model = _linear_head(extra_input=False)
+    whole = _linear_head(extra_input=False)
+    model.graph.node[0].input[0], model.graph.node[0].output[0] = f"{prefix}/hidden", f"{prefix}/logits"
+    constants = {f"{prefix}/starts": [-1], f"{prefix}/ends": [np.iinfo(np.int64).max], f"{prefix}/axes": [1]}
+    model.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in constants.items())
+    model.graph.node.insert(
+        0, helper.make_node("Slice", ["hidden", *constants], [f"{prefix}/hidden"], name=f"{prefix}/Slice")
+    )
+    model.graph.node.extend(
+        [
+            helper.make_node("Shape", ["hidden"], [f"{prefix}/hidden_shape"], name=f"{prefix}/Shape", end=2),
+            helper.make_node("Shape", [f"{prefix}/logits"], [f"{prefix}/vocab"], name=f"{prefix}/ShapeVocab", start=2),
+            helper.make_node(
+                "Concat", [f"{prefix}/hidden_shape", f"{prefix}/vocab"], [f"{prefix}/shape"], name=f"{prefix}/shape",
+                axis=0,
+            ),
+            helper.make_node("Expand", [f"{prefix}/logits", f"{prefix}/shape"], ["logits"], name=f"{prefix}/Expand"),
+        ]
+    )  # fmt: skip
+    assert is_last_position(model) and restore_all_positions(model)
+    hidden = np.random.default_rng(2).standard_normal((1, 5, 4)).astype(np.float32)
+    (restored,) = ort.InferenceSession(model.SerializeToString()).run(None, {"hidden": hidden})
+    (expected,) = ort.InferenceSession(whole.SerializeToString()).run(None, {"hidden": hidden})
+    np.testing.assert_array_equal(restored, expected)
+    assert not is_last_position(model)

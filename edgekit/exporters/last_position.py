@@ -3,11 +3,13 @@
 onnxruntime-genai reads only the last position's logits after a prompt, but the builder's graphs compute
 the head over every position; on a small model the head is a large part of a prefill (a vocabulary of tens
 of thousands of rows against a hidden size of hundreds). The rewrite slices the final norm's output to the
-last position before the head and expands the one row of logits back to ``[batch, sequence, vocab]``, the
-shape onnxruntime-genai binds for the output. Every node between the final norm and ``logits`` must work
-row by row (the head's MatMul or MatMulNBits, casts, scalings), so the last row is what the whole graph
-computed for it; a head with any other node is left alone. An asymmetric head multiplies the final norm's
-output with its block means appended: that joined input is the one sliced.
+last position before the head, and the ``logits`` output is declared ``[batch, 1, vocab]``:
+onnxruntime-genai (0.18 on) reads a static 1 there as a graph that outputs the last position only, so it
+neither binds nor copies a [batch, sequence, vocab] buffer for a prompt. (Earlier packages expanded the one
+row back to every position; ``restore_all_positions`` undoes either form.) Every node between the final
+norm and ``logits`` must work row by row (the head's MatMul or MatMulNBits, casts, scalings), so the last
+row is what the whole graph computed for it; a head with any other node is left alone. An asymmetric head
+multiplies the final norm's output with its block means appended: that joined input is the one sliced.
 
 Scoring needs every position's logits: ``restore_all_positions`` undoes the rewrite in memory, so the
 evaluation runs the package's own head (same weights, same accuracy level) over every position.
@@ -111,29 +113,35 @@ def keep_last_position(model: ModelProto) -> bool:
     head = _head(model)
     if head is None:
         return False
+    sequence = _sequence_dim(model)
+    if sequence is None:
+        return False  # no declared [batch, sequence, vocab] shape to mark as one position
     hidden, nodes = head
-    last_hidden, last_logits, shape = f"{_PREFIX}/hidden", f"{_PREFIX}/logits", f"{_PREFIX}/shape"
+    last_hidden = f"{_PREFIX}/hidden"
     for node in nodes:
         node.input[:] = [last_hidden if name == hidden else name for name in node.input]
-        node.output[:] = [last_logits if name == LOGITS else name for name in node.output]
     constants = {
         f"{_PREFIX}/starts": [-1],
         f"{_PREFIX}/ends": [np.iinfo(np.int64).max],
         f"{_PREFIX}/axes": [1],
     }
     model.graph.initializer.extend(numpy_helper.from_array(np.array(v, np.int64), k) for k, v in constants.items())
-    added = [
-        helper.make_node("Slice", [hidden, *constants], [last_hidden], name=f"{_PREFIX}/Slice"),
-        helper.make_node("Shape", [hidden], [f"{_PREFIX}/hidden_shape"], name=f"{_PREFIX}/Shape", end=2),
-        helper.make_node("Shape", [last_logits], [f"{_PREFIX}/vocab"], name=f"{_PREFIX}/ShapeVocab", start=2),
-        helper.make_node("Concat", [f"{_PREFIX}/hidden_shape", f"{_PREFIX}/vocab"], [shape], name=shape, axis=0),
-        helper.make_node("Expand", [last_logits, shape], [LOGITS], name=f"{_PREFIX}/Expand"),
-    ]
-    # Graph order: the slice before the head's first node, the expand after everything.
+    # Graph order: the slice before the head's first node.
     position = list(model.graph.node).index(nodes[0])
-    model.graph.node.insert(position, added[0])
-    model.graph.node.extend(added[1:])
+    model.graph.node.insert(
+        position, helper.make_node("Slice", [hidden, *constants], [last_hidden], name=f"{_PREFIX}/Slice")
+    )
+    sequence.Clear()
+    sequence.dim_value = 1  # a static 1: onnxruntime-genai then reads the logits as the last position's
     return True
+
+
+def _sequence_dim(model: ModelProto) -> onnx.TensorShapeProto.Dimension | None:
+    """The sequence dimension of the declared ``logits`` output [batch, sequence, vocab]; None without one."""
+    output = next(o for o in model.graph.output if o.name == LOGITS)
+    if not output.type.tensor_type.HasField("shape") or len(output.type.tensor_type.shape.dim) != 3:
+        return None
+    return output.type.tensor_type.shape.dim[1]
 
 
 def restore_all_positions(model: ModelProto) -> bool:
@@ -151,6 +159,10 @@ def restore_all_positions(model: ModelProto) -> bool:
     initializers = [init for init in model.graph.initializer if not init.name.startswith(_PREFIX)]
     del model.graph.initializer[:]
     model.graph.initializer.extend(initializers)
+    sequence = _sequence_dim(model)
+    ids = next((i for i in model.graph.input if i.name == "input_ids"), None)
+    if sequence is not None and sequence.HasField("dim_value") and sequence.dim_value == 1 and ids is not None:
+        sequence.CopyFrom(ids.type.tensor_type.shape.dim[1])  # every position again, as the inputs have
     return True
 
 
