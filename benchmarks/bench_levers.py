@@ -4,9 +4,11 @@ Run: python benchmarks/bench_levers.py PACKAGE [--variant NAME] [--rounds 5] [--
      [--prefill-chunks 64,128,256] [--no-levers] [--only WORD]
 
 Most levers are the package's variant loaded with one onnxruntime-genai config overlay on top of what
-``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); five are edited graphs
-(copies of the package in a temporary folder): an MLP's gate and up projections in one MatMulNBits (for
-packages built before the build did that), the LM head over every position, as the builder exports it,
+``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); six are edited graphs
+(copies of the package in a temporary folder): the last row of logits expanded to every position (as
+packages did before their logits were declared one position), an MLP's gate and up projections in one
+MatMulNBits (for packages built before the build did that), the LM head over every position, as the
+builder exports it,
 fp32 compute in every MatMulNBits, and (for a recipe with asymmetric formats) each activation's block means
 made by one MatMul with a constant averaging matrix, or by one AveragePool, instead of a Reshape and a
 ReduceMean. One more runs prompts on a copy of the graph with fp32-compute MatMulNBits (held in memory)
@@ -223,7 +225,32 @@ def _gate_up_fused(model: Any) -> None:
     graph.node.extend(nodes)
 
 
+def _logits_expanded(model: Any) -> None:
+    """The last row of logits expanded back to every position, as packages built before the logits were
+    declared [batch, 1, vocab] did (onnxruntime-genai then binds and copies a [batch, sequence, vocab] buffer)."""
+    from onnx import helper
+
+    graph, prefix = model.graph, "/edgekit/last_position"
+    output = next(o for o in graph.output if o.name == "logits")
+    dim = output.type.tensor_type.shape.dim[1]
+    if not any(n.name == f"{prefix}/Slice" for n in graph.node) or dim.dim_value != 1:
+        raise SystemExit("the variant's logits are not one position declared [batch, 1, vocab]")
+    for node in graph.node:
+        node.output[:] = [f"{prefix}/logits" if name == "logits" else name for name in node.output]
+    hidden = next(n for n in graph.node if n.name == f"{prefix}/Slice").input[0]
+    graph.node.extend(
+        [
+            helper.make_node("Shape", [hidden], [f"{prefix}/hidden_shape"], name=f"{prefix}/Shape", end=2),
+            helper.make_node("Shape", [f"{prefix}/logits"], [f"{prefix}/vocab"], name=f"{prefix}/ShapeVocab", start=2),
+            helper.make_node("Concat", [f"{prefix}/hidden_shape", f"{prefix}/vocab"], [f"{prefix}/shape"], axis=0),
+            helper.make_node("Expand", [f"{prefix}/logits", f"{prefix}/shape"], ["logits"], name=f"{prefix}/Expand"),
+        ]
+    )
+    dim.CopyFrom(next(i for i in graph.input if i.name == "input_ids").type.tensor_type.shape.dim[1])
+
+
 GRAPH_LEVERS = {
+    "logits expanded to every position (as before)": _logits_expanded,
     "gate and up projections in one MatMulNBits": _gate_up_fused,
     "LM head over every position (as exported)": _whole_head,
     "MatMulNBits accuracy level 0 (fp32 compute)": _fp32_compute,
