@@ -171,6 +171,11 @@ def test_nodes_that_differ_in_their_inputs_or_attributes_stay_apart() -> None:
         _model([("packed", "y", 32, {"zero_points": "uint8"}), ("float", "y", 32, {"zero_points": "float"})]),
         _model([("stored", "y", 32, {}), ("reshaped", "y", 32, {"stored_half": True})]),  # fp32 and fp16 scales
     ]
+    saturating = _model([("a", "y", 32, {"stored_half": True}), ("b", "y", 32, {"stored_half": True})])
+    for node in saturating.graph.node:
+        if node.op_type == "Cast":  # an attribute besides `to`: the joined Cast would drop it
+            node.attribute.append(helper.make_attribute("saturate", 1))
+    cases.append(saturating)
     unknown = _model([("a", "y", 32, {}), ("b", "y", 32, {})])
     unknown.graph.node[-1].attribute.append(helper.make_attribute("future_option", 1))  # not understood
     for model in [*cases, unknown]:

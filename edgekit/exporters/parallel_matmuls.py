@@ -50,7 +50,13 @@ class _Stored:
     @property
     def casts(self) -> tuple[int, ...]:
         """The element types the chain casts to: what a joined tensor must go through as well."""
-        return tuple(int(helper.get_attribute_value(a)) for n in self.nodes if n.op_type == "Cast" for a in n.attribute)
+        return tuple(
+            int(helper.get_attribute_value(a))
+            for n in self.nodes
+            if n.op_type == "Cast"
+            for a in n.attribute
+            if a.name == "to"
+        )
 
 
 def join_parallel_matmuls(model: onnx.ModelProto) -> int:
@@ -170,6 +176,8 @@ def _stored(
             return None
         if node.op_type == "Reshape" and (len(node.input) != 2 or node.input[1] not in initializers):
             return None
+        if node.op_type == "Cast" and [a.name for a in node.attribute] != ["to"]:
+            return None  # saturate and the like: a joined Cast would not carry them
         chain.append(node)
         name = node.input[0]
     tensor = initializers[name]
