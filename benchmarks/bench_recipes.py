@@ -1,7 +1,8 @@
 """Per-tensor recipes against RTN and llama.cpp's sizes on the demo model (issue #15's must-shows).
 
 Run: python benchmarks/bench_recipes.py [--budgets 91726688 105453920] [--calibration FILE|builtin]
-          [--windows 20] [--timing-rounds 7] [--min-decode-ratio 0.9]
+          [--windows 20] [--timing-rounds 7] [--min-decode-ratio 0.9] [--methods weighted gptq]
+          [--candidates FORMAT ...]
 
 For each byte budget (by default the files of llama.cpp's Q4_0 and Q4_K_M of SmolLM2-135M-Instruct) it
 builds the demo GGUF for ``laptop-cpu`` with ``--max-model-bytes`` (the whole build, search and evaluation
@@ -12,7 +13,10 @@ scored) on WikiText-2 test (in-domain when the recipe calibrates on WikiText-2 v
 on the built-in corpus's evaluation part (out-of-domain), and times decoding of the recipe against RTN in
 alternating rounds in one process. llama.cpp's rows are the issue's measurements of its files. Bytes are
 model-file bytes (``model.onnx`` and its data), as llama.cpp's are its file's. ``--min-decode-ratio`` sets
-the recipe's speed bound (the target's ``recipe.min_decode_ratio``, 0.9 by default).
+the recipe's speed bound (the target's ``recipe.min_decode_ratio``, 0.9 by default); ``--methods`` fits the
+default candidates' int4 formats by each method named (``weighted`` by default; ``gptq`` solves their codes
+with the calibration activations' XᵀX; both lets the search choose per tensor); ``--candidates`` names the
+formats outright (one format: every tensor in it, to compare methods on one grid).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +36,7 @@ from edgekit.accuracy.texts import builtin_corpus, load_text
 from edgekit.demo import demo_gguf_path
 from edgekit.pipeline import CalibrationSettings, EvalSettings, build
 from edgekit.quant.decode_timing import decode_ratio
+from edgekit.quant.formats import DEFAULT_CANDIDATES, QuantMethod
 from edgekit.quant.graph_rewrite import model_file_bytes
 from edgekit.targets import bundled_targets_path
 
@@ -51,6 +57,8 @@ def main() -> None:
     parser.add_argument("--timing-rounds", type=int, default=7)
     parser.add_argument("--keep", type=Path, help="keep the packages in this folder")
     parser.add_argument("--min-decode-ratio", type=float, default=0.9)
+    parser.add_argument("--methods", nargs="+", default=["weighted"], choices=["weighted", "gptq", "search"])
+    parser.add_argument("--candidates", nargs="+", help="format spellings (replaces --methods)")
     args = parser.parse_args()
     calibration = builtin_corpus("calibration") if args.calibration == "builtin" else load_text(args.calibration)
     texts = {"WikiText-2 test": load_text(DATA / "wikitext2-test.txt"), "built-in (Python docs)": None}
@@ -59,6 +67,7 @@ def main() -> None:
         root = args.keep or Path(tmp)
         targets = yaml.safe_load(bundled_targets_path().read_text(encoding="utf-8"))
         targets["targets"]["laptop-cpu"]["recipe"]["min_decode_ratio"] = args.min_decode_ratio
+        targets["targets"]["laptop-cpu"]["recipe"]["candidates"] = args.candidates or _candidates(args.methods)
         targets_file = Path(tmp) / "targets.yaml"
         targets_file.write_text(yaml.safe_dump(targets), encoding="utf-8")
         for budget in args.budgets:
@@ -92,7 +101,9 @@ def _print(rows: list[dict[str, Any]], texts: dict[str, Any], args: argparse.Nam
     print(f"machine: {describe_machine()}")
     print(
         f"calibration: {_calibration_name(args)}; evaluation: {args.windows} windows of 512; "
-        f"min_decode_ratio {args.min_decode_ratio}\n"
+        f"min_decode_ratio {args.min_decode_ratio}; "
+        + (f"candidates: {' '.join(args.candidates)}" if args.candidates else f"int4 methods: {' '.join(args.methods)}")
+        + "\n"
     )
     first = next(iter(texts))
     print(f"| file ({first}) | model bytes | mean KL | top-1 | PPL ratio | decode vs RTN | target KL | met |")
@@ -139,6 +150,17 @@ def _print(rows: list[dict[str, Any]], texts: dict[str, Any], args: argparse.Nam
     print("| step | seconds |\n|---|---:|")
     for record in rows[-1]["steps"]:
         print(f"| {record.name} | {record.seconds:.1f} |")
+
+
+def _candidates(methods: list[str]) -> list[str]:
+    """The default candidates, each int4 format fitted by every method named (int8 formats as they are)."""
+    spellings: list[str] = []
+    for fmt in DEFAULT_CANDIDATES:
+        for method in methods if fmt.bits == 4 else [fmt.method.value]:
+            spelling = replace(fmt, method=QuantMethod(method)).spelling
+            if spelling not in spellings:
+                spellings.append(spelling)
+    return spellings
 
 
 def _budget_name(row: dict[str, Any]) -> str:

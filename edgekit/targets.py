@@ -81,7 +81,7 @@ class Precision(str, enum.Enum):
     INT4 = "int4"
 
 
-RECIPE_FORMAT = re.compile(r"^int(4|8)-b(16|32|64|128)-(sym|zp|asym)-(rtn|search|weighted)$")
+RECIPE_FORMAT = re.compile(r"^int(4|8)-b(16|32|64|128)-(sym|zp|asym)-(rtn|search|weighted|gptq)$")
 """A per-tensor format as targets.yaml spells it (``edgekit.quant.formats`` parses it)."""
 
 
@@ -120,7 +120,7 @@ def _recipe_format(value: Any) -> Any:
         raise PydanticCustomError(
             "recipe_format",
             "Input should be a format like int4-b32-asym-weighted (int<4|8>-b<16|32|64|128>-"
-            "<sym|zp|asym>-<rtn|search|weighted>)",
+            "<sym|zp|asym>-<rtn|search|weighted|gptq>)",
         )
     return value
 

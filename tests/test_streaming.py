@@ -334,6 +334,9 @@ def test_a_recipe_search_that_does_not_fit_is_left_out_and_rtn_deployed(
     recipe = memory_estimate.estimate_from_shapes(shapes, variants, streaming=False, tied=False)
     per_param = memory_estimate.RECIPE_BYTES_PER_PARAM - memory_estimate.WHOLE_BYTES_PER_PARAM
     assert recipe.peak_memory - plain.peak_memory == per_param * 10**6 > 0
+    # GPTQ candidates keep XᵀX of every input: 4 bytes per entry, K^2 per matrix.
+    gptq = memory_estimate.estimate_from_shapes(shapes, variants, streaming=False, tied=False, recipe_hessians=True)
+    assert gptq.peak_memory - recipe.peak_memory == 4 * 1000**2
 
 
 def test_a_streamed_or_pre_quantized_build_plans_no_recipe(tmp_path: Path) -> None:

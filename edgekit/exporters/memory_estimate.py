@@ -126,23 +126,27 @@ def estimate_from_shapes(
     tied: bool,
     calibration_tokens: int = 0,
     gptq_one_pass: bool = False,
+    recipe_hessians: bool = False,
 ) -> BuildEstimate:
     """Estimate the peak memory and the disk of exporting ``variants`` of a model with these weight shapes.
 
     ``calibration_tokens`` (samples x sequence length) when the build runs GPTQ first: its peak counts
     too when it is the higher one. ``gptq_one_pass``: GPTQ runs one pass per layer, holding every
-    calibration batch's activations of a layer at once.
+    calibration batch's activations of a layer at once. ``recipe_hessians``: the recipe search has GPTQ
+    candidates, so its calibration pass keeps XᵀX of every linear's input.
     """
     shapes = {name: shape for name, shape in shapes.items() if not any(part in name for part in _SKIPPED)}
     parameters = sum(math.prod(shape) for shape in shapes.values())
     layers: dict[str, int] = {}
     inputs: dict[str, set[int]] = {}
+    squares = 0  # sum of K^2 over the layers' matrices: bounds the XᵀX a recipe's GPTQ candidates keep
     for name, shape in shapes.items():
         match = _LAYER.search(name)
         if match:
             layers[match.group(1)] = layers.get(match.group(1), 0) + math.prod(shape)
             if len(shape) == 2:
                 inputs.setdefault(match.group(1), set()).add(shape[1])
+                squares += shape[1] ** 2
     largest = max(layers.values(), default=parameters)
     if streaming:
         peak = BASE_BYTES + STREAMED_BYTES_PER_LAYER_PARAM * largest + STREAMED_BLOCK_BYTES
@@ -151,29 +155,42 @@ def estimate_from_shapes(
         if any(v.method == Int4Method.RECIPE.value for v in variants):
             per_param = RECIPE_BYTES_PER_PARAM
         peak = BASE_BYTES + per_param * parameters
+        if recipe_hessians and per_param == RECIPE_BYTES_PER_PARAM:
+            # float32 entries; counted per matrix, so inputs that q/k/v or gate/up share count more than once
+            peak += 4 * squares
     if calibration_tokens:
-        hidden = max((shape[1] for name, shape in shapes.items() if "embed_tokens" in name), default=0)
-        widest = max((max(dims) for dims in inputs.values()), default=hidden)
-        if gptq_one_pass:
-            # Every token's activations at the layer's widest stop: before down_proj, the layer's input,
-            # the residual, the MLP's input and the intermediate; before o_proj, about six hidden-wide
-            # tensors. 6 bytes a float32, not 4: with every batch's tensors alive, freed blocks fragment
-            # the heap (measured peaks were well above what the live tensors add up to). One Hessian
-            # at a time, factored with a few copies of its size alive.
-            activations = 6 * calibration_tokens * max(6 * hidden, 3 * hidden + widest)
-            hessians = 16 * widest**2
-        else:
-            # One hidden-wide tensor per token between layers. Every input's Hessian accumulates at once
-            # (4 bytes an entry, inputs shared or not counted twice), then the widest is factored with
-            # two more of its size alive.
-            activations = 4 * calibration_tokens * hidden
-            hessians = max((sum(8 * n * n for n in dims) + 8 * max(dims) ** 2 for dims in inputs.values()), default=0)
-        gptq = BASE_BYTES + 12 * largest + activations + hessians
-        peak = max(peak, gptq)
+        peak = max(peak, _gptq_peak(shapes, inputs, largest, calibration_tokens, gptq_one_pass))
     # A streamed build makes no recipe; a whole one keeps every round it builds until it picks one.
     rounds = {Int4Method.RECIPE.value: 0 if streaming else RECIPE_ROUNDS}
     disk = sum(_variant_bytes(shapes, v, tied) * rounds.get(v.method, 1) for v in variants)
     return BuildEstimate(parameters, largest, int(peak), disk, streaming)
+
+
+def _gptq_peak(
+    shapes: dict[str, tuple[int, ...]],
+    inputs: dict[str, set[int]],
+    largest: int,
+    calibration_tokens: int,
+    one_pass: bool,
+) -> int:
+    """The peak of a GPTQ pass over ``calibration_tokens`` (``inputs``: each layer's input widths)."""
+    hidden = max((shape[1] for name, shape in shapes.items() if "embed_tokens" in name), default=0)
+    widest = max((max(dims) for dims in inputs.values()), default=hidden)
+    if one_pass:
+        # Every token's activations at the layer's widest stop: before down_proj, the layer's input,
+        # the residual, the MLP's input and the intermediate; before o_proj, about six hidden-wide
+        # tensors. 6 bytes a float32, not 4: with every batch's tensors alive, freed blocks fragment
+        # the heap (measured peaks were well above what the live tensors add up to). One Hessian
+        # at a time, factored with a few copies of its size alive.
+        activations = 6 * calibration_tokens * max(6 * hidden, 3 * hidden + widest)
+        hessians = 16 * widest**2
+    else:
+        # One hidden-wide tensor per token between layers. Every input's Hessian accumulates at once
+        # (4 bytes an entry, inputs shared or not counted twice), then the widest is factored with
+        # two more of its size alive.
+        activations = 4 * calibration_tokens * hidden
+        hessians = max((sum(8 * n * n for n in dims) + 8 * max(dims) ** 2 for dims in inputs.values()), default=0)
+    return BASE_BYTES + 12 * largest + activations + hessians
 
 
 def available_memory() -> int:
@@ -316,10 +333,11 @@ def plan_resources(
             fix=f"build without --streaming (streamed: {', '.join(streamable_architectures())})",
         )
     tokens = calibration_tokens if uses_gptq(target) else 0
+    hessians = any(spelling.endswith("-gptq") for spelling in target.recipe.candidates or ())
 
     def estimate(variants: Sequence[VariantSpec], streamed: bool) -> BuildEstimate:
         return estimate_from_shapes(shapes, variants, streaming=streamed, tied=tied, calibration_tokens=tokens,
-                                    gptq_one_pass=target.gptq.one_pass)  # fmt: skip
+                                    gptq_one_pass=target.gptq.one_pass, recipe_hessians=hessians)  # fmt: skip
 
     planned = plan_variants(target)
     without_recipe = [v for v in planned if v.method != Int4Method.RECIPE.value]

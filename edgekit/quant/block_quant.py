@@ -102,13 +102,16 @@ class QuantizedMatrix:
 
 
 def quantize_matrix(weight: np.ndarray, fmt: TensorFormat, importance: np.ndarray | None = None) -> QuantizedMatrix:
-    """Quantize ``weight`` [N, K] into ``fmt``; ``importance`` [K] weights the searches' error per column."""
+    """Quantize ``weight`` [N, K] into ``fmt``; ``importance`` [K] weights the searches' error per column.
+
+    A GPTQ format gets its grid here (the weighted search's); ``gptq_grid.quantize_linear`` then solves its
+    codes."""
     rows, cols = weight.shape
     padded = -(-cols // fmt.block_size) * fmt.block_size
     w = torch.zeros((rows, padded), dtype=torch.float32)
     w[:, :cols] = torch.from_numpy(np.array(weight, dtype=np.float32))  # a copy: the input may be read-only
     imp = torch.ones(padded, dtype=torch.float32)
-    if importance is not None and fmt.method is QuantMethod.WEIGHTED:
+    if importance is not None and fmt.method in (QuantMethod.WEIGHTED, QuantMethod.GPTQ):
         imp[:cols] = torch.from_numpy(_regularised(importance))
     imp[cols:] = 0.0
     codes = np.empty((rows, padded), dtype=np.uint8)
@@ -136,9 +139,21 @@ def quantize_matrix(weight: np.ndarray, fmt: TensorFormat, importance: np.ndarra
     return QuantizedMatrix(fmt, codes, scales, offset_levels, offset_steps, cols, zero_points)
 
 
-def weighted_error(weight: np.ndarray, quantized: QuantizedMatrix, importance: np.ndarray | None = None) -> float:
-    """sum_nk importance_k * (dequantized - weight)_nk^2: the output error a column-independent model predicts."""
+def weighted_error(
+    weight: np.ndarray,
+    quantized: QuantizedMatrix,
+    importance: np.ndarray | None = None,
+    hessian: np.ndarray | None = None,
+) -> float:
+    """sum_nk importance_k * (dequantized - weight)_nk^2: the output error a column-independent model predicts.
+
+    With ``hessian`` (the activations' XᵀX / tokens, [K, K]) the whole quadratic form, sum_n e_n H e_nᵀ: the
+    output's mean squared error on the calibration text, the error GPTQ minimizes (its diagonal is
+    ``importance``'s model)."""
     diff = torch.from_numpy(quantized.dequantize()) - torch.from_numpy(np.asarray(weight, dtype=np.float32))
+    if hessian is not None:
+        diff64 = diff.double()
+        return float(((diff64 @ torch.from_numpy(np.asarray(hessian, dtype=np.float64))) * diff64).sum())
     sq = (diff.double() ** 2).sum(0)
     if importance is not None:
         sq = sq * torch.from_numpy(np.asarray(importance, dtype=np.float64))

@@ -36,6 +36,9 @@ class QuantMethod(str, enum.Enum):
     """Search each block's scale (and offset) for the least squared error."""
     WEIGHTED = "weighted"
     """The same search, each input channel's error weighted by its calibration activations' mean square."""
+    GPTQ = "gptq"
+    """The weighted search's grid, then GPTQ's column solve: codes chosen one input column at a time, each
+    column's error fed forward through the calibration activations' full XᵀX (``gptq_grid``)."""
 
 
 @dataclass(frozen=True, order=True)
@@ -63,6 +66,11 @@ class TensorFormat:
     def offsets(self) -> bool:
         """Whether blocks carry float offsets (as extra input columns, not the kernel's zero points)."""
         return self.asymmetric and not self.zero_point
+
+    @property
+    def needs_hessian(self) -> bool:
+        """Whether fitting this format needs the calibration activations' full XᵀX (GPTQ), not just its diagonal."""
+        return self.method is QuantMethod.GPTQ
 
     @property
     def kind(self) -> str:
@@ -112,7 +120,7 @@ def parse_format(text: str) -> TensorFormat:
     match = _SPELLING.match(text) if isinstance(text, str) else None
     if match is None:
         raise ValueError(
-            f"'{text}' is not a format: write int<4|8>-b<16|32|64|128>-<sym|zp|asym>-<rtn|search|weighted>"
+            f"'{text}' is not a format: write int<4|8>-b<16|32|64|128>-<sym|zp|asym>-<rtn|search|weighted|gptq>"
         )
     methods = {m.value: m for m in QuantMethod}
     if match["method"] not in methods:

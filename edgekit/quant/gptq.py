@@ -228,7 +228,16 @@ def quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Quan
     # Work on the transpose so that one input column is one contiguous row.
     Wt = W.t().contiguous()
     del W
-    codes_t = _solve_columns(Wt, _inverse_factor(H, config.damp), scales, zeros, group_of_column.tolist(), config)
+    group_scales = scales.t().contiguous()  # [groups, out]: a column's parameters are one row
+    group_zeros = zeros.t().to(torch.float32).contiguous()
+
+    def round_column(column: Tensor, group: int) -> tuple[Tensor, Tensor]:
+        scale, zero = group_scales[group], group_zeros[group]
+        code = _round_to_codes(column, scale, zero, config.maxq)
+        return code, scale * (code - zero)
+
+    Hinv = inverse_factor(H, config.damp)
+    codes_t = solve_columns(Wt, Hinv, group_of_column.tolist(), round_column, config.block_size)
     codes = codes_t.t()
     if perm is not None:
         codes = codes[:, torch.argsort(perm)]
@@ -237,7 +246,7 @@ def quantize_weight(weight: Tensor, hessian: Tensor, config: GPTQConfig) -> Quan
     return QuantizedWeight(codes_u8, scales, zeros, weights, config.bits, config.group_size)
 
 
-def _inverse_factor(H: Tensor, damp: float) -> Tensor:
+def inverse_factor(H: Tensor, damp: float) -> Tensor:
     """The upper Cholesky factor of the damped H^-1, the form the reference solver reads its updates from.
 
     GPTQ is invariant to scaling H. Normalizing its mean diagonal to 1 keeps H^-1 and the error updates near
@@ -254,31 +263,32 @@ def _inverse_factor(H: Tensor, damp: float) -> Tensor:
     return torch.linalg.cholesky(inverse, upper=True)
 
 
-def _solve_columns(
-    Wt: Tensor, Hinv: Tensor, scales: Tensor, zeros: Tensor, column_group: list[int], config: GPTQConfig
+def solve_columns(
+    Wt: Tensor,
+    Hinv: Tensor,
+    column_group: list[int],
+    round_column: Callable[[Tensor, int], tuple[Tensor, Tensor]],
+    lazy_block: int = 128,
 ) -> Tensor:
     """Quantize ``Wt`` [in, out] column by column (rows here), feeding each error forward; the codes [in, out].
 
-    ``Wt`` is updated in place. Each column's group parameters are looked up as it is reached: a per-column
-    copy of them would be two more weight-sized matrices.
+    ``Hinv`` is ``inverse_factor``'s upper factor; ``round_column(column, group)`` gives a column's codes
+    and the values they decode to on its group's grid, so any grid (GPTQ's own, a recipe's searched one)
+    shares this loop. ``Wt`` is updated in place; ``lazy_block`` columns are updated at once.
     """
     columns = Wt.shape[0]
     codes_t = torch.empty(Wt.shape, dtype=torch.uint8)  # codes are small integers: a quarter of float32
-    group_scales = scales.t().contiguous()  # [groups, out]
-    group_zeros = zeros.t().to(torch.float32).contiguous()
-    for start in range(0, columns, config.block_size):
-        stop = min(start + config.block_size, columns)
+    for start in range(0, columns, lazy_block):
+        stop = min(start + lazy_block, columns)
         block = Wt[start:stop].clone()
         errors = torch.empty_like(block)
         hinv_block = Hinv[start:stop, start:stop]
         with _single_thread():
             for i in range(stop - start):
                 column = block[i]
-                group = column_group[start + i]
-                scale, zero = group_scales[group], group_zeros[group]
-                code = _round_to_codes(column, scale, zero, config.maxq)
+                code, decoded = round_column(column, column_group[start + i])
                 codes_t[start + i] = code
-                error = (column - scale * (code - zero)) / hinv_block[i, i]
+                error = (column - decoded) / hinv_block[i, i]
                 errors[i] = error
                 # Feed the error forward to the block's remaining columns (rank-1 update).
                 block[i + 1 :].addr_(hinv_block[i, i + 1 :], error, alpha=-1.0)

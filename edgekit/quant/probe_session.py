@@ -30,6 +30,8 @@ class CalibrationReference:
     """Per window, [scored positions, vocab] float32."""
     importance: dict[str, np.ndarray] = field(default_factory=dict)
     """Activation name -> mean square per input column, over every position of every window."""
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)
+    """Activation name -> XᵀX / tokens [K, K] float32, for the activations a GPTQ format reads."""
 
 
 def log_softmax32(logits: np.ndarray) -> np.ndarray:
@@ -71,22 +73,41 @@ class ProbeSession:
         return [values[0][0], *values[1:]]
 
     def reference(
-        self, windows: np.ndarray, scored: slice, importance: bool = True, keep: int | None = None
+        self,
+        windows: np.ndarray,
+        scored: slice,
+        importance: bool = True,
+        keep: int | None = None,
+        hessians: frozenset[str] = frozenset(),
     ) -> CalibrationReference:
         """Scored log-probs of the fp32 model (of the first ``keep`` windows; all by default) and, with
-        ``importance``, the mean square of every linear's input columns over all of them."""
+        ``importance``, the mean square of every linear's input columns over all of them; the full XᵀX of
+        the activations named in ``hessians``."""
+        import torch
+
+        from edgekit.quant.gptq import HessianAccumulator
+
         sums: dict[str, np.ndarray] = {}
+        products: dict[str, HessianAccumulator] = {}
         count = 0
         logprobs: list[np.ndarray] = []
         for ids in windows:
-            logits, *acts = self.run(ids, {}, activations=importance)
+            logits, *acts = self.run(ids, {}, activations=importance or bool(hessians))
             if keep is None or len(logprobs) < keep:
                 logprobs.append(log_softmax32(logits[scored]))
-            for name, value in zip(self.activations if importance else [], acts, strict=True):
-                flat = value.reshape(-1, value.shape[-1]).astype(np.float64)
-                sums[name] = sums.get(name, 0.0) + (flat * flat).sum(0)
+            for name, value in zip(self.activations if importance or hessians else [], acts, strict=True):
+                flat = value.reshape(-1, value.shape[-1])
+                if importance:
+                    wide = flat.astype(np.float64)
+                    sums[name] = sums.get(name, 0.0) + (wide * wide).sum(0)
+                if name in hessians:
+                    products.setdefault(name, HessianAccumulator(flat.shape[-1])).add(torch.from_numpy(flat))
             count += len(ids)
-        return CalibrationReference(logprobs, {k: v / count for k, v in sums.items()})
+        return CalibrationReference(
+            logprobs,
+            {k: v / count for k, v in sums.items()},
+            {k: (acc.matrix() / max(count, 1)).numpy() for k, acc in products.items()},
+        )
 
     def kl(
         self, windows: np.ndarray, scored: slice, reference: CalibrationReference, overrides: dict[str, np.ndarray]

@@ -22,13 +22,14 @@ from typing import Any
 import numpy as np
 import onnx
 
-from edgekit.errors import RecipeBudgetError
+from edgekit.errors import ExportError, RecipeBudgetError, UsageError
 from edgekit.exporters.decoder_session import DecoderSession
 from edgekit.exporters.last_position import keep_last_position
 from edgekit.exporters.parallel_matmuls import join_parallel_matmuls
-from edgekit.quant.block_quant import QuantizedMatrix, quantize_matrix
+from edgekit.quant.block_quant import QuantizedMatrix
 from edgekit.quant.decode_timing import decode_ratio
 from edgekit.quant.formats import DEFAULT_CANDIDATES, PROBE_FORMAT, TensorFormat, parse_format
+from edgekit.quant.gptq_grid import quantize_linear
 from edgekit.quant.graph_rewrite import (
     Linear,
     find_linears,
@@ -123,10 +124,11 @@ def build_recipe_variant(
     """
     model = onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)  # weights read one at a time
     linears = find_linears(model)
+    _require_candidates(linears, request.candidates)
     scored = slice(windows.shape[1] // 2, windows.shape[1] - 1)
     progress("fp32 pass over the calibration text")
     probe = ProbeSession(fp32_dir, linears)
-    reference = probe.reference(windows, scored, keep=_VERIFY_WINDOWS)
+    reference = probe.reference(windows, scored, keep=_VERIFY_WINDOWS, hessians=_hessian_activations(linears, request))
 
     def weight_of(linear: Linear) -> np.ndarray:
         return weight_matrix(model, linear, fp32_dir)
@@ -135,7 +137,7 @@ def build_recipe_variant(
         probe, reference, windows, weight_of, request, key, cache_paths, progress, linears
     )
     del probe
-    fit = _memoized_fit(weight_of, reference)
+    fit = _memoized_fit(weight_of, reference, fp32_dir)
     options = _options(table, linears, request.candidates)
     max_cost = _baseline_cost(linears, request.head_baseline) / (request.min_decode_ratio + _SPEED_MARGIN)
     search = _Rounds(options, request, _fixed_bytes(fp32_dir, linears), max_cost)
@@ -162,7 +164,7 @@ def build_recipe_variant(
 
 
 def _memoized_fit(
-    weight_of: Callable[[Linear], np.ndarray], reference: CalibrationReference
+    weight_of: Callable[[Linear], np.ndarray], reference: CalibrationReference, fp32_dir: Path
 ) -> Callable[[Linear, TensorFormat], QuantizedMatrix]:
     """Quantize a linear to a format once per build (rounds reuse the tensors they share)."""
     quantized: dict[tuple[str, str], QuantizedMatrix] = {}
@@ -171,10 +173,38 @@ def _memoized_fit(
         cache_key = (linear.weight, fmt.spelling)
         if cache_key not in quantized:
             importance = reference.importance.get(linear.activation) if linear.activation else None
-            quantized[cache_key] = quantize_matrix(weight_of(linear), fmt, importance)
+            hessian = reference.hessians.get(linear.activation) if linear.activation else None
+            try:
+                quantized[cache_key] = quantize_linear(weight_of(linear), fmt, importance, hessian)
+            except ValueError as exc:  # weights or statistics no format can hold: one line, not a traceback
+                raise ExportError(
+                    f"{linear.name} cannot be quantized to {fmt.spelling}: {exc}",
+                    path=fp32_dir,
+                    fix="build with -t laptop-cpu-rtn, or check the source's weights",
+                ) from None
         return quantized[cache_key]
 
     return fit
+
+
+def _require_candidates(linears: list[Linear], candidates: tuple[TensorFormat, ...]) -> None:
+    """Refuse, before any weight is read, candidates of which none fits some linear (blocks must divide K)."""
+    for linear in linears:
+        if linear.tied_to is None and not candidate_formats(linear, candidates, probe=False):
+            named = ", ".join(fmt.spelling for fmt in candidates)
+            raise UsageError(
+                f"no recipe candidate fits {linear.name}: its {linear.cols} inputs are not a whole number of "
+                f"blocks of any of {named}",
+                fix="add a format whose block size divides every linear's input size (block 32 or 16) to "
+                "recipe.candidates",
+            )
+
+
+def _hessian_activations(linears: list[Linear], request: RecipeRequest) -> frozenset[str]:
+    """The activations whose full XᵀX a GPTQ candidate needs (none when no candidate is GPTQ)."""
+    if not any(fmt.needs_hessian for fmt in request.candidates):
+        return frozenset()
+    return frozenset(lin.activation for lin in linears if lin.activation is not None)
 
 
 def _keep_best(built: list[tuple[RecipeOutcome, Path]], search: _Rounds, out_dir: Path) -> RecipeOutcome:
@@ -223,6 +253,7 @@ def _sensitivity_table(
         probe_windows, probe_scored = windows[:_PROBE_WINDOWS, :ctx], slice(ctx // 2, ctx - 1)
         probe_reference = probe.reference(probe_windows, probe_scored, importance=False)
         probe_reference.importance = reference.importance
+        probe_reference.hessians = reference.hessians
         table = measure_sensitivity(
             probe, probe_reference, probe_windows, probe_scored, weight_of, request.candidates, key, progress
         )
@@ -317,7 +348,7 @@ def _options(
             continue
         entry = table.tensor(linear.name)
         # The probe format is always measured; it is a choice only where the candidates name it.
-        formats = [f for f in candidate_formats(linear, candidates) if f in candidates and f.spelling in entry.proxy]
+        formats = [f for f in candidate_formats(linear, candidates, probe=False) if f.spelling in entry.proxy]
         options[linear.name] = [
             Option(fmt, _file_bytes(linear, fmt), entry.predicted_loss(fmt), _cost(linear, fmt)) for fmt in formats
         ]

@@ -16,16 +16,18 @@ weights, the calibration text and the settings, so a second build with another b
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edgekit.errors import EdgekitError
+from edgekit.errors import EdgekitError, ExportError
 from edgekit.quant.block_quant import quantize_matrix, weighted_error
-from edgekit.quant.formats import PROBE_FORMAT, TensorFormat, parse_format
+from edgekit.quant.formats import PROBE_FORMAT, QuantMethod, TensorFormat, parse_format
+from edgekit.quant.gptq_grid import quantize_linear
 from edgekit.quant.graph_rewrite import Linear, stored_layout
 from edgekit.quant.probe_session import CalibrationReference, ProbeSession
 from edgekit.safe_io import read_regular_file, write_text_atomic
@@ -93,10 +95,21 @@ class SensitivityTable(BaseModel):
         return True
 
 
-def candidate_formats(linear: Linear, candidates: tuple[TensorFormat, ...]) -> list[TensorFormat]:
-    """The candidates that fit ``linear``: blocks that divide its input size (no padded columns)."""
-    fitting = [fmt for fmt in candidates if linear.cols % fmt.block_size == 0]
-    if PROBE_FORMAT not in fitting and linear.cols % PROBE_FORMAT.block_size == 0:
+def candidate_formats(linear: Linear, candidates: tuple[TensorFormat, ...], probe: bool = True) -> list[TensorFormat]:
+    """The candidates that fit ``linear`` (blocks that divide its input size: no padded columns), and with
+    ``probe`` the probe format, which every tensor is measured in.
+
+    An embedding multiplies no activation, so it has no XᵀX: a GPTQ candidate becomes the same grid by the
+    weighted search there."""
+    fitting: list[TensorFormat] = []
+    for fmt in candidates:
+        if linear.cols % fmt.block_size:
+            continue
+        if fmt.needs_hessian and linear.activation is None:
+            fmt = replace(fmt, method=QuantMethod.WEIGHTED)
+        if fmt not in fitting:
+            fitting.append(fmt)
+    if probe and PROBE_FORMAT not in fitting and linear.cols % PROBE_FORMAT.block_size == 0:
         fitting.append(PROBE_FORMAT)
     return fitting
 
@@ -125,18 +138,10 @@ def measure_sensitivity(
     """Measure every group's loss at the probe format, and every tensor's proxies; ``weights`` gives [N, K]."""
     linears = [lin for lin in probe.linears if lin.tied_to is None]
     layers = 1 + max((int(m["index"]) for lin in linears if (m := _LAYER.match(lin.name))), default=0)
-    rng = np.random.default_rng(0)
-    proxies: dict[str, dict[str, float]] = {}
-    for number, linear in enumerate(linears, 1):
-        if progress:
-            progress(f"proxies {number}/{len(linears)}")
-        importance = reference.importance.get(linear.activation) if linear.activation else None
-        rows = np.sort(rng.choice(linear.rows, min(_PROXY_ROWS, linear.rows), replace=False))
-        sample = weights(linear)[rows]
-        proxies[linear.name] = {
-            fmt.spelling: weighted_error(sample, quantize_matrix(sample, fmt, importance), importance)
-            for fmt in candidate_formats(linear, candidates)
-        }
+    rng = np.random.default_rng(0)  # one stream, drawn tensor by tensor in order
+    proxies = {
+        lin.name: _proxies(lin, probe, reference, weights, candidates, rng) for lin in _counted(linears, progress)
+    }
     groups: dict[str, list[Linear]] = {}
     for linear in linears:
         groups.setdefault(group_of(linear, layers), []).append(linear)
@@ -166,6 +171,41 @@ def measure_sensitivity(
                 )
             )
     return SensitivityTable(key=key, group_losses=group_losses, tensors=tensors)
+
+
+def _counted(linears: list[Linear], progress: Callable[[str], None] | None) -> Iterator[Linear]:
+    for number, linear in enumerate(linears, 1):
+        if progress:
+            progress(f"proxies {number}/{len(linears)}")
+        yield linear
+
+
+def _proxies(
+    linear: Linear,
+    probe: ProbeSession,
+    reference: CalibrationReference,
+    weights: Callable[[Linear], np.ndarray],
+    candidates: tuple[TensorFormat, ...],
+    rng: np.random.Generator,
+) -> dict[str, float]:
+    """Format spelling -> the error in that format of ``linear``'s rows sampled with ``rng``."""
+    importance = reference.importance.get(linear.activation) if linear.activation else None
+    hessian = reference.hessians.get(linear.activation) if linear.activation else None
+    rows = np.sort(rng.choice(linear.rows, min(_PROXY_ROWS, linear.rows), replace=False))
+    sample = weights(linear)[rows]
+    # With XᵀX, every format's proxy is its full quadratic error (what GPTQ minimizes), so formats that
+    # spread their error across columns and those that do not are compared on one measure.
+    try:
+        return {
+            fmt.spelling: weighted_error(sample, quantize_linear(sample, fmt, importance, hessian), importance, hessian)
+            for fmt in candidate_formats(linear, candidates)
+        }
+    except ValueError as exc:  # weights or statistics no format can hold: one line, not a traceback
+        raise ExportError(
+            f"{linear.name} cannot be quantized: {exc}",
+            path=probe.model_dir,
+            fix="build with -t laptop-cpu-rtn, or check the source's weights",
+        ) from None
 
 
 def read_table(path: Path, key: dict[str, str]) -> SensitivityTable | None:

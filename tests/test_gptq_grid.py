@@ -1,0 +1,120 @@
+"""GPTQ as a recipe method: the weighted search's grid, codes chosen by GPTQ's column solve (issue #15)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgekit.quant.block_quant import quantize_matrix, weighted_error
+from edgekit.quant.formats import QuantMethod, parse_format
+from edgekit.quant.gptq_grid import quantize_linear
+from edgekit.quant.graph_rewrite import Linear
+from edgekit.quant.sensitivity import candidate_formats
+
+
+def _correlated(columns: int, tokens: int = 4096, seed: int = 0) -> np.ndarray:
+    """XᵀX / tokens of activations whose channels are mixed and of unequal size, as in real layers."""
+    rng = np.random.default_rng(seed)
+    mix = rng.standard_normal((columns, columns)) * 0.3 + np.eye(columns)
+    x = rng.standard_normal((tokens, columns)) @ mix * rng.uniform(0.2, 3.0, size=columns)
+    return (x.T @ x / tokens).astype(np.float32)
+
+
+@pytest.mark.parametrize("kind", ["int4-b32-sym", "int4-b32-asym", "int4-b64-zp", "int8-b32-sym"])
+def test_gptq_on_the_weighted_grid_cuts_the_output_error_on_correlated_inputs(kind: str) -> None:
+    rng = np.random.default_rng(1)
+    weight = (rng.standard_normal((96, 256)) * 0.05).astype(np.float32)
+    hessian = _correlated(256)
+    weighted = quantize_matrix(weight, parse_format(f"{kind}-weighted"), np.diagonal(hessian).copy())
+    gptq = quantize_linear(weight, parse_format(f"{kind}-gptq"), hessian=hessian)
+    ratio = weighted_error(weight, gptq, hessian=hessian) / weighted_error(weight, weighted, hessian=hessian)
+    assert ratio < 0.7, ratio
+
+
+def test_gptq_keeps_the_weighted_grid_and_only_changes_codes() -> None:
+    rng = np.random.default_rng(2)
+    weight = (rng.standard_normal((40, 128)) * 0.05).astype(np.float32)
+    hessian = _correlated(128)
+    weighted = quantize_matrix(weight, parse_format("int4-b32-asym-weighted"), np.diagonal(hessian).copy())
+    gptq = quantize_linear(weight, parse_format("int4-b32-asym-gptq"), hessian=hessian)
+    assert gptq.fmt.method is QuantMethod.GPTQ
+    np.testing.assert_array_equal(gptq.scales, weighted.scales)
+    np.testing.assert_array_equal(gptq.offset_levels, weighted.offset_levels)
+    assert gptq.codes.shape == weighted.codes.shape and gptq.codes.max() <= 15
+    assert (gptq.codes != weighted.codes).any()
+    # Stored exactly as the format says: the bytes are the weighted fit's.
+    assert gptq.packed_codes().shape == weighted.packed_codes().shape
+
+
+def test_inputs_no_calibration_token_reached_are_rounded_and_the_rest_still_solved() -> None:
+    rng = np.random.default_rng(3)
+    weight = (rng.standard_normal((16, 64)) * 0.05).astype(np.float32)
+    hessian = _correlated(64)
+    hessian[:, 5] = hessian[5, :] = 0.0  # a dead input channel
+    gptq = quantize_linear(weight, parse_format("int4-b32-sym-gptq"), hessian=hessian)
+    assert np.isfinite(gptq.dequantize()).all()
+    rtn_column = quantize_matrix(weight, parse_format("int4-b32-sym-weighted"), np.diagonal(hessian).copy())
+    assert weighted_error(weight, gptq, hessian=hessian) < weighted_error(weight, rtn_column, hessian=hessian)
+
+
+@pytest.mark.parametrize(
+    ("hessian", "phrase"),
+    [(None, "needs calibration statistics"), (np.eye(32, dtype=np.float32), "does not match"),
+     (np.full((64, 64), np.inf, dtype=np.float32), "not finite")],
+)  # fmt: skip
+def test_gptq_without_usable_statistics_is_refused_by_name(hessian: np.ndarray | None, phrase: str) -> None:
+    weight = np.ones((8, 64), dtype=np.float32)
+    with pytest.raises(ValueError, match=phrase):
+        quantize_linear(weight, parse_format("int4-b32-sym-gptq"), hessian=hessian)
+
+
+def test_a_diagonal_hessian_gives_the_importance_weighted_error() -> None:
+    rng = np.random.default_rng(4)
+    weight = rng.standard_normal((8, 64)).astype(np.float32)
+    importance = rng.uniform(0.1, 2.0, 64).astype(np.float32)
+    q = quantize_matrix(weight, parse_format("int4-b32-sym-rtn"))
+    assert weighted_error(weight, q, hessian=np.diag(importance)) == pytest.approx(
+        weighted_error(weight, q, importance), rel=1e-6
+    )
+
+
+def test_an_embedding_takes_a_gptq_candidate_as_the_weighted_search_of_the_same_grid() -> None:
+    gptq = parse_format("int4-b32-asym-gptq")
+    embedding = Linear("model/embed_tokens", "embed.weight", rows=100, cols=64, activation=None)
+    linear = Linear("model/layers.0/mlp/down_proj", "down.weight", rows=64, cols=128, activation="act")
+    assert candidate_formats(embedding, (gptq,), probe=False) == [parse_format("int4-b32-asym-weighted")]
+    assert candidate_formats(linear, (gptq,), probe=False) == [gptq]
+
+
+def test_statistics_no_format_can_use_stop_the_search_with_a_one_line_error(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from edgekit.errors import ExportError
+    from edgekit.quant.probe_session import CalibrationReference
+    from edgekit.quant.sensitivity import measure_sensitivity
+
+    linear = Linear("model/layers.0/mlp/down_proj", "down.weight", rows=8, cols=64, activation="act")
+    probe = SimpleNamespace(linears=[linear], model_dir=tmp_path)
+    reference = CalibrationReference([], {"act": np.ones(64)}, {"act": np.full((64, 64), np.nan, np.float32)})
+    with pytest.raises(ExportError) as info:
+        measure_sensitivity(
+            probe,  # type: ignore[arg-type]
+            reference,
+            np.zeros((1, 8), np.int64),
+            slice(4, 7),
+            lambda _: np.ones((8, 64), np.float32),
+            (parse_format("int4-b32-sym-gptq"),),
+            {},
+        )
+    assert "down_proj" in info.value.problem and "not finite" in info.value.problem
+
+
+def test_candidates_that_fit_no_block_of_a_linear_are_refused_before_any_weight_is_read() -> None:
+    from edgekit.errors import UsageError
+    from edgekit.quant.recipe_build import _require_candidates
+
+    qkv = Linear("model/layers.0/attn/qkv_proj", "qkv.weight", rows=960, cols=576, activation="x")
+    with pytest.raises(UsageError) as info:
+        _require_candidates([qkv], (parse_format("int4-b128-sym-gptq"),))
+    assert "qkv_proj" in info.value.problem and "576 inputs" in info.value.problem
+    _require_candidates([qkv], (parse_format("int4-b64-sym-gptq"),))  # 576 = 9 x 64: fits
