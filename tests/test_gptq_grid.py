@@ -46,15 +46,21 @@ def test_gptq_keeps_the_weighted_grid_and_only_changes_codes() -> None:
     assert gptq.packed_codes().shape == weighted.packed_codes().shape
 
 
-def test_inputs_no_calibration_token_reached_are_rounded_and_the_rest_still_solved() -> None:
+@pytest.mark.parametrize("scale", [1.0, 1e-4])  # XᵀX / tokens is in the activations' units
+def test_dead_inputs_keep_their_rounding_and_do_not_change_how_the_live_ones_are_solved(scale: float) -> None:
     rng = np.random.default_rng(3)
-    weight = (rng.standard_normal((16, 64)) * 0.05).astype(np.float32)
-    hessian = _correlated(64)
-    hessian[:, 5] = hessian[5, :] = 0.0  # a dead input channel
-    gptq = quantize_linear(weight, parse_format("int4-b32-sym-gptq"), hessian=hessian)
-    assert np.isfinite(gptq.dequantize()).all()
-    rtn_column = quantize_matrix(weight, parse_format("int4-b32-sym-weighted"), np.diagonal(hessian).copy())
-    assert weighted_error(weight, gptq, hessian=hessian) < weighted_error(weight, rtn_column, hessian=hessian)
+    weight = (rng.standard_normal((16, 128)) * 0.05).astype(np.float32)
+    live = _correlated(96) * scale
+    hessian = np.zeros((128, 128), np.float32)
+    hessian[:96, :96] = live  # inputs 96-127 (one whole block) never fired on the calibration text
+    fmt = parse_format("int4-b32-sym-gptq")
+    gptq = quantize_linear(weight, fmt, hessian=hessian)
+    weighted = quantize_matrix(weight, parse_format("int4-b32-sym-weighted"), np.diagonal(hessian).copy())
+    np.testing.assert_array_equal(gptq.codes[:, 96:], weighted.codes[:, 96:])
+    alone = quantize_linear(weight[:, :96], fmt, hessian=live)
+    np.testing.assert_array_equal(gptq.codes[:, :96], alone.codes)  # as if the dead block were not there
+    ratio = weighted_error(weight, gptq, hessian=hessian) / weighted_error(weight, weighted, hessian=hessian)
+    assert ratio < 0.7, ratio
 
 
 @pytest.mark.parametrize(
@@ -86,7 +92,8 @@ def test_an_embedding_takes_a_gptq_candidate_as_the_weighted_search_of_the_same_
     assert candidate_formats(linear, (gptq,), probe=False) == [gptq]
 
 
-def test_statistics_no_format_can_use_stop_the_search_with_a_one_line_error(tmp_path) -> None:
+@pytest.mark.parametrize(("spelling", "fix"), [("int4-b32-sym-gptq", "gptq"), ("int4-b32-sym-weighted", "rtn")])
+def test_statistics_no_format_can_use_stop_the_search_with_a_one_line_error(tmp_path, spelling: str, fix: str) -> None:
     from types import SimpleNamespace
 
     from edgekit.errors import ExportError
@@ -103,10 +110,11 @@ def test_statistics_no_format_can_use_stop_the_search_with_a_one_line_error(tmp_
             np.zeros((1, 8), np.int64),
             slice(4, 7),
             lambda _: np.ones((8, 64), np.float32),
-            (parse_format("int4-b32-sym-gptq"),),
+            (parse_format(spelling),),
             {},
         )
     assert "down_proj" in info.value.problem and "not finite" in info.value.problem
+    assert fix in (info.value.fix or "")
 
 
 def test_candidates_that_fit_no_block_of_a_linear_are_refused_before_any_weight_is_read() -> None:

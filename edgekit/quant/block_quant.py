@@ -151,9 +151,9 @@ def weighted_error(
     output's mean squared error on the calibration text, the error GPTQ minimizes (its diagonal is
     ``importance``'s model)."""
     diff = torch.from_numpy(quantized.dequantize()) - torch.from_numpy(np.asarray(weight, dtype=np.float32))
-    if hessian is not None:
-        diff64 = diff.double()
-        return float(((diff64 @ torch.from_numpy(np.asarray(hessian, dtype=np.float64))) * diff64).sum())
+    if hessian is not None:  # float32 product (no copy of a float32 XᵀX), summed in float64
+        product = diff @ torch.from_numpy(np.asarray(hessian, dtype=np.float32))
+        return float((product.double() * diff.double()).sum())
     sq = (diff.double() ** 2).sum(0)
     if importance is not None:
         sq = sq * torch.from_numpy(np.asarray(importance, dtype=np.float64))

@@ -49,24 +49,37 @@ def quantize_linear(
 
 def _solve_codes(weight: np.ndarray, grid: QuantizedMatrix, hessian: np.ndarray) -> np.ndarray:
     """Codes [N, K_padded] for ``grid``'s scales and offsets, chosen by GPTQ's column solve."""
-    H = torch.from_numpy(np.array(hessian, dtype=np.float32))
-    dead = torch.diagonal(H) <= 0  # inputs no calibration token reached: rounded alone, nothing fed to them
-    H[dead, :] = 0.0
-    H[:, dead] = 0.0
-    H[dead, dead] = 1.0
-    if not bool(torch.isfinite(H).all()):
-        raise ValueError("XᵀX holds values that are not finite: the calibration pass overflowed")
     # Static groups make any column order valid: the most active inputs first, their errors then spread
     # over the columns that matter less (stable, so runs are deterministic).
-    order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-    H = H[order][:, order]
+    diagonal = torch.from_numpy(np.diagonal(hessian).astype(np.float32))
+    order = torch.argsort(diagonal, descending=True, stable=True)
     Wt = torch.from_numpy(np.array(weight, dtype=np.float32)).t()[order].contiguous()
     round_column = _grid_rounding(grid)
     column_group = (order // grid.fmt.block_size).tolist()
-    codes_t = solve_columns(Wt, inverse_factor(H, DAMP), column_group, round_column)
+    # No local name keeps the prepared XᵀX: ``inverse_factor`` consumes it, so at most two K x K are alive.
+    hinv = inverse_factor(_prepared(hessian, order), DAMP)
+    codes_t = solve_columns(Wt, hinv, column_group, round_column)
     codes = grid.codes.copy()  # columns padded to whole blocks keep the fit's codes (their weights are zero)
     codes[:, order.numpy()] = codes_t.t().numpy()
     return codes
+
+
+def _prepared(hessian: np.ndarray, order: Tensor) -> Tensor:
+    """XᵀX in ``order``, float32, its dead inputs (no calibration token reached them) cut off from the rest.
+
+    A dead input's diagonal becomes the live inputs' mean, so it is rounded alone, feeds nothing to the
+    others, and leaves the damping (relative to the mean diagonal) as the live inputs set it."""
+    H = torch.from_numpy(np.array(hessian, dtype=np.float32))[order][:, order]
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("XᵀX holds values that are not finite: the calibration pass overflowed")
+    diagonal = torch.diagonal(H)
+    dead = diagonal <= 0
+    live = diagonal[~dead]
+    fill = float(live.mean()) if live.numel() else 1.0
+    H[dead, :] = 0.0
+    H[:, dead] = 0.0
+    H[dead, dead] = fill
+    return H
 
 
 def _grid_rounding(grid: QuantizedMatrix) -> Callable[[Tensor, int], tuple[Tensor, Tensor]]:

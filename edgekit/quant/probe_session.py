@@ -106,7 +106,7 @@ class ProbeSession:
         return CalibrationReference(
             logprobs,
             {k: v / count for k, v in sums.items()},
-            {k: (acc.matrix() / max(count, 1)).numpy() for k, acc in products.items()},
+            {name: products.pop(name).matrix().div_(max(count, 1)).numpy() for name in sorted(products)},
         )
 
     def kl(

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import torch
 
 from edgekit.errors import ExportError, RecipeBudgetError, UsageError
 from edgekit.exporters.decoder_session import DecoderSession
@@ -40,7 +41,14 @@ from edgekit.quant.graph_rewrite import (
 )
 from edgekit.quant.probe_session import CalibrationReference, ProbeSession, kl_divergence32, log_softmax32
 from edgekit.quant.search import BUDGET_FIX, Objective, Option, Recipe, choose
-from edgekit.quant.sensitivity import SensitivityTable, candidate_formats, measure_sensitivity, read_table, write_table
+from edgekit.quant.sensitivity import (
+    SensitivityTable,
+    candidate_formats,
+    measure_sensitivity,
+    read_table,
+    unquantizable_fix,
+    write_table,
+)
 
 _ROUNDS = 3
 _LOSS_MARGIN = 0.8  # the first search aims this far under the KL budget; verification adjusts it
@@ -176,11 +184,11 @@ def _memoized_fit(
             hessian = reference.hessians.get(linear.activation) if linear.activation else None
             try:
                 quantized[cache_key] = quantize_linear(weight_of(linear), fmt, importance, hessian)
-            except ValueError as exc:  # weights or statistics no format can hold: one line, not a traceback
+            except (ValueError, torch.linalg.LinAlgError) as exc:  # one line, not a traceback
                 raise ExportError(
                     f"{linear.name} cannot be quantized to {fmt.spelling}: {exc}",
                     path=fp32_dir,
-                    fix="build with -t laptop-cpu-rtn, or check the source's weights",
+                    fix=unquantizable_fix(fmt),
                 ) from None
         return quantized[cache_key]
 
@@ -201,10 +209,14 @@ def _require_candidates(linears: list[Linear], candidates: tuple[TensorFormat, .
 
 
 def _hessian_activations(linears: list[Linear], request: RecipeRequest) -> frozenset[str]:
-    """The activations whose full XᵀX a GPTQ candidate needs (none when no candidate is GPTQ)."""
-    if not any(fmt.needs_hessian for fmt in request.candidates):
-        return frozenset()
-    return frozenset(lin.activation for lin in linears if lin.activation is not None)
+    """The activations whose full XᵀX a GPTQ candidate that fits one of their linears needs."""
+    return frozenset(
+        lin.activation
+        for lin in linears
+        if lin.activation is not None
+        and lin.tied_to is None
+        and any(fmt.needs_hessian for fmt in candidate_formats(lin, request.candidates, probe=False))
+    )
 
 
 def _keep_best(built: list[tuple[RecipeOutcome, Path]], search: _Rounds, out_dir: Path) -> RecipeOutcome:

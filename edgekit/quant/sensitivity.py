@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Annotated
 
 import numpy as np
+import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgekit.errors import EdgekitError, ExportError
@@ -195,17 +196,28 @@ def _proxies(
     sample = weights(linear)[rows]
     # With XᵀX, every format's proxy is its full quadratic error (what GPTQ minimizes), so formats that
     # spread their error across columns and those that do not are compared on one measure.
+    formats = candidate_formats(linear, candidates)
     try:
-        return {
+        proxies = {
             fmt.spelling: weighted_error(sample, quantize_linear(sample, fmt, importance, hessian), importance, hessian)
-            for fmt in candidate_formats(linear, candidates)
+            for fmt in formats
         }
-    except ValueError as exc:  # weights or statistics no format can hold: one line, not a traceback
+        if not all(np.isfinite(value) for value in proxies.values()):
+            raise ValueError("its calibration statistics are not finite")
+    except (ValueError, torch.linalg.LinAlgError) as exc:  # one line, not a traceback
         raise ExportError(
             f"{linear.name} cannot be quantized: {exc}",
             path=probe.model_dir,
-            fix="build with -t laptop-cpu-rtn, or check the source's weights",
+            fix=unquantizable_fix(*formats),
         ) from None
+    return proxies
+
+
+def unquantizable_fix(*formats: TensorFormat) -> str:
+    """What to do when a linear cannot be fitted in ``formats``."""
+    if any(fmt.needs_hessian for fmt in formats):
+        return "remove the gptq formats from recipe.candidates, or calibrate on other text (--calibration)"
+    return "build with -t laptop-cpu-rtn, or check the source's weights"
 
 
 def read_table(path: Path, key: dict[str, str]) -> SensitivityTable | None:
