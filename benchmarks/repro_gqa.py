@@ -13,11 +13,10 @@ library's kernel on this machine with the same threads. A decode step of the mod
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import numpy as np
 from machine import describe_machine
+from repro_matmulnbits import cpu_session, median_seconds
 
 HEADS, KV_HEADS, HEAD_SIZE, MAX_LENGTH = 9, 3, 64, 4096
 CASES = {"decode at depth 512": (1, 512), "decode at depth 2048": (1, 2048), "prefill 512": (512, 0)}
@@ -25,7 +24,6 @@ CASES = {"decode at depth 512": (1, 512), "decode at depth 2048": (1, 2048), "pr
 
 def session(threads: int):  # type: ignore[no-untyped-def]
     """An onnxruntime session over one GroupQueryAttention node with a packed QKV input and rotary."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     hidden = (HEADS + 2 * KV_HEADS) * HEAD_SIZE
@@ -51,13 +49,7 @@ def session(threads: int):  # type: ignore[no-untyped-def]
          helper.make_tensor_value_info("present_value", TensorProto.FLOAT, cache)],
         [numpy_helper.from_array(np.cos(angles), "cos_cache"), numpy_helper.from_array(np.sin(angles), "sin_cache")],
     )  # fmt: skip
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    )
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return cpu_session(graph, threads)
 
 
 def time_gqa(sess, sequence: int, depth: int, repeats: int) -> float:  # type: ignore[no-untyped-def]
@@ -77,12 +69,7 @@ def time_gqa(sess, sequence: int, depth: int, repeats: int) -> float:  # type: i
     binding.bind_output("output")
     binding.bind_ortvalue_output("present_key", key)
     binding.bind_ortvalue_output("present_value", value)
-    times = []
-    for _ in range(repeats + 5):
-        start = time.perf_counter()
-        sess.run_with_iobinding(binding)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[5:])
+    return median_seconds(lambda: sess.run_with_iobinding(binding), repeats)
 
 
 def time_torch(sequence: int, depth: int, repeats: int) -> float:
@@ -97,13 +84,11 @@ def time_torch(sequence: int, depth: int, repeats: int) -> float:
     causal = None
     if sequence > 1:  # the prompt's rows see the cache and the rows before them
         causal = torch.ones(sequence, total, dtype=torch.bool).tril(depth)
-    times = []
     with torch.inference_mode():
-        for _ in range(repeats + 5):
-            start = time.perf_counter()
-            torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[5:])
+        return median_seconds(
+            lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=causal, enable_gqa=True),
+            repeats,
+        )
 
 
 def main() -> None:

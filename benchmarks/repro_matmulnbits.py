@@ -27,7 +27,6 @@ SHAPES = {"q/o proj": (576, 576), "k/v proj": (576, 192), "gate/up": (576, 1536)
 
 def session(k: int, n: int, block: int, level: int, threads: int):  # type: ignore[no-untyped-def]
     """An onnxruntime session over one MatMulNBits node [M, k] x [k, n] with random 4-bit weights."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -44,6 +43,14 @@ def session(k: int, n: int, block: int, level: int, threads: int):  # type: igno
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, ["M", n])],
         [numpy_helper.from_array(packed, "B"), numpy_helper.from_array(scales, "S")],
     )  # fmt: skip
+    return cpu_session(graph, threads)
+
+
+def cpu_session(graph, threads: int):  # type: ignore[no-untyped-def]
+    """An onnxruntime CPU session over ``graph`` (opset 17 and com.microsoft), ``threads`` intra-op threads."""
+    import onnxruntime as ort
+    from onnx import helper
+
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
     )

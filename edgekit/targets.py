@@ -85,6 +85,12 @@ RECIPE_FORMAT = re.compile(r"^int(4|8)-b(16|32|64|128)-(sym|zp|asym)-(rtn|search
 """A per-tensor format as targets.yaml spells it (``edgekit.quant.formats`` parses it)."""
 
 
+def _method_of(spelling: str) -> str:
+    """The method of a format ``RECIPE_FORMAT`` accepted (``rtn``, ``search``, ``weighted``, ``gptq``)."""
+    match = RECIPE_FORMAT.match(spelling)
+    return match[4] if match else ""
+
+
 # --- field types: strict, with YAML's spellings of enums and lists ---------------------------------------------
 
 
@@ -186,6 +192,11 @@ class RecipeSettings(_Strict):
         tuple[Annotated[str, BeforeValidator(_recipe_format)], ...] | None,
         BeforeValidator(lambda v: v if v is None else _yaml_list(v)),
     ] = Field(None, description="Formats each tensor may take; the built-in set when not given.")
+
+    @property
+    def gptq_candidates(self) -> bool:
+        """Whether any candidate is fitted by GPTQ (its calibration pass then keeps XᵀX)."""
+        return any(_method_of(spelling) == "gptq" for spelling in self.candidates or ())
 
     @model_validator(mode="after")
     def _one_objective(self) -> RecipeSettings:

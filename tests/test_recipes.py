@@ -618,3 +618,9 @@ def test_a_zero_point_block_of_one_sign_keeps_its_values_inside_its_grid(method:
     decoded = zp.dequantize()
     assert np.abs(decoded[-2:] - 0.2).max() < 1e-3  # a constant block is on its grid, not clipped to 0
     assert np.abs(decoded - weight).max() < 0.01  # nothing clipped at the zero point
+
+
+def test_a_target_with_a_gptq_candidate_is_known_to_keep_xtx() -> None:
+    (gptq,) = parse_targets(_profile(recipe={"candidates": ["int4-b32-sym-gptq", "int8-b32-sym-rtn"]})).values()
+    (plain,) = parse_targets(_profile(recipe={"candidates": ["int4-b32-sym-weighted"]})).values()
+    assert gptq.recipe.gptq_candidates and not plain.recipe.gptq_candidates

@@ -333,11 +333,11 @@ def plan_resources(
             fix=f"build without --streaming (streamed: {', '.join(streamable_architectures())})",
         )
     tokens = calibration_tokens if uses_gptq(target) else 0
-    hessians = any(spelling.endswith("-gptq") for spelling in target.recipe.candidates or ())
 
     def estimate(variants: Sequence[VariantSpec], streamed: bool) -> BuildEstimate:
         return estimate_from_shapes(shapes, variants, streaming=streamed, tied=tied, calibration_tokens=tokens,
-                                    gptq_one_pass=target.gptq.one_pass, recipe_hessians=hessians)  # fmt: skip
+                                    gptq_one_pass=target.gptq.one_pass,
+                                    recipe_hessians=target.recipe.gptq_candidates)  # fmt: skip
 
     planned = plan_variants(target)
     without_recipe = [v for v in planned if v.method != Int4Method.RECIPE.value]
