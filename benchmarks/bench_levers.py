@@ -4,15 +4,16 @@ Run: python benchmarks/bench_levers.py PACKAGE [--variant NAME] [--rounds 5] [--
      [--prefill-chunks 64,128,256] [--no-levers] [--only WORD]
 
 Most levers are the package's variant loaded with one onnxruntime-genai config overlay on top of what
-``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); six are edited graphs
+``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); seven are edited graphs
 (copies of the package in a temporary folder): the last row of logits expanded to every position (as
 packages did before their logits were declared one position), an MLP's gate and up projections in one
 MatMulNBits (for packages built before the build did that), the LM head over every position, as the
-builder exports it,
-fp32 compute in every MatMulNBits, and (for a recipe with asymmetric formats) each activation's block means
-made by one MatMul with a constant averaging matrix, or by one AveragePool, instead of a Reshape and a
-ReduceMean. One more runs prompts on a copy of the graph with fp32-compute MatMulNBits (held in memory)
-and generated tokens on the package's graph, two sessions in onnxruntime-genai's decoder pipeline. All of
+builder exports it, fp32 compute in every MatMulNBits, (for a recipe with asymmetric formats) each
+activation's block means made by one MatMul with a constant averaging matrix, or by one AveragePool,
+instead of a Reshape and a ReduceMean, and the compute type chosen by phase: the graph's nodes twice under
+an If on the input's length, fp32 compute for a prompt, int8 for a generated token. One more runs prompts
+on a copy of the graph with fp32-compute MatMulNBits (held in memory) and generated tokens on the
+package's graph, two sessions in onnxruntime-genai's decoder pipeline. All of
 them stay loaded, and each round times every phase of every lever once, phase by phase, alternating the
 levers' order, so they see the same machine state and each follows the same kind of work. Each lever's
 model has its own onnxruntime thread pool, whose threads spin for a while after a run, so with many
@@ -249,6 +250,64 @@ def _logits_expanded(model: Any) -> None:
     dim.CopyFrom(next(i for i in graph.input if i.name == "input_ids").type.tensor_type.shape.dim[1])
 
 
+def _compute_by_phase(model: Any) -> None:
+    """One graph, two copies of its nodes under an If on the input's length: fp32-compute MatMulNBits for a
+    prompt (more than one token), the package's int8 compute for each generated token. The weights stay
+    outer-scope initializers that both branches read (stored once)."""
+    import copy
+
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    # Small initializers (shapes, axes, norms' weights) move into each branch, where onnxruntime can fold
+    # what reads them; the weights, stored outside the graph, stay outer-scope values both branches read.
+    local = [t for t in graph.initializer if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) < 65536]
+    moved = {t.name for t in local}
+    kept = [t for t in graph.initializer if t.name not in moved]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    outer = {i.name for i in graph.input} | {t.name for t in kept} | {""}
+
+    def branch(prefix: str, level: int | None) -> Any:
+        def renamed(name: str) -> str:
+            return name if name in outer else f"{prefix}/{name}"
+
+        nodes = []
+        for original in graph.node:
+            node = copy.deepcopy(original)
+            node.name = f"{prefix}/{node.name}"
+            node.input[:] = [renamed(n) for n in node.input]
+            node.output[:] = [renamed(n) for n in node.output]
+            if node.op_type == "MatMulNBits" and level is not None:
+                kept = [a for a in node.attribute if a.name != "accuracy_level"]
+                del node.attribute[:]
+                node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
+            nodes.append(node)
+        outputs = []
+        for output in graph.output:
+            info = copy.deepcopy(output)
+            info.name = renamed(output.name)
+            outputs.append(info)
+        initializers = copy.deepcopy(local)
+        for tensor in initializers:
+            tensor.name = renamed(tensor.name)
+        return helper.make_graph(nodes, prefix, [], outputs, initializer=initializers)
+
+    ids = "input_ids"
+    switch = [
+        helper.make_node("Shape", [ids], ["phase/length"], name="phase/Shape", start=1, end=2),
+        helper.make_node("Greater", ["phase/length", "phase/one"], ["phase/prompt"], name="phase/Greater"),
+        helper.make_node(
+            "If", ["phase/prompt"], [o.name for o in graph.output], name="phase/If",
+            then_branch=branch("prompt", 0), else_branch=branch("tokens", None),
+        ),
+    ]  # fmt: skip
+    graph.initializer.append(helper.make_tensor("phase/one", TensorProto.INT64, [1], [1]))
+    del graph.node[:]
+    graph.node.extend(switch)
+    del graph.value_info[:]
+
+
 GRAPH_LEVERS = {
     "logits expanded to every position (as before)": _logits_expanded,
     "gate and up projections in one MatMulNBits": _gate_up_fused,
@@ -256,6 +315,7 @@ GRAPH_LEVERS = {
     "MatMulNBits accuracy level 0 (fp32 compute)": _fp32_compute,
     "block means by MatMul (asymmetric recipes)": _means_by_matmul,
     "block means by AveragePool (asymmetric recipes, as before)": _means_by_average_pool,
+    "MatMulNBits compute by phase (If: fp32 for prompts, int8 for tokens)": _compute_by_phase,
 }
 
 
