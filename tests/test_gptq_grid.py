@@ -126,3 +126,80 @@ def test_candidates_that_fit_no_block_of_a_linear_are_refused_before_any_weight_
         _require_candidates([qkv], (parse_format("int4-b128-sym-gptq"),))
     assert "qkv_proj" in info.value.problem and "576 inputs" in info.value.problem
     _require_candidates([qkv], (parse_format("int4-b64-sym-gptq"),))  # 576 = 9 x 64: fits
+
+
+def test_a_grid_handed_in_gives_the_same_codes_and_a_grid_of_another_format_is_refused() -> None:
+    rng = np.random.default_rng(5)
+    weight = (rng.standard_normal((24, 128)) * 0.05).astype(np.float32)
+    hessian = _correlated(128)
+    importance = np.diagonal(hessian).astype(np.float64)
+    fmt = parse_format("int4-b32-asym-gptq")
+    grid = quantize_matrix(weight, parse_format("int4-b32-asym-weighted"), importance)
+    solved = quantize_linear(weight, fmt, importance, hessian)
+    handed = quantize_linear(weight, fmt, importance, hessian, grid=grid)
+    assert handed.fmt == fmt and np.array_equal(handed.codes, solved.codes)
+    assert np.array_equal(handed.scales, solved.scales)
+    other = quantize_matrix(weight, parse_format("int4-b32-sym-weighted"), importance)
+    with pytest.raises(ValueError, match="int4-b32-sym-weighted"):
+        quantize_linear(weight, fmt, importance, hessian, grid=other)
+
+
+class _CountedSearch:
+    """``gptq_grid.quantize_matrix`` with a count of the matrices it fitted (each a weighted search)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from edgekit.quant import gptq_grid
+
+        self.calls: list[str] = []
+        original = gptq_grid.quantize_matrix
+
+        def counted(weight: np.ndarray, fmt, importance=None):  # type: ignore[no-untyped-def]
+            self.calls.append(fmt.spelling)
+            return original(weight, fmt, importance)
+
+        monkeypatch.setattr(gptq_grid, "quantize_matrix", counted)
+
+
+@pytest.mark.parametrize("order", ["weighted first", "gptq first"])
+def test_a_build_with_gptq_and_its_weighted_twin_fits_each_grid_once(monkeypatch, tmp_path, order: str) -> None:
+    from edgekit.quant.probe_session import CalibrationReference
+    from edgekit.quant.recipe_build import _memoized_fit
+
+    rng = np.random.default_rng(6)
+    weight = (rng.standard_normal((16, 64)) * 0.05).astype(np.float32)
+    hessian = _correlated(64)
+    linear = Linear("model/layers.0/mlp/down_proj", "down.weight", rows=16, cols=64, activation="act")
+    reference = CalibrationReference([], {"act": np.diagonal(hessian).astype(np.float64)}, {"act": hessian})
+    weighted, gptq = parse_format("int4-b32-sym-weighted"), parse_format("int4-b32-sym-gptq")
+    search = _CountedSearch(monkeypatch)
+    fit = _memoized_fit(lambda _: weight, reference, tmp_path, (weighted, gptq))
+    formats = [weighted, gptq] if order == "weighted first" else [gptq, weighted]
+    fitted = {fmt: fit(linear, fmt) for fmt in formats}
+    assert search.calls == ["int4-b32-sym-weighted"]
+    assert np.array_equal(fitted[weighted].scales, fitted[gptq].scales)
+    assert not np.array_equal(fitted[weighted].codes, fitted[gptq].codes)
+
+    alone = _CountedSearch(monkeypatch)
+    fit_alone = _memoized_fit(lambda _: weight, reference, tmp_path, (gptq,))
+    assert np.array_equal(fit_alone(linear, gptq).codes, fitted[gptq].codes)
+    assert alone.calls == ["int4-b32-sym-weighted"]
+
+
+def test_the_sensitivity_proxies_fit_a_gptq_candidates_grid_once(monkeypatch, tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from edgekit.quant.probe_session import CalibrationReference
+    from edgekit.quant.sensitivity import _proxies
+
+    rng = np.random.default_rng(7)
+    weight = (rng.standard_normal((16, 64)) * 0.05).astype(np.float32)
+    hessian = _correlated(64)
+    linear = Linear("model/layers.0/mlp/down_proj", "down.weight", rows=16, cols=64, activation="act")
+    reference = CalibrationReference([], {"act": np.diagonal(hessian).astype(np.float64)}, {"act": hessian})
+    candidates = (parse_format("int4-b32-sym-gptq"), parse_format("int4-b32-sym-weighted"))
+    search = _CountedSearch(monkeypatch)
+    probe = SimpleNamespace(model_dir=tmp_path)
+    proxies = _proxies(linear, probe, reference, lambda _: weight, candidates, np.random.default_rng(0))  # type: ignore[arg-type]
+    # The probe format's RTN fit, and one weighted search that the GPTQ candidate's solve reuses.
+    assert sorted(search.calls) == ["int4-b32-sym-rtn", "int4-b32-sym-weighted"]
+    assert proxies["int4-b32-sym-gptq"] < proxies["int4-b32-sym-weighted"]

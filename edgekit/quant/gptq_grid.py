@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from edgekit.quant.block_quant import QuantizedMatrix, quantize_matrix
-from edgekit.quant.formats import TensorFormat
+from edgekit.quant.formats import QuantMethod, TensorFormat
 from edgekit.quant.gptq import inverse_factor, solve_columns
 
 DAMP = 0.01
@@ -31,10 +31,13 @@ def quantize_linear(
     fmt: TensorFormat,
     importance: np.ndarray | None = None,
     hessian: np.ndarray | None = None,
+    grid: QuantizedMatrix | None = None,
 ) -> QuantizedMatrix:
     """``weight`` [N, K] in ``fmt`` by any method; a GPTQ format needs ``hessian``, XᵀX / tokens [K, K].
 
-    ``importance`` (XᵀX's diagonal) weights the searches; a GPTQ format takes it from ``hessian``.
+    ``importance`` (XᵀX's diagonal) weights the searches; a GPTQ format without it takes XᵀX's diagonal.
+    ``grid``: the weighted search's fit of ``weight`` in ``grid_format(fmt)`` with the same importance,
+    where the caller has it already (GPTQ then only solves the codes).
     """
     if not fmt.needs_hessian:
         return quantize_matrix(weight, fmt, importance)
@@ -43,8 +46,17 @@ def quantize_linear(
         raise ValueError(f"{fmt.spelling} needs calibration statistics (XᵀX of the linear's inputs)")
     if hessian.shape != (cols, cols):
         raise ValueError(f"XᵀX of shape {hessian.shape} does not match a weight of {cols} input columns")
-    grid = quantize_matrix(weight, fmt, np.diagonal(hessian).copy())
-    return replace(grid, codes=_solve_codes(weight, grid, hessian))
+    if grid is None:
+        weights = np.diagonal(hessian).copy() if importance is None else importance
+        grid = quantize_matrix(weight, grid_format(fmt), weights)
+    elif grid.fmt != grid_format(fmt) or grid.codes.shape[0] != weight.shape[0]:
+        raise ValueError(f"a {grid.fmt.spelling} grid of {grid.codes.shape[0]} rows is not {fmt.spelling}'s")
+    return replace(grid, fmt=fmt, codes=_solve_codes(weight, grid, hessian))
+
+
+def grid_format(fmt: TensorFormat) -> TensorFormat:
+    """The format whose weighted search fits ``fmt``'s grid: ``fmt`` itself, or a GPTQ format's weighted twin."""
+    return replace(fmt, method=QuantMethod.WEIGHTED) if fmt.needs_hessian else fmt
 
 
 def _solve_codes(weight: np.ndarray, grid: QuantizedMatrix, hessian: np.ndarray) -> np.ndarray:

@@ -30,7 +30,7 @@ from edgekit.exporters.parallel_matmuls import join_parallel_matmuls
 from edgekit.quant.block_quant import QuantizedMatrix
 from edgekit.quant.decode_timing import decode_ratio
 from edgekit.quant.formats import DEFAULT_CANDIDATES, PROBE_FORMAT, TensorFormat, parse_format
-from edgekit.quant.gptq_grid import quantize_linear
+from edgekit.quant.gptq_grid import grid_format, quantize_linear
 from edgekit.quant.graph_rewrite import (
     Linear,
     find_linears,
@@ -145,7 +145,7 @@ def build_recipe_variant(
         probe, reference, windows, weight_of, request, key, cache_paths, progress, linears
     )
     del probe
-    fit = _memoized_fit(weight_of, reference, fp32_dir)
+    fit = _memoized_fit(weight_of, reference, fp32_dir, request.candidates)
     options = _options(table, linears, request.candidates)
     max_cost = _baseline_cost(linears, request.head_baseline) / (request.min_decode_ratio + _SPEED_MARGIN)
     search = _Rounds(options, request, _fixed_bytes(fp32_dir, linears), max_cost)
@@ -172,9 +172,13 @@ def build_recipe_variant(
 
 
 def _memoized_fit(
-    weight_of: Callable[[Linear], np.ndarray], reference: CalibrationReference, fp32_dir: Path
+    weight_of: Callable[[Linear], np.ndarray],
+    reference: CalibrationReference,
+    fp32_dir: Path,
+    candidates: tuple[TensorFormat, ...],
 ) -> Callable[[Linear, TensorFormat], QuantizedMatrix]:
-    """Quantize a linear to a format once per build (rounds reuse the tensors they share)."""
+    """Quantize a linear to a format once per build (rounds reuse the tensors they share); a GPTQ format
+    reuses its weighted twin's fit as its grid, and keeps it when the twin is a candidate too."""
     quantized: dict[tuple[str, str], QuantizedMatrix] = {}
 
     def fit(linear: Linear, fmt: TensorFormat) -> QuantizedMatrix:
@@ -183,7 +187,12 @@ def _memoized_fit(
             importance = reference.importance.get(linear.activation) if linear.activation else None
             hessian = reference.hessians.get(linear.activation) if linear.activation else None
             try:
-                quantized[cache_key] = quantize_linear(weight_of(linear), fmt, importance, hessian)
+                weight = weight_of(linear)
+                twin = grid_format(fmt)
+                grid = quantized.get((linear.weight, twin.spelling)) if fmt.needs_hessian else None
+                if grid is None and fmt.needs_hessian and twin in candidates:
+                    grid = quantized[(linear.weight, twin.spelling)] = quantize_linear(weight, twin, importance)
+                quantized[cache_key] = quantize_linear(weight, fmt, importance, hessian, grid)
             except (ValueError, torch.linalg.LinAlgError) as exc:  # one line, not a traceback
                 raise ExportError(
                     f"{linear.name} cannot be quantized to {fmt.spelling}: {exc}",

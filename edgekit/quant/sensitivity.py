@@ -26,9 +26,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from edgekit.errors import EdgekitError, ExportError
-from edgekit.quant.block_quant import quantize_matrix, weighted_error
+from edgekit.quant.block_quant import QuantizedMatrix, quantize_matrix, weighted_error
 from edgekit.quant.formats import PROBE_FORMAT, QuantMethod, TensorFormat, parse_format
-from edgekit.quant.gptq_grid import quantize_linear
+from edgekit.quant.gptq_grid import grid_format, quantize_linear
 from edgekit.quant.graph_rewrite import Linear, stored_layout
 from edgekit.quant.probe_session import CalibrationReference, ProbeSession
 from edgekit.safe_io import read_regular_file, write_text_atomic
@@ -198,10 +198,10 @@ def _proxies(
     # spread their error across columns and those that do not are compared on one measure.
     formats = candidate_formats(linear, candidates)
     try:
-        proxies = {
-            fmt.spelling: weighted_error(sample, quantize_linear(sample, fmt, importance, hessian), importance, hessian)
-            for fmt in formats
-        }
+        fits: dict[TensorFormat, QuantizedMatrix] = {}
+        for fmt in sorted(formats, key=lambda f: f.needs_hessian):  # grids first: GPTQ solves reuse them
+            fits[fmt] = quantize_linear(sample, fmt, importance, hessian, fits.get(grid_format(fmt)))
+        proxies = {fmt.spelling: weighted_error(sample, fits[fmt], importance, hessian) for fmt in formats}
         if not all(np.isfinite(value) for value in proxies.values()):
             raise ValueError("its calibration statistics are not finite")
     except (ValueError, torch.linalg.LinAlgError) as exc:  # one line, not a traceback
