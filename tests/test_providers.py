@@ -44,7 +44,7 @@ def test_provider_that_fails_at_session_start_falls_back(tiny_llama_package, mon
 def test_cpu_only_chain_loads_without_warnings(tiny_llama_package) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model = runtime_model.load(tiny_llama_package, "laptop-cpu")
+        model = runtime_model.load(tiny_llama_package, "laptop-cpu-rtn")
     assert (model.info.variant, model.info.provider) == ("int4-rtn", "cpu")
 
 

@@ -129,11 +129,27 @@ def cli() -> click.Group:
     return main
 
 
-def test_serve_command_binds_to_localhost_by_default(tiny_llama_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _served(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """Record where ``serve`` would listen and the app it would run, without listening or running."""
+    import socket
+
     import uvicorn
 
+    from edgekit.serve import command
+
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+
+    def bound(host: str, port: int) -> socket.socket:
+        calls.append({"host": host, "port": port})
+        return socket.socket()
+
+    monkeypatch.setattr(command, "listening_socket", bound)
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, sockets=None: calls[-1].update(app=self.config.app))
+    return calls
+
+
+def test_serve_command_binds_to_localhost_by_default(tiny_llama_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = _served(monkeypatch)
     result = CliRunner().invoke(cli(), ["serve", str(tiny_llama_package), "--max-concurrency", "2"])
     assert result.exit_code == 0, result.output
     (call,) = calls
@@ -145,17 +161,37 @@ def test_serve_command_binds_to_localhost_by_default(tiny_llama_package: Path, m
 
 
 def test_serve_command_warns_when_open_without_a_key(tiny_llama_package: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import uvicorn
-
-    apps: list[Any] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: apps.append(app))
+    calls = _served(monkeypatch)
     result = CliRunner().invoke(cli(), ["serve", str(tiny_llama_package), "--host", "0.0.0.0"])
     assert result.exit_code == 0 and "no --api-key" in result.output
     monkeypatch.setenv("EDGEKIT_API_KEY", "secret")
     result = CliRunner().invoke(cli(), ["serve", str(tiny_llama_package), "--host", "0.0.0.0"])
-    assert "no --api-key" not in result.output and apps[-1].state.edgekit.options.api_key == "secret"
-    for app in apps:
-        app.state.edgekit.close()
+    assert "no --api-key" not in result.output and calls[-1]["app"].state.edgekit.options.api_key == "secret"
+    for call in calls:
+        call["app"].state.edgekit.close()
+
+
+def test_a_taken_port_or_a_bad_host_is_a_one_line_error_before_the_model_loads(tmp_path: Path) -> None:
+    import socket
+
+    from edgekit.errors import UsageError
+    from edgekit.serve.command import listening_socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError, match="in use") as info:
+            listening_socket("127.0.0.1", port)
+        assert "--port" in (info.value.fix or "")
+        # The package is not even read: a missing one would be the error otherwise.
+        result = CliRunner().invoke(cli(), ["serve", str(tmp_path / "missing"), "--port", str(port)])
+        assert result.exit_code == 2 and "in use" in result.output and "Traceback" not in result.output
+    with pytest.raises(UsageError, match=r"cannot listen on 192\.0\.2\.1:8000") as info:
+        listening_socket("192.0.2.1", 8000)  # TEST-NET-1: an address of no machine, refused without DNS
+    assert "--host" in (info.value.fix or "")
+    with listening_socket("127.0.0.1", 0) as free:
+        assert free.getsockname()[0] == "127.0.0.1"
 
 
 def test_serve_command_errors_are_one_line(tmp_path: Path) -> None:
@@ -172,7 +208,7 @@ def test_a_missing_web_stack_names_the_extra(monkeypatch: pytest.MonkeyPatch) ->
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "uvicorn" else real(name, *a))
-    with pytest.raises(MissingDependencyError, match=r"edgekit\[serve\]"):
+    with pytest.raises(MissingDependencyError, match=r"\.\[serve\]"):
         require_web_stack("uvicorn")
 
 

@@ -43,7 +43,7 @@ def measured(*scores: tuple[RuntimeSettings, float, float]) -> list[Measurement]
 
 def record(chosen: RuntimeSettings, manifest: str = HASH, variant: str = "int4-rtn") -> TuningRecord:
     return TuningRecord(
-        manifest_sha256=manifest,
+        variant_sha256=manifest,
         variant=variant,
         machine=tuning.machine_class(),
         prompt_tokens=16,
@@ -93,7 +93,7 @@ def _tamper(document: dict, change: str) -> dict | str:
     elif change == "NaN speed":
         document["measured"][0]["decode_tps"] = float("nan")
     elif change == "another manifest inside":
-        document["manifest_sha256"] = "cd" * 32
+        document["variant_sha256"] = "cd" * 32
     elif change == "not JSON":
         return "{ not json"
     elif change == "huge":
@@ -136,7 +136,7 @@ def test_load_applies_the_record_unless_told_otherwise(tiny_llama_package: Path,
     seen = _spy_settings(monkeypatch)
     with runtime_model.load(tiny_llama_package) as model:
         assert model.info.settings_from == "default"
-        manifest_hash, variant = model.info.manifest_sha256, model.info.variant
+        manifest_hash, variant = model.info.variant_sha256, model.info.variant
     write_tuning(record(settings(1, False), manifest_hash, variant))
     with runtime_model.load(tiny_llama_package) as model:
         assert (model.info.threads, model.info.cpu_mem_arena, model.info.settings_from) == (1, False, "tuned")
@@ -205,3 +205,25 @@ def test_a_candidate_whose_generations_all_ended_at_once_is_an_error_not_a_speed
     assert _measurement(settings(2), [(100.0, None), (110.0, 9.0), (90.0, 11.0)]).decode_tps == 10.0
     with pytest.raises(UsageError, match="ended at its first token"):
         _measurement(settings(2), [(100.0, None), (120.0, None)])
+
+
+def test_a_record_survives_an_evaluation_rewriting_the_manifest(
+    tiny_llama_package: Path, cache: Path, tmp_path
+) -> None:
+    import shutil
+
+    from edgekit.package.manifest import read_manifest, write_manifest
+
+    root = Path(shutil.copytree(tiny_llama_package, tmp_path / "pkg"))
+    with runtime_model.load(root) as model:
+        fingerprint, variant = model.info.variant_sha256, model.info.variant
+    write_tuning(record(settings(1, False), fingerprint, variant))
+    manifest = read_manifest(root)
+    manifest["evaluation"] = {"protocol": "a later edgekit eval", "windows": 1}  # what eval rewrites
+    write_manifest(root, manifest)
+    with runtime_model.load(root) as model:
+        assert model.info.variant_sha256 == fingerprint and model.info.settings_from == "tuned"
+    manifest["variants"][variant]["accuracy_level"] = 0  # another model: the record does not apply
+    write_manifest(root, manifest)
+    with runtime_model.load(root) as model:
+        assert model.info.variant_sha256 != fingerprint and model.info.settings_from == "default"

@@ -96,18 +96,32 @@ def _write_chart(path: Path, report: dict[str, Any]) -> bool:
     return True
 
 
-def write_junit(path: Path, target: str, checks: Sequence[Check]) -> None:
-    """JUnit XML with one test case per variant and metric; failed checks carry a <failure>."""
-    failures = sum(not c.passed for c in checks)
+def write_junit(path: Path, target: str, checks: Sequence[Check], deployed: str) -> None:
+    """JUnit XML with one test case per variant and metric. A check that decides the verdict (the
+    ``deployed`` variant's budget, every baseline check) and failed carries a <failure>; another variant's
+    failed budget check is <skipped>, so the file agrees with the exit code."""
+    decides = [c.kind != "budget" or c.variant == deployed for c in checks]
+    failures = sum(not c.passed and d for c, d in zip(checks, decides, strict=True))
+    skipped = sum(not c.passed and not d for c, d in zip(checks, decides, strict=True))
     suite = ET.Element(
-        "testsuite", name=f"edgekit.check.{target}", tests=str(len(checks)), failures=str(failures), errors="0"
+        "testsuite",
+        name=f"edgekit.check.{target}",
+        tests=str(len(checks)),
+        failures=str(failures),
+        errors="0",
+        skipped=str(skipped),
     )
-    for check in checks:
+    for check, decisive in zip(checks, decides, strict=True):
         case = ET.SubElement(suite, "testcase", classname=f"{check.kind}.{check.variant}", name=check.metric)
-        if not check.passed:
+        if check.passed:
+            continue
+        if decisive:
             failure = ET.SubElement(case, "failure", message=_check_sentence(check))
             failure.text = _check_sentence(check)
-    suites = ET.Element("testsuites", tests=str(len(checks)), failures=str(failures))
+        else:
+            reason = f"informational: {target} deploys {deployed}, not {check.variant}; {_check_sentence(check)}"
+            ET.SubElement(case, "skipped", message=reason)
+    suites = ET.Element("testsuites", tests=str(len(checks)), failures=str(failures), skipped=str(skipped))
     suites.append(suite)
     ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
 

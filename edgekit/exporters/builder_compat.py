@@ -77,7 +77,7 @@ def _internal(module: str) -> Any:
     except ImportError as exc:
         raise ExportError(
             f"onnxruntime-genai's model builder cannot be imported ({exc})",
-            fix="pip install 'edgekit[export]'",
+            fix='pip install torch==2.13.0, then pip install ".[export]" in a clone of edgekit',
         ) from None
 
 

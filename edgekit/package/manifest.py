@@ -51,6 +51,15 @@ def file_entries(root: Path) -> list[dict[str, Any]]:
     return entries
 
 
+def variant_fingerprint(manifest: dict[str, Any], variant: str) -> str:
+    """sha256 of one variant's manifest entry and its files' sizes and hashes: what identifies the model that
+    runs, unchanged by what evaluation or another variant writes into the manifest."""
+    entry = manifest["variants"][variant]
+    prefix = entry["path"].rstrip("/") + "/"
+    files = sorted((f["path"], f["size"], f["sha256"]) for f in manifest["files"] if f["path"].startswith(prefix))
+    return hashlib.sha256(json.dumps([entry, files], sort_keys=True).encode("utf-8")).hexdigest()
+
+
 def write_manifest(root: Path, manifest: dict[str, Any]) -> Path:
     """Write ``manifest.json`` (with the file list computed now) into ``root``, atomically."""
     body = {key: value for key, value in manifest.items() if key not in ("schema_version", "files")}

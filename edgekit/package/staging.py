@@ -43,6 +43,12 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     try:
         yield staging
         raise_if_interrupted()  # a Ctrl-C that a library swallowed still keeps the output from landing
+        if out.exists() and not force:  # made by another command while this one ran: not ours to replace
+            raise OutputExistsError(
+                "appeared while this command ran (another command wrote it); nothing was replaced",
+                path=out,
+                fix="choose another folder or pass --force to replace it",
+            )
         if out.exists():
             retired = out.with_name(f".{out.name}{_PARTIAL}{os.getpid()}-old")
             out.rename(retired)

@@ -14,6 +14,8 @@ from edgekit.errors import PackageError
 from edgekit.package.contents import check_contents
 from edgekit.package.manifest import MANIFEST, sha256_file
 
+_CHANGED_FIX = "the file changed after the package was made: build it again, or unpack it again from its archive"
+
 
 def verify_files(root: Path, manifest: dict[str, Any], subfolder: str | None = None, *, hashes: bool = True) -> None:
     """Check the package's files against the manifest: nothing missing, extra, linked, resized or altered,
@@ -57,12 +59,12 @@ def verify_files(root: Path, manifest: dict[str, Any], subfolder: str | None = N
             raise PackageError("is listed in the manifest but missing", path=path, fix="rebuild the package")
         size = path.stat().st_size
         if size != entry["size"]:
-            raise PackageError(f"is {size} bytes, the manifest says {entry['size']}", path=path)
+            raise PackageError(f"is {size} bytes, the manifest says {entry['size']}", path=path, fix=_CHANGED_FIX)
     for relative, entry in sorted(listed.items()) if hashes else ():
         path = root / relative
         digest = sha256_file(path)
         if digest != entry["sha256"]:
-            raise PackageError(f"has sha256 {digest}, the manifest says {entry['sha256']}", path=path)
+            raise PackageError(f"has sha256 {digest}, the manifest says {entry['sha256']}", path=path, fix=_CHANGED_FIX)
     from edgekit.package.references import check_references
 
     check_references(root, {r: e["size"] for r, e in all_listed.items()}, subfolder)

@@ -23,7 +23,7 @@ from typing import Any
 
 from edgekit.errors import PackageError, ProviderUnavailableError, UsageError
 from edgekit.package.genai_config import GenaiConfig, read_genai_config
-from edgekit.package.manifest import read_manifest
+from edgekit.package.manifest import read_manifest, variant_fingerprint
 from edgekit.package.verify import variant_dir, verify_files
 from edgekit.package.verify_cache import verify_variant
 from edgekit.runtimes.chat_template import read_chat_template, render_chat, special_tokens
@@ -51,6 +51,8 @@ class ModelInfo:
     cpu_mem_arena: bool = True
     settings_from: str = "default"
     """Where the threads and arena came from: ``default``, ``given`` (arguments) or ``tuned`` (``edgekit tune``)."""
+    variant_sha256: str = ""
+    """The variant's fingerprint (``package.manifest.variant_fingerprint``): what ``edgekit tune`` records are for."""
 
     def describe(self) -> str:
         """``int4-rtn on cpu``, with the settings where ``edgekit tune`` chose them."""
@@ -243,9 +245,8 @@ def load(
     """
     root = Path(package)
     manifest = read_manifest(root)
-    if variant is None and target is not None:
-        entry = manifest.get("targets", {}).get(target)
-        variant = entry["variant"] if entry else None
+    if target is not None:
+        variant = variant or _target_variant(root, manifest, target)
     name, folder = variant_dir(root, manifest, variant)
     if verify:
         verify_variant(root, manifest, manifest["variants"][name]["path"])
@@ -253,7 +254,8 @@ def load(
         verify_files(root, manifest, manifest["variants"][name]["path"], hashes=False)
     config = read_genai_config(folder)  # checked again: the verdict cache must not stand in for the schema
     manifest_hash = hashlib.sha256((root / "manifest.json").read_bytes()).hexdigest()
-    runtime, settings_from = _runtime_settings(threads, settings, tuned, manifest_hash, name)
+    fingerprint = variant_fingerprint(manifest, name)  # tuning survives `edgekit eval` rewriting the manifest
+    runtime, settings_from = _runtime_settings(threads, settings, tuned, fingerprint, name)
     chain = list(providers or _default_chain(manifest, name, target))
     unknown = [p for p in chain if p not in PROVIDERS]
     if unknown:
@@ -261,8 +263,9 @@ def load(
     genai_model, provider, skipped = _start(folder, chain, strict, runtime, on_fallback)
     tried = [reason.split(":", 1)[0] for reason in skipped] + [provider]
     info = ModelInfo(
-        str(root), name, provider, runtime.threads, manifest_hash, tried, skipped, runtime.cpu_mem_arena, settings_from
-    )
+        str(root), name, provider, runtime.threads, manifest_hash, tried, skipped, runtime.cpu_mem_arena, settings_from,
+        fingerprint,
+    )  # fmt: skip
     rule = recorded_rule(manifest)
     tokenizer = TextTokenizer(folder, add_bos=rule.add_bos_token, bos_token_id=rule.bos_token_id)
     template = chat_template if chat_template is not None else read_chat_template(folder)
@@ -310,6 +313,18 @@ def _start(
     )
 
 
+def _target_variant(root: Path, manifest: dict[str, Any], target: str) -> str:
+    """The variant the package deploys for ``target``; a target it was not built for is a usage error."""
+    built_for = manifest.get("targets", {})
+    if target not in built_for:
+        raise UsageError(
+            f"the package was not built for target '{target}' (built for: {', '.join(built_for) or 'none'})",
+            path=root,
+            fix=f"pass one of those targets, or build the model again with -t {target}",
+        )
+    return str(built_for[target]["variant"])
+
+
 def _default_chain(manifest: dict[str, Any], variant: str, target: str | None) -> list[str]:
     targets = manifest.get("targets", {})
     if target in targets:
@@ -319,7 +334,7 @@ def _default_chain(manifest: dict[str, Any], variant: str, target: str | None) -
 
 
 def _runtime_settings(
-    threads: int | None, settings: RuntimeSettings | None, tuned: bool, manifest_hash: str, variant: str
+    threads: int | None, settings: RuntimeSettings | None, tuned: bool, fingerprint: str, variant: str
 ) -> tuple[RuntimeSettings, str]:
     """The threads and arena to run with, and where they came from (see ``load``)."""
     if threads:
@@ -328,7 +343,7 @@ def _runtime_settings(
         return RuntimeSettings(threads=min(threads, 4096)), "given"
     if settings is not None:
         return settings, "given"
-    recorded = read_tuning(manifest_hash, variant) if tuned else None
+    recorded = read_tuning(fingerprint, variant) if tuned else None
     if recorded is not None:
         return recorded, "tuned"
     return RuntimeSettings(threads=physical_cores()), "default"

@@ -72,7 +72,7 @@ def tune_package(
     options = candidates(physical_cores(), len(usable_cpus()))
     samples: list[list[tuple[float, float | None]]] = [[] for _ in options]
     prompt: list[int] = []
-    name, manifest_sha256 = "", ""
+    name, fingerprint = "", ""
     for number in range(rounds):
         order = list(range(len(options)))
         for index in order if number % 2 == 0 else reversed(order):
@@ -81,12 +81,12 @@ def tune_package(
             with load(package, target, variant=variant, settings=options[index]) as model:
                 if not prompt:
                     prompt = _prompt(model, prompt_tokens, gen_tokens)
-                    name, manifest_sha256 = model.info.variant, model.info.manifest_sha256
+                    name, fingerprint = model.info.variant, model.info.variant_sha256
                 time_generation(model, prompt, gen_tokens)  # warm-up: allocations, prepacking
                 samples[index].append(time_generation(model, prompt, gen_tokens))
     measured = [_measurement(candidate, runs) for candidate, runs in zip(options, samples, strict=True)]
     result = TuningRecord(
-        manifest_sha256=manifest_sha256,
+        variant_sha256=fingerprint,
         variant=name,
         machine=machine_class(),
         prompt_tokens=len(prompt),

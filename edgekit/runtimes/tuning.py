@@ -68,8 +68,10 @@ class TuningRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal[1] = 1
-    manifest_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    format: Literal[2] = 2
+    variant_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    """The variant's fingerprint (``package.manifest.variant_fingerprint``), not the whole manifest's hash:
+    an evaluation that rewrites the manifest leaves the record standing."""
     variant: Annotated[str, Field(min_length=1, max_length=200)]
     machine: Annotated[str, Field(max_length=1000)]
     prompt_tokens: Annotated[int, Field(ge=1)]
@@ -90,21 +92,21 @@ def machine_class() -> str:
     return f"{model} | {present} | {physical_cores()} cores, {len(usable_cpus())} logical"
 
 
-def record_path(manifest_sha256: str, variant: str, machine: str) -> Path:
+def record_path(variant_sha256: str, variant: str, machine: str) -> Path:
     """Where the record for this package variant on this machine class lives in the user's cache."""
-    digest = hashlib.sha256(f"{manifest_sha256}\0{variant}\0{machine}".encode()).hexdigest()[:32]
+    digest = hashlib.sha256(f"{variant_sha256}\0{variant}\0{machine}".encode()).hexdigest()[:32]
     return user_cache_path("tuning", f"{digest}.json")
 
 
-def read_tuning(manifest_sha256: str, variant: str) -> RuntimeSettings | None:
+def read_tuning(variant_sha256: str, variant: str) -> RuntimeSettings | None:
     """The recorded settings for this package variant on this machine class; None where none is usable."""
     machine = machine_class()
-    path = record_path(manifest_sha256, variant, machine)
+    path = record_path(variant_sha256, variant, machine)
     try:
         record = TuningRecord.model_validate_json(read_regular_file(path, _MAX_RECORD_BYTES))
     except (EdgekitError, ValidationError):
         return None  # none, unreadable, not a regular file, too large, or not a valid record
-    if (record.manifest_sha256, record.variant, record.machine) != (manifest_sha256, variant, machine):
+    if (record.variant_sha256, record.variant, record.machine) != (variant_sha256, variant, machine):
         return None
     if record.settings.threads > len(usable_cpus()):
         return None  # the process's CPUs were narrowed since (taskset, a container limit)
@@ -113,7 +115,7 @@ def read_tuning(manifest_sha256: str, variant: str) -> RuntimeSettings | None:
 
 def write_tuning(record: TuningRecord) -> Path:
     """Store ``record`` in the user's cache (replacing an earlier one); return its path."""
-    path = record_path(record.manifest_sha256, record.variant, record.machine)
+    path = record_path(record.variant_sha256, record.variant, record.machine)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(path, record.model_dump_json(indent=2) + "\n")
     return path

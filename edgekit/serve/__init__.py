@@ -2,7 +2,7 @@
 
 ``create_app(model_or_package, **options)`` returns the ASGI app, to run with uvicorn or to mount in a
 FastAPI or Starlette app. The web stack (Starlette, uvicorn) comes with the ``serve`` extra
-(``pip install 'edgekit[serve]'``) and is imported only here, on first use of ``create_app``.
+(``pip install ".[serve]"`` in a clone) and is imported only here, on first use of ``create_app``.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ def require_web_stack(*modules: str) -> None:
     if missing:
         raise MissingDependencyError(
             f"the server needs {' and '.join(missing)}, which this install lacks",
-            fix="pip install 'edgekit[serve]'",
+            fix='pip install ".[serve]" in a clone of edgekit (-e ".[serve]" where it is installed editable)',
         )
 
 

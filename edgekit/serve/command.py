@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import socket
 from pathlib import Path
 
 import click
@@ -44,17 +46,43 @@ def serve(package: Path, target: str | None, host: str, port: int, api_key: str 
 
     from edgekit.serve.app import create_app
 
-    app = create_app(package, target=target, api_key=api_key or None, max_concurrency=max_concurrency,
-                     max_queue=max_queue, max_tokens=max_tokens, timeout_s=timeout, max_body_bytes=max_body_bytes,
-                     cors_origins=cors_origins, model_name=model_name)  # fmt: skip
-    facts = app.state.edgekit.facts
-    shown = f"[{host}]" if ":" in host else host
-    click.echo(f"edgekit: serving '{facts.model_id}' ({facts.variant} on {facts.provider}) at "
-               f"http://{shown}:{port}/ (chat page) and http://{shown}:{port}/v1", err=True)  # fmt: skip
-    if not is_loopback(host) and not api_key:
-        click.echo("edgekit: note: listening beyond this machine with no --api-key: anyone who can reach "
-                   "the port can use the model", err=True)  # fmt: skip
-    uvicorn.run(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+    # Bound before the model loads: a taken port fails in a second, not after the load.
+    with listening_socket(host, port) as listening:
+        app = create_app(package, target=target, api_key=api_key or None, max_concurrency=max_concurrency,
+                         max_queue=max_queue, max_tokens=max_tokens, timeout_s=timeout,
+                         max_body_bytes=max_body_bytes, cors_origins=cors_origins, model_name=model_name)  # fmt: skip
+        facts = app.state.edgekit.facts
+        shown = f"[{host}]" if ":" in host else host
+        click.echo(f"edgekit: serving '{facts.model_id}' ({facts.variant} on {facts.provider}) at "
+                   f"http://{shown}:{port}/ (chat page) and http://{shown}:{port}/v1", err=True)  # fmt: skip
+        if not is_loopback(host) and not api_key:
+            click.echo("edgekit: note: listening beyond this machine with no --api-key: anyone who can reach "
+                       "the port can use the model", err=True)  # fmt: skip
+        uvicorn.Server(uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5)).run(sockets=[listening])
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` for the server, or a one-line error naming what is wrong."""
+    from edgekit.errors import UsageError
+
+    where = f"{host}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise UsageError(f"cannot listen on {where}: no such address ({exc})", fix="pass a valid --host") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        taken = exc.errno == errno.EADDRINUSE
+        raise UsageError(
+            f"cannot listen on {where}: " + ("the port is in use" if taken else (exc.strerror or str(exc))),
+            fix="pass another --port, or stop what listens there" if taken else "pass a --host of this machine",
+        ) from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def is_loopback(host: str) -> bool:

@@ -211,7 +211,9 @@ def download_hub_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path:
     try:
         from huggingface_hub import snapshot_download
     except ImportError as exc:
-        raise SourceError("hub ids need huggingface_hub", path=repo_id, fix="pip install 'edgekit[export]'") from exc
+        raise SourceError(
+            "hub ids need huggingface_hub", path=repo_id, fix='pip install ".[export]" in a clone of edgekit'
+        ) from exc
     try:
         folder = snapshot_download(
             repo_id,

@@ -1,0 +1,97 @@
+"""What a new user got wrong, or hit, and the one-line answers they get (a tester's findings, 2026-11-30)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+import pytest
+
+from edgekit.cli import main
+from edgekit.errors import OutputExistsError, UsageError
+
+
+def test_demo_refuses_a_folder_that_is_not_a_package_and_leaves_it_alone(runner, tmp_path: Path) -> None:
+    folder = tmp_path / "mydocs"
+    folder.mkdir()
+    (folder / "thesis.txt").write_text("years of work", encoding="utf-8")
+    result = runner.invoke(main, ["demo", "-o", str(folder)])
+    assert result.exit_code == 2, result.output
+    assert "not an edgekit package" in result.output and "Traceback" not in result.output
+    assert (folder / "thesis.txt").read_text(encoding="utf-8") == "years of work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mydocs"]
+
+
+@pytest.mark.parametrize("target", ["no-such", "edge-cuda"])
+def test_a_target_the_package_was_not_built_for_is_refused(runner, tiny_llama_package: Path, target: str) -> None:
+    import edgekit
+
+    with pytest.raises(UsageError, match=f"not built for target '{target}'") as info:
+        edgekit.load(tiny_llama_package, target=target)
+    assert "laptop-cpu-rtn" in info.value.problem
+    result = runner.invoke(main, ["run", str(tiny_llama_package), "-p", "hi", "-t", target])
+    assert result.exit_code == 2 and result.output.startswith("edgekit: error: "), result.output
+    with edgekit.load(tiny_llama_package, target="laptop-cpu-rtn") as model:
+        assert model.info.variant == "int4-rtn"
+
+
+@pytest.mark.parametrize("option", ["--junit", "--markdown"])
+def test_a_report_file_that_cannot_be_written_is_refused_before_any_work(runner, tmp_path: Path, option: str) -> None:
+    missing_package = tmp_path / "no-package"  # the option is refused first: the package is never read
+    for where, phrase in ((tmp_path, "is a folder"), (tmp_path / "none" / "x.xml", "not an existing folder")):
+        result = runner.invoke(main, ["check", str(missing_package), "-t", "laptop-cpu", option, str(where)])
+        assert result.exit_code == 2, result.output
+        assert phrase in result.output and option in result.output and "Traceback" not in result.output
+
+
+def test_bench_json_into_a_folder_is_refused(runner, tmp_path: Path) -> None:
+    result = runner.invoke(main, ["bench", str(tmp_path / "no-package"), "--json", str(tmp_path)])
+    assert result.exit_code == 2 and "is a folder" in result.output, result.output
+
+
+def test_an_output_another_command_made_meanwhile_is_not_replaced_without_force(tmp_path: Path) -> None:
+    from edgekit.package.staging import staged_output
+
+    out = tmp_path / "out"
+    with (
+        pytest.raises(OutputExistsError, match="appeared while this command ran"),
+        staged_output(out, force=False) as staging,
+    ):
+        (staging / "mine.txt").write_text("mine", encoding="utf-8")
+        out.mkdir()
+        (out / "theirs.txt").write_text("theirs", encoding="utf-8")
+    assert sorted(p.name for p in out.iterdir()) == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with staged_output(out, force=True) as staging:
+        (staging / "mine.txt").write_text("mine", encoding="utf-8")
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+
+
+def test_a_size_bound_a_streamed_build_cannot_keep_is_refused_before_anything_is_read(
+    tiny_checkpoints, tmp_path: Path
+) -> None:
+    from edgekit.pipeline import build
+
+    out = tmp_path / "out"
+    with pytest.raises(UsageError, match="streamed build makes no recipe") as info:
+        build(tiny_checkpoints("llama"), out, "laptop-cpu-rtn", streaming=True, max_model_bytes=50_000_000)
+    assert "--streaming" in (info.value.fix or "")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_ctrl_c_at_the_chat_prompt_exits_130(runner, tiny_llama_package: Path, monkeypatch) -> None:
+    from edgekit import interrupts
+
+    def interrupted_prompt(*args, **kwargs):  # type: ignore[no-untyped-def]
+        interrupts._interrupted.set()  # what the SIGINT handler records before click turns it into Abort
+        raise click.Abort
+
+    monkeypatch.setattr(click, "prompt", interrupted_prompt)
+    monkeypatch.setattr("os._exit", lambda code: (_ for _ in ()).throw(SystemExit(code)))  # not the test's process
+    result = runner.invoke(main, ["run", str(tiny_llama_package), "--chat"])
+    assert result.exit_code == 130, result.output
+    assert "interrupted" in result.output
+
+    monkeypatch.setattr(click, "prompt", lambda *a, **k: (_ for _ in ()).throw(click.Abort()))
+    result = runner.invoke(main, ["run", str(tiny_llama_package), "--chat"])
+    assert result.exit_code == 0, result.output  # end of input (Ctrl-D) still ends the chat normally
