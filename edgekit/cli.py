@@ -279,6 +279,7 @@ def run(package: Path, variant: str | None, target: str | None, prompt: str | No
         raw: bool, max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int | None,
         chat_template: Path | None, providers: tuple[str, ...], strict: bool) -> None:  # fmt: skip
     """Generate from PACKAGE: answer --prompt, or chat with --chat."""
+    from edgekit.runtimes.chat_template import require_compiles
     from edgekit.runtimes.model import load
     from edgekit.safe_io import read_regular_file
 
@@ -292,6 +293,7 @@ def run(package: Path, variant: str | None, target: str | None, prompt: str | No
         template = read_regular_file(chat_template, 1 << 20, fix="pass a Jinja template file").decode(
             "utf-8", "replace"
         )
+        require_compiles(template, chat_template)
     with load(package, target, variant=variant, providers=providers or None, strict=strict,
               chat_template=template, on_fallback=_notice) as model:  # fmt: skip
         click.echo(f"[{model.info.describe()}]", err=True)

@@ -217,6 +217,13 @@ def print_check(result: CheckResult, console: Console | None = None) -> None:
             c.variant, c.kind, c.metric, format_metric(c.metric, c.value), format_metric(c.metric, c.limit), outcome
         )
     console.print(table)
+    protocol = result.protocol
+    if protocol:  # the last evaluation decides: say which one it was
+        console.print(
+            f"measured on {protocol.get('windows')} windows of {protocol.get('ctx')} tokens of "
+            f"{escape(str(protocol.get('text')))} ({protocol.get('tokens_scored')} tokens scored)",
+            highlight=False,
+        )
     if not result.checks:
         console.print(f"target {result.target} sets no accuracy budget; nothing to check")
     console.print("PASS" if result.passed else "FAIL")

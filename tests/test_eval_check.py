@@ -179,6 +179,7 @@ def test_check_exits_0_on_pass(runner, evaluated_package: Path, tmp_path: Path) 
     result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu-rtn", "--junit", str(junit)])
     assert result.exit_code == 0, result.output
     assert "PASS" in result.output
+    assert f"measured on {WINDOWS} windows of {CTX} tokens of " in result.output  # which evaluation decided
     suite = ET.parse(junit).getroot()
     assert suite.get("failures") == "0"
     assert int(suite.get("tests")) == 3

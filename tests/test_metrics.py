@@ -316,6 +316,7 @@ def test_text_shorter_than_one_window_is_refused(package: Path, tmp_path: Path) 
     message = str(caught.value)
     assert "fewer than one window of 64" in message
     assert "smaller --ctx" in message and "longer text" in message
+    assert str(short) in message  # the file named
 
 
 def test_unknown_variant_is_refused(package: Path) -> None:

@@ -95,3 +95,12 @@ def test_ctrl_c_at_the_chat_prompt_exits_130(runner, tiny_llama_package: Path, m
     monkeypatch.setattr(click, "prompt", lambda *a, **k: (_ for _ in ()).throw(click.Abort()))
     result = runner.invoke(main, ["run", str(tiny_llama_package), "--chat"])
     assert result.exit_code == 0, result.output  # end of input (Ctrl-D) still ends the chat normally
+
+
+def test_a_chat_template_file_that_does_not_compile_is_named_before_the_model_loads(runner, tmp_path: Path) -> None:
+    template = tmp_path / "bad.jinja"
+    template.write_text("{% for %}", encoding="utf-8")
+    missing_package = tmp_path / "no-package"  # refused first: the package is never read
+    result = runner.invoke(main, ["run", str(missing_package), "-p", "hi", "--chat-template", str(template)])
+    assert result.exit_code == 2, result.output
+    assert str(template) in result.output and "does not compile" in result.output

@@ -163,7 +163,7 @@ def evaluate_package(
     ctx = min(ctx, context_length)
     rule = recorded_rule(manifest)
     bos = rule.bos_token_id if rule.add_bos_token else None
-    token_grid = token_windows(ids, ctx, windows, bos)
+    token_grid = token_windows(ids, ctx, windows, bos, corpus.name)
     protocol = EvalProtocol(corpus.name, corpus.sha256, len(ids), ctx, len(token_grid), bos is not None)
     with contextlib.ExitStack() as stack:
         reference: ReferenceSource

@@ -77,6 +77,8 @@ class CheckResult:
     variant: str
     passed: bool
     checks: list[Check] = field(default_factory=list)
+    protocol: dict[str, Any] = field(default_factory=dict)
+    """The stored evaluation's protocol (text, windows, ctx): the last ``edgekit eval``'s, not always the build's."""
 
 
 def check_package(
@@ -114,7 +116,7 @@ def check_package(
                 baseline_checks = judge_baseline(variant, metrics, old["variants"][variant], baseline_tolerance)
                 checks.extend(baseline_checks)
                 passed = passed and all(c.passed for c in baseline_checks)
-    return CheckResult(target, chosen, passed, checks)
+    return CheckResult(target, chosen, passed, checks, dict(report.get("protocol", {})))
 
 
 def deployed_variant(manifest: dict[str, Any], target: Target) -> str | None:

@@ -100,15 +100,19 @@ def with_bos(windows: np.ndarray, bos_token_id: int | None) -> np.ndarray:
     return marked
 
 
-def token_windows(ids: np.ndarray, ctx: int, count: int | None, bos_token_id: int | None = None) -> np.ndarray:
+def token_windows(
+    ids: np.ndarray, ctx: int, count: int | None, bos_token_id: int | None = None, source: str | None = None
+) -> np.ndarray:
     """Non-overlapping windows of ``ctx`` tokens from the start of ``ids``: [windows, ctx].
 
-    With ``bos_token_id`` each window starts with BOS in place of its first token.
+    With ``bos_token_id`` each window starts with BOS in place of its first token. ``source`` names the
+    text in the error a text shorter than one window gets.
     """
     available = len(ids) // ctx
     if available == 0:
         raise UsageError(
             f"the text has {len(ids)} tokens, fewer than one window of {ctx}",
+            path=source,
             fix="use a longer text or a smaller --ctx",
         )
     n = available if count is None else min(count, available)

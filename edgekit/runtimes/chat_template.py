@@ -75,6 +75,18 @@ def _tokenizer_config(folder: Path) -> dict[str, Any]:
     return config if isinstance(config, dict) else {}
 
 
+def require_compiles(template: str, path: Path) -> None:
+    """Refuse a chat template file that does not compile, naming the file (before a model is loaded)."""
+    import jinja2
+
+    try:
+        _environment().from_string(template)
+    except jinja2.TemplateError as exc:
+        raise UsageError(
+            f"does not compile as a chat template ({_first_line(exc)})", path=path, fix=_FIX_TEMPLATE
+        ) from None
+
+
 def render_chat(
     template: str,
     messages: Sequence[Mapping[str, Any]],
