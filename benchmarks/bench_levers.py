@@ -261,7 +261,7 @@ def _compute_by_phase(model: Any) -> None:
     graph = model.graph
     # Small initializers (shapes, axes, norms' weights) move into each branch, where onnxruntime can fold
     # what reads them; the weights, stored outside the graph, stay outer-scope values both branches read.
-    local = [t for t in graph.initializer if t.data_location != TensorProto.EXTERNAL and len(t.raw_data) < 65536]
+    local = [t for t in graph.initializer if t.data_location != TensorProto.EXTERNAL and t.ByteSize() < 65536]
     moved = {t.name for t in local}
     kept = [t for t in graph.initializer if t.name not in moved]
     del graph.initializer[:]

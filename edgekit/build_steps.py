@@ -19,7 +19,7 @@ from typing import Any
 from edgekit.accuracy.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS
 from edgekit.accuracy.gate import evaluate_and_record
 from edgekit.accuracy.texts import Corpus, builtin_corpus
-from edgekit.errors import EdgekitError, ResourceError, SourceError, UsageError
+from edgekit.errors import ResourceError, SourceError
 from edgekit.exporters.last_position import keep_last_position_in_folder
 from edgekit.exporters.memory_estimate import check_build_resources, check_gguf_resources
 from edgekit.exporters.onnx_builder import output_to_log, run_builder
@@ -162,6 +162,8 @@ def check_resources(context: BuildContext) -> None:
         f"[dim]estimate ({how}, {chosen.parameters / 1e9:.2f}B parameters): peak {chosen.peak_memory / 2**30:.1f} "
         f"GiB of memory, {chosen.disk / 1e9:.1f} GB of disk[/dim]"
     )
+    if Int4Method.RECIPE in target.int4_methods and (plan.recipe_dropped is not None or plan.switched):
+        _require_no_size_bound(context, "the recipe search does not fit in this machine's memory")
     if plan.recipe_dropped is not None:
         context.recipe_dropped = (
             f"the recipe search needs about {plan.recipe_dropped.peak_memory / 2**30:.1f} GiB of memory, more than "
@@ -222,25 +224,23 @@ def plan_variants_step(context: BuildContext) -> None:
                 _make_gptq_checkpoint(context, gptq_folder, detail)
             context.folders = {v.name: gptq_folder for v in context.plan if v.method == Int4Method.GPTQ.value}
     if context.recipe_dropped is not None:  # set only for a whole-model build (plan_resources)
-        _require_no_size_bound(context, context.recipe_dropped, ResourceError)
         context.warnings.append(context.recipe_dropped)
         context.plan = [variant for variant in context.plan if variant.method != Int4Method.RECIPE.value]
     if context.options.streaming:
         if any(v.method == Int4Method.RECIPE.value for v in context.plan):
-            no_recipe = "streamed build: no fp32 reference to measure a recipe on, so no int4-recipe"
-            _require_no_size_bound(context, no_recipe, UsageError)
-            context.warnings.append(no_recipe)
+            context.warnings.append("streamed build: no fp32 reference to measure a recipe on, so no int4-recipe")
         dropped = {REFERENCE_VARIANT} | {v.name for v in context.plan if v.method == Int4Method.RECIPE.value}
         context.plan = [variant for variant in context.plan if variant.name not in dropped]
         evaluation = "no evaluation" if _evaluation(context) is None else "variants evaluated against the checkpoint"
         context.warnings.append(f"streamed build: no fp32 reference, so no validation against PyTorch; {evaluation}")
 
 
-def _require_no_size_bound(context: BuildContext, why: str, error: type[EdgekitError]) -> None:
-    """Refuse to drop the recipe of a target with ``max_model_bytes``: only a recipe is held to it."""
+def _require_no_size_bound(context: BuildContext, why: str) -> None:
+    """Refuse to drop the recipe of a target with ``max_model_bytes`` (before any weight is read): only a
+    recipe is held to it."""
     if (limit := context.target.recipe.max_model_bytes) is not None:
         fix = "drop --max-model-bytes (or the target's max_model_bytes), or build on a machine with more memory"
-        raise error(f"{why}, and only a recipe can be held to max_model_bytes ({limit:,})", fix=fix)
+        raise ResourceError(f"{why}, and only a recipe can be held to max_model_bytes ({limit:,})", fix=fix)
 
 
 def export_variants(context: BuildContext) -> None:

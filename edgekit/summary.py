@@ -206,13 +206,13 @@ def print_eval_report(report: dict[str, Any], console: Console | None = None) ->
 
 def print_check(result: CheckResult, console: Console | None = None) -> None:
     """The table of ``edgekit check``: variant x metric, value, limit, pass/fail, and the verdict."""
-    from edgekit.accuracy.report import format_metric
+    from edgekit.accuracy.report import decides, format_metric
 
     console = console or output_console()
     title = f"edgekit check {result.target} (deploys {result.variant})"
     table = _table(title, ("variant", "check", "metric", "value", "limit", "result"))
     for c in result.checks:
-        outcome = "[green]pass[/green]" if c.passed else "[red]FAIL[/red]"
+        outcome = "[green]pass[/green]" if c.passed else "[red]FAIL[/red]" if decides(c, result.variant) else "fail*"
         table.add_row(
             c.variant, c.kind, c.metric, format_metric(c.metric, c.value), format_metric(c.metric, c.limit), outcome
         )
@@ -224,6 +224,8 @@ def print_check(result: CheckResult, console: Console | None = None) -> None:
             f"{escape(str(protocol.get('text')))} ({protocol.get('tokens_scored')} tokens scored)",
             highlight=False,
         )
+    if any(not c.passed and not decides(c, result.variant) for c in result.checks):
+        console.print(f"fail*: a variant {result.target} does not deploy; informational, not in the verdict")
     if not result.checks:
         console.print(f"target {result.target} sets no accuracy budget; nothing to check")
     console.print("PASS" if result.passed else "FAIL")

@@ -464,6 +464,10 @@ def test_junit_fails_only_the_checks_that_decide_the_verdict(tmp_path: Path) -> 
     assert suite is not None
     for element in (root, suite):
         assert (element.get("failures"), element.get("skipped")) == ("1", "1")
+    from edgekit.accuracy.report import check_markdown
+
+    text = check_markdown("laptop-cpu", "int4-recipe", True, checks)
+    assert text.count("**fail**") == 1 and text.count("fail (informational)") == 1
     cases = {case.get("classname"): case for case in root.iter("testcase")}
     assert cases["baseline.int4-rtn"].find("failure") is not None
     skipped = cases["budget.int4-rtn"].find("skipped")

@@ -192,6 +192,10 @@ def test_a_taken_port_or_a_bad_host_is_a_one_line_error_before_the_model_loads(t
     assert "--host" in (info.value.fix or "")
     with listening_socket("127.0.0.1", 0) as free:
         assert free.getsockname()[0] == "127.0.0.1"
+        with pytest.raises(UsageError, match="in use"):  # a second server on a port one is loading on
+            listening_socket("127.0.0.1", free.getsockname()[1])
+        with pytest.raises(UsageError, match="in use"):
+            listening_socket("localhost", free.getsockname()[1])
 
 
 def test_serve_command_errors_are_one_line(tmp_path: Path) -> None:

@@ -327,6 +327,11 @@ def test_a_recipe_search_that_does_not_fit_is_left_out_and_rtn_deployed(
     assert result.manifest["targets"]["laptop-cpu"]["variant"] == "int4-rtn"
     (note,) = [w for w in result.warnings if "recipe search needs about" in w]
     assert "no int4-recipe" in note and "laptop-cpu-rtn" in note
+    # A size bound only a recipe keeps: refused before the source is staged, not an RTN package over it.
+    out = tmp_path / "bounded"
+    with pytest.raises(ResourceError, match="only a recipe can be held to max_model_bytes"):
+        build(tiny_checkpoints("llama"), out, "laptop-cpu", progress=False, evaluation=None, max_model_bytes=10**9)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".bounded")]
     monkeypatch.undo()
     shapes = {"model.layers.0.mlp.w": (1000, 1000)}
     plain = memory_estimate.estimate_from_shapes(shapes, [], streaming=False, tied=False)

@@ -100,9 +100,9 @@ def write_junit(path: Path, target: str, checks: Sequence[Check], deployed: str)
     """JUnit XML with one test case per variant and metric. A check that decides the verdict (the
     ``deployed`` variant's budget, every baseline check) and failed carries a <failure>; another variant's
     failed budget check is <skipped>, so the file agrees with the exit code."""
-    decides = [c.kind != "budget" or c.variant == deployed for c in checks]
-    failures = sum(not c.passed and d for c, d in zip(checks, decides, strict=True))
-    skipped = sum(not c.passed and not d for c, d in zip(checks, decides, strict=True))
+    counted = [decides(c, deployed) for c in checks]
+    failures = sum(not c.passed and d for c, d in zip(checks, counted, strict=True))
+    skipped = sum(not c.passed and not d for c, d in zip(checks, counted, strict=True))
     suite = ET.Element(
         "testsuite",
         name=f"edgekit.check.{target}",
@@ -111,7 +111,7 @@ def write_junit(path: Path, target: str, checks: Sequence[Check], deployed: str)
         errors="0",
         skipped=str(skipped),
     )
-    for check, decisive in zip(checks, decides, strict=True):
+    for check, decisive in zip(checks, counted, strict=True):
         case = ET.SubElement(suite, "testcase", classname=f"{check.kind}.{check.variant}", name=check.metric)
         if check.passed:
             continue
@@ -138,11 +138,17 @@ def check_markdown(target: str, variant: str, passed: bool, checks: Sequence[Che
         "|---|---|---|---|---|---|",
     ]
     for c in checks:
+        result = "pass" if c.passed else "**fail**" if decides(c, variant) else "fail (informational)"
         lines.append(
             f"| {c.variant} | {c.kind} | {c.metric} | {format_metric(c.metric, c.value)} | "
-            f"{format_metric(c.metric, c.limit)} | {'pass' if c.passed else '**fail**'} |"
+            f"{format_metric(c.metric, c.limit)} | {result} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def decides(check: Check, deployed: str) -> bool:
+    """Whether ``check`` counts in the verdict: the deployed variant's budget, and every baseline check."""
+    return check.kind != "budget" or check.variant == deployed
 
 
 def _check_sentence(check: Check) -> str:

@@ -49,8 +49,11 @@ def quantize_linear(
     if grid is None:
         weights = np.diagonal(hessian).copy() if importance is None else importance
         grid = quantize_matrix(weight, grid_format(fmt), weights)
-    elif grid.fmt != grid_format(fmt) or grid.codes.shape[0] != weight.shape[0]:
-        raise ValueError(f"a {grid.fmt.spelling} grid of {grid.codes.shape[0]} rows is not {fmt.spelling}'s")
+    elif grid.fmt != grid_format(fmt) or (grid.codes.shape[0], grid.cols) != weight.shape:
+        raise ValueError(
+            f"a {grid.fmt.spelling} grid of {grid.codes.shape[0]} x {grid.cols} is not {fmt.spelling}'s "
+            f"for a {weight.shape[0]} x {weight.shape[1]} weight"
+        )
     return replace(grid, fmt=fmt, codes=_solve_codes(weight, grid, hessian))
 
 

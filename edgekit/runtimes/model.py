@@ -231,6 +231,8 @@ def load(
 ) -> Model:
     """Load a package's variant on the first execution provider that starts.
 
+    ``target`` picks the variant the package deploys for it (unless ``variant`` is given) and its provider
+    chain; a target the package was not built for is a ``UsageError`` naming those it was.
     The variant's files are checked against the manifest before onnxruntime sees them (``verify=False``
     skips the hashing only; the file list, links, paths and the genai_config.json allow-list are always
     checked). The provider chain comes from ``providers``, else the target's entry in the manifest, else
@@ -245,8 +247,9 @@ def load(
     """
     root = Path(package)
     manifest = read_manifest(root)
-    if target is not None:
-        variant = variant or _target_variant(root, manifest, target)
+    if target is not None:  # checked even beside a variant: a target names a provider chain too
+        deployed = _target_variant(root, manifest, target)
+        variant = variant or deployed
     name, folder = variant_dir(root, manifest, variant)
     if verify:
         verify_variant(root, manifest, manifest["variants"][name]["path"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def serve(package: Path, target: str | None, host: str, port: int, api_key: str 
                          max_queue=max_queue, max_tokens=max_tokens, timeout_s=timeout,
                          max_body_bytes=max_body_bytes, cors_origins=cors_origins, model_name=model_name)  # fmt: skip
         facts = app.state.edgekit.facts
-        shown = f"[{host}]" if ":" in host else host
+        bare = host.strip("[]")
+        shown = f"[{bare}]" if ":" in bare else bare
+        port = listening.getsockname()[1]  # the one the system chose, for --port 0
         click.echo(f"edgekit: serving '{facts.model_id}' ({facts.variant} on {facts.provider}) at "
                    f"http://{shown}:{port}/ (chat page) and http://{shown}:{port}/v1", err=True)  # fmt: skip
         if not is_loopback(host) and not api_key:
@@ -62,18 +65,26 @@ def serve(package: Path, target: str | None, host: str, port: int, api_key: str 
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host``:``port`` for the server, or a one-line error naming what is wrong."""
+    """A listening TCP socket on ``host``:``port`` for the server, or a one-line error naming what is wrong.
+
+    IPv6 only for a host with a colon, as uvicorn binds (``localhost`` is 127.0.0.1). It listens at once:
+    two bound sockets of one port are allowed until one listens, so a second ``serve`` fails here.
+    """
     from edgekit.errors import UsageError
 
     where = f"{host}:{port}"
+    bare = host.strip("[]")
+    family = socket.AF_INET6 if ":" in bare else socket.AF_INET
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM)[0]
+        _, kind, proto, _, address = socket.getaddrinfo(bare, port, family, socket.SOCK_STREAM)[0]
     except (socket.gaierror, UnicodeError) as exc:
         raise UsageError(f"cannot listen on {where}: no such address ({exc})", fix="pass a valid --host") from None
     sock = socket.socket(family, kind, proto)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: restart over TIME_WAIT
+        if os.name != "nt":  # as uvicorn: restart over TIME_WAIT (on Windows it would share a port in use)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen(2048)
     except OSError as exc:
         sock.close()
         taken = exc.errno == errno.EADDRINUSE
