@@ -19,7 +19,7 @@ from typing import Any
 from edgekit.accuracy.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS
 from edgekit.accuracy.gate import evaluate_and_record
 from edgekit.accuracy.texts import Corpus, builtin_corpus
-from edgekit.errors import ResourceError, SourceError
+from edgekit.errors import EdgekitError, ResourceError, SourceError
 from edgekit.exporters.last_position import keep_last_position_in_folder
 from edgekit.exporters.memory_estimate import check_build_resources, check_gguf_resources
 from edgekit.exporters.onnx_builder import output_to_log, run_builder
@@ -162,8 +162,9 @@ def check_resources(context: BuildContext) -> None:
         f"[dim]estimate ({how}, {chosen.parameters / 1e9:.2f}B parameters): peak {chosen.peak_memory / 2**30:.1f} "
         f"GiB of memory, {chosen.disk / 1e9:.1f} GB of disk[/dim]"
     )
-    if Int4Method.RECIPE in target.int4_methods and (plan.recipe_dropped is not None or plan.switched):
-        _require_no_size_bound(context, "the recipe search does not fit in this machine's memory")
+    if plan.recipe_dropped is not None or plan.switched:
+        fix = "drop --max-model-bytes (or the target's max_model_bytes), or build on a machine with more memory"
+        refuse_size_bound(target, "the recipe search does not fit in this machine's memory", ResourceError, fix)
     if plan.recipe_dropped is not None:
         context.recipe_dropped = (
             f"the recipe search needs about {plan.recipe_dropped.peak_memory / 2**30:.1f} GiB of memory, more than "
@@ -235,12 +236,11 @@ def plan_variants_step(context: BuildContext) -> None:
         context.warnings.append(f"streamed build: no fp32 reference, so no validation against PyTorch; {evaluation}")
 
 
-def _require_no_size_bound(context: BuildContext, why: str) -> None:
-    """Refuse to drop the recipe of a target with ``max_model_bytes`` (before any weight is read): only a
-    recipe is held to it."""
-    if (limit := context.target.recipe.max_model_bytes) is not None:
-        fix = "drop --max-model-bytes (or the target's max_model_bytes), or build on a machine with more memory"
-        raise ResourceError(f"{why}, and only a recipe can be held to max_model_bytes ({limit:,})", fix=fix)
+def refuse_size_bound(target: Target, why: str, error: type[EdgekitError], fix: str) -> None:
+    """Refuse, before any weight is read, a build that cannot make ``target``'s recipe (``why``) when the
+    recipe is held to ``max_model_bytes``: no other variant is, so the package would break the bound."""
+    if (limit := target.recipe_size_bound) is not None:
+        raise error(f"{why}, and only a recipe can be held to max_model_bytes ({limit:,})", fix=fix)
 
 
 def export_variants(context: BuildContext) -> None:

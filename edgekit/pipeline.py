@@ -22,6 +22,7 @@ from edgekit.build_steps import (
     BuildOptions,
     CalibrationSettings,
     EvalSettings,
+    refuse_size_bound,
     tool_version,
 )
 from edgekit.errors import (
@@ -98,7 +99,8 @@ def build(
     if min_decode_ratio is not None:
         profile = _with_speed_bound(profile, min_decode_ratio, targets_path)
     if streaming:
-        _require_no_size_bound(profile)
+        fix = "drop --streaming, or drop --max-model-bytes (or the target's max_model_bytes)"
+        refuse_size_bound(profile, "a streamed build makes no recipe", UsageError, fix)
     spec = classify_source(source)
     out_path = Path(out)
     if spec.path is not None and (out_path.resolve() == spec.path or out_path.resolve() in spec.path.parents):
@@ -122,17 +124,6 @@ def build(
         result = BuildResult(staging, read_manifest(staging), reporter.records, context.warnings)
     result.out = out_path.absolute()
     return result
-
-
-def _require_no_size_bound(profile: Target) -> None:
-    """Refuse a streamed build of a target with ``max_model_bytes``: only a recipe is held to it, and a
-    streamed build makes none."""
-    if profile.recipe.max_model_bytes is not None and Int4Method.RECIPE in profile.int4_methods:
-        raise UsageError(
-            f"a streamed build makes no recipe, and only a recipe can be held to max_model_bytes "
-            f"({profile.recipe.max_model_bytes:,})",
-            fix="drop --streaming, or drop --max-model-bytes (or the target's max_model_bytes)",
-        )
 
 
 def _with_size_budget(profile: Target, max_model_bytes: int, targets_path: Path | None) -> Target:

@@ -242,6 +242,11 @@ class Target(_Strict):
     gptq: GPTQSettings = GPTQSettings()
     recipe: RecipeSettings = RecipeSettings()
 
+    @property
+    def recipe_size_bound(self) -> int | None:
+        """The model bytes the deployed recipe is held to; None without a recipe or without the bound."""
+        return self.recipe.max_model_bytes if Int4Method.RECIPE in self.int4_methods else None
+
     @model_validator(mode="after")
     def _recipe_rules(self) -> Target:
         if Int4Method.RECIPE not in self.int4_methods:
