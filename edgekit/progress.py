@@ -1,7 +1,8 @@
 """Progress of long work: one live line per step, and the seconds and peak memory each step took.
 
 The console writes to a duplicate of the terminal's stderr taken when the reporter starts, so it keeps
-showing while the builder's own output is redirected into the build log.
+showing while the builder's own output is redirected into the build log. Where that is not a terminal (a
+CI log, a pipe), each step is a plain line when it starts and one when it ends, never cut to a width.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ class StepReporter:
                 # A private copy of stderr: the builder's redirection of fd 2 must not swallow progress.
                 stream = self._owned = os.fdopen(os.dup(2), "w", buffering=1)
             self.console = Console(file=stream, stderr=False)
+            if not self.console.is_terminal:
+                return self  # plain lines (``step``): a live display in a log is cut to 80 columns
             self._progress = Progress(
                 SpinnerColumn(),
                 TextColumn("{task.description}"),
@@ -97,6 +100,9 @@ class StepReporter:
     def step(self, name: str) -> Iterator[Callable[[str], None]]:
         """Run the body as one named step; it receives a function that shows a detail (``window 3/20``)."""
         task = self._progress.add_task(name, total=1) if self._progress is not None else None
+        plain = self.enabled and self._progress is None
+        if plain:
+            self._plain(f"{name} ...")
 
         def detail(text: str) -> None:
             if self._progress is not None and task is not None:
@@ -119,8 +125,14 @@ class StepReporter:
                     self._progress.stop_task(task)
                 else:
                     self._progress.update(task, completed=1, description=f"{name} [dim]({peak:,.0f} MiB)[/dim]")
+            elif plain:
+                outcome = "failed after" if failed else "done in"
+                self._plain(f"{name}: {outcome} {seconds:.1f} s (peak {peak:,.0f} MiB)")
+
+    def _plain(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def print(self, *objects: Any) -> None:
         """Print below the progress lines (no-op when disabled)."""
-        if self._progress is not None:
-            self._progress.console.print(*objects)
+        if self.enabled:
+            self.console.print(*objects)

@@ -98,3 +98,25 @@ def test_tables_are_never_cut_at_80_columns_or_when_piped() -> None:
             assert set(target.description.split()) <= words, target.description
         if width > 80:  # piped: nothing wraps, every value whole on its line
             assert "(2.300..2.512)" in text and "0.2734" in text and "top-1 agree" in text
+
+
+def test_progress_into_a_log_is_whole_lines_in_order() -> None:
+    """Piped into a CI log, a live display cut each step's line at 80 columns and printed it after the notes."""
+    import io
+
+    from edgekit.progress import StepReporter
+
+    log = io.StringIO()
+    name = "export int4-recipe (int4, cpu) " + "with a name well past eighty columns " * 2 + "[not markup]"
+    with StepReporter(stream=log) as reporter:
+        with reporter.step(name) as detail:
+            detail("window 3/20")
+        reporter.print("a note after the step")
+        with pytest.raises(RuntimeError), reporter.step("evaluate"):
+            raise RuntimeError
+    lines = log.getvalue().splitlines()
+    assert lines[0] == f"{name} ..."
+    assert lines[1].startswith(f"{name}: done in ") and lines[1].endswith(" MiB)")
+    assert lines[2:4] == ["a note after the step", "evaluate ..."]
+    assert lines[4].startswith("evaluate: failed after ")
+    assert [record.name for record in reporter.records] == [name, "evaluate"]
