@@ -9,10 +9,11 @@ slip a FIFO in), and only then switched back to blocking reads. Written by hand 
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from edgekit.errors import EdgekitError, UsageError
 from edgekit.interrupts import raise_if_interrupted
@@ -93,3 +94,25 @@ def user_cache_path(*parts: str) -> Path:
     import platformdirs
 
     return Path(platformdirs.user_cache_dir("edgekit", appauthor=False), *parts)
+
+
+class DuplicateKeyError(ValueError):
+    """A JSON object names one key twice."""
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise DuplicateKeyError(f"the key '{key[:64]}' appears twice in one object")
+        seen[key] = value
+    return seen
+
+
+def strict_json_loads(data: str | bytes) -> Any:
+    """``json.loads`` that refuses an object naming a key twice (``DuplicateKeyError``, a ``ValueError``).
+
+    Python keeps a repeated key's last value; onnxruntime-genai's and other native parsers may act on every
+    copy, so a file checked here must mean one thing to all of them.
+    """
+    return json.loads(data, object_pairs_hook=_unique_pairs)

@@ -111,3 +111,57 @@ def test_chat_without_a_template_is_one_line_and_raw_still_works(tmp_path: Path,
     template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
     given = runner.invoke(main, ["run", str(tmp_path / "pkg"), "-p", "Hi", "--chat-template", str(template)])
     assert given.exit_code == 0, given.output
+
+
+FP32_ONLY = """
+schema_version: 1
+targets:
+  fp32-only:
+    description: the fp32 reference alone
+    providers: [cpu]
+    precision: fp32
+"""
+# Configs the builder took wrong (each failed validation, or built and then failed to run, before its fix).
+ODD_CONFIGS = {
+    # sqrt(96) is not whole: the builder rounded Gemma's embedding scale to 9.8; a window past the context
+    "gemma3-hidden-96": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(
+        hidden_size=96, head_dim=16, query_pre_attn_scalar=16, sliding_window=512,
+        layer_types=["sliding_attention", "full_attention"])),
+    # a window on every layer, as transformers applies it: the builder dropped it (no layer_types)
+    "mistral-window-8": ("MistralConfig", "MistralForCausalLM", dict(head_dim=16, sliding_window=8)),
+    "phi3-window-8": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=8, original_max_position_embeddings=256)),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(ODD_CONFIGS))
+def test_configs_the_builder_took_wrong_validate_and_generate_as_transformers(name: str, tmp_path: Path) -> None:
+    import torch
+    import transformers
+    from tiny_models import _COMMON
+
+    import edgekit
+    from edgekit.pipeline import build
+
+    config_class, model_class, settings = ODD_CONFIGS[name]
+    config = getattr(transformers, config_class)(**{**_COMMON, **settings})
+    config.architectures = [model_class]
+    torch.manual_seed(0)
+    getattr(transformers, model_class)(config).float().eval().save_pretrained(str(tmp_path / "src"))
+    tiny_tokenizer().save_pretrained(str(tmp_path / "src"))
+    (tmp_path / "targets.yaml").write_text(FP32_ONLY)
+    build(
+        tmp_path / "src",
+        tmp_path / "pkg",
+        "fp32-only",
+        targets_file=tmp_path / "targets.yaml",
+        progress=False,
+        evaluation=None,
+    )  # fmt: skip  (validation against PyTorch inside)
+    prompt = tiny_tokenizer()(prompt_of(30))["input_ids"]
+    with torch.no_grad():
+        model = load_tiny_model(tmp_path / "src")
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=3,
+                             min_new_tokens=NEW_TOKENS)  # fmt: skip
+    with edgekit.load(tmp_path / "pkg", variant="fp32") as package:
+        assert package.generate_tokens(prompt, max_new_tokens=NEW_TOKENS) == out[0, len(prompt) :].tolist()

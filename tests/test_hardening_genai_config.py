@@ -53,6 +53,26 @@ def test_every_refused_key_is_named_at_once() -> None:
     assert "custom_ops_library" in str(info.value) and "enable_profiling" in str(info.value)
 
 
+def test_a_key_given_twice_is_refused_as_ambiguous() -> None:
+    """Python keeps a repeated key's last value, onnxruntime-genai's parser applied every copy: a first
+    ``session_options`` naming a library passed the allow-list and the runtime loaded it."""
+    clean = json.dumps(genai_config())
+    decoder = '"decoder": {'
+    assert decoder in clean
+    evil = '"session_options": {"custom_ops_library": "evil.onnx.data"}, '
+    with pytest.raises(PackageError) as info:
+        parse_genai_config(clean.replace(decoder, decoder + evil, 1).encode(), "v/genai_config.json")
+    assert "'session_options' appears twice" in str(info.value) and "v/genai_config.json" in str(info.value)
+    parse_genai_config(clean.encode(), "v/genai_config.json")  # the same file without the copy is fine
+
+
+def test_a_manifest_key_given_twice_is_refused(tmp_path: Path) -> None:
+    from edgekit.package.manifest import parse_manifest
+
+    with pytest.raises(PackageError, match="appears twice"):
+        parse_manifest(b'{"schema_version": 1, "files": {}, "files": {}}', tmp_path / "manifest.json")
+
+
 @pytest.mark.parametrize(
     ("decoder", "phrase"),
     [

@@ -462,3 +462,24 @@ def test_the_streamed_builder_is_told_not_to_trust_remote_code(tiny_checkpoints,
         log_path=tmp_path / "build.log",
     )
     assert seen["hf_remote"] == "false" and seen["hf_token"] == "false"
+
+
+def test_a_short_memory_never_suggests_streaming_an_architecture_that_cannot(tmp_path: Path) -> None:
+    """phi3 and gemma3_text have no streamed export: the refusal named --streaming, which then refused too."""
+    from edgekit.sources.registry import lookup_architecture
+    from edgekit.targets import get_target
+
+    shapes = {f"model.layers.{i}.mlp.w": (4000, 4000) for i in range(8)}  # whole 3.6 GiB, streamed 1.3
+    whole_memory = 4 * GIB
+    for model_type, streams in (("llama", True), ("phi3", False)):
+        architecture = lookup_architecture({"model_type": model_type, "architectures": ["XForCausalLM"]})
+        assert (architecture.streamed_builder is not None) is streams
+        args = (shapes, architecture, get_target("laptop-cpu-rtn"), tmp_path / "out", tmp_path)
+        if streams:
+            plan = memory_estimate.plan_resources(*args, streaming=False, tied=False, memory=2 * GIB)
+            assert plan.switched
+            continue
+        with pytest.raises(ResourceError) as refused:
+            memory_estimate.plan_resources(*args, streaming=False, tied=False, memory=2 * GIB)
+        assert "--streaming" not in str(refused.value) and "free memory" in str(refused.value)
+        assert memory_estimate.plan_resources(*args, streaming=False, tied=False, memory=whole_memory)

@@ -5,7 +5,8 @@ dict with private keys, a class per architecture picked in ``create_model``'s br
 methods of one very large class. Those internals change between minor versions, so the supported versions
 are pinned (pyproject.toml) and checked here, at run time, before any of them is used. Two ways in:
 
-- ``export_whole_model``: ``parse_extra_options`` and ``create_model``, as the builder's command line calls them;
+- ``export_whole_model``: ``parse_extra_options`` and ``create_model``, as the builder's command line calls them,
+  with Gemma's embedding scale made exact (``exact_embedding_scale``);
 - ``export_streamed``: the architecture's builder class (the registry's ``StreamedBuilder``) subclassed so
   that at each point of its walk over the model a ``StreamHooks`` object (``exporters/streaming.py``) reads
   weights, quantizes MatMuls and spills initializers, seeing the builder only through ``BuilderView``;
@@ -16,11 +17,12 @@ The builder's objects are untyped (``Any``); this module gives each value it han
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 import json
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from importlib import metadata
@@ -99,7 +101,33 @@ def export_whole_model(
     builder = _internal("builder")
     pairs = [f"{key}={value}" for key, value in options.items()]
     parsed = builder.parse_extra_options(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), pairs)
-    builder.create_model(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), **parsed)
+    with exact_embedding_scale(builder):
+        builder.create_model(None, str(hf_folder), str(out_dir), precision, provider, str(cache_dir), **parsed)
+
+
+@contextlib.contextmanager
+def exact_embedding_scale(builder: Any) -> Iterator[None]:
+    """Gemma's builder scales the embeddings by sqrt(hidden size) rounded to two decimals; transformers by
+    the exact root. The two agree only where the root is whole (hidden 64): at Gemma 3 270M's 640 the
+    rounding moves the logits past the validation bound. While ``builder`` (the builder module, which
+    imports its classes as the top-level ``builders`` package) exports, the scale is the exact root.
+    """
+    import numpy as np
+
+    gemma = next(cls for cls in builder.Gemma3Model.__mro__ if cls.__name__ == "GemmaModel")
+    original = gemma.__init__
+
+    def exact(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, config, *args, **kwargs)
+        root = float(np.sqrt(self.hidden_size))
+        if self.embed_attrs.get("scale") == np.round(root, decimals=2):  # the builder's rounding, nothing else
+            self.embed_attrs["scale"] = root
+
+    gemma.__init__ = exact
+    try:
+        yield
+    finally:
+        gemma.__init__ = original
 
 
 # -- what the streamed export sees of the builder --------------------------------------------------------

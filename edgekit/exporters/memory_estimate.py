@@ -355,7 +355,9 @@ def plan_resources(
         check_resources(_with_disk(streamed, scratch_disk), out, source=source, memory=memory)
         return ResourcePlan(True, True, whole, streamed)
     chosen = streamed if streaming else whole
-    check_resources(_with_disk(chosen, scratch_disk), out, source=source, streamed=streamed, memory=memory)
+    can_stream = architecture.streamed_builder is not None  # --streaming is a fix only where it builds
+    check_resources(_with_disk(chosen, scratch_disk), out, source=source, memory=memory,
+                    streamed=streamed if can_stream else None)  # fmt: skip
     return ResourcePlan(streaming, False, whole, streamed, dropped)
 
 

@@ -12,13 +12,13 @@ edgekit offers no way to load one at all.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 from edgekit.errors import PackageError
+from edgekit.safe_io import DuplicateKeyError, strict_json_loads
 
 GENAI_CONFIG = "genai_config.json"
 MAX_GENAI_CONFIG_BYTES = 1 << 20  # a real one is a few KB
@@ -153,7 +153,9 @@ def parse_genai_config(data: bytes, path: str | Path) -> GenaiConfig:
     if len(data) > MAX_GENAI_CONFIG_BYTES:
         raise PackageError(f"is larger than {MAX_GENAI_CONFIG_BYTES} bytes", path=path, fix=_FIX)
     try:
-        document = json.loads(data)
+        document = strict_json_loads(data)
+    except DuplicateKeyError as exc:
+        raise PackageError(f"is ambiguous: {exc}", path=path, fix=_FIX) from None
     except (ValueError, RecursionError):
         raise PackageError("is not valid JSON", path=path, fix=_FIX) from None
     try:

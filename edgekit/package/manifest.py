@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import EdgekitError, PackageError
-from edgekit.safe_io import open_regular, write_text_atomic
+from edgekit.safe_io import open_regular, strict_json_loads, write_text_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -87,7 +87,7 @@ def parse_manifest(data: bytes, path: str | Path) -> dict[str, Any]:
     if len(data) > MAX_MANIFEST_BYTES:
         raise PackageError(f"is larger than {MAX_MANIFEST_BYTES} bytes", path=path, fix="rebuild the package")
     try:
-        manifest = json.loads(data)
+        manifest = strict_json_loads(data)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
         raise PackageError(f"is not valid JSON ({exc})", path=path, fix="rebuild the package") from None
     except RecursionError:

@@ -10,14 +10,13 @@ the model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 from edgekit.errors import PackageError
 from edgekit.package.genai_config import GENAI_CONFIG, MAX_GENAI_CONFIG_BYTES, parse_genai_config
-from edgekit.safe_io import read_regular_file
+from edgekit.safe_io import DuplicateKeyError, read_regular_file, strict_json_loads
 
 # The JSON files of a model folder (one with a genai_config.json) have their path-like strings checked;
 # tokenizer.json (megabytes of vocabulary, no paths) is not read.
@@ -84,7 +83,9 @@ def _check_json(root: Path, relative: str, sizes: dict[str, int]) -> None:
     if sizes[relative] > _MAX_JSON_BYTES:
         return  # not a config; nothing onnxruntime-genai reads paths from is this large
     try:
-        document = json.loads(path.read_bytes())
+        document = strict_json_loads(path.read_bytes())
+    except DuplicateKeyError as exc:
+        raise PackageError(f"is ambiguous: {exc}", path=path, fix="rebuild the package with edgekit") from None
     except (ValueError, RecursionError):
         return  # a file onnxruntime-genai cannot parse either names nothing
     for value in _path_values(document):

@@ -212,6 +212,36 @@ def _tie_text_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def _count(config: dict[str, Any], key: str) -> int | None:
+    """``config[key]`` when it is a positive integer (not a bool), else None."""
+    value = config.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _window_on_every_layer(config: dict[str, Any]) -> dict[str, Any]:
+    """Mistral, Phi-3: transformers applies ``sliding_window`` to every layer; the builder only to the layers
+    ``layer_types`` marks sliding, and these configs have none, so it exported full attention everywhere
+    (right within the window, wrong past it: Mistral-7B-v0.1's 4,096, Phi-3-mini-4k's 2,047).
+
+    A window at least as long as the context changes nothing and is left alone (Phi-3.5's 262,144).
+    """
+    window, layers, context = (_count(config, key) for key in ("sliding_window", "num_hidden_layers",
+                                                                "max_position_embeddings"))  # fmt: skip
+    if window and layers and config.get("layer_types") is None and not (context and window >= context):
+        config["layer_types"] = ["sliding_attention"] * layers
+    return config
+
+
+def _window_within_context(config: dict[str, Any]) -> dict[str, Any]:
+    """Gemma 3: a ``sliding_window`` longer than the context (a small config keeping the default 4,096) is a
+    window onnxruntime's attention refuses at run time (its cache holds the context); within the context
+    it is the same attention, so the builder gets the context's length."""
+    window, context = _count(config, "sliding_window"), _count(config, "max_position_embeddings")
+    if window and context and window > context:
+        config["sliding_window"] = context
+    return config
+
+
 def _name_the_longrope_type(config: dict[str, Any]) -> dict[str, Any]:
     """Phi-3: the builder reads long rope's ``type`` key, which hub configs have and transformers 5 drops on save.
 
@@ -231,7 +261,14 @@ register(
         notes="Llama 2/3, SmolLM2, TinyLlama",
     )
 )
-register(Architecture("mistral", "MistralForCausalLM", streamed_builder=StreamedBuilder("mistral", "MistralModel")))
+register(
+    Architecture(
+        "mistral",
+        "MistralForCausalLM",
+        config_fixes=(_window_on_every_layer,),
+        streamed_builder=StreamedBuilder("mistral", "MistralModel"),
+    )
+)
 register(
     Architecture(
         "qwen2",
@@ -272,7 +309,7 @@ register(
     Architecture(
         "gemma3_text",
         "Gemma3ForCausalLM",
-        config_fixes=(_flatten_per_layer_rope,),
+        config_fixes=(_flatten_per_layer_rope, _window_within_context),
         notes="Gemma 3 text models (1B and the text path of larger ones)",
     )
 )
@@ -280,7 +317,7 @@ register(
     Architecture(
         "phi3",
         "Phi3ForCausalLM",
-        config_fixes=(_name_the_longrope_type,),
+        config_fixes=(_name_the_longrope_type, _window_on_every_layer),
         notes="Phi-3 and Phi-3.5 mini, Phi-4 mini",
     )
 )

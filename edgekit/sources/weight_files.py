@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import mmap
 import os
@@ -19,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import CorruptFileError
-from edgekit.safe_io import open_regular, require_regular
+from edgekit.safe_io import open_regular, require_regular, strict_json_loads
 from edgekit.sources.gguf_header import FIX as GGUF_FIX
 from edgekit.sources.gguf_header import read_gguf_header
 
@@ -64,7 +63,7 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
             )
         raw = handle.read(header_len)
     try:
-        header = json.loads(raw)
+        header = strict_json_loads(raw)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
         raise CorruptFileError(f"header is not JSON ({exc})", path=path, fix=_FIX_REDOWNLOAD) from None
     except (RecursionError, MemoryError):  # a crafted header nested thousands deep or made of tiny items
