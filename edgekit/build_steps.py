@@ -289,12 +289,15 @@ def validate(context: BuildContext) -> None:
         return
     architecture = context.prepared.checked.architecture
     with context.reporter.step("validate fp32 ONNX against PyTorch"), output_to_log(context.log_path):
-        context.parity = validate_export(
-            context.folders.get(REFERENCE_VARIANT, context.prepared.folder),
-            context.staging / REFERENCE_VARIANT,
-            architecture.builder_class,
-            architecture.tolerance,
-        )
+        try:
+            context.parity = validate_export(
+                context.folders.get(REFERENCE_VARIANT, context.prepared.folder),
+                context.staging / REFERENCE_VARIANT,
+                architecture.builder_class,
+                architecture.tolerance,
+            )
+        except SourceError as exc:  # found in the staged copy: name the user's source instead
+            raise SourceError(exc.problem, path=context.spec.origin, fix=exc.fix) from None
 
 
 def build_recipe(context: BuildContext) -> None:

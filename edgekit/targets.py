@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import re
+import reprlib
 from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
@@ -361,10 +362,23 @@ def load_targets(path: str | Path | None = None) -> dict[str, Target]:
     except UnicodeDecodeError as exc:
         raise TargetError(f"is not UTF-8 text ({exc})", path=path) from None
     try:
-        parsed = yaml.safe_load(text)
+        parsed = yaml.load(text, Loader=_PlainYamlLoader)  # a SafeLoader without aliases
     except yaml.YAMLError as exc:
-        raise TargetError(f"not valid YAML ({exc})", path=path, fix="fix the YAML syntax") from exc
+        raise TargetError(f"not valid YAML ({exc})", path=path, fix="fix the YAML syntax") from None
+    except RecursionError:
+        raise TargetError("is nested too deeply to be a targets file", path=path, fix=_FIX) from None
     return parse_targets(parsed, path)
+
+
+class _PlainYamlLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses anchors and aliases: a targets file needs none, and aliases of
+    aliases make a few hundred bytes into billions of values ("billion laughs")."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed", event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def parse_targets(data: Any, path: str | Path = "targets.yaml") -> dict[str, Target]:
@@ -444,7 +458,7 @@ def _what(error: Any) -> str:
 
 
 def _shown(value: Any) -> str:
-    text = repr(value)
+    text = reprlib.repr(value)  # bounded: never renders a whole large value
     return text if len(text) <= 40 else f"{text[:37]}..."
 
 

@@ -378,3 +378,26 @@ def test_gptq_settings_reach_the_target(tmp_path: Path) -> None:
     gptq = load_targets(write_targets(tmp_path, data))["laptop-cpu"].gptq
     assert (gptq.sym, gptq.damp, gptq.act_order, gptq.one_pass) == (False, 0.05, False, True)
     assert load_targets()["laptop-cpu"].gptq == GPTQSettings()
+
+
+@pytest.mark.parametrize(
+    ("text", "phrase"),
+    [
+        # "billion laughs": 10 levels of aliases made a 408-byte file into 10^9 values (minutes, gigabytes)
+        (
+            "a: &a [x, x, x, x, x, x, x, x, x]\n"
+            + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefghi", "bcdefghij"))
+            + "schema_version: *j\ntargets: {}\n",
+            "aliases",
+        ),
+        ("schema_version: " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ],
+    ids=["alias-bomb", "deep-nesting"],
+)
+def test_a_hostile_targets_file_is_refused_at_once(text: str, phrase: str, tmp_path: Path) -> None:
+    from edgekit.targets import load_targets
+
+    path = tmp_path / "targets.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(TargetError, match=phrase):
+        load_targets(path)

@@ -462,3 +462,19 @@ def test_smollm2_broken_export_fails(bug: str, smollm2: dict[str, Any]) -> None:
         assert_broken_export_fails(broken, smollm2["reference"], smollm2["rule"])
     finally:
         shutil.rmtree(broken)  # half a gigabyte each
+
+
+def test_a_tokenizer_that_makes_no_tokens_is_refused_not_looped_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The long prompt grew its text until it had enough tokens: a tokenizer giving none hung the build."""
+    import transformers
+
+    from edgekit.errors import SourceError
+
+    def no_tokens(text: str, return_tensors: str) -> dict[str, np.ndarray]:
+        return {"input_ids": np.zeros((1, 0), dtype=np.int64)}
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *args, **kwargs: no_tokens)
+    with pytest.raises(SourceError, match="into no tokens"):
+        validation_inputs(tmp_path, 256)

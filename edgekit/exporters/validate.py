@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.errors import PackageError, ValidationError
+from edgekit.errors import PackageError, SourceError, ValidationError
 from edgekit.exporters.decoder_session import DecoderSession, context_length
 from edgekit.sources.registry import ParityTolerance
 
@@ -191,10 +191,16 @@ def validation_inputs(hf_folder: Path, max_tokens: int, long_tokens: int = LONG_
 
     inputs = [encode(prompt)[:, :max_tokens] for prompt in SHORT_PROMPTS]
     length = min(long_tokens, max_tokens)
-    text = LONG_TEXT
-    while (ids := encode(text)).shape[1] < length:  # a tokenizer with long tokens needs the text more than once
-        text = f"{text} {LONG_TEXT}"
-    inputs.append(ids[:, :length])
+    once = encode(LONG_TEXT).shape[1]
+    if once == 0 or any(ids.shape[1] == 0 for ids in inputs):
+        raise SourceError(
+            "its tokenizer turns English text into no tokens, so the model cannot be checked or used",
+            path=hf_folder,
+            fix="use the checkpoint's own tokenizer files (tokenizer.json and tokenizer_config.json)",
+        )
+    # A tokenizer with long tokens needs the text more than once: enough copies for the length, one check.
+    text = " ".join([LONG_TEXT] * (-(-length // once) + 1))
+    inputs.append(encode(text)[:, :length])
     return inputs
 
 
