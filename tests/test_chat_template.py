@@ -30,7 +30,16 @@ TOOLS_STYLE = (
 )
 
 
-@pytest.mark.parametrize("template", [CHAT_TEMPLATE, SMOLLM2_TEMPLATE, TOOLS_STYLE], ids=["tiny", "smollm2", "tools"])
+FILTERS = (  # filters jinja passes its context to: the bound wrappers dropped that and they failed or lied
+    "{{ messages | selectattr('role', 'equalto', 'user') | map(attribute='content') | join(' / ') }}"
+    "{{ messages | map(attribute='role') | unique | sort | join(',') }}{{ 'ab' | max }}{{ ['ab', 'xyz'] | min }}"
+    "{{ messages[0].content | replace('terse', 'brief') }}{{ '%s-%d' | format('a', 2) }}{{ '{}!'.format('b') }}"
+)
+
+
+@pytest.mark.parametrize(
+    "template", [CHAT_TEMPLATE, SMOLLM2_TEMPLATE, TOOLS_STYLE, FILTERS], ids=["tiny", "smollm2", "tools", "filters"]
+)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_renders_what_transformers_renders(template: str, add_generation_prompt: bool) -> None:
     tokenizer = tiny_tokenizer()
@@ -57,6 +66,22 @@ def test_renders_what_transformers_renders(template: str, add_generation_prompt:
         ("{{ ''.__class__.__mro__ }}", "unsafe"),
         ("{% for %}", "does not compile"),
         ("{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}", "ran out of resources"),
+        # each step within the bounds, the product 6 GB (a red-team pass)
+        ("{% set s = 'x' * 1048576 * 6000 %}{{ s | length }}", "a sequence of 6291456000 items"),
+        ("{% set l = [0] * 1000000 * 500 %}{{ l | length }}", "a sequence of 500000000 items"),
+        ("{% set s = 'x' * 1000000 %}{{ (s + s + s + s + s) | length }}", "a sequence of 5000000 items"),
+        (
+            "{% set s = 'a' * 1000 %}{% set t = s | replace('a', s) %}{{ t | replace('a', s) | length }}",
+            "a string of 1001000000",
+        ),
+        ("{{ '%2000000000s' | format('x') }}", "a width of a million"),
+        ("{{ '%2000000000s' % 'x' }}", "a width of a million"),
+        ("{{ '{:>2000000000}'.format('x') | length }}", "a width of a million"),
+        (
+            "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
+            "{{ ns.s | length }}",
+            "memory grew past",
+        ),
     ],
 )
 def test_a_hostile_template_is_a_one_line_error_within_seconds(template: str, phrase: str) -> None:
@@ -66,3 +91,16 @@ def test_a_hostile_template_is_a_one_line_error_within_seconds(template: str, ph
     assert time.monotonic() - started < 5
     message = str(info.value)
     assert phrase in message and "\n" not in message and "--raw" in message
+
+
+def test_transformers_rendering_a_source_template_is_bounded_too() -> None:
+    """The build renders the source's template with transformers as well: a template that behaved under
+    edgekit's renderer and looped under transformers' hung the build."""
+    from edgekit.runtimes.chat_template import TemplateLimitError, foreign_template_bounds
+
+    tokenizer = tiny_tokenizer()
+    looping = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    started = time.monotonic()
+    with pytest.raises(TemplateLimitError, match="time limit"), foreign_template_bounds(time_limit_s=0.5):
+        tokenizer.apply_chat_template(CONVERSATION, chat_template=looping, tokenize=False)
+    assert time.monotonic() - started < 5

@@ -20,8 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import UsageError, ValidationError
-from edgekit.runtimes.chat_template import read_chat_template, render_chat, special_tokens
+from edgekit.errors import SourceError, UsageError, ValidationError
+from edgekit.runtimes.chat_template import (
+    TemplateLimitError,
+    foreign_template_bounds,
+    read_chat_template,
+    render_chat,
+    special_tokens,
+)
 from edgekit.runtimes.tokens import TextTokenizer
 from edgekit.tokenizer_record import TokenizerRule
 
@@ -163,7 +169,11 @@ def _check_chat_template(reference: Any, ours: TextTokenizer, source_folder: Pat
         except _Rejected:
             raise _source_error(first.error, source_folder) from None
         outcome = "no system role"
-    expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        with foreign_template_bounds():  # the source's template, run by transformers: bounded the same way
+            expected = reference.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except TemplateLimitError as exc:
+        raise SourceError(f"its chat template was stopped: {exc}", path=source_folder, fix=_FIX_SOURCE) from None
     if rendered != expected:
         at = _first_difference(rendered, expected)
         start = max(0, at - 20)
@@ -201,13 +211,14 @@ def _render(template: str, messages: Sequence[Mapping[str, str]], variables: Map
         raise _Rejected(error) from None
 
 
-def _source_error(error: UsageError, source_folder: Path) -> UsageError:
-    from edgekit.errors import SourceError
+_FIX_SOURCE = "fix the source's chat template (chat_template.jinja or tokenizer_config.json) and build again"
 
+
+def _source_error(error: UsageError, source_folder: Path) -> UsageError:
     return SourceError(
         f"{error.problem} (edgekit's bounded renderer; the package would not chat)",
         path=source_folder,
-        fix="fix the source's chat template (chat_template.jinja or tokenizer_config.json) and build again",
+        fix=_FIX_SOURCE,
     )
 
 

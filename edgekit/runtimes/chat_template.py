@@ -4,14 +4,21 @@ A chat template is Jinja code from the package's author. transformers renders it
 sandbox (no attribute escapes, no file access); edgekit uses the same environment (same filters and
 globals, so the prompt text is the one ``apply_chat_template`` gives) and also bounds what a hostile
 template can cost: rendering stops with an error after ``TIME_LIMIT_S`` seconds (a trace function on the
-template's own frames checks the clock on every line, so even a loop with an empty body ends), calls and
-filters may not take integer arguments over ``MAX_INT_ARGUMENT`` (``"x" * 10**9``, ``center(10**9)``),
-and the output may not exceed ``MAX_OUTPUT_CHARS``.
+template's own frames checks the clock on every line, so even a loop with an empty body ends, and the
+process's peak memory, which may not grow by more than ``MAX_RENDER_GROWTH``), calls and filters may not
+take integer arguments over ``MAX_INT_ARGUMENT`` (``"x" * 10**9``, ``center(10**9)``), a product or sum
+of strings or lists may not pass ``MAX_OUTPUT_CHARS`` (``"x" * 2**20 * 6000``), a format string may not
+hold a width of seven digits (``"%2000000000s"|format("x")``), and the output may not exceed
+``MAX_OUTPUT_CHARS``. transformers' own rendering of a source's template, at build time, runs under the same
+clock and memory bounds (``foreign_template_bounds``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -27,7 +34,11 @@ TIME_LIMIT_S = 2.0
 MAX_OUTPUT_CHARS = 4 << 20
 MAX_INT_ARGUMENT = 1 << 20
 MAX_TEMPLATE_BYTES = 1 << 20
+MAX_RENDER_GROWTH = 256 << 20
+"""Bytes the process's peak memory may grow by while a template renders."""
 _TEMPLATE_NAME = "<edgekit chat template>"
+_FOREIGN_TEMPLATE_NAME = "<template>"  # what jinja names a template transformers compiles from a string
+_WIDE_FORMAT = re.compile(r"\d{7,}")  # a width or precision of a million characters or more
 # transformers passes these to every template (``special_tokens_map``).
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -138,12 +149,25 @@ def _collect(chunks: Iterator[str], deadline: float) -> str:
     return "".join(parts)
 
 
-class _deadline:
-    """Trace the template's frames line by line and raise once ``deadline`` has passed."""
+def _peak_memory() -> int:
+    """The process's peak resident memory in bytes (0 where the platform does not say: no memory bound)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return 0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak) * (1 if sys.platform == "darwin" else 1024)
 
-    def __init__(self, deadline: float) -> None:
+
+class _deadline:
+    """Trace the template's frames line by line and raise once ``deadline`` has passed or the process's peak
+    memory has grown by ``MAX_RENDER_GROWTH``."""
+
+    def __init__(self, deadline: float, filenames: frozenset[str] = frozenset({_TEMPLATE_NAME})) -> None:
         self.deadline = deadline
+        self.filenames = filenames
         self.previous: Any = None
+        self.memory_limit = _peak_memory() + MAX_RENDER_GROWTH
 
     def __enter__(self) -> None:
         self.previous = sys.gettrace()
@@ -153,12 +177,22 @@ class _deadline:
         sys.settrace(self.previous)
 
     def _global(self, frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
-        return self._local if frame.f_code.co_filename == _TEMPLATE_NAME else None
+        return self._local if frame.f_code.co_filename in self.filenames else None
 
     def _local(self, frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
         if time.monotonic() > self.deadline:
             raise TemplateLimitError("it ran past its time limit")
+        if _peak_memory() > self.memory_limit:
+            raise TemplateLimitError(f"its memory grew past {MAX_RENDER_GROWTH >> 20} MiB")
         return self._local
+
+
+@contextlib.contextmanager
+def foreign_template_bounds(time_limit_s: float = TIME_LIMIT_S) -> Iterator[None]:
+    """Bound, by the same clock and memory checks, a template another library renders (transformers'
+    ``apply_chat_template`` at build time); ``TemplateLimitError`` when one is passed."""
+    with _deadline(time.monotonic() + time_limit_s, frozenset({_FOREIGN_TEMPLATE_NAME, _TEMPLATE_NAME})):
+        yield
 
 
 def _check_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
@@ -167,10 +201,52 @@ def _check_arguments(args: Sequence[Any], kwargs: Mapping[str, Any]) -> None:
             raise TemplateLimitError(f"it passed {value} to a call (the limit is {MAX_INT_ARGUMENT})")
 
 
+def _check_size(operator: str, left: Any, right: Any) -> None:
+    """A product or sum of strings or lists (or a format string) that would pass the output bound."""
+    sized = (str, list, tuple)
+    if operator == "*":
+        for sequence, count in ((left, right), (right, left)):
+            if isinstance(sequence, sized) and isinstance(count, int) and len(sequence) * count > MAX_OUTPUT_CHARS:
+                raise TemplateLimitError(f"it made a sequence of {len(sequence) * count} items")
+    elif operator == "+" and isinstance(left, sized) and isinstance(right, sized):
+        if len(left) + len(right) > MAX_OUTPUT_CHARS:
+            raise TemplateLimitError(f"it made a sequence of {len(left) + len(right)} items")
+    elif operator == "%" and isinstance(left, str):
+        _check_format(left)
+
+
+def _check_format(text: str) -> None:
+    if _WIDE_FORMAT.search(text):
+        raise TemplateLimitError("it formatted with a width of a million characters or more")
+
+
 def _bounded(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)  # keeps jinja's pass-context marks: ``join``, ``map``, ``max`` need them
     def call(*args: Any, **kwargs: Any) -> Any:
         _check_arguments(args, kwargs)
         return function(*args, **kwargs)
+
+    return call
+
+
+def _bounded_replace(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def call(context: Any, value: Any, old: Any, new: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str) and isinstance(old, str) and isinstance(new, str):
+            grown = len(value) + (value.count(old) if old else len(value) + 1) * len(new)
+            if grown > MAX_OUTPUT_CHARS:
+                raise TemplateLimitError(f"it made a string of {grown} characters")
+        return function(context, value, old, new, *args, **kwargs)
+
+    return call
+
+
+def _bounded_format(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)
+    def call(value: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            _check_format(value)
+        return function(value, *args, **kwargs)
 
     return call
 
@@ -196,14 +272,18 @@ def _environment() -> Any:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     class BoundedEnvironment(ImmutableSandboxedEnvironment):
-        intercepted_binops = frozenset({"*", "**"})
+        intercepted_binops = frozenset({"*", "**", "+", "%"})
 
         def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:
             _check_arguments(args, kwargs)
+            receiver = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # jinja wraps str.format
+            if isinstance(receiver, str) and getattr(__obj, "__name__", "") in ("format", "format_map"):
+                _check_format(receiver)
             return super().call(__context, __obj, *args, **kwargs)
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
             _check_arguments((left, right), {})
+            _check_size(operator, left, right)
             if operator == "**" and isinstance(right, int) and abs(right) > 64:
                 raise TemplateLimitError(f"it raised a number to the power {right}")
             return super().call_binop(context, operator, left, right)
@@ -226,6 +306,8 @@ def _environment() -> Any:
     )
     environment.filters = {name: _bounded(f) for name, f in environment.filters.items()}
     environment.filters["tojson"] = _bounded(_tojson)
+    environment.filters["format"] = _bounded_format(environment.filters["format"])
+    environment.filters["replace"] = _bounded_replace(environment.filters["replace"])
     range_function: Callable[..., Any] = environment.globals["range"]  # type: ignore[assignment]
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = _strftime_now
