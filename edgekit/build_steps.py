@@ -446,7 +446,18 @@ def _tokenizer_rule(spec: SourceSpec, hf_folder: Path) -> TokenizerRule:
         from edgekit.sources.gguf_header import read_gguf_header
 
         gguf_metadata = read_gguf_header(spec.path).metadata
-    return tokenizer_rule(hf_folder, gguf_metadata)
+    try:
+        return tokenizer_rule(hf_folder, gguf_metadata)
+    except (EdgekitError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # transformers raises any type at a config or tokenizer file it cannot take
+        lines = str(exc).strip().splitlines()
+        raise SourceError(
+            f"transformers cannot load its config or tokenizer ({type(exc).__name__}: {lines[0][:200] if lines else ''})",
+            path=spec.origin,
+            fix="check config.json and the tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "special_tokens_map.json) against the model's originals",
+        ) from None
 
 
 def _variant_entry(variant: VariantSpec, folder: Path) -> dict[str, Any]:

@@ -567,3 +567,28 @@ def test_kill_9_during_a_build_then_the_next_build_succeeds(runner, tmp_path: Pa
     assert not partial.exists(), "the stale partial folder of the killed build was not removed"
     assert partials(out) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("file", "change", "phrase"),
+    [
+        ("config.json", {"num_attention_heads": 3}, "cannot load its config or tokenizer"),
+        ("config.json", {"rms_norm_eps": "x"}, "cannot load its config or tokenizer"),
+        ("config.json", {"quantization_config": 5}, "quantization_config that is not an object"),
+        ("tokenizer_config.json", [1], "cannot load its config or tokenizer"),
+        ("special_tokens_map.json", {"bos_token": 5}, "cannot load its config or tokenizer"),
+    ],
+    ids=["heads-not-dividing", "eps-a-string", "quantization-config-a-number", "tokenizer-config-a-list",
+         "special-token-a-number"],
+)  # fmt: skip
+def test_a_config_or_tokenizer_file_transformers_cannot_take_is_one_line(
+    runner, tmp_path: Path, tiny_checkpoints, file: str, change: object, phrase: str
+) -> None:
+    """Each gave a transformers traceback and exit 1 (a red-team pass)."""
+    source = copy_checkpoint(tiny_checkpoints, tmp_path)
+    path = source / file
+    if isinstance(change, dict) and path.exists():
+        change = {**json.loads(path.read_text()), **change}
+    path.write_text(json.dumps(change))
+    message = check_failure(runner, tmp_path, source, 2, "-t", "laptop-cpu-rtn", "--no-eval")
+    assert phrase in message

@@ -320,13 +320,16 @@ def _processed_blocks(tensor: Any, processor: Any, shape: tuple[int, ...], path:
     rows = shape[0] if len(shape) == 2 else 1
     per_block = max(1, _ROW_BLOCK_BYTES // (4 * max(1, int(np.prod(shape[1:])) if len(shape) == 2 else 1)))
     if len(shape) != 2 or rows <= per_block or not _leaves_alone(processor, tensor.name):
-        with _as_source_error(path):
+        with _as_source_error(path):  # a tensor whose element count is not its shape's fails the reshape
             weights = processor.process(weights=dequantize(tensor.data, tensor.tensor_type), name=tensor.name).weights
-        yield np.asarray(weights, dtype=np.float32).reshape(shape)
+            whole = np.asarray(weights, dtype=np.float32).reshape(shape)
+        yield whole
         return
     for start in range(0, rows, per_block):
-        block = dequantize(tensor.data[start : start + per_block], tensor.tensor_type)
-        yield np.asarray(block, dtype=np.float32).reshape(-1, shape[1])
+        with _as_source_error(path):
+            block = dequantize(tensor.data[start : start + per_block], tensor.tensor_type)
+            rows_block = np.asarray(block, dtype=np.float32).reshape(-1, shape[1])
+        yield rows_block
 
 
 def _leaves_alone(processor: Any, name: str) -> bool:

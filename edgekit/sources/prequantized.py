@@ -25,8 +25,11 @@ def quantization_method(config: dict[str, Any], path: Path) -> str | None:
     quant = config.get("quantization_config")
     if not quant:
         return None
-    method = str(quant.get("quant_method", "")).lower()
     fix = "use an unquantized checkpoint, or a GPTQ (AutoGPTQ/GPTQModel v1 format) or AWQ (GEMM) one"
+    if not isinstance(quant, dict):
+        raise SourceError(f"has a quantization_config that is not an object ({type(quant).__name__})", path=path,
+                          fix=fix)  # fmt: skip
+    method = str(quant.get("quant_method", "")).lower()
     if method not in SUPPORTED:
         raise SourceError(f"is quantized with '{method}', which edgekit cannot read", path=path, fix=fix)
     bits = quant.get("bits", quant.get("w_bit"))
