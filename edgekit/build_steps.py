@@ -452,8 +452,9 @@ def _tokenizer_rule(spec: SourceSpec, hf_folder: Path) -> TokenizerRule:
         raise
     except Exception as exc:  # transformers raises any type at a config or tokenizer file it cannot take
         lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
         raise SourceError(
-            f"transformers cannot load its config or tokenizer ({type(exc).__name__}: {lines[0][:200] if lines else ''})",
+            f"transformers cannot load its config or tokenizer ({detail})",
             path=spec.origin,
             fix="check config.json and the tokenizer files (tokenizer.json, tokenizer_config.json, "
             "special_tokens_map.json) against the model's originals",

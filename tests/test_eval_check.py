@@ -473,3 +473,28 @@ def test_junit_fails_only_the_checks_that_decide_the_verdict(tmp_path: Path) -> 
     skipped = cases["budget.int4-rtn"].find("skipped")
     assert skipped is not None and "deploys int4-recipe" in (skipped.get("message") or "")
     assert cases["budget.int4-recipe"].find("failure") is None and cases["budget.int4-recipe"].find("skipped") is None
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda r: r.update(protocol=None),
+        lambda r: r["variants"]["int4-rtn"].update(kl_mean="0.1"),
+        lambda r: r["variants"]["int4-rtn"].pop("top1_agreement"),
+        lambda r: r["variants"].update({"int4-rtn": [1]}),
+    ],
+    ids=["protocol-null", "metric-a-string", "metric-missing", "variant-a-list"],
+)
+def test_a_malformed_baseline_report_is_one_line(runner, evaluated_package: Path, tmp_path: Path, edit) -> None:
+    """A report whose fields have the wrong types gave a traceback (a red-team pass); here as a baseline,
+    which is read the same way as the package's own."""
+    report = report_of(evaluated_package)
+    edit(report)
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps(report))
+    result = runner.invoke(
+        main, ["check", str(evaluated_package), "-t", "laptop-cpu-rtn", "--baseline", str(baseline)], env=WIDE
+    )
+    assert result.exit_code == 2, result.output
+    assert "is not an edgekit evaluation report" in result.stderr
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -61,6 +61,14 @@ MALFORMED = {
     "variant-without-path": lambda m: m["variants"].update(fp32={}),
     "default-variant-a-number": lambda m: m.update(default_variant=3),
     "targets-malformed": lambda m: m.update(targets={"laptop-cpu": "fp32"}),
+    # fields `info`, `run` and `check` read and print: each gave a traceback (a red-team pass)
+    "tools-null": lambda m: m.update(tools=None),
+    "source-without-kind": lambda m: m.update(source={}),
+    "parameter-count-a-string": lambda m: m.update(parameter_count="x"),
+    "precision-a-number": lambda m: m["variants"]["fp32"].update(precision=5),
+    "provider-a-mapping": lambda m: m["variants"]["fp32"].update(provider={}),
+    "validation-figure-a-string": lambda m: m.update(validation={"variant": "fp32", "max_abs_diff": "x"}),
+    "build-step-without-seconds": lambda m: m.update(build_steps=[{"name": "x", "peak_rss_mb": 1}]),
 }
 
 

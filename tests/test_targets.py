@@ -386,7 +386,9 @@ def test_gptq_settings_reach_the_target(tmp_path: Path) -> None:
         # "billion laughs": 10 levels of aliases made a 408-byte file into 10^9 values (minutes, gigabytes)
         (
             "a: &a [x, x, x, x, x, x, x, x, x]\n"
-            + "".join(f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefghi", "bcdefghij"))
+            + "".join(
+                f"{n}: &{n} [{', '.join([f'*{p}'] * 9)}]\n" for p, n in zip("abcdefghi", "bcdefghij", strict=True)
+            )
             + "schema_version: *j\ntargets: {}\n",
             "aliases",
         ),

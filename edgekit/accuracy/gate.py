@@ -7,7 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgekit.accuracy.budget import Check, budget_verdicts, judge_baseline, judge_budget
+from edgekit.accuracy.budget import (
+    BASELINE_METRICS,
+    BUDGET_METRICS,
+    Check,
+    budget_verdicts,
+    judge_baseline,
+    judge_budget,
+)
 from edgekit.accuracy.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS, EVAL_DIR, Progress, evaluate_package
 from edgekit.accuracy.report import REPORT_JSON, write_report
 from edgekit.accuracy.texts import Corpus
@@ -156,11 +163,30 @@ def _load_report(path: Path, *, missing_fix: str) -> dict[str, Any]:
         raise PackageError("no evaluation report", path=path, fix=missing_fix)
     try:
         report = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
         raise PackageError(f"is not valid JSON ({exc})", path=path, fix=missing_fix) from None
-    if not isinstance(report, dict) or not isinstance(report.get("variants"), dict):
+    except RecursionError:
+        raise PackageError("is nested too deeply to be a report", path=path, fix=missing_fix) from None
+    if not isinstance(report, dict) or not _report_shaped(report):
         raise PackageError("is not an edgekit evaluation report", path=path, fix=missing_fix)
     return report
+
+
+def _report_shaped(report: dict[str, Any]) -> bool:
+    """The report's protocol is a mapping and every variant's metrics that budgets and baselines read are numbers."""
+    variants, protocol = report.get("variants"), report.get("protocol", {})
+    if not isinstance(variants, dict) or not isinstance(protocol, dict):
+        return False
+
+    def number(value: Any) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    return all(
+        isinstance(metrics, dict)
+        and all(number(metrics[name]) for name in BASELINE_METRICS if name in metrics)
+        and (name == REFERENCE_VARIANT or all(number(metrics.get(metric)) for metric in BUDGET_METRICS))
+        for name, metrics in variants.items()
+    )
 
 
 def _require_same_protocol(report: dict[str, Any], baseline: dict[str, Any], path: Path) -> None:

@@ -17,6 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+
 from edgekit.errors import EdgekitError, PackageError
 from edgekit.safe_io import open_regular, strict_json_loads, write_text_atomic
 
@@ -103,8 +105,79 @@ def parse_manifest(data: bytes, path: str | Path) -> dict[str, Any]:
     return manifest
 
 
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+Number = StrictInt | StrictFloat
+
+
+class _Source(_Open):
+    kind: StrictStr
+    location: StrictStr
+
+
+class _Variant(_Open):
+    path: StrictStr
+    precision: StrictStr | None = None
+    method: StrictStr | None = None
+    provider: StrictStr | None = None
+    block_size: StrictInt | None = None
+    accuracy_level: StrictInt | None = None
+    lm_head: StrictStr | None = None
+    bytes: StrictInt | None = None
+
+
+class _Validation(_Open):
+    variant: StrictStr | None = None
+    skipped: StrictStr | None = None
+    max_abs_diff: Number | None = None
+    max_rel_diff: Number | None = None
+    noise: Number | None = None
+    tolerance: Number | None = None
+    top1_agreement: Number | None = None
+    tokens: StrictInt | None = None
+    prompts: list[dict[str, Any]] | None = None
+
+
+class _Step(_Open):
+    name: StrictStr
+    seconds: Number
+    peak_rss_mb: Number
+
+
+class _Tokenizer(_Open):
+    add_bos_token: StrictBool | None = None
+    bos_token_id: StrictInt | None = None
+    chat_template: StrictBool | None = None
+
+
+class _Shape(_Open):
+    """The types of the manifest fields edgekit reads and prints (a hostile manifest gets no further)."""
+
+    edgekit_version: StrictStr | None = None
+    source: _Source = _Source(kind="", location="")
+    architecture: StrictStr | None = None
+    parameter_count: StrictInt | None = None
+    target: StrictStr | None = None
+    variants: dict[str, _Variant] = {}
+    tokenizer: _Tokenizer = _Tokenizer()
+    validation: _Validation = _Validation()
+    tools: dict[str, StrictStr | None] = {}
+    build_steps: list[_Step] = []
+    evaluation: dict[str, Any] = {}
+
+
 def _check_structure(manifest: dict[str, Any], path: str | Path) -> None:
     """Refuse a manifest whose file list or variant table has the wrong shape, so later code can trust it."""
+    try:
+        _Shape.model_validate(manifest)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise PackageError(
+            f"has a malformed '{where}' ({first['msg']})", path=path, fix="rebuild the package"
+        ) from None
     files, variants = manifest.get("files", []), manifest.get("variants", {})
     if not isinstance(files, list) or not isinstance(variants, dict):
         raise PackageError("has a 'files' that is not a list or 'variants' that is not a mapping", path=path)

@@ -11,6 +11,7 @@ abandoned ``stream()`` iterator never blocks other callers, and concurrent strea
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -146,12 +147,12 @@ class Model:
     def token_stream(self, tokens: Sequence[int], config: GenerationConfig) -> Iterator[int]:
         """Generate ids one at a time; each step holds the model's lock only while it runs."""
         length, allowed = generation_length(self._config, len(tokens), config.max_new_tokens)
-        with self._lock:
+        with self._lock, self._runtime_errors():
             generator = self._og.Generator(self._require_open(), self._params(length, config))
             generator.append_tokens(list(tokens))
         produced = 0
         while produced < allowed:
-            with self._lock:
+            with self._lock, self._runtime_errors():
                 self._require_open()
                 if generator.is_done():
                     return
@@ -159,6 +160,20 @@ class Model:
                 token = int(generator.get_next_tokens()[0])
             produced += 1
             yield token
+
+    @contextlib.contextmanager
+    def _runtime_errors(self) -> Iterator[None]:
+        """onnxruntime-genai's failures while generating (a graph its config does not match, a kernel that
+        refuses its inputs) as one-line ``PackageError``s naming the package."""
+        try:
+            yield
+        except RuntimeError as exc:
+            lines = str(exc).strip().splitlines()
+            raise PackageError(
+                f"onnxruntime-genai failed while generating ({lines[0][:300] if lines else 'RuntimeError'})",
+                path=self.info.package,
+                fix="rebuild the package with edgekit build; if edgekit built it unchanged, report this",
+            ) from None
 
     def _params(self, length: int, config: GenerationConfig) -> Any:
         params = self._og.GeneratorParams(self._model)
