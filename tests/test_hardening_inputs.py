@@ -5,6 +5,7 @@ before any library sizes memory by them, a killed build's scratch space is swept
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -85,6 +86,37 @@ def test_readers_refuse_fifos_directly(tmp_path: Path) -> None:
         read_gguf_header(pipe)
     with pytest.raises(UsageError, match="is a FIFO"):
         load_text(pipe)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "phrase"),
+    [
+        ("deep.jsonl", '{"text": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "line 1 is not JSON"),
+        ("big-int.jsonl", '{"text": "a", "n": ' + "9" * 5000 + "}\n", "line 1 is not JSON"),
+    ],
+    ids=["nested", "huge-integer"],
+)
+def test_a_hostile_text_file_is_refused_in_one_line(tmp_path: Path, name: str, content: str, phrase: str) -> None:
+    """Each gave a traceback (a red-team pass)."""
+    from edgekit.accuracy.texts import load_text
+
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    with pytest.raises(UsageError, match=phrase):
+        load_text(path)
+
+
+def test_a_text_larger_than_the_cap_is_refused_before_tokenizing(tmp_path: Path, monkeypatch) -> None:
+    """A 180 MB text took 7 GB in the tokenizer (a red-team pass)."""
+    from edgekit.accuracy import texts
+
+    monkeypatch.setattr(texts, "MAX_TEXT_BYTES", 1000)
+    path = tmp_path / "big.txt"
+    path.write_text("word " * 300, encoding="utf-8")
+    with pytest.raises(UsageError, match="is larger than"):
+        texts.load_text(path)
+    path.write_text("word " * 100, encoding="utf-8")
+    assert texts.load_text(path).text.startswith("word")
 
 
 # --- config values are checked before any library sizes memory by them --------------------------------
@@ -206,3 +238,28 @@ def test_a_fifo_pickle_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(SourceError, match="is a FIFO"):
         _convert_pickles([fifo(tmp_path / "pytorch_model.bin")], tmp_path / "model.safetensors")
+
+
+def test_a_reference_cache_is_read_only_when_its_header_fits(tmp_path: Path) -> None:
+    """A package's eval/reference-*.npz declaring a 4 GiB array took 5 GB, then a traceback (a red-team pass)."""
+    import zipfile
+
+    import numpy as np
+
+    from edgekit.accuracy.protocol import read_cached_hidden, write_cached_hidden
+
+    path = tmp_path / "eval" / "reference-0.npz"
+    good = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    write_cached_hidden(path, good)
+    assert np.array_equal(read_cached_hidden(path, 2, 3), good)
+    assert read_cached_hidden(path, 2, 4) is None  # another protocol's windows
+    for bad in (np.zeros((2, 3, 1 << 17), np.float32), np.zeros((2, 3, 4), np.float64), np.array([{}], object)):
+        np.savez(path, hidden=bad)
+        assert read_cached_hidden(path, 2, 3) is None
+    with zipfile.ZipFile(path, "w") as archive:  # a header of the right shape over too few bytes
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2, 3, 4)})
+        archive.writestr("hidden.npy", header.getvalue())
+    assert read_cached_hidden(path, 2, 3) is None
+    path.write_bytes(b"not a zip")
+    assert read_cached_hidden(path, 2, 3) is None

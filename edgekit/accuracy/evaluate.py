@@ -65,7 +65,10 @@ class _Reference:
         )
         self.cache_path = reference_cache_path(root, {"protocol": protocol.as_dict(), "files": files})
         self.cacheable = self.head is not None
-        self.hidden = read_cached_hidden(self.cache_path) if self.cacheable else None
+        scored = windows.shape[1] - 1 - self.start
+        self.hidden = read_cached_hidden(self.cache_path, len(windows), scored) if self.cacheable else None
+        if self.hidden is not None and self.head is not None and self.hidden.shape[2] != self.head.shape[0]:
+            self.hidden = None  # a cache of another width than the head's: run the reference again
         self.cache_hit = self.hidden is not None
 
     def logprobs(self, index: int) -> np.ndarray:

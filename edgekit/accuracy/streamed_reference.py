@@ -185,7 +185,7 @@ class StreamedReference:
         self.cache_path = reference_cache_path(
             root, {"protocol": protocol.as_dict(), "reference": "pytorch-streamed", "weights": weights}
         )
-        self.hidden = read_cached_hidden(self.cache_path)
+        self.hidden = read_cached_hidden(self.cache_path, len(windows), self.stop - self.start)
         self.cache_hit = self.hidden is not None
 
     def compute(self, progress: Progress) -> None:

@@ -58,12 +58,22 @@ def builtin_corpus(part: str) -> Corpus:
     return Corpus(f"{BUILTIN}:{part}", "\n\n".join(parts[part]))
 
 
+MAX_TEXT_BYTES = 64 << 20
+"""The largest text file read: the whole file is tokenized, and 64 MiB is millions of tokens."""
+
+
 def load_text(path: str | Path) -> Corpus:
     """Read a ``.txt`` file, or a ``.jsonl`` file whose lines carry a ``text`` field."""
     path = Path(path)
     fix = "pass a UTF-8 .txt or .jsonl file"
     with open_regular(path, UsageError, fix) as handle:
-        data = handle.read()
+        data = handle.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise UsageError(
+            f"is larger than {MAX_TEXT_BYTES >> 20} MiB, more text than an evaluation or calibration reads",
+            path=path,
+            fix="pass a shorter excerpt (a few MB hold thousands of windows)",
+        )
     try:
         raw = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -77,7 +87,7 @@ def load_text(path: str | Path) -> Corpus:
                 continue
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # also a number of over 4,300 digits, a line nested too deep
                 raise UsageError(f"line {number} is not JSON", path=path, fix="one JSON object per line") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str):
                 raise UsageError(f"line {number} has no 'text' string", path=path, fix='write {"text": "..."}')
