@@ -592,3 +592,14 @@ def test_a_config_or_tokenizer_file_transformers_cannot_take_is_one_line(
     path.write_text(json.dumps(change))
     message = check_failure(runner, tmp_path, source, 2, "-t", "laptop-cpu-rtn", "--no-eval")
     assert phrase in message
+
+
+def test_a_link_to_a_file_outside_the_checkpoint_is_refused(runner, tmp_path: Path, tiny_checkpoints) -> None:
+    """A chat template linking to a file of this machine was copied into the package (a red-team pass)."""
+    source = copy_checkpoint(tiny_checkpoints, tmp_path)
+    secret = tmp_path / "credentials.txt"
+    secret.write_text("token=hunter2")
+    (source / "chat_template.jinja").unlink(missing_ok=True)
+    (source / "chat_template.jinja").symlink_to(secret)
+    message = check_failure(runner, tmp_path, source, 2, "-t", "laptop-cpu-rtn", "--no-eval")
+    assert "chat_template.jinja: is a link to a file outside the checkpoint" in message

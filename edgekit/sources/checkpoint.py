@@ -198,12 +198,30 @@ def stage_folder(checked: CheckedFolder, stage: Path) -> Path:
     for item in sorted(checked.folder.iterdir()):
         if item.name == "config.json" or not item.is_file() or not item.name.endswith(_STAGED_SUFFIXES):
             continue
-        (stage / item.name).symlink_to(item.resolve())
+        (stage / item.name).symlink_to(_inside(item, checked.folder))
     if checked.pickle_weights:
         _convert_pickles(checked.weight_files, stage / "model.safetensors")
         for index in stage.glob("pytorch_model*.index.json"):
             index.unlink()
     return stage
+
+
+def _inside(item: Path, folder: Path) -> Path:
+    """``item`` resolved, when it is a file of the checkpoint: in its folder, or (a Hugging Face cache
+    snapshot, whose files link into ``../../blobs``) in its repository's folder. A link that leads elsewhere
+    would copy a file of this machine (a tokenizer or template named after it) into the package."""
+    target = item.resolve()
+    folder = folder.resolve()
+    roots = [folder]
+    if folder.parent.name == "snapshots":
+        roots.append(folder.parent.parent / "blobs")
+    if not any(target.is_relative_to(root) for root in roots):
+        raise SourceError(
+            f"is a link to a file outside the checkpoint ({target})",
+            path=item,
+            fix="copy the file into the checkpoint folder, or remove the link",
+        )
+    return target
 
 
 def download_hub_snapshot(repo_id: str, cache_dir: Path | None = None) -> Path:
