@@ -19,7 +19,7 @@ from typing import Any
 from edgekit.accuracy.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS
 from edgekit.accuracy.gate import evaluate_and_record
 from edgekit.accuracy.texts import Corpus, builtin_corpus
-from edgekit.errors import EdgekitError, ResourceError, SourceError
+from edgekit.errors import EdgekitError, ResourceError, SourceError, UsageError
 from edgekit.exporters.last_position import keep_last_position_in_folder
 from edgekit.exporters.memory_estimate import check_build_resources, check_gguf_resources
 from edgekit.exporters.onnx_builder import output_to_log, run_builder
@@ -305,9 +305,17 @@ def build_recipe(context: BuildContext) -> None:
     variant = next((v for v in context.plan if v.method == Int4Method.RECIPE.value), None)
     if variant is None:
         return
-    from edgekit.recipe_step import CALIBRATION_CTX, CALIBRATION_WINDOWS, make_recipe_variant
+    from edgekit.quant.recipe_build import require_candidates
+    from edgekit.recipe_step import CALIBRATION_CTX, CALIBRATION_WINDOWS, make_recipe_variant, recipe_candidates
 
     fp32_dir = context.staging / REFERENCE_VARIANT
+    try:
+        require_candidates(fp32_dir, recipe_candidates(context.target))
+    except UsageError as exc:  # no format fits some linear (inputs not a whole number of blocks)
+        refuse_size_bound(context.target, exc.problem, UsageError, exc.fix or "")
+        context.warnings.append(f"no {variant.name}: {exc.problem}; the RTN variant, whose export pads, is deployed")
+        context.plan = [v for v in context.plan if v is not variant]
+        return
     config = json.loads((fp32_dir / "genai_config.json").read_text(encoding="utf-8"))
     ctx = min(CALIBRATION_CTX, int(config["model"]["context_length"]))
     corpus, windows = _calibration_windows(context, fp32_dir / "tokenizer.json", CALIBRATION_WINDOWS, ctx)

@@ -28,15 +28,20 @@ CALIBRATION_CTX = 512
 SENSITIVITY_FILE = "sensitivity.json"
 
 
+def recipe_candidates(target: Target) -> tuple[TensorFormat, ...]:
+    """The formats ``target``'s recipe may give a tensor (``recipe.candidates``, else the built-in set)."""
+    if target.recipe.candidates:
+        return tuple(parse_format(spelling) for spelling in target.recipe.candidates)
+    return DEFAULT_CANDIDATES
+
+
 def recipe_request(target: Target, rtn_model_bytes: int | None = None) -> RecipeRequest:
     """The recipe ``target`` asks for: its objective, its budget as the accuracy bound, its candidates.
 
     ``optimize: loss`` bounds the bytes by ``rtn_model_bytes``, the all-int4 RTN variant's model files.
     """
     settings, budget = target.recipe, target.budget
-    candidates = DEFAULT_CANDIDATES
-    if settings.candidates:
-        candidates = tuple(parse_format(spelling) for spelling in settings.candidates)
+    candidates = recipe_candidates(target)
     max_bytes = settings.max_model_bytes
     if max_bytes is None and settings.optimize == "loss":
         if rtn_model_bytes is None:

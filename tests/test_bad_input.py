@@ -603,3 +603,23 @@ def test_a_link_to_a_file_outside_the_checkpoint_is_refused(runner, tmp_path: Pa
     (source / "chat_template.jinja").symlink_to(secret)
     message = check_failure(runner, tmp_path, source, 2, "-t", "laptop-cpu-rtn", "--no-eval")
     assert "chat_template.jinja: is a link to a file outside the checkpoint" in message
+
+
+@pytest.mark.parametrize(
+    ("change", "phrase"),
+    [
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}}, "rope_type 'yarn'"),
+        ({"rope_scaling": {"type": "linear", "factor": 4.0}}, "rope_type 'linear'"),
+        ({"head_dim": 24}, "head size of 24"),
+    ],
+    ids=["yarn", "linear-on-llama", "head-dim-24"],
+)
+def test_a_config_the_builder_would_export_wrong_is_refused_before_weights(
+    runner, tmp_path: Path, tiny_checkpoints, change: dict, phrase: str
+) -> None:
+    """YaRN exported other frequencies (or divided by zero), the builder's Llama dropped linear scaling, a
+    head size GQA does not take failed after the export with "report it" (a build of odd tiny configs)."""
+    source = copy_checkpoint(tiny_checkpoints, tmp_path)
+    edit_config(source, **change)
+    message = check_failure(runner, tmp_path, source, 2, "-t", "laptop-cpu-rtn", "--no-eval")
+    assert phrase in message and "config.json" in message

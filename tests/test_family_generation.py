@@ -130,6 +130,10 @@ ODD_CONFIGS = {
     # a window on every layer, as transformers applies it: the builder dropped it (no layer_types)
     "mistral-window-8": ("MistralConfig", "MistralForCausalLM", dict(head_dim=16, sliding_window=8)),
     "phi3-window-8": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=8, original_max_position_embeddings=256)),
+    "qwen3-rope-linear": ("Qwen3Config", "Qwen3ForCausalLM", dict(
+        head_dim=16, rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})),
+    "mistral-rope-linear": ("MistralConfig", "MistralForCausalLM", dict(
+        head_dim=16, rope_parameters={"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0})),
 }  # fmt: skip
 
 

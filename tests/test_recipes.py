@@ -624,3 +624,27 @@ def test_a_target_with_a_gptq_candidate_is_known_to_keep_xtx() -> None:
     (gptq,) = parse_targets(_profile(recipe={"candidates": ["int4-b32-sym-gptq", "int8-b32-sym-rtn"]})).values()
     (plain,) = parse_targets(_profile(recipe={"candidates": ["int4-b32-sym-weighted"]})).values()
     assert gptq.recipe.gptq_candidates and not plain.recipe.gptq_candidates
+
+
+@pytest.mark.slow
+def test_a_model_no_candidate_fits_deploys_rtn_or_is_refused_under_a_size_bound(tmp_path: Path) -> None:
+    """80 inputs are no whole number of blocks of any candidate: the default target refused a model its
+    RTN variant builds (a build of odd tiny configs). It now deploys RTN with a note; a size bound refuses."""
+    import torch
+    import transformers
+    from tiny_models import _COMMON, tiny_tokenizer
+
+    from edgekit.pipeline import build
+
+    config = transformers.LlamaConfig(
+        **{**_COMMON, "hidden_size": 80, "num_attention_heads": 5, "num_key_value_heads": 1, "head_dim": 16}
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).float().save_pretrained(str(tmp_path / "src"))
+    tiny_tokenizer().save_pretrained(str(tmp_path / "src"))
+    result = build(tmp_path / "src", tmp_path / "pkg", progress=False, evaluation=None)
+    assert result.manifest["default_variant"] == "int4-rtn" and "int4-recipe" not in result.manifest["variants"]
+    assert any("no int4-recipe: no recipe candidate fits" in warning for warning in result.warnings)
+    with pytest.raises(UsageError, match="only a recipe can be held to max_model_bytes"):
+        build(tmp_path / "src", tmp_path / "bound", progress=False, evaluation=None, max_model_bytes=10**7)
+    assert not (tmp_path / "bound").exists()

@@ -483,3 +483,18 @@ def test_a_short_memory_never_suggests_streaming_an_architecture_that_cannot(tmp
             memory_estimate.plan_resources(*args, streaming=False, tied=False, memory=2 * GIB)
         assert "--streaming" not in str(refused.value) and "free memory" in str(refused.value)
         assert memory_estimate.plan_resources(*args, streaming=False, tied=False, memory=whole_memory)
+
+
+def test_gptq_refuses_linears_its_groups_do_not_divide_before_any_weight_is_read(tmp_path: Path) -> None:
+    """An 80-wide model reached GPTQ's solver and ended in a traceback (a build of odd tiny configs)."""
+    from edgekit.errors import UsageError
+    from edgekit.sources.registry import lookup_architecture
+    from edgekit.targets import get_target
+
+    architecture = lookup_architecture({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
+    shapes = {"model.layers.0.mlp.down_proj.weight": (80, 136), "model.layers.0.mlp.up_proj.weight": (136, 80)}
+    args = (shapes, architecture, get_target("laptop-cpu-gptq"), tmp_path / "out", tmp_path)
+    with pytest.raises(UsageError, match=r"down_proj.weight has 136 inputs, not a multiple of the GPTQ group size"):
+        memory_estimate.plan_resources(*args, streaming=False, tied=False, calibration_tokens=4096, memory=64 * GIB)
+    rtn = (shapes, architecture, get_target("laptop-cpu-rtn"), tmp_path / "out", tmp_path)
+    assert memory_estimate.plan_resources(*rtn, streaming=False, tied=False, memory=64 * GIB)

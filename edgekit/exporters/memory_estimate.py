@@ -333,6 +333,8 @@ def plan_resources(
             fix=f"build without --streaming (streamed: {', '.join(streamable_architectures())})",
         )
     tokens = calibration_tokens if uses_gptq(target) else 0
+    if tokens:
+        _require_gptq_groups(shapes, target, source)
 
     def estimate(variants: Sequence[VariantSpec], streamed: bool) -> BuildEstimate:
         return estimate_from_shapes(shapes, variants, streaming=streamed, tied=tied, calibration_tokens=tokens,
@@ -359,6 +361,19 @@ def plan_resources(
     check_resources(_with_disk(chosen, scratch_disk), out, source=source, memory=memory,
                     streamed=streamed if can_stream else None)  # fmt: skip
     return ResourcePlan(streaming, False, whole, streamed, dropped)
+
+
+def _require_gptq_groups(shapes: dict[str, tuple[int, ...]], target: Target, source: Path) -> None:
+    """GPTQ quantizes a decoder linear in groups of ``block_size`` inputs: every input count must be a
+    multiple (the RTN export pads; GPTQ's groups cannot)."""
+    for name, shape in shapes.items():
+        if _LAYER.search(name) and name.endswith(".weight") and len(shape) == 2 and shape[1] % target.block_size:
+            raise UsageError(
+                f"{name} has {shape[1]} inputs, not a multiple of the GPTQ group size of target "
+                f"'{target.name}' ({target.block_size})",
+                path=source,
+                fix="build for a target without GPTQ (-t laptop-cpu-rtn), or one whose block_size divides it",
+            )
 
 
 def _with_disk(estimate: BuildEstimate, extra: int) -> BuildEstimate:

@@ -204,6 +204,11 @@ def _memoized_fit(
     return fit
 
 
+def require_candidates(fp32_dir: Path, candidates: tuple[TensorFormat, ...]) -> None:
+    """``UsageError`` when some linear of the fp32 export fits none of ``candidates`` (reads the graph only)."""
+    _require_candidates(find_linears(onnx.load(str(fp32_dir / "model.onnx"), load_external_data=False)), candidates)
+
+
 def _require_candidates(linears: list[Linear], candidates: tuple[TensorFormat, ...]) -> None:
     """Refuse, before any weight is read, candidates of which none fits some linear (blocks must divide K)."""
     for linear in linears:

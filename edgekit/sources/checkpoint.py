@@ -120,6 +120,7 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
         )
     architecture = lookup_architecture(config, config_path)
     check_config_values(config, config_path)
+    architecture.check_config(config, config_path)
     quantization = quantization_method(config, config_path)
     warnings = []
     if "auto_map" in config:

@@ -108,7 +108,33 @@ class Architecture:
     """The builder class ``--streaming`` subclasses; ``None``: no streamed export."""
     gptq_kept_dense: tuple[str, ...] = ()
     """Name suffixes of the linears GPTQ leaves float (the builder keeps them float and refuses packed ones)."""
+    rope_types: tuple[str, ...] = ("default", "linear")
+    """The ``rope_type`` values the builder exports as transformers computes them (yarn: other frequencies)."""
     notes: str = ""
+
+    def check_config(self, config: Mapping[str, Any], path: Path) -> None:
+        """Refuse, before any weight is read, a config the builder would export wrong or not run: a rope type
+        it does not implement for this family, a head size onnxruntime's attention kernel does not take."""
+        text = config.get("text_config")
+        section: Mapping[str, Any] = text if isinstance(text, Mapping) else config
+        for rope_type in _rope_types(section):
+            if rope_type not in self.rope_types:
+                raise UnsupportedArchitectureError(
+                    f"uses rope_type '{rope_type}', which onnxruntime-genai's builder does not export as "
+                    f"transformers computes it for {self.model_type} (it does: {', '.join(self.rope_types)})",
+                    path=path,
+                    fix="build a checkpoint of this family without that rope scaling",
+                )
+        heads, hidden = section.get("num_attention_heads"), section.get("hidden_size")
+        head_dim = section.get("head_dim")
+        if not isinstance(head_dim, int) and isinstance(heads, int) and isinstance(hidden, int) and heads > 0:
+            head_dim = hidden // heads
+        if isinstance(head_dim, int) and not isinstance(head_dim, bool) and head_dim % 16:
+            raise UnsupportedArchitectureError(
+                f"has a head size of {head_dim}; onnxruntime's attention kernel takes multiples of 16",
+                path=path,
+                fix="build a model whose head_dim (hidden_size / num_attention_heads) is a multiple of 16",
+            )
 
     def builder_config(self, config: Mapping[str, Any]) -> dict[str, Any]:
         """The config.json to hand the builder: the user's, with ``architectures`` set and fixes applied."""
@@ -127,6 +153,22 @@ class Architecture:
         config = json.loads(path.read_text(encoding="utf-8"))
         config["tokenizer_class"] = self.genai_tokenizer_class
         path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _rope_types(section: Mapping[str, Any]) -> list[str]:
+    """The rope types a config names: flat (``rope_parameters`` or the older ``rope_scaling``, ``rope_type``
+    or ``type``) or per layer type (Gemma 3: one entry per attention kind)."""
+    found = []
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = section.get(key)
+        if not isinstance(rope, Mapping):
+            continue
+        entries = [rope, *(value for value in rope.values() if isinstance(value, Mapping))]
+        for entry in entries:
+            kind = entry.get("rope_type", entry.get("type"))
+            if isinstance(kind, str):
+                found.append(kind)
+    return found
 
 
 _REGISTRY: dict[str, Architecture] = {}
@@ -258,6 +300,7 @@ register(
         "llama",
         "LlamaForCausalLM",
         streamed_builder=StreamedBuilder("llama", "LlamaModel"),
+        rope_types=("default", "llama3"),  # the builder's Llama drops every other scaling (linear) silently
         notes="Llama 2/3, SmolLM2, TinyLlama",
     )
 )
@@ -318,6 +361,7 @@ register(
         "phi3",
         "Phi3ForCausalLM",
         config_fixes=(_name_the_longrope_type, _window_on_every_layer),
+        rope_types=("default", "longrope", "su"),
         notes="Phi-3 and Phi-3.5 mini, Phi-4 mini",
     )
 )
