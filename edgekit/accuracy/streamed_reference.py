@@ -252,7 +252,7 @@ def open_streamed_reference(
     else:
         how = "not verified: the package was not built from safetensors"
     with scratch_folder(root) as work:
-        staged = stage_folder(checked, work / "staged")
+        staged = stage_folder(checked, work / "staged", packaged=False)
         yield StreamedReference(root, staged, windows, protocol, manifest, checked=how, batch_windows=batch_windows)
 
 

@@ -187,9 +187,11 @@ def _check_layer_count(config: dict[str, Any], path: Path, indices: set[int]) ->
         )
 
 
-def stage_folder(checked: CheckedFolder, stage: Path) -> Path:
+def stage_folder(checked: CheckedFolder, stage: Path, *, packaged: bool = True) -> Path:
     """Make the builder's private copy of a checked folder: adapted config.json, links to the rest.
 
+    ``packaged``: the copy's files go into a package, so a link that leads out of the checkpoint is refused
+    (False for a reference that only reads them: the streamed evaluation, which may stage a staged folder).
     Pickle weights are loaded with ``torch.load(weights_only=True)`` and rewritten as safetensors here,
     so no later library ever unpickles them.
     """
@@ -199,7 +201,7 @@ def stage_folder(checked: CheckedFolder, stage: Path) -> Path:
     for item in sorted(checked.folder.iterdir()):
         if item.name == "config.json" or not item.is_file() or not item.name.endswith(_STAGED_SUFFIXES):
             continue
-        (stage / item.name).symlink_to(_inside(item, checked.folder))
+        (stage / item.name).symlink_to(_inside(item, checked.folder) if packaged else item.resolve())
     if checked.pickle_weights:
         _convert_pickles(checked.weight_files, stage / "model.safetensors")
         for index in stage.glob("pytorch_model*.index.json"):
