@@ -17,7 +17,7 @@ from typing import Any, NoReturn
 import click
 
 from edgekit.errors import EdgekitError
-from edgekit.interrupts import interrupts_recorded, was_interrupted
+from edgekit.interrupts import interrupt_exit_code, interrupts_recorded, was_interrupted
 from edgekit.runtimes.generation import GenerationConfig
 from edgekit.targets import DEFAULT_TARGET
 from edgekit.terminal_chat import chat_loop, echo_stream
@@ -106,7 +106,7 @@ def _exit_interrupted() -> NoReturn:
     sys.stderr.flush()
     # The cleanup already ran (context managers); a plain sys.exit can still end as a death by
     # SIGINT when the interrupt landed inside a module import, so leave with the code directly.
-    os._exit(130)
+    os._exit(interrupt_exit_code())
 
 
 @click.group(cls=EdgekitGroup)

@@ -1,4 +1,5 @@
-"""Ctrl-C that no library can lose: every SIGINT is recorded as well as raised.
+"""Ctrl-C that no library can lose: every SIGINT is recorded as well as raised (and SIGTERM, which ``timeout``
+and a CI's cancel send, is handled the same way, so its cleanup runs too).
 
 Python turns SIGINT into ``KeyboardInterrupt`` wherever the main thread happens to be, and some libraries
 catch it there: pydantic-core reports it as a ``SchemaError`` when it lands while a model class is being
@@ -16,12 +17,19 @@ from collections.abc import Iterator
 from types import FrameType
 
 _interrupted = threading.Event()
+_received = [int(signal.SIGINT)]  # the signal that interrupted, for the exit code (128 + its number)
 
 
 def _record_and_raise(signum: int, frame: FrameType | None) -> None:
-    """The SIGINT handler: what Python's default handler does, plus the record."""
+    """The SIGINT (and SIGTERM) handler: what Python's default SIGINT handler does, plus the record."""
+    _received[0] = signum
     _interrupted.set()
     raise KeyboardInterrupt
+
+
+def interrupt_exit_code() -> int:
+    """The exit code a shell gives a process the recorded signal ended: 130 for Ctrl-C, 143 for SIGTERM."""
+    return 128 + _received[0]
 
 
 @contextlib.contextmanager
@@ -35,11 +43,17 @@ def interrupts_recorded() -> Iterator[None]:
         yield  # ignored, or someone else's handler: theirs to keep
         return
     _interrupted.clear()
+    _received[0] = int(signal.SIGINT)
     signal.signal(signal.SIGINT, _record_and_raise)
+    terminate = signal.getsignal(signal.SIGTERM)
+    if terminate is signal.SIG_DFL:  # an embedding app's own SIGTERM handler stays its own
+        signal.signal(signal.SIGTERM, _record_and_raise)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        if terminate is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, terminate)
         _interrupted.clear()  # the record belongs to this block: later library calls in the process start clean
 
 

@@ -489,18 +489,20 @@ def wait_for_partial(process: subprocess.Popen, out: Path, settle: float = 1.5) 
     return partial
 
 
-def test_ctrl_c_during_a_build_leaves_nothing_behind(tmp_path: Path, tiny_checkpoints) -> None:
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_a_build_leaves_nothing_behind(tmp_path: Path, tiny_checkpoints, signum: int) -> None:
+    """SIGTERM (what `timeout` and a CI's cancel send) left the hidden partial folders behind."""
     out = tmp_path / "out"
     process = start_build(tiny_checkpoints("llama"), out)
     try:
         partial = wait_for_partial(process, out)
         assert partial.name.startswith(f".out.partial-{process.pid}-")
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         _, stderr = process.communicate(timeout=120)
     finally:
         if process.poll() is None:
             process.kill()
-    assert process.returncode == 130, stderr
+    assert process.returncode == 128 + signum, stderr
     assert "interrupted" in stderr
     assert "Traceback" not in stderr
     assert not out.exists()
