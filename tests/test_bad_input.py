@@ -625,3 +625,17 @@ def test_a_config_the_builder_would_export_wrong_is_refused_before_weights(
     edit_config(source, **change)
     message = check_failure(runner, tmp_path, source, 2, "-t", "laptop-cpu-rtn", "--no-eval")
     assert phrase in message and "config.json" in message
+
+
+def test_nan_weights_are_named_as_the_checkpoints_fault(runner, tmp_path: Path, tiny_checkpoints) -> None:
+    """NaN weights ended in "the export is wrong; report it" (exit 1), blaming edgekit for the file."""
+    from safetensors.torch import load_file, save_file
+
+    source = copy_checkpoint(tiny_checkpoints, tmp_path)
+    (weights,) = sorted(source.glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    name = next(key for key in tensors if key.endswith("mlp.down_proj.weight"))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    message = check_failure(runner, tmp_path, source, 2, "-t", "laptop-cpu-rtn", "--no-eval")
+    assert "src: gives logits that are not finite numbers in PyTorch itself" in message

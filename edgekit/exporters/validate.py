@@ -239,6 +239,12 @@ def validate_export(hf_folder: Path, onnx_dir: Path, model_class: str, rule: Par
         raise ValidationError(problem, path=onnx_dir, fix=_FIX) from None
     inputs = validation_inputs(hf_folder, max_tokens)
     reference = torch_reference(hf_folder, inputs, model_class, approximation=rule.builder_approximation)
+    if not all(np.isfinite(logits).all() for logits in reference.logits):
+        raise SourceError(
+            "gives logits that are not finite numbers in PyTorch itself: its weights hold NaN or Inf",
+            path=hf_folder,
+            fix="use an intact copy of the checkpoint's weights",
+        )
     return check_export(onnx_dir, reference, rule)
 
 
