@@ -80,7 +80,12 @@ def test_renders_what_transformers_renders(template: str, add_generation_prompt:
         (
             "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}"
             "{{ ns.s | length }}",
-            "memory grew past",
+            "built a value of",
+        ),
+        (
+            "{% for i in range(30) %}{% set s = 'ab' ~ 'c' * 2 ** 20 ~ 'd' * 2 ** 20 ~ 'e' * 2 ** 20 ~ 'f' * 2 ** 20 %}"
+            "{% endfor %}",
+            "built a value of",
         ),
     ],
 )

@@ -5,12 +5,12 @@ sandbox (no attribute escapes, no file access); edgekit uses the same environmen
 globals, so the prompt text is the one ``apply_chat_template`` gives) and also bounds what a hostile
 template can cost: rendering stops with an error after ``TIME_LIMIT_S`` seconds (a trace function on the
 template's own frames checks the clock on every line, so even a loop with an empty body ends, and the
-process's peak memory, which may not grow by more than ``MAX_RENDER_GROWTH``), calls and filters may not
+size of every value the template holds, which may not pass ``MAX_OUTPUT_CHARS``), calls and filters may not
 take integer arguments over ``MAX_INT_ARGUMENT`` (``"x" * 10**9``, ``center(10**9)``), a product or sum
 of strings or lists may not pass ``MAX_OUTPUT_CHARS`` (``"x" * 2**20 * 6000``), a format string may not
 hold a width of seven digits (``"%2000000000s"|format("x")``), and the output may not exceed
 ``MAX_OUTPUT_CHARS``. transformers' own rendering of a source's template, at build time, runs under the same
-clock and memory bounds (``foreign_template_bounds``).
+clock and size bounds (``foreign_template_bounds``).
 """
 
 from __future__ import annotations
@@ -34,8 +34,6 @@ TIME_LIMIT_S = 2.0
 MAX_OUTPUT_CHARS = 4 << 20
 MAX_INT_ARGUMENT = 1 << 20
 MAX_TEMPLATE_BYTES = 1 << 20
-MAX_RENDER_GROWTH = 256 << 20
-"""Bytes the process's peak memory may grow by while a template renders."""
 _TEMPLATE_NAME = "<edgekit chat template>"
 _FOREIGN_TEMPLATE_NAME = "<template>"  # what jinja names a template transformers compiles from a string
 _WIDE_FORMAT = re.compile(r"\d{7,}")  # a width or precision of a million characters or more
@@ -149,25 +147,30 @@ def _collect(chunks: Iterator[str], deadline: float) -> str:
     return "".join(parts)
 
 
-def _peak_memory() -> int:
-    """The process's peak resident memory in bytes (0 where the platform does not say: no memory bound)."""
-    try:
-        import resource
-    except ImportError:  # Windows
-        return 0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak) * (1 if sys.platform == "darwin" else 1024)
+_SCAN_INTERVAL_S = 0.001
+
+
+def _size(value: Any) -> int:
+    """How many items a template value holds (a namespace: its largest attribute's), without copying it."""
+    if isinstance(value, (str, bytes, list, tuple, dict)):
+        return len(value)
+    if type(value).__name__ == "Namespace":  # jinja2.utils.Namespace, without importing jinja per line
+        attributes = getattr(value, "_Namespace__attrs", {})
+        return max((_size(item) for item in attributes.values() if type(item).__name__ != "Namespace"), default=0)
+    return 0
 
 
 class _deadline:
-    """Trace the template's frames line by line and raise once ``deadline`` has passed or the process's peak
-    memory has grown by ``MAX_RENDER_GROWTH``."""
+    """Trace the template's frames line by line and raise once ``deadline`` has passed or a value the
+    template holds has grown past ``MAX_OUTPUT_CHARS`` (``~`` doubling a string in a loop: no operator or
+    filter to bound, and each step within every other bound). The values are the frame's own, so work in
+    other threads (a server's generations) never counts."""
 
     def __init__(self, deadline: float, filenames: frozenset[str] = frozenset({_TEMPLATE_NAME})) -> None:
         self.deadline = deadline
         self.filenames = filenames
         self.previous: Any = None
-        self.memory_limit = _peak_memory() + MAX_RENDER_GROWTH
+        self.next_scan = 0.0
 
     def __enter__(self) -> None:
         self.previous = sys.gettrace()
@@ -180,16 +183,20 @@ class _deadline:
         return self._local if frame.f_code.co_filename in self.filenames else None
 
     def _local(self, frame: FrameType, event: str, arg: Any) -> Callable[..., Any] | None:
-        if time.monotonic() > self.deadline:
+        now = time.monotonic()
+        if now > self.deadline:
             raise TemplateLimitError("it ran past its time limit")
-        if _peak_memory() > self.memory_limit:
-            raise TemplateLimitError(f"its memory grew past {MAX_RENDER_GROWTH >> 20} MiB")
+        if now >= self.next_scan:  # a millisecond apart: a string doubles only a few times in one
+            self.next_scan = now + _SCAN_INTERVAL_S
+            for value in frame.f_locals.values():
+                if (size := _size(value)) > MAX_OUTPUT_CHARS:
+                    raise TemplateLimitError(f"it built a value of {size} items")
         return self._local
 
 
 @contextlib.contextmanager
 def foreign_template_bounds(time_limit_s: float = TIME_LIMIT_S) -> Iterator[None]:
-    """Bound, by the same clock and memory checks, a template another library renders (transformers'
+    """Bound, by the same clock and size checks, a template another library renders (transformers'
     ``apply_chat_template`` at build time); ``TemplateLimitError`` when one is passed."""
     with _deadline(time.monotonic() + time_limit_s, frozenset({_FOREIGN_TEMPLATE_NAME, _TEMPLATE_NAME})):
         yield
