@@ -32,7 +32,7 @@ from edgekit.package.manifest import sha256_file, write_manifest
 from edgekit.progress import StepReporter
 from edgekit.runtimes.chat_template import read_chat_template
 from edgekit.sources.checkpoint import CheckedFolder, SourceSpec, check_folder, download_hub_snapshot, stage_folder
-from edgekit.sources.tokenizer_rule import tokenizer_rule
+from edgekit.sources.tokenizer_rule import source_tokenizer_rule
 from edgekit.sources.weight_files import parameter_count
 from edgekit.targets import HeadPrecision, Int4Method, Precision, Target
 from edgekit.tokenizer_record import TokenizerRule
@@ -202,7 +202,7 @@ def prepare_source(context: BuildContext) -> None:
         with reporter.step("stage checkpoint for the builder"):
             staged = stage_folder(checked, context.work / "staged")
             parameters = checked.parameter_count or parameter_count(sorted(staged.glob("*.safetensors")))
-        rule = _tokenizer_rule(spec, staged)
+        rule = source_tokenizer_rule(staged, gguf=spec.path if spec.kind == "gguf" else None, origin=spec.origin)
     context.source = PreparedSource(staged, checked, files, parameters, rule)
 
 
@@ -445,28 +445,6 @@ def _make_gptq_checkpoint(context: BuildContext, out: Path, detail: Callable[[st
         # Every GPTQ setting a target can give, by name: a new one in GPTQSettings reaches GPTQConfig or fails here.
         config = GPTQConfig(group_size=target.block_size, **target.gptq.model_dump())
         write_gptq_checkpoint(source.folder, out, config, tokens, progress=detail)
-
-
-def _tokenizer_rule(spec: SourceSpec, hf_folder: Path) -> TokenizerRule:
-    """The source's BOS rule: a GGUF file's own metadata, else what the folder's tokenizer does."""
-    gguf_metadata = None
-    if spec.kind == "gguf" and spec.path is not None:
-        from edgekit.sources.gguf_header import read_gguf_header
-
-        gguf_metadata = read_gguf_header(spec.path).metadata
-    try:
-        return tokenizer_rule(hf_folder, gguf_metadata)
-    except (EdgekitError, KeyboardInterrupt, MemoryError):
-        raise
-    except Exception as exc:  # transformers raises any type at a config or tokenizer file it cannot take
-        lines = str(exc).strip().splitlines()
-        detail = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
-        raise SourceError(
-            f"transformers cannot load its config or tokenizer ({detail})",
-            path=spec.origin,
-            fix="check config.json and the tokenizer files (tokenizer.json, tokenizer_config.json, "
-            "special_tokens_map.json) against the model's originals",
-        ) from None
 
 
 def _variant_entry(variant: VariantSpec, folder: Path) -> dict[str, Any]:

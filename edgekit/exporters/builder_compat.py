@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from edgekit.errors import ExportError, MissingDependencyError
+from edgekit.exporters.builder_calls import MatMulCall, NBitsSettings
 from edgekit.sources.registry import StreamedBuilder
 
 if TYPE_CHECKING:
@@ -131,38 +132,6 @@ def exact_embedding_scale(builder: Any) -> Iterator[None]:
 
 
 # -- what the streamed export sees of the builder --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class NBitsSettings:
-    """How the builder would quantize a float MatMul at save time (its ``quant_attrs``)."""
-
-    bits: int
-    block_size: int
-    symmetric: bool
-    accuracy_level: int | None
-    qdq: bool
-    """QDQ nodes instead of MatMulNBits."""
-    algorithm: str
-    """The int4 rounding method: ``default``, ``rtn``, ``k_quant``."""
-    per_node_bits: bool
-    """Some MatMuls get another bit width than the rest (mixed-precision options)."""
-
-
-@dataclass(frozen=True)
-class MatMulCall:
-    """One ``make_matmul_float`` call of the builder: the node's name, its input, and its output's."""
-
-    name: str
-    root_input: str
-    output: str
-    """``logits`` for an LM head the builder names so, else ``{name}/output_0``."""
-    seq_dim: str
-
-    @property
-    def weight_name(self) -> str:
-        """The builder's name for this MatMul's weight (``/model/x/MatMul`` -> ``model.x.MatMul.weight``)."""
-        return self.name[1:].replace("/", ".") + ".weight"
 
 
 class BuilderView:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from edgekit.errors import EdgekitError, SourceError
 from edgekit.tokenizer_record import TokenizerRule
 
 GGUF_ADD_BOS = "tokenizer.ggml.add_bos_token"
@@ -32,3 +33,26 @@ def tokenizer_rule(hf_folder: Path, gguf_metadata: dict[str, Any] | None = None)
     if isinstance(recorded, bool):
         adds = recorded and bos is not None
     return TokenizerRule(adds, bos)
+
+
+def source_tokenizer_rule(hf_folder: Path, *, gguf: Path | None, origin: str | Path) -> TokenizerRule:
+    """The BOS rule of a build's source: ``gguf`` file's own metadata, else what ``hf_folder``'s tokenizer
+    does. A config or tokenizer file transformers cannot take is a ``SourceError`` naming ``origin``."""
+    gguf_metadata = None
+    if gguf is not None:
+        from edgekit.sources.gguf_header import read_gguf_header
+
+        gguf_metadata = read_gguf_header(gguf).metadata
+    try:
+        return tokenizer_rule(hf_folder, gguf_metadata)
+    except (EdgekitError, KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # transformers raises any type at a config or tokenizer file it cannot take
+        lines = str(exc).strip().splitlines()
+        detail = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+        raise SourceError(
+            f"transformers cannot load its config or tokenizer ({detail})",
+            path=origin,
+            fix="check config.json and the tokenizer files (tokenizer.json, tokenizer_config.json, "
+            "special_tokens_map.json) against the model's originals",
+        ) from None
