@@ -133,6 +133,6 @@ class StepReporter:
         self.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     def print(self, *objects: Any) -> None:
-        """Print below the progress lines (no-op when disabled)."""
+        """Print below the progress lines (no-op when disabled); into a log, whole lines."""
         if self.enabled:
-            self.console.print(*objects)
+            self.console.print(*objects, soft_wrap=self._progress is None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -61,3 +62,18 @@ def test_tiny_model_builds_matches_transformers_and_generates_the_same_tokens(
     for variant in ("int4-rtn", "int4-recipe"):
         with load(out, variant=variant) as runtime:
             assert len(runtime.generate_tokens(ids[0].tolist(), max_new_tokens=4)) >= 1, variant
+
+
+def test_gemma3_with_linear_rope_is_refused_before_weights() -> None:
+    """The builder gives Gemma 3's sliding layers the global layers' linear scaling (larger Gemma 3 text
+    configs use factor 8 on their global layers): validation failed after the export, "report it"."""
+    from edgekit.errors import UnsupportedArchitectureError
+    from edgekit.sources.registry import lookup_architecture
+
+    config = {"model_type": "gemma3_text", "hidden_size": 64, "num_attention_heads": 4, "head_dim": 16,
+              "rope_parameters": {"full_attention": {"rope_type": "linear", "factor": 8.0},
+                                  "sliding_attention": {"rope_type": "default"}}}  # fmt: skip
+    with pytest.raises(UnsupportedArchitectureError, match="rope_type 'linear'"):
+        lookup_architecture(config).check_config(config, Path("config.json"))
+    config["rope_parameters"]["full_attention"] = {"rope_type": "default"}
+    lookup_architecture(config).check_config(config, Path("config.json"))

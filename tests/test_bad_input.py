@@ -639,3 +639,18 @@ def test_nan_weights_are_named_as_the_checkpoints_fault(runner, tmp_path: Path, 
     save_file(tensors, str(weights), metadata={"format": "pt"})
     message = check_failure(runner, tmp_path, source, 2, "-t", "laptop-cpu-rtn", "--no-eval")
     assert "src: gives logits that are not finite numbers in PyTorch itself" in message
+
+
+@pytest.mark.parametrize("layout", ["weights-in-a-shared-store", "tokenizer-in-a-hub-cache"])
+def test_links_a_real_layout_uses_still_build(runner, tmp_path: Path, tiny_checkpoints, layout: str) -> None:
+    """Weights are read, never copied: they may link anywhere. A copied file may link into a Hugging Face
+    cache's models--*/blobs (older `--local-dir` downloads did so for every file over 5 MB)."""
+    source = copy_checkpoint(tiny_checkpoints, tmp_path)
+    name = "model.safetensors" if layout.startswith("weights") else "tokenizer.json"
+    store = tmp_path / ("store" if layout.startswith("weights") else "hub/models--org--tiny/blobs")
+    store.mkdir(parents=True)
+    shutil.move(source / name, store / "0123abcd")
+    (source / name).symlink_to(store / "0123abcd")
+    result = build(runner, source, tmp_path / "out", "-t", "laptop-cpu-rtn", "--no-eval")
+    assert result.exit_code == 0, result.output
+    assert not any(path.is_symlink() for path in (tmp_path / "out").rglob("*"))

@@ -482,8 +482,9 @@ def test_junit_fails_only_the_checks_that_decide_the_verdict(tmp_path: Path) -> 
         lambda r: r["variants"]["int4-rtn"].update(kl_mean="0.1"),
         lambda r: r["variants"]["int4-rtn"].pop("top1_agreement"),
         lambda r: r["variants"].update({"int4-rtn": [1]}),
+        lambda r: r.pop("protocol"),
     ],
-    ids=["protocol-null", "metric-a-string", "metric-missing", "variant-a-list"],
+    ids=["protocol-null", "metric-a-string", "metric-missing", "variant-a-list", "protocol-missing"],
 )
 def test_a_malformed_baseline_report_is_one_line(runner, evaluated_package: Path, tmp_path: Path, edit) -> None:
     """A report whose fields have the wrong types gave a traceback (a red-team pass); here as a baseline,

@@ -112,11 +112,12 @@ def test_progress_into_a_log_is_whole_lines_in_order() -> None:
         with reporter.step(name) as detail:
             detail("window 3/20")
         reporter.print("a note after the step")
+        reporter.print(f"[yellow]{'a long warning ' * 12}[/yellow]")
         with pytest.raises(RuntimeError), reporter.step("evaluate"):
             raise RuntimeError
-    lines = log.getvalue().splitlines()
+    lines = [line.rstrip() for line in log.getvalue().splitlines()]
     assert lines[0] == f"{name} ..."
     assert lines[1].startswith(f"{name}: done in ") and lines[1].endswith(" MiB)")
-    assert lines[2:4] == ["a note after the step", "evaluate ..."]
-    assert lines[4].startswith("evaluate: failed after ")
+    assert lines[2:5] == ["a note after the step", ("a long warning " * 12).rstrip(), "evaluate ..."]
+    assert lines[5].startswith("evaluate: failed after ")
     assert [record.name for record in reporter.records] == [name, "evaluate"]

@@ -174,7 +174,7 @@ def _load_report(path: Path, *, missing_fix: str) -> dict[str, Any]:
 
 def _report_shaped(report: dict[str, Any]) -> bool:
     """The report's protocol is a mapping and every variant's metrics that budgets and baselines read are numbers."""
-    variants, protocol = report.get("variants"), report.get("protocol", {})
+    variants, protocol = report.get("variants"), report.get("protocol")
     if not isinstance(variants, dict) or not isinstance(protocol, dict):
         return False
 

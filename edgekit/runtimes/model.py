@@ -172,7 +172,8 @@ class Model:
             raise PackageError(
                 f"onnxruntime-genai failed while generating ({lines[0][:300] if lines else 'RuntimeError'})",
                 path=self.info.package,
-                fix="rebuild the package with edgekit build; if edgekit built it unchanged, report this",
+                fix="if it ran out of memory, free memory or use a smaller variant; else rebuild the package with "
+                "edgekit build, and if edgekit built it unchanged, report this",
             ) from None
 
     def _params(self, length: int, config: GenerationConfig) -> Any:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # What a model folder may hand the builder; code (*.py) and pickles are never staged.
 _STAGED_SUFFIXES = (".json", ".safetensors", ".jinja", ".model", ".txt", ".tiktoken")
+_WEIGHT_SUFFIXES = (".safetensors",)
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")
 MAX_CONFIG_BYTES = 16 << 20  # a real config.json is a few KB
 # Shape values of config.json and their upper bounds: far above any real model, low enough to refuse before
@@ -210,15 +211,15 @@ def stage_folder(checked: CheckedFolder, stage: Path, *, packaged: bool = True) 
 
 
 def _inside(item: Path, folder: Path) -> Path:
-    """``item`` resolved, when it is a file of the checkpoint: in its folder, or (a Hugging Face cache
-    snapshot, whose files link into ``../../blobs``) in its repository's folder. A link that leads elsewhere
-    would copy a file of this machine (a tokenizer or template named after it) into the package."""
+    """``item`` resolved; a file the package copies (a tokenizer, template or config) must be one of the
+    checkpoint's: in its folder or a Hugging Face cache's ``models--*/blobs`` (where snapshots and older
+    ``--local-dir`` downloads link). A link elsewhere would copy a file of this machine into the package.
+    Weights are read, never copied, so they may live anywhere (a shared store, git-annex)."""
     target = item.resolve()
-    folder = folder.resolve()
-    roots = [folder]
-    if folder.parent.name == "snapshots":
-        roots.append(folder.parent.parent / "blobs")
-    if not any(target.is_relative_to(root) for root in roots):
+    if item.name.endswith(_WEIGHT_SUFFIXES):
+        return target
+    in_hub_cache = target.parent.name == "blobs" and target.parent.parent.name.startswith("models--")
+    if not (target.is_relative_to(folder.resolve()) or in_hub_cache):
         raise SourceError(
             f"is a link to a file outside the checkpoint ({target})",
             path=item,

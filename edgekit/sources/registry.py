@@ -353,6 +353,8 @@ register(
         "gemma3_text",
         "Gemma3ForCausalLM",
         config_fixes=(_flatten_per_layer_rope, _window_within_context),
+        # The builder gives the sliding layers' rope the global layers' linear scaling; transformers does not.
+        rope_types=("default",),
         notes="Gemma 3 text models (1B and the text path of larger ones)",
     )
 )
