@@ -40,7 +40,10 @@ def interrupts_recorded() -> Iterator[None]:
         return
     previous = signal.getsignal(signal.SIGINT)
     if previous is not signal.default_int_handler:
-        yield  # ignored, or someone else's handler: theirs to keep
+        try:
+            yield  # ignored, or someone else's handler: theirs to keep
+        finally:
+            _interrupted.clear()  # nothing of this block's may outlive it
         return
     _interrupted.clear()
     _received[0] = int(signal.SIGINT)

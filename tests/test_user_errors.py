@@ -79,7 +79,17 @@ def test_a_size_bound_a_streamed_build_cannot_keep_is_refused_before_anything_is
     assert not out.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_ctrl_c_at_the_chat_prompt_exits_130(runner, tiny_llama_package: Path, monkeypatch) -> None:
+@pytest.fixture
+def default_sigint():  # type: ignore[no-untyped-def]
+    """A test run started in the background by a shell inherits SIGINT ignored: give the CLI the default."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_at_the_chat_prompt_exits_130(runner, tiny_llama_package: Path, monkeypatch, default_sigint) -> None:
     from edgekit import interrupts
 
     def interrupted_prompt(*args, **kwargs):  # type: ignore[no-untyped-def]
