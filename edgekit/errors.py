@@ -10,6 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of a library's error message, at most ``limit`` characters (its type's name when it has
+    none): onnxruntime, jinja and transformers messages run to many lines of context."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__
+
+
 class EdgekitError(Exception):
     """Base class of every error edgekit raises on purpose."""
 

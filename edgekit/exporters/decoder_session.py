@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgekit.errors import PackageError
+from edgekit.errors import PackageError, first_line
 
 _DTYPES = {
     "tensor(float)": np.float32,
@@ -64,7 +64,7 @@ class DecoderSession:
             )
         except Exception as exc:  # onnxruntime's Fail/InvalidGraph on a model that passed edgekit's checks
             raise PackageError(
-                f"onnxruntime cannot load this model ({_first_line(exc)})", path=path, fix="rebuild the package"
+                f"onnxruntime cannot load this model ({first_line(exc)})", path=path, fix="rebuild the package"
             ) from None
         # Rows of position_ids: 0 for [batch, seq], 3 for a multimodal-rope graph's [3, batch, seq].
         self.position_rows = self._position_rows(path)
@@ -108,7 +108,7 @@ class DecoderSession:
             values = self.session.run(outputs, feed)
         except Exception as exc:  # onnxruntime's RuntimeException/InvalidArgument from a kernel, one line of it
             raise PackageError(
-                f"onnxruntime cannot run this model on {seq} tokens ({_first_line(exc)})",
+                f"onnxruntime cannot run this model on {seq} tokens ({first_line(exc)})",
                 path=self.model_dir,
                 fix="rebuild the package; if the build made it, report it with the build log",
             ) from None
@@ -158,12 +158,6 @@ class DecoderSession:
             else:
                 raise ValueError(f"cannot size input '{spec.name}': unknown dimension '{dim}'")
         return np.zeros(dims, dtype=_DTYPES[spec.type])
-
-
-def _first_line(exc: BaseException) -> str:
-    """The first line of an onnxruntime error (its messages run to many lines of C++ context)."""
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
 def _context_length(genai_model: dict[str, Any]) -> int:

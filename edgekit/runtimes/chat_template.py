@@ -27,7 +27,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from edgekit.errors import PackageError, UsageError
+from edgekit.errors import PackageError, UsageError, first_line
 
 TEMPLATE_FILE = "chat_template.jinja"
 TIME_LIMIT_S = 2.0
@@ -92,7 +92,7 @@ def require_compiles(template: str, path: Path) -> None:
         _environment().from_string(template)
     except jinja2.TemplateError as exc:
         raise UsageError(
-            f"does not compile as a chat template ({_first_line(exc)})", path=path, fix=_FIX_TEMPLATE
+            f"does not compile as a chat template ({first_line(exc, 200)})", path=path, fix=_FIX_TEMPLATE
         ) from None
 
 
@@ -115,7 +115,7 @@ def render_chat(
     try:
         compiled = environment.from_string(template)
     except jinja2.TemplateError as exc:
-        raise UsageError(f"the chat template does not compile ({_first_line(exc)})", fix=_FIX_TEMPLATE) from None
+        raise UsageError(f"the chat template does not compile ({first_line(exc, 200)})", fix=_FIX_TEMPLATE) from None
     context = {**(variables or {}), "messages": list(messages), "add_generation_prompt": add_generation_prompt}
     deadline = time.monotonic() + time_limit_s
     try:
@@ -124,9 +124,9 @@ def render_chat(
     except TemplateLimitError as exc:
         raise UsageError(f"the chat template was stopped: {exc}", fix=_FIX_TEMPLATE) from None
     except (jinja2.TemplateError, ValueError, TypeError, KeyError, IndexError, AttributeError) as exc:
-        raise UsageError(f"the chat template failed ({_first_line(exc)})", fix=_FIX_TEMPLATE) from None
+        raise UsageError(f"the chat template failed ({first_line(exc, 200)})", fix=_FIX_TEMPLATE) from None
     except OverflowError as exc:  # the sandbox's own bound on range()
-        raise UsageError(f"the chat template was stopped: {_first_line(exc)}", fix=_FIX_TEMPLATE) from None
+        raise UsageError(f"the chat template was stopped: {first_line(exc, 200)}", fix=_FIX_TEMPLATE) from None
     except (RecursionError, MemoryError):
         raise UsageError("the chat template ran out of resources", fix=_FIX_TEMPLATE) from None
 
@@ -331,8 +331,3 @@ class _Named:
     def from_string(self, source: str) -> Any:
         code = self.environment.compile(source, name=None, filename=_TEMPLATE_NAME)
         return self.environment.template_class.from_code(self.environment, code, self.environment.make_globals(None))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__

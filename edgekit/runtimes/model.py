@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import PackageError, ProviderUnavailableError, UsageError
+from edgekit.errors import PackageError, ProviderUnavailableError, UsageError, first_line
 from edgekit.package.genai_config import GenaiConfig, read_genai_config
 from edgekit.package.manifest import read_manifest, variant_fingerprint
 from edgekit.package.verify import variant_dir, verify_files
@@ -168,9 +168,8 @@ class Model:
         try:
             yield
         except RuntimeError as exc:
-            lines = str(exc).strip().splitlines()
             raise PackageError(
-                f"onnxruntime-genai failed while generating ({lines[0][:300] if lines else 'RuntimeError'})",
+                f"onnxruntime-genai failed while generating ({first_line(exc)})",
                 path=self.info.package,
                 fix="if it ran out of memory, free memory or use a smaller variant; else rebuild the package with "
                 "edgekit build, and if edgekit built it unchanged, report this",
@@ -309,7 +308,7 @@ def _start(
             try:
                 return og.Model(_genai_config(og, folder, provider, strict, runtime)), provider, tried
             except Exception as exc:  # a provider that fails at session start, or a model it cannot load
-                reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                reason = first_line(exc)
                 if provider == "cpu":  # the CPU provider is always there: the model itself is at fault
                     raise PackageError(
                         f"onnxruntime-genai cannot load this variant on the CPU ({reason})",

@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import EdgekitError, SourceError
+from edgekit.errors import EdgekitError, SourceError, first_line
 from edgekit.tokenizer_record import TokenizerRule
 
 GGUF_ADD_BOS = "tokenizer.ggml.add_bos_token"
@@ -48,10 +48,8 @@ def source_tokenizer_rule(hf_folder: Path, *, gguf: Path | None, origin: str | P
     except (EdgekitError, KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # transformers raises any type at a config or tokenizer file it cannot take
-        lines = str(exc).strip().splitlines()
-        detail = f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
         raise SourceError(
-            f"transformers cannot load its config or tokenizer ({detail})",
+            f"transformers cannot load its config or tokenizer ({type(exc).__name__}: {first_line(exc, 200)})",
             path=origin,
             fix="check config.json and the tokenizer files (tokenizer.json, tokenizer_config.json, "
             "special_tokens_map.json) against the model's originals",
