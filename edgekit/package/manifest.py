@@ -15,9 +15,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, StrictBool, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    StringConstraints,
+    ValidationError,
+)
 
 from edgekit.errors import EdgekitError, PackageError
 from edgekit.safe_io import open_regular, strict_json_loads, write_text_atomic
@@ -26,7 +36,6 @@ MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20  # a real manifest is a few KB
 _PARTIAL = ".partial-"
-_HEX = frozenset("0123456789abcdef")
 
 
 def sha256_file(path: Path, error: type[EdgekitError] = PackageError) -> str:
@@ -140,6 +149,17 @@ class _Validation(_Open):
     prompts: list[dict[str, Any]] | None = None
 
 
+class _File(_Open):
+    path: StrictStr
+    size: Annotated[StrictInt, Field(ge=0)]
+    sha256: Annotated[StrictStr, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+
+
+class _TargetEntry(_Open):
+    variant: StrictStr
+    providers: list[Any] = []
+
+
 class _Step(_Open):
     name: StrictStr
     seconds: Number
@@ -155,6 +175,9 @@ class _Tokenizer(_Open):
 class _Shape(_Open):
     """The types of the manifest fields edgekit reads and prints (a hostile manifest gets no further)."""
 
+    files: list[_File] = []
+    default_variant: StrictStr | None = None
+    targets: dict[str, _TargetEntry] = {}
     edgekit_version: StrictStr | None = None
     source: _Source = _Source(kind="", location="")
     architecture: StrictStr | None = None
@@ -169,7 +192,8 @@ class _Shape(_Open):
 
 
 def _check_structure(manifest: dict[str, Any], path: str | Path) -> None:
-    """Refuse a manifest whose file list or variant table has the wrong shape, so later code can trust it."""
+    """Refuse a manifest whose files, variants, targets or other fields edgekit reads have the wrong shape
+    (``_Shape``), so later code can trust it."""
     try:
         _Shape.model_validate(manifest)
     except ValidationError as exc:
@@ -178,29 +202,3 @@ def _check_structure(manifest: dict[str, Any], path: str | Path) -> None:
         raise PackageError(
             f"has a malformed '{where}' ({first['msg']})", path=path, fix="rebuild the package"
         ) from None
-    files, variants = manifest.get("files", []), manifest.get("variants", {})
-    if not isinstance(files, list) or not isinstance(variants, dict):
-        raise PackageError("has a 'files' that is not a list or 'variants' that is not a mapping", path=path)
-    for entry in files:
-        if (
-            not isinstance(entry, dict)
-            or not isinstance(entry.get("path"), str)
-            or type(entry.get("size")) is not int
-            or entry["size"] < 0
-            or not isinstance(entry.get("sha256"), str)
-            or len(entry["sha256"]) != 64
-            or not set(entry["sha256"]) <= _HEX
-        ):
-            raise PackageError(f"has a malformed file entry {str(entry)[:200]}", path=path, fix="rebuild the package")
-    for name, variant in variants.items():
-        if not isinstance(variant, dict) or not isinstance(variant.get("path"), str):
-            raise PackageError(f"has a malformed entry for variant '{name}'", path=path, fix="rebuild the package")
-    for key in ("default_variant",):
-        if manifest.get(key) is not None and not isinstance(manifest[key], str):
-            raise PackageError(f"has a '{key}' that is not a string", path=path, fix="rebuild the package")
-    targets = manifest.get("targets", {})
-    if not isinstance(targets, dict) or not all(
-        isinstance(t, dict) and isinstance(t.get("variant"), str) and isinstance(t.get("providers", []), list)
-        for t in targets.values()
-    ):
-        raise PackageError("has a malformed 'targets' table", path=path, fix="rebuild the package")
