@@ -1,11 +1,11 @@
 """Build random-weight checkpoints of real model shapes to INT4, streamed, and print time, memory and disk.
 
 Run: python benchmarks/bench_scale.py [--sizes qwen3-1.7b,qwen3-4b,qwen3.5-9b] [--root /work/scale-ckpts]
-     [--compare-whole] [--generate] [--keep] [--gptq SAMPLESxLEN | --recipe]
+     [--compare-whole] [--generate] [--keep] [--gptq SAMPLESxLEN | --recipe | --streamed-recipe]
 
 For each size: a checkpoint is made from the published config values with transformers on the meta device
 and random bf16 tensors written shard by shard (no download, bounded memory), then ``edgekit build
---streaming --no-eval`` runs in a child process for the ``laptop-cpu`` target (INT4, block 32, int8
+--streaming --no-eval`` runs in a child process for the ``laptop-cpu-rtn`` target (INT4, block 32, int8
 compute) and the table gets its wall time, peak RSS (the child's ``ru_maxrss``), the disk it used and the
 package's bytes. ``--compare-whole`` also runs onnxruntime-genai's own whole-model builder on the same
 checkpoint, with its peak RSS, and compares the two INT4 models' logits; ``--generate`` loads each package
@@ -13,7 +13,9 @@ with onnxruntime-genai and generates tokens. ``--gptq 16x256`` builds the ``lapt
 instead (GPTQ from disk one layer at a time on that many calibration tokens of the built-in corpus, then
 both INT4 variants streamed); the peak RSS is then GPTQ's or the export's, whichever is higher.
 ``--recipe`` builds the default ``laptop-cpu`` whole (not streamed), as ``edgekit build CKPT -o OUT --no-eval``
-does: the fp32 export, the RTN variant and the per-tensor recipe searched on the built-in corpus.
+does: the fp32 export, the RTN variant and the per-tensor recipe searched on the built-in corpus;
+``--streamed-recipe`` builds it streamed (the recipe searched on an fp32 export streamed to scratch space),
+and adds the peak of anonymous memory to the notes. Without either, the streamed build is ``laptop-cpu-rtn``.
 
 Where the configs come from: Qwen3-0.6B, Qwen3-1.7B and Qwen3-4B are the values of the published
 config.json files of Qwen/Qwen3-0.6B, Qwen/Qwen3-1.7B and Qwen/Qwen3-4B; the 9B is transformers'
@@ -144,8 +146,23 @@ _CHECKPOINT = (
 )
 _STREAMED = (
     "import sys; from edgekit.pipeline import build; "
-    "build(sys.argv[1], sys.argv[2], 'laptop-cpu', force=True, progress=False, evaluation=None, streaming=True); "
+    "build(sys.argv[1], sys.argv[2], 'laptop-cpu-rtn', force=True, progress=False, evaluation=None, streaming=True); "
     + _RSS
+)
+# The anonymous memory's peak, sampled: VmHWM also counts the file pages of the fp32 export's weights that
+# the recipe search's onnxruntime session maps, which the kernel can drop and reread.
+_ANON_SAMPLER = (
+    "import threading, time; peak = [0]\n"
+    "def sample():\n"
+    "    while True:\n"
+    "        line = next(l for l in open('/proc/self/status') if l.startswith('RssAnon:'))\n"
+    "        peak[0] = max(peak[0], int(line.split()[1]) * 1024); time.sleep(0.2)\n"
+    "threading.Thread(target=sample, daemon=True).start()\n"
+)
+_STREAMED_RECIPE = (
+    _ANON_SAMPLER + "import sys; from edgekit.pipeline import build; "
+    "build(sys.argv[1], sys.argv[2], 'laptop-cpu', force=True, progress=False, evaluation=None, streaming=True); "
+    "print('anon', peak[0]); " + _RSS
 )
 _STREAMED_GPTQ = (
     "import sys; from edgekit.pipeline import CalibrationSettings, build; "
@@ -222,6 +239,7 @@ def main() -> None:
     parser.add_argument("--gptq", metavar="SAMPLESxLEN", help="build laptop-cpu-gptq with this much calibration")
     parser.add_argument("--gptq-only", action="store_true", help="with --gptq: skip the RTN variant beside it")
     parser.add_argument("--recipe", action="store_true", help="build laptop-cpu whole, with its per-tensor recipe")
+    parser.add_argument("--streamed-recipe", action="store_true", help="build laptop-cpu streamed, with its recipe")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from machine import describe_machine
@@ -248,6 +266,11 @@ def main() -> None:
         elif args.recipe:
             wall, rss, _ = run_child(_WHOLE_RECIPE, str(checkpoint), str(package))
             kind = "whole + recipe (laptop-cpu)"
+        elif args.streamed_recipe:
+            wall, rss, text = run_child(_STREAMED_RECIPE, str(checkpoint), str(package))
+            kind = "streamed + recipe (laptop-cpu)"
+            anon = int(next(line for line in text.splitlines() if line.startswith("anon ")).split()[1])
+            notes.append(f"{size} ({kind}): peak anonymous memory {gib(anon)} GiB (sampled every 0.2 s)")
         else:
             wall, rss, _ = run_child(_STREAMED, str(checkpoint), str(package))
             kind = "streamed"
@@ -271,7 +294,8 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(whole, ignore_errors=True)
         if args.generate:
-            variant = "int4-gptq" if args.gptq else "int4-recipe" if args.recipe else "int4-rtn"
+            recipe = args.recipe or args.streamed_recipe
+            variant = "int4-gptq" if args.gptq else "int4-recipe" if recipe else "int4-rtn"
             _, rss, text = run_child(_GENERATE, str(package / variant))
             notes.append(f"{size}: {text.splitlines()[-2]} (peak RSS {gib(rss)} GiB)")
         if not args.keep:

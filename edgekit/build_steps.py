@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edgekit.accuracy.evaluate import DEFAULT_CTX, DEFAULT_WINDOWS
 from edgekit.accuracy.gate import evaluate_and_record
 from edgekit.accuracy.texts import Corpus, builtin_corpus
+from edgekit.build_context import BuildContext, EvalSettings, PreparedSource
 from edgekit.errors import EdgekitError, ResourceError, SourceError, UsageError
 from edgekit.exporters.last_position import keep_last_position_in_folder
 from edgekit.exporters.memory_estimate import check_build_resources, check_gguf_resources
@@ -26,107 +27,26 @@ from edgekit.exporters.onnx_builder import output_to_log, run_builder
 from edgekit.exporters.parallel_matmuls import join_parallel_matmuls_in_folder
 from edgekit.exporters.streaming import run_streaming_builder
 from edgekit.exporters.tokenizer_parity import TokenizerParity, check_tokenizer_parity
-from edgekit.exporters.validate import ParityResult, validate_export
+from edgekit.exporters.validate import validate_export
 from edgekit.exporters.zero_points import drop_default_zero_points
 from edgekit.package.manifest import sha256_file, write_manifest
-from edgekit.progress import StepReporter
 from edgekit.runtimes.chat_template import read_chat_template
-from edgekit.sources.checkpoint import CheckedFolder, SourceSpec, check_folder, download_hub_snapshot, stage_folder
+from edgekit.sources.checkpoint import check_folder, download_hub_snapshot, stage_folder
 from edgekit.sources.tokenizer_rule import source_tokenizer_rule
 from edgekit.sources.weight_files import parameter_count
 from edgekit.targets import HeadPrecision, Int4Method, Precision, Target
-from edgekit.tokenizer_record import TokenizerRule
 from edgekit.variants import (
     PREQUANTIZED_METHODS,
     REFERENCE_VARIANT,
     VariantSpec,
     plan_variants,
     prequantized_variants,
+    reference_variant,
     uses_gptq,
 )
 from edgekit.version import __version__
 
-BUILD_LOG = "build.log"
 _TOOLS = ("onnxruntime", "onnxruntime-genai", "onnx", "transformers", "torch", "gguf", "numpy")
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How a build evaluates its variants (``None`` in place of this: it does not)."""
-
-    corpus: Corpus | None = None
-    """The text to score; the built-in corpus's evaluation part by default."""
-    windows: int = DEFAULT_WINDOWS
-    ctx: int = DEFAULT_CTX
-
-
-@dataclass(frozen=True)
-class CalibrationSettings:
-    """Calibration of GPTQ variants: text, sample count and length, seed."""
-
-    corpus: Corpus | None = None
-    """The text to calibrate on; the built-in corpus's calibration part by default."""
-    samples: int = 128
-    seq_len: int = 512
-    seed: int = 0
-
-
-@dataclass(frozen=True)
-class BuildOptions:
-    """What the caller asked of the build beyond source, output and target."""
-
-    allow_pickle: bool = False
-    evaluation: EvalSettings | None = EvalSettings()
-    calibration: CalibrationSettings = CalibrationSettings()
-    streaming: bool = False
-    targets_file: Path | None = None
-
-
-@dataclass(frozen=True)
-class PreparedSource:
-    """The source staged as a Hugging Face folder the builder reads, with what its checks found."""
-
-    folder: Path
-    checked: CheckedFolder
-    files: list[Path]
-    """The user's weight files (or GGUF file), hashed into the manifest."""
-    parameters: int
-    rule: TokenizerRule
-
-
-@dataclass
-class BuildContext:
-    """One build: its inputs, where it writes, and what each step has produced so far."""
-
-    spec: SourceSpec
-    target: Target
-    options: BuildOptions
-    staging: Path
-    work: Path
-    reporter: StepReporter
-    prechecked: CheckedFolder | None
-    warnings: list[str] = field(default_factory=list)
-    source: PreparedSource | None = None
-    plan: list[VariantSpec] = field(default_factory=list)
-    folders: dict[str, Path] = field(default_factory=dict)
-    """Variant name -> the folder it is exported from, where not the staged source (GPTQ, a reference)."""
-    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
-    parity: ParityResult | None = None
-    tokenizer_parity: TokenizerParity | None = None
-    recipe_dropped: str | None = None
-    """Why the target's recipe is not built (memory), where a whole-model build runs without it."""
-
-    @property
-    def log_path(self) -> Path:
-        """The build log inside the package."""
-        return self.staging / BUILD_LOG
-
-    @property
-    def prepared(self) -> PreparedSource:
-        """The prepared source (after the first step)."""
-        if self.source is None:
-            raise RuntimeError("the build's source is not prepared yet")
-        return self.source
 
 
 def locate_source(context: BuildContext) -> None:
@@ -162,7 +82,7 @@ def check_resources(context: BuildContext) -> None:
         f"[dim]estimate ({how}, {chosen.parameters / 1e9:.2f}B parameters): peak {chosen.peak_memory / 2**30:.1f} "
         f"GiB of memory, {chosen.disk / 1e9:.1f} GB of disk[/dim]"
     )
-    if plan.recipe_dropped is not None or plan.switched:
+    if plan.recipe_dropped is not None:
         fix = "drop --max-model-bytes (or the target's max_model_bytes), or build on a machine with more memory"
         refuse_size_bound(target, "the recipe search does not fit in this machine's memory", ResourceError, fix)
     if plan.recipe_dropped is not None:
@@ -224,14 +144,12 @@ def plan_variants_step(context: BuildContext) -> None:
             with context.reporter.step(f"GPTQ ({settings.samples} x {settings.seq_len} calibration tokens)") as detail:
                 _make_gptq_checkpoint(context, gptq_folder, detail)
             context.folders = {v.name: gptq_folder for v in context.plan if v.method == Int4Method.GPTQ.value}
-    if context.recipe_dropped is not None:  # set only for a whole-model build (plan_resources)
+    if context.recipe_dropped is not None:  # set by plan_resources when the search alone does not fit
         context.warnings.append(context.recipe_dropped)
         context.plan = [variant for variant in context.plan if variant.method != Int4Method.RECIPE.value]
     if context.options.streaming:
-        if any(v.method == Int4Method.RECIPE.value for v in context.plan):
-            context.warnings.append("streamed build: no fp32 reference to measure a recipe on, so no int4-recipe")
-        dropped = {REFERENCE_VARIANT} | {v.name for v in context.plan if v.method == Int4Method.RECIPE.value}
-        context.plan = [variant for variant in context.plan if variant.name not in dropped]
+        # No fp32 variant in the package: a recipe is searched on a streamed fp32 export made for it alone.
+        context.plan = [variant for variant in context.plan if variant.name != REFERENCE_VARIANT]
         evaluation = "no evaluation" if _evaluation(context) is None else "variants evaluated against the checkpoint"
         context.warnings.append(f"streamed build: no fp32 reference, so no validation against PyTorch; {evaluation}")
 
@@ -246,7 +164,6 @@ def refuse_size_bound(target: Target, why: str, error: type[EdgekitError], fix: 
 def export_variants(context: BuildContext) -> None:
     """Export every planned variant with the builder (or the streamed export), into the staged package."""
     source = context.prepared
-    tied = bool(source.checked.config.get("tie_word_embeddings"))
     for variant in context.plan:
         if variant.method == Int4Method.RECIPE.value:
             continue  # made from the exported fp32 graph by build_recipe
@@ -258,19 +175,9 @@ def export_variants(context: BuildContext) -> None:
             # The streamed export quantizes every MatMul alike; on a large model the head is a small part.
             variant = replace(variant, lm_head=HeadPrecision.INT4.value)
             context.warnings.append(f"streamed export: {variant.name}'s int8 LM head (the target's) is built int4")
-        export = run_streaming_builder if streamed else run_builder
         folder = context.staging / variant.name
         with context.reporter.step(f"export {variant.name} ({variant.precision}, {variant.provider})"):
-            export(
-                context.folders.get(variant.name, source.folder),
-                folder,
-                precision=variant.precision,
-                provider=variant.provider,
-                options=variant.builder_options(tied_embeddings=tied),
-                cache_dir=context.work / "builder-cache",
-                log_path=context.log_path,
-            )
-            source.checked.architecture.adapt_export(folder)
+            _export(context, variant, folder, streamed)
             if variant.precision == Precision.INT4.value:
                 drop_default_zero_points(folder)
             if variant.name != REFERENCE_VARIANT and variant.provider == "cpu":
@@ -278,6 +185,22 @@ def export_variants(context: BuildContext) -> None:
                 if not streamed:  # the join reads the whole variant into memory (exporters/parallel_matmuls.py)
                     join_parallel_matmuls_in_folder(folder)
         context.variants[variant.name] = _variant_entry(variant, folder)
+
+
+def _export(context: BuildContext, variant: VariantSpec, folder: Path, streamed: bool) -> None:
+    """Export ``variant`` of the prepared source into ``folder``, with the builder or streamed."""
+    source = context.prepared
+    export = run_streaming_builder if streamed else run_builder
+    export(
+        context.folders.get(variant.name, source.folder),
+        folder,
+        precision=variant.precision,
+        provider=variant.provider,
+        options=variant.builder_options(tied_embeddings=bool(source.checked.config.get("tie_word_embeddings"))),
+        cache_dir=context.work / "builder-cache",
+        log_path=context.log_path,
+    )
+    source.checked.architecture.adapt_export(folder)
 
 
 def validate(context: BuildContext) -> None:
@@ -305,10 +228,25 @@ def build_recipe(context: BuildContext) -> None:
     variant = next((v for v in context.plan if v.method == Int4Method.RECIPE.value), None)
     if variant is None:
         return
+    fp32_dir = context.staging / REFERENCE_VARIANT
+    if not context.options.streaming:
+        _build_recipe_from(context, variant, fp32_dir)
+        return
+    # A streamed build's fp32 export exists for the search alone: written to disk a layer at a time, its
+    # weights page-aligned, so the search's onnxruntime session maps them from the file (exporters/streaming.py).
+    fp32_dir = context.work / "recipe-fp32"
+    try:
+        with context.reporter.step("export fp32 (streamed) to search the recipe on"):
+            _export(context, reference_variant(), fp32_dir, streamed=True)
+        _build_recipe_from(context, variant, fp32_dir)
+    finally:
+        shutil.rmtree(fp32_dir, ignore_errors=True)
+
+
+def _build_recipe_from(context: BuildContext, variant: VariantSpec, fp32_dir: Path) -> None:
     from edgekit.quant.recipe_build import require_candidates
     from edgekit.recipe_step import CALIBRATION_CTX, CALIBRATION_WINDOWS, make_recipe_variant, recipe_candidates
 
-    fp32_dir = context.staging / REFERENCE_VARIANT
     try:
         require_candidates(fp32_dir, recipe_candidates(context.target))
     except UsageError as exc:  # no format fits some linear (inputs not a whole number of blocks)
@@ -330,6 +268,7 @@ def build_recipe(context: BuildContext) -> None:
             windows.numpy(),
             (corpus, context.options.calibration.seed),
             detail,
+            streamed=context.options.streaming,
         )
     context.warnings.extend(f"{variant.name}: {note}" for note in outcome.notes)
     head = outcome.formats.get("lm_head")

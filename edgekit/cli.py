@@ -143,7 +143,9 @@ def main() -> None:
               show_default=True, type=click.IntRange(8), help="Tokens per sample.")  # fmt: skip
 @click.option("--seed", default=LibraryDefault("edgekit.pipeline", "CalibrationSettings.seed"), show_default=True,
               type=int, help="Seed of the calibration sampling.")  # fmt: skip
-@click.option("--streaming", is_flag=True, help="Export one layer at a time from disk (INT4 only, no fp32 reference).")
+@click.option(
+    "--streaming", is_flag=True, help="Export one layer at a time from disk (no fp32 variant in the package)."
+)
 @click.option("--max-model-bytes", type=click.IntRange(1), default=None,
               help="Deploy a per-tensor recipe whose model files fit in N bytes (CPU targets).")  # fmt: skip
 @click.option("--min-decode-ratio", type=float, default=None,

@@ -15,16 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgekit.build_steps import (
-    BUILD_LOG,
-    BUILD_STEPS,
-    BuildContext,
-    BuildOptions,
-    CalibrationSettings,
-    EvalSettings,
-    refuse_size_bound,
-    tool_version,
-)
+from edgekit.build_context import BUILD_LOG, BuildContext, BuildOptions, CalibrationSettings, EvalSettings
+from edgekit.build_steps import BUILD_STEPS, tool_version
 from edgekit.errors import (
     EdgekitError,
     ExportError,
@@ -84,9 +76,10 @@ def build(
 
     ``evaluation`` scores every variant against the fp32 reference and judges it against the budget of
     every target the package can deploy (``None`` skips it). ``streaming`` exports one decoder layer at a
-    time from disk (``exporters/streaming.py``): memory that does not grow with the model, the target's
-    variants only, no fp32 reference (so no validation against PyTorch; the variants are evaluated against
-    the checkpoint run in PyTorch layer by layer). Before any weight is read the build's peak memory and
+    time from disk (``exporters/streaming.py``): the export's memory does not grow with the model, the
+    package holds the target's variants only, no fp32 reference (so no validation against PyTorch; the
+    variants are evaluated against the checkpoint run in PyTorch layer by layer; a recipe is searched on
+    an fp32 export streamed to scratch space). Before any weight is read the build's peak memory and
     disk are estimated, and a machine short of either is refused with the numbers. ``max_model_bytes``
     deploys a per-tensor recipe whose model files fit in that many bytes (docs/recipes.md);
     ``min_decode_ratio`` sets the recipe's speed bound (decode at least that times the RTN variant's).
@@ -98,9 +91,6 @@ def build(
         profile = _with_size_budget(profile, max_model_bytes, targets_path)
     if min_decode_ratio is not None:
         profile = _with_speed_bound(profile, min_decode_ratio, targets_path)
-    if streaming:
-        fix = "drop --streaming, or drop --max-model-bytes (or the target's max_model_bytes)"
-        refuse_size_bound(profile, "a streamed build makes no recipe", UsageError, fix)
     spec = classify_source(source)
     out_path = Path(out)
     if spec.path is not None and (out_path.resolve() == spec.path or out_path.resolve() in spec.path.parents):

@@ -18,7 +18,7 @@ LAYERS = {
     "runtimes": 2, "exporters": 2.5,
     "accuracy": 3,
     "quant": 4,
-    "recipe_step": 4.2, "build_steps": 4.5,
+    "recipe_step": 4.2, "build_context": 4.4, "build_steps": 4.5,
     "pipeline": 5, "demo": 5, "summary": 5.5, "serve": 5.8, "terminal_chat": 5.9, "cli": 6, "__init__": 7,
 }  # fmt: skip
 SUBPACKAGES = {"package", "sources", "runtimes", "exporters", "accuracy", "quant", "serve"}

@@ -227,13 +227,17 @@ def test_a_size_budget_build_deploys_a_recipe_that_fits_is_evaluated_and_generat
     assert any(private_cache.rglob("*.json"))
 
 
+@pytest.mark.parametrize("streaming", [False, True], ids=["whole", "streamed"])
 def test_a_size_budget_no_recipe_fits_is_a_one_line_error_and_nothing_is_written(
-    tiny_checkpoints, tmp_path: Path, private_cache: Path
+    tiny_checkpoints, tmp_path: Path, private_cache: Path, streaming: bool
 ) -> None:
     from edgekit.pipeline import build
 
     with pytest.raises(RecipeBudgetError) as info:
-        build(tiny_checkpoints("llama"), tmp_path / "out", "laptop-cpu", progress=False, max_model_bytes=1000)
+        build(
+            tiny_checkpoints("llama"), tmp_path / "out", "laptop-cpu", progress=False, max_model_bytes=1000,
+            streaming=streaming,
+        )  # fmt: skip
     message = str(info.value)
     assert "\n" not in message and "bytes" in message
     assert not (tmp_path / "out").exists()

@@ -114,7 +114,8 @@ def test_streamed_build_is_evaluated_and_eval_needs_the_checkpoint(runner, tiny_
 
     checkpoint = tiny_checkpoints("qwen3")
     out = tmp_path / "streamed"
-    result = build(checkpoint, out, progress=False, streaming=True, evaluation=EvalSettings(windows=2, ctx=32))
+    settings = EvalSettings(windows=2, ctx=32)
+    result = build(checkpoint, out, "laptop-cpu-rtn", progress=False, streaming=True, evaluation=settings)
     manifest = result.manifest
     assert "fp32" not in manifest["variants"]
     assert "skipped" in manifest["validation"]  # no fp32 ONNX, so no parity check against PyTorch

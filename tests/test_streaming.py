@@ -5,6 +5,7 @@ Every registry entry with a streamed builder has a case in ``EQUIVALENCE_CASES``
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -147,7 +148,7 @@ def test_streamed_build_runs(tiny_checkpoints, tmp_path: Path) -> None:
     import edgekit
     from edgekit.pipeline import build
 
-    result = build(tiny_checkpoints("qwen3_5"), tmp_path / "pkg", progress=False, streaming=True)
+    result = build(tiny_checkpoints("qwen3_5"), tmp_path / "pkg", "laptop-cpu-rtn", progress=False, streaming=True)
     assert list(result.manifest["variants"]) == ["int4-rtn"]
     assert "skipped" in result.manifest["validation"]
     # laptop-cpu asks for an int8 LM head; the streamed export makes every MatMul int4 and says so.
@@ -344,30 +345,46 @@ def test_a_recipe_search_that_does_not_fit_is_left_out_and_rtn_deployed(
     assert gptq.peak_memory - recipe.peak_memory == 4 * 1000**2
 
 
-def test_a_streamed_or_pre_quantized_build_plans_no_recipe(tmp_path: Path) -> None:
-    """Neither makes a recipe: its rounds take no disk, and a short memory never drops one."""
+def test_a_streamed_recipe_counts_its_fp32_export_and_rounds_and_a_pre_quantized_build_plans_none(
+    tmp_path: Path,
+) -> None:
+    """A streamed recipe: the fp32 export it searches on and its rounds on disk, its search's memory per
+    parameter; a short memory drops it. A pre-quantized source makes no recipe: a short memory drops none."""
     from edgekit.sources.registry import lookup_architecture
     from edgekit.targets import get_target
-    from edgekit.variants import target_variants
+    from edgekit.variants import reference_variant, target_variants
 
-    shapes = {f"model.layers.{i}.mlp.w": (1000, 1000) for i in range(4)}
+    shapes = {f"model.layers.{i}.mlp.w": (8000, 8000) for i in range(4)}  # the search's peak above the export's
+    params = 4 * 8000**2
     default, rtn = (target_variants(get_target(name)) for name in ("laptop-cpu", "laptop-cpu-rtn"))
     streamed = memory_estimate.estimate_from_shapes(shapes, default, streaming=True, tied=False)
-    assert streamed.disk == memory_estimate.estimate_from_shapes(shapes, rtn, streaming=True, tied=False).disk
+    streamed_rtn = memory_estimate.estimate_from_shapes(shapes, rtn, streaming=True, tied=False)
+    recipe_bytes = memory_estimate._variant_bytes(shapes, default[-1], False)
+    fp32_bytes = memory_estimate._variant_bytes(shapes, reference_variant(), False)
+    assert streamed.disk - streamed_rtn.disk == memory_estimate.RECIPE_ROUNDS * recipe_bytes + fp32_bytes
+    assert fp32_bytes == 4 * params
+    search = memory_estimate.BASE_BYTES + memory_estimate.STREAMED_RECIPE_BYTES_PER_PARAM * params
+    assert streamed.peak_memory == int(search) > streamed_rtn.peak_memory
     whole = memory_estimate.estimate_from_shapes(shapes, default, streaming=False, tied=False)
     assert whole.disk > memory_estimate.estimate_from_shapes(shapes, rtn, streaming=False, tied=False).disk
     architecture = lookup_architecture({"model_type": "llama", "architectures": ["LlamaForCausalLM"]})
-    memory = GIB + int(memory_estimate.WHOLE_BYTES_PER_PARAM * 4 * 10**6) + 1  # the build without the search fits
-    plan = memory_estimate.plan_resources(
-        shapes, architecture, get_target("laptop-cpu"), tmp_path / "out", tmp_path, streaming=False, tied=False,
-        memory=memory, recipe=False,
-    )  # fmt: skip
-    assert plan.recipe_dropped is None and not plan.streaming
-    plan = memory_estimate.plan_resources(
-        shapes, architecture, get_target("laptop-cpu"), tmp_path / "out", tmp_path, streaming=False, tied=False,
-        memory=memory,
-    )  # fmt: skip
-    assert plan.recipe_dropped is not None and not plan.streaming
+
+    def plan(memory: int, streaming: bool, recipe: bool = True) -> memory_estimate.ResourcePlan:
+        return memory_estimate.plan_resources(
+            shapes, architecture, get_target("laptop-cpu"), tmp_path / "out", tmp_path, streaming=streaming,
+            tied=False, memory=memory, recipe=recipe,
+        )  # fmt: skip
+
+    memory = GIB + int(memory_estimate.WHOLE_BYTES_PER_PARAM * params) + 1  # the build without the search fits
+    assert plan(memory, False, recipe=False).recipe_dropped is None
+    dropped = plan(memory, False).recipe_dropped
+    assert dropped is not None and not dropped.streaming
+    assert plan(int(search), True).recipe_dropped is None  # the streamed search fits
+    dropped = plan(int(search) - 1, True).recipe_dropped
+    assert dropped is not None and dropped.streaming and dropped.peak_memory == int(search)
+    # Too short for the whole build, long enough streamed: switched to streaming, with the recipe.
+    switched = plan(int(search), False)
+    assert switched.streaming and switched.switched and switched.recipe_dropped is None
 
 
 def test_memory_refusal_names_streaming_when_it_fits() -> None:
@@ -441,7 +458,15 @@ def test_cli_streaming_build_and_info(tiny_checkpoints, tmp_path: Path, runner) 
     assert "validation: skipped (streamed build: no fp32 reference)" in result.output
     # Evaluated all the same, against the checkpoint run in PyTorch one layer at a time.
     assert "reference: streamed PyTorch from the checkpoint (float32 weights" in result.output
-    assert sorted(p.name for p in out.iterdir()) == ["build.log", "eval", "int4-rtn", "manifest.json"]
+    # The default target's recipe, searched on an fp32 export streamed to scratch space that is gone after.
+    assert sorted(p.name for p in out.iterdir()) == ["build.log", "eval", "int4-recipe", "int4-rtn", "manifest.json"]
+    assert [p for p in tmp_path.iterdir() if p.name != "pkg"] == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["targets"]["laptop-cpu"]["variant"] == "int4-recipe"
+    recipe = manifest["variants"]["int4-recipe"]["recipe"]
+    assert recipe["model_bytes"] <= sum(p.stat().st_size for p in (out / "int4-rtn").glob("model.onnx*"))
+    assert "int4-recipe" in manifest["evaluation"]["variants"]
+    assert (out / "eval" / "sensitivity.json").is_file()
     info = runner.invoke(main, ["info", str(out)])
     assert info.exit_code == 0, info.output
     assert "validation: skipped" in info.output

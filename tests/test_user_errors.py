@@ -67,18 +67,6 @@ def test_an_output_another_command_made_meanwhile_is_not_replaced_without_force(
     assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
 
 
-def test_a_size_bound_a_streamed_build_cannot_keep_is_refused_before_anything_is_read(
-    tiny_checkpoints, tmp_path: Path
-) -> None:
-    from edgekit.pipeline import build
-
-    out = tmp_path / "out"
-    with pytest.raises(UsageError, match="streamed build makes no recipe") as info:
-        build(tiny_checkpoints("llama"), out, "laptop-cpu-rtn", streaming=True, max_model_bytes=50_000_000)
-    assert "--streaming" in (info.value.fix or "")
-    assert not out.exists() and list(tmp_path.iterdir()) == []
-
-
 @pytest.fixture
 def default_sigint():  # type: ignore[no-untyped-def]
     """A test run started in the background by a shell inherits SIGINT ignored: give the CLI the default."""

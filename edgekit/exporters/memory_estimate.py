@@ -25,7 +25,7 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from edgekit.sources.checkpoint import CheckedFolder
 from edgekit.sources.registry import Architecture
 from edgekit.sources.weight_files import read_safetensors_header
 from edgekit.targets import Int4Method, Target
-from edgekit.variants import VariantSpec
+from edgekit.variants import VariantSpec, reference_variant
 
 GIB = 1024**3
 BASE_BYTES = 1 * GIB
@@ -47,6 +47,11 @@ tensors and sessions, in a process that still holds what validation left; see do
 STREAMED_BYTES_PER_LAYER_PARAM = 4.0
 STREAMED_BLOCK_BYTES = GIB // 4
 """One block of embedding or LM-head rows: bf16 read, fp32 copy, transposed copy, quantized output."""
+STREAMED_RECIPE_BYTES_PER_PARAM = 10.0
+"""A streamed build's recipe search: the fp32 export it searches on is on disk, page-aligned, and its
+onnxruntime session maps the weights from the file (page cache the kernel can drop, not counted here); what
+is counted is the quantized fits the rounds reuse, the rounds' variants and their sessions, and the
+calibration activations; see docs/streaming.md."""
 RECIPE_ROUNDS = 3
 """The most rounds a recipe search builds (``quant.recipe_build._ROUNDS``; a test keeps the two equal)."""
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -148,21 +153,24 @@ def estimate_from_shapes(
                 inputs.setdefault(match.group(1), set()).add(shape[1])
                 squares += shape[1] ** 2
     largest = max(layers.values(), default=parameters)
+    recipe = any(v.method == Int4Method.RECIPE.value for v in variants)
+    # float32 XᵀX entries; counted per matrix, so inputs that q/k/v or gate/up share count more than once
+    hessians = 4 * squares if recipe and recipe_hessians else 0
     if streaming:
         peak = BASE_BYTES + STREAMED_BYTES_PER_LAYER_PARAM * largest + STREAMED_BLOCK_BYTES
+        if recipe:
+            peak = max(peak, BASE_BYTES + STREAMED_RECIPE_BYTES_PER_PARAM * parameters + hessians)
     else:
-        per_param = WHOLE_BYTES_PER_PARAM
-        if any(v.method == Int4Method.RECIPE.value for v in variants):
-            per_param = RECIPE_BYTES_PER_PARAM
-        peak = BASE_BYTES + per_param * parameters
-        if recipe_hessians and per_param == RECIPE_BYTES_PER_PARAM:
-            # float32 entries; counted per matrix, so inputs that q/k/v or gate/up share count more than once
-            peak += 4 * squares
+        per_param = RECIPE_BYTES_PER_PARAM if recipe else WHOLE_BYTES_PER_PARAM
+        peak = BASE_BYTES + per_param * parameters + hessians
     if calibration_tokens:
         peak = max(peak, _gptq_peak(shapes, inputs, largest, calibration_tokens, gptq_one_pass))
-    # A streamed build makes no recipe; a whole one keeps every round it builds until it picks one.
-    rounds = {Int4Method.RECIPE.value: 0 if streaming else RECIPE_ROUNDS}
-    disk = sum(_variant_bytes(shapes, v, tied) * rounds.get(v.method, 1) for v in variants)
+    # A recipe search keeps every round it builds until it picks one; streamed, it also writes the fp32
+    # export it searches on to scratch space.
+    disk = sum(_variant_bytes(shapes, v, tied) * (RECIPE_ROUNDS if v.method == Int4Method.RECIPE.value else 1)
+               for v in variants)  # fmt: skip
+    if streaming and recipe:
+        disk += _variant_bytes(shapes, reference_variant(), tied)
     return BuildEstimate(parameters, largest, int(peak), disk, streaming)
 
 
@@ -242,8 +250,8 @@ def check_resources(
         how = "streamed, one decoder layer at a time" if estimate.streaming else "whole model in memory"
         if streamed is not None and not estimate.streaming and streamed.peak_memory <= memory:
             fix = (
-                f"pass --streaming (peak about {streamed.peak_memory / GIB:.1f} GiB; it builds the INT4 "
-                "variants only), or free memory"
+                f"pass --streaming (peak about {streamed.peak_memory / GIB:.1f} GiB; the package then has no "
+                "fp32 variant), or free memory"
             )
         else:
             fix = "free memory or build on a machine with more"
@@ -271,7 +279,8 @@ class ResourcePlan:
     whole: BuildEstimate
     streamed: BuildEstimate
     recipe_dropped: BuildEstimate | None = None
-    """The whole-model estimate with the recipe search, when it did not fit and the build without it does."""
+    """The estimate of the build that runs (whole or streamed) with the recipe search, when that did not fit
+    and the build without it does."""
 
 
 def check_build_resources(
@@ -341,26 +350,36 @@ def plan_resources(
                                     gptq_one_pass=target.gptq.one_pass,
                                     recipe_hessians=target.recipe.gptq_candidates)  # fmt: skip
 
-    planned = plan_variants(target)
-    without_recipe = [v for v in planned if v.method != Int4Method.RECIPE.value]
-    whole = estimate(planned if recipe else without_recipe, False)
-    streamed = estimate(target_variants(target), True)
     memory = available_memory() if memory is None else memory
-    dropped = None
-    if recipe and not streaming and whole.peak_memory > memory:
-        # The recipe search is what does not fit: build the rest whole and deploy what it built (the build warns).
-        plain = estimate(without_recipe, False)
-        if plain.peak_memory <= memory < whole.peak_memory:
-            whole, dropped = plain, whole
+    whole, whole_dropped = _without_recipe_if_short(estimate, plan_variants(target), False, memory, recipe)
+    streamed, streamed_dropped = _without_recipe_if_short(estimate, target_variants(target), True, memory, recipe)
     switch = not streaming and whole.peak_memory > memory >= streamed.peak_memory
     if switch and architecture.streamed_builder is not None:
         check_resources(_with_disk(streamed, scratch_disk), out, source=source, memory=memory)
-        return ResourcePlan(True, True, whole, streamed)
+        return ResourcePlan(True, True, whole, streamed, streamed_dropped)
     chosen = streamed if streaming else whole
     can_stream = architecture.streamed_builder is not None  # --streaming is a fix only where it builds
     check_resources(_with_disk(chosen, scratch_disk), out, source=source, memory=memory,
                     streamed=streamed if can_stream else None)  # fmt: skip
-    return ResourcePlan(streaming, False, whole, streamed, dropped)
+    return ResourcePlan(streaming, False, whole, streamed, streamed_dropped if streaming else whole_dropped)
+
+
+def _without_recipe_if_short(
+    estimate: Callable[[Sequence[VariantSpec], bool], BuildEstimate],
+    variants: list[VariantSpec],
+    streamed: bool,
+    memory: int,
+    recipe: bool,
+) -> tuple[BuildEstimate, BuildEstimate | None]:
+    """The build's estimate, and the one with the recipe search where only the search does not fit in
+    ``memory`` (the build then runs without it and deploys what it built; it warns)."""
+    plain = [v for v in variants if v.method != Int4Method.RECIPE.value]
+    full = estimate(variants if recipe else plain, streamed)
+    if recipe and full.peak_memory > memory and len(plain) < len(variants):
+        without = estimate(plain, streamed)
+        if without.peak_memory <= memory:
+            return without, full
+    return full, None
 
 
 def _require_gptq_groups(shapes: dict[str, tuple[int, ...]], target: Target, source: Path) -> None:
