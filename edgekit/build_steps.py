@@ -75,6 +75,9 @@ def check_resources(context: BuildContext) -> None:
     else:
         checked = context.prechecked
         assert checked is not None
+        if checked.quantization is not None:
+            why = f"a {checked.quantization} checkpoint is deployed as it is, with no recipe"
+            refuse_size_bound(target, why, UsageError, "drop --max-model-bytes (or the target's max_model_bytes)")
         plan = check_build_resources(checked.folder, checked, target, context.staging, streaming, tokens)
     chosen = plan.streamed if context.options.streaming or plan.switched else plan.whole
     how = "streamed" if chosen.streaming else "whole model"
@@ -85,11 +88,11 @@ def check_resources(context: BuildContext) -> None:
     if plan.recipe_dropped is not None:
         fix = "drop --max-model-bytes (or the target's max_model_bytes), or build on a machine with more memory"
         refuse_size_bound(target, "the recipe search does not fit in this machine's memory", ResourceError, fix)
-    if plan.recipe_dropped is not None:
+        streams = "build with --streaming, whose search fits, or " if plan.recipe_streams else "build "
         context.recipe_dropped = (
             f"the recipe search needs about {plan.recipe_dropped.peak_memory / 2**30:.1f} GiB of memory, more than "
-            "is available, so no int4-recipe (build on a machine with more memory, or for a target without recipe "
-            "in its int4_methods, such as laptop-cpu-rtn)"
+            f"is available, so no int4-recipe ({streams}on a machine with more memory, or for a target without "
+            "recipe in its int4_methods, such as laptop-cpu-rtn)"
         )
     if plan.switched:
         note = (
@@ -164,6 +167,7 @@ def refuse_size_bound(target: Target, why: str, error: type[EdgekitError], fix: 
 def export_variants(context: BuildContext) -> None:
     """Export every planned variant with the builder (or the streamed export), into the staged package."""
     source = context.prepared
+    recipe_planned = any(variant.method == Int4Method.RECIPE.value for variant in context.plan)
     for variant in context.plan:
         if variant.method == Int4Method.RECIPE.value:
             continue  # made from the exported fp32 graph by build_recipe
@@ -182,7 +186,9 @@ def export_variants(context: BuildContext) -> None:
                 drop_default_zero_points(folder)
             if variant.name != REFERENCE_VARIANT and variant.provider == "cpu":
                 keep_last_position_in_folder(folder)  # the reference stays as exported: validation compares it whole
-                if not streamed:  # the join reads the whole variant into memory (exporters/parallel_matmuls.py)
+                # The join reads the whole variant into memory (exporters/parallel_matmuls.py): streamed, only
+                # where a recipe search (which holds more) follows, so the recipe is timed against a joined RTN.
+                if not streamed or recipe_planned:
                     join_parallel_matmuls_in_folder(folder)
         context.variants[variant.name] = _variant_entry(variant, folder)
 

@@ -56,6 +56,22 @@ def test_quantized_checkpoint_builds_with_a_dequantized_reference(
     assert manifest["evaluation"]["variants"][f"int4-{method}"]["kl_mean"] < 1e-6
 
 
+@pytest.mark.parametrize("streaming", [[], ["--streaming"]], ids=["whole", "streamed"])
+def test_a_size_bound_on_a_quantized_checkpoint_is_refused_before_a_weight_is_read(
+    streaming: list[str], runner, tiny_checkpoints, tmp_path: Path
+) -> None:
+    """The checkpoint's own INT4 variant is deployed as it is: no recipe, so nothing is held to the bound."""
+    source = quantized_checkpoint(tiny_checkpoints("llama"), tmp_path / "tiny-gptq", "gptq")
+    out = tmp_path / "pkg"
+    args = ["build", str(source), "-o", str(out), "--max-model-bytes", "1000000", *streaming]
+    result = runner.invoke(main, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and "gptq checkpoint is deployed as it is" in lines[0], result.output
+    assert "max_model_bytes (1,000,000)" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-gptq"]
+
+
 def test_dequantizers_invert_the_packers() -> None:
     torch.manual_seed(0)
     weight = torch.randn(64, 96) * 0.05

@@ -151,7 +151,7 @@ def test_streamed_build_runs(tiny_checkpoints, tmp_path: Path) -> None:
     result = build(tiny_checkpoints("qwen3_5"), tmp_path / "pkg", "laptop-cpu-rtn", progress=False, streaming=True)
     assert list(result.manifest["variants"]) == ["int4-rtn"]
     assert "skipped" in result.manifest["validation"]
-    # laptop-cpu asks for an int8 LM head; the streamed export makes every MatMul int4 and says so.
+    # laptop-cpu-rtn asks for an int8 LM head; the streamed export makes every MatMul int4 and says so.
     assert "streamed export: int4-rtn's int8 LM head (the target's) is built int4" in result.warnings
     graph = onnx.load(str(tmp_path / "pkg" / "int4-rtn" / "model.onnx"), load_external_data=False).graph
     head = next(node for node in graph.node if node.name.startswith("/lm_head/"))
@@ -328,7 +328,10 @@ def test_a_recipe_search_that_does_not_fit_is_left_out_and_rtn_deployed(
     assert result.manifest["targets"]["laptop-cpu"]["variant"] == "int4-rtn"
     (note,) = [w for w in result.warnings if "recipe search needs about" in w]
     assert "no int4-recipe" in note and "laptop-cpu-rtn" in note
-    # A size bound only a recipe keeps: refused before the source is staged, not an RTN package over it.
+    assert "--streaming, whose search fits" in note  # the streamed search's 10 bytes per parameter do
+    # A size bound only a recipe keeps, with no search that fits: refused before the source is staged, not
+    # an RTN package over it.
+    monkeypatch.setattr(memory_estimate, "STREAMED_RECIPE_BYTES_PER_PARAM", 1e6)
     out = tmp_path / "bounded"
     with pytest.raises(ResourceError, match="only a recipe can be held to max_model_bytes"):
         build(tiny_checkpoints("llama"), out, "laptop-cpu", progress=False, evaluation=None, max_model_bytes=10**9)
@@ -351,7 +354,7 @@ def test_a_streamed_recipe_counts_its_fp32_export_and_rounds_and_a_pre_quantized
     """A streamed recipe: the fp32 export it searches on and its rounds on disk, its search's memory per
     parameter; a short memory drops it. A pre-quantized source makes no recipe: a short memory drops none."""
     from edgekit.sources.registry import lookup_architecture
-    from edgekit.targets import get_target
+    from edgekit.targets import get_target, with_max_model_bytes
     from edgekit.variants import reference_variant, target_variants
 
     shapes = {f"model.layers.{i}.mlp.w": (8000, 8000) for i in range(4)}  # the search's peak above the export's
@@ -385,6 +388,15 @@ def test_a_streamed_recipe_counts_its_fp32_export_and_rounds_and_a_pre_quantized
     # Too short for the whole build, long enough streamed: switched to streaming, with the recipe.
     switched = plan(int(search), False)
     assert switched.streaming and switched.switched and switched.recipe_dropped is None
+    # Short only for the whole build's search: that build runs without it, its warning naming --streaming;
+    # under a size bound, which only a recipe keeps, the build streams with its recipe instead.
+    kept_whole = plan(memory, False)
+    assert not kept_whole.streaming and kept_whole.recipe_dropped is not None and kept_whole.recipe_streams
+    bounded = memory_estimate.plan_resources(
+        shapes, architecture, with_max_model_bytes(get_target("laptop-cpu"), 10**9), tmp_path / "out", tmp_path,
+        streaming=False, tied=False, memory=memory,
+    )  # fmt: skip
+    assert bounded.streaming and bounded.switched and bounded.recipe_dropped is None
 
 
 def test_memory_refusal_names_streaming_when_it_fits() -> None:
@@ -449,9 +461,21 @@ def test_checkpoint_reader_reads_rows_and_tensors(tiny_checkpoints) -> None:
 
 
 @pytest.mark.slow
-def test_cli_streaming_build_and_info(tiny_checkpoints, tmp_path: Path, runner) -> None:
+def test_cli_streaming_build_and_info(
+    tiny_checkpoints, tmp_path: Path, runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from edgekit import build_steps
     from edgekit.cli import main
 
+    checked_tokenizer = build_steps.check_tokenizer_parity
+    scratch: list[list[Path]] = []
+
+    def check_then_look(*args, **kwargs):  # type: ignore[no-untyped-def]
+        # The step after the recipe: its scratch fp32 export is already gone, the scratch folder not yet.
+        scratch.append([p for p in tmp_path.rglob("*") if p.name.endswith(".onnx.data") and "-work-" in str(p)])
+        return checked_tokenizer(*args, **kwargs)
+
+    monkeypatch.setattr(build_steps, "check_tokenizer_parity", check_then_look)
     out = tmp_path / "pkg"
     result = runner.invoke(main, ["build", str(tiny_checkpoints("llama")), "-o", str(out), "-q", "--streaming"])
     assert result.exit_code == 0, result.output
@@ -460,7 +484,7 @@ def test_cli_streaming_build_and_info(tiny_checkpoints, tmp_path: Path, runner) 
     assert "reference: streamed PyTorch from the checkpoint (float32 weights" in result.output
     # The default target's recipe, searched on an fp32 export streamed to scratch space that is gone after.
     assert sorted(p.name for p in out.iterdir()) == ["build.log", "eval", "int4-recipe", "int4-rtn", "manifest.json"]
-    assert [p for p in tmp_path.iterdir() if p.name != "pkg"] == []
+    assert scratch == [[]] and [p for p in tmp_path.iterdir() if p.name != "pkg"] == []
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["targets"]["laptop-cpu"]["variant"] == "int4-recipe"
     recipe = manifest["variants"]["int4-recipe"]["recipe"]

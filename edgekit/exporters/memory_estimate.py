@@ -281,6 +281,8 @@ class ResourcePlan:
     recipe_dropped: BuildEstimate | None = None
     """The estimate of the build that runs (whole or streamed) with the recipe search, when that did not fit
     and the build without it does."""
+    recipe_streams: bool = False
+    """A whole build drops its recipe where a streamed one (``--streaming``) would keep it."""
 
 
 def check_build_resources(
@@ -353,15 +355,23 @@ def plan_resources(
     memory = available_memory() if memory is None else memory
     whole, whole_dropped = _without_recipe_if_short(estimate, plan_variants(target), False, memory, recipe)
     streamed, streamed_dropped = _without_recipe_if_short(estimate, target_variants(target), True, memory, recipe)
+    can_stream = architecture.streamed_builder is not None  # --streaming is a fix only where it builds
+    # Only the whole build's search is short and the streamed one fits: a size bound, which only a recipe
+    # keeps, streams; otherwise the whole build runs without the recipe and its warning names --streaming.
+    recipe_streams = (
+        can_stream and whole_dropped is not None and streamed_dropped is None and streamed.peak_memory <= memory
+    )
+    if recipe_streams and whole_dropped is not None and target.recipe_size_bound is not None:
+        whole, whole_dropped = whole_dropped, None
     switch = not streaming and whole.peak_memory > memory >= streamed.peak_memory
-    if switch and architecture.streamed_builder is not None:
+    if switch and can_stream:
         check_resources(_with_disk(streamed, scratch_disk), out, source=source, memory=memory)
         return ResourcePlan(True, True, whole, streamed, streamed_dropped)
     chosen = streamed if streaming else whole
-    can_stream = architecture.streamed_builder is not None  # --streaming is a fix only where it builds
     check_resources(_with_disk(chosen, scratch_disk), out, source=source, memory=memory,
                     streamed=streamed if can_stream else None)  # fmt: skip
-    return ResourcePlan(streaming, False, whole, streamed, streamed_dropped if streaming else whole_dropped)
+    dropped = streamed_dropped if streaming else whole_dropped
+    return ResourcePlan(streaming, False, whole, streamed, dropped, recipe_streams and not streaming)
 
 
 def _without_recipe_if_short(
