@@ -357,8 +357,9 @@ def test_a_streamed_recipe_counts_its_fp32_export_and_rounds_and_a_pre_quantized
     from edgekit.targets import get_target, with_max_model_bytes
     from edgekit.variants import reference_variant, target_variants
 
-    shapes = {f"model.layers.{i}.mlp.w": (8000, 8000) for i in range(4)}  # the search's peak above the export's
-    params = 4 * 8000**2
+    layers = {f"model.layers.{i}.mlp.w": (8000, 8000) for i in range(4)}  # the search's peak above the export's
+    shapes = {"model.embed_tokens.weight": (50_000, 8), **layers}
+    params = 4 * 8000**2 + 50_000 * 8
     default, rtn = (target_variants(get_target(name)) for name in ("laptop-cpu", "laptop-cpu-rtn"))
     streamed = memory_estimate.estimate_from_shapes(shapes, default, streaming=True, tied=False)
     streamed_rtn = memory_estimate.estimate_from_shapes(shapes, rtn, streaming=True, tied=False)
@@ -366,7 +367,11 @@ def test_a_streamed_recipe_counts_its_fp32_export_and_rounds_and_a_pre_quantized
     fp32_bytes = memory_estimate._variant_bytes(shapes, reference_variant(), False)
     assert streamed.disk - streamed_rtn.disk == memory_estimate.RECIPE_ROUNDS * recipe_bytes + fp32_bytes
     assert fp32_bytes == 4 * params
-    search = memory_estimate.BASE_BYTES + memory_estimate.STREAMED_RECIPE_BYTES_PER_PARAM * params
+    search = (
+        memory_estimate.BASE_BYTES
+        + memory_estimate.STREAMED_RECIPE_BYTES_PER_PARAM * params
+        + memory_estimate.STREAMED_RECIPE_BYTES_PER_TOKEN * 50_000  # the calibration logits: per vocabulary entry
+    )
     assert streamed.peak_memory == int(search) > streamed_rtn.peak_memory
     whole = memory_estimate.estimate_from_shapes(shapes, default, streaming=False, tied=False)
     assert whole.disk > memory_estimate.estimate_from_shapes(shapes, rtn, streaming=False, tied=False).disk

@@ -47,11 +47,13 @@ tensors and sessions, in a process that still holds what validation left; see do
 STREAMED_BYTES_PER_LAYER_PARAM = 4.0
 STREAMED_BLOCK_BYTES = GIB // 4
 """One block of embedding or LM-head rows: bf16 read, fp32 copy, transposed copy, quantized output."""
-STREAMED_RECIPE_BYTES_PER_PARAM = 10.0
-"""A streamed build's recipe search: the fp32 export it searches on is on disk, page-aligned, and its
-onnxruntime session maps the weights from the file (page cache the kernel can drop, not counted here); what
-is counted is the quantized fits the rounds reuse, the rounds' variants and their sessions, and the
-calibration activations; see docs/streaming.md."""
+STREAMED_RECIPE_BYTES_PER_PARAM = 4.0
+STREAMED_RECIPE_BYTES_PER_TOKEN = 24 * 1024
+"""A streamed build's recipe search, per parameter and per vocabulary entry: the fp32 export it searches on
+is on disk, page-aligned, and its onnxruntime session maps the weights from the file (page cache the kernel
+can drop, not counted here); what is counted is the quantized fits the rounds reuse, the rounds' variants
+and their sessions and the calibration activations (per parameter), and the calibration windows' logits
+and reference log-probabilities (per vocabulary entry); fitted above two measured peaks, docs/streaming.md."""
 RECIPE_ROUNDS = 3
 """The most rounds a recipe search builds (``quant.recipe_build._ROUNDS``; a test keeps the two equal)."""
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -159,7 +161,9 @@ def estimate_from_shapes(
     if streaming:
         peak = BASE_BYTES + STREAMED_BYTES_PER_LAYER_PARAM * largest + STREAMED_BLOCK_BYTES
         if recipe:
-            peak = max(peak, BASE_BYTES + STREAMED_RECIPE_BYTES_PER_PARAM * parameters + hessians)
+            vocabulary = max((shape[0] for name, shape in shapes.items() if "embed_tokens" in name), default=0)
+            search = STREAMED_RECIPE_BYTES_PER_PARAM * parameters + STREAMED_RECIPE_BYTES_PER_TOKEN * vocabulary
+            peak = max(peak, BASE_BYTES + search + hessians)
     else:
         per_param = RECIPE_BYTES_PER_PARAM if recipe else WHOLE_BYTES_PER_PARAM
         peak = BASE_BYTES + per_param * parameters + hessians
