@@ -238,8 +238,8 @@ def build_recipe(context: BuildContext) -> None:
     if not context.options.streaming:
         _build_recipe_from(context, variant, fp32_dir)
         return
-    # A streamed build's fp32 export exists for the search alone: written to disk a layer at a time, its
-    # weights page-aligned, so the search's onnxruntime session maps them from the file (exporters/streaming.py).
+    # A streamed build's fp32 export exists for the search alone, written to disk a layer at a time; the
+    # search's session, whose weights are overridable inputs, maps them from the file (quant/probe_session.py).
     fp32_dir = context.work / "recipe-fp32"
     try:
         with context.reporter.step("export fp32 (streamed) to search the recipe on"):

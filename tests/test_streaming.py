@@ -552,3 +552,42 @@ def test_gptq_refuses_linears_its_groups_do_not_divide_before_any_weight_is_read
         memory_estimate.plan_resources(*args, streaming=False, tied=False, calibration_tokens=4096, memory=64 * GIB)
     rtn = (shapes, architecture, get_target("laptop-cpu-rtn"), tmp_path / "out", tmp_path)
     assert memory_estimate.plan_resources(*rtn, streaming=False, tied=False, memory=64 * GIB)
+
+
+def _anonymous_memory() -> int:
+    with open("/proc/self/status", encoding="utf-8") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssAnon from /proc")
+def test_onnxruntime_maps_a_page_aligned_weight_the_graph_may_override(tmp_path: Path) -> None:
+    """What the streamed recipe search's memory estimate rests on: a weight in a data file written by the
+    streamed export's ExternalDataFile and declared a graph input too, as the search's probe graph declares
+    every linear's, stays in the file's pages; a constant weight is copied into the process (prepacked)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    k = n = 4096  # 64 MiB of float32
+    data = streaming.ExternalDataFile(tmp_path, "w.data")
+    offset = data.append([np.ones((k, n), np.float32).tobytes()], 4 * k * n)
+    data.close()
+    assert offset % 4096 == 0
+    weight = TensorProto(name="W", data_type=TensorProto.FLOAT, dims=[k, n], data_location=TensorProto.EXTERNAL)
+    for key, value in (("location", "w.data"), ("offset", str(offset)), ("length", str(4 * k * n))):
+        weight.external_data.add(key=key, value=value)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])
+    grown = {}
+    for overridable in (True, False):
+        inputs = [x, helper.make_tensor_value_info("W", TensorProto.FLOAT, [k, n])] if overridable else [x]
+        graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g", inputs, [y], [weight])
+        path = tmp_path / f"m{int(overridable)}.onnx"
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+        before = _anonymous_memory()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the "initializer appears in graph inputs" warning is the point here
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session.run(None, {"x": np.ones((1, k), np.float32)})
+        grown[overridable] = _anonymous_memory() - before
+        del session
+    assert grown[True] < 16 << 20 and grown[False] > 48 << 20, grown

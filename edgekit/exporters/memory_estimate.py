@@ -50,7 +50,7 @@ STREAMED_BLOCK_BYTES = GIB // 4
 STREAMED_RECIPE_BYTES_PER_PARAM = 4.0
 STREAMED_RECIPE_BYTES_PER_TOKEN = 24 * 1024
 """A streamed build's recipe search, per parameter and per vocabulary entry: the fp32 export it searches on
-is on disk, page-aligned, and its onnxruntime session maps the weights from the file (page cache the kernel
+is on disk, and its onnxruntime session, the weights overridable inputs, maps them from the file (page cache the kernel
 can drop, not counted here); what is counted is the quantized fits the rounds reuse, the rounds' variants
 and their sessions and the calibration activations (per parameter), and the calibration windows' logits
 and reference log-probabilities (per vocabulary entry); fitted above two measured peaks, docs/streaming.md."""
