@@ -6,16 +6,17 @@ Run: python benchmarks/bench_scale.py [--sizes qwen3-1.7b,qwen3-4b,qwen3.5-9b] [
 For each size: a checkpoint is made from the published config values with transformers on the meta device
 and random bf16 tensors written shard by shard (no download, bounded memory), then ``edgekit build
 --streaming --no-eval`` runs in a child process for the ``laptop-cpu-rtn`` target (INT4, block 32, int8
-compute) and the table gets its wall time, peak RSS (the child's ``ru_maxrss``), the disk it used and the
+compute) and the table gets its wall time, peak RSS (the child's VmHWM), the disk it used and the
 package's bytes. ``--compare-whole`` also runs onnxruntime-genai's own whole-model builder on the same
 checkpoint, with its peak RSS, and compares the two INT4 models' logits; ``--generate`` loads each package
 with onnxruntime-genai and generates tokens. ``--gptq 16x256`` builds the ``laptop-cpu-gptq`` target
 instead (GPTQ from disk one layer at a time on that many calibration tokens of the built-in corpus, then
 both INT4 variants streamed); the peak RSS is then GPTQ's or the export's, whichever is higher.
-``--recipe`` builds the default ``laptop-cpu`` whole (not streamed), as ``edgekit build CKPT -o OUT --no-eval``
-does: the fp32 export, the RTN variant and the per-tensor recipe searched on the built-in corpus;
-``--streamed-recipe`` builds it streamed (the recipe searched on an fp32 export streamed to scratch space),
-and adds the peak of anonymous memory to the notes. Without either, the streamed build is ``laptop-cpu-rtn``.
+``--recipe`` builds the default ``laptop-cpu`` whole (unless the memory check switches it to streaming),
+as ``edgekit build CKPT -o OUT --no-eval`` does: the fp32 export, the RTN variant and the per-tensor recipe
+searched on the built-in corpus; ``--streamed-recipe`` builds it streamed (the recipe searched on an fp32
+export streamed to scratch space), and adds the peak of anonymous memory to the notes. Without either, the
+streamed build is ``laptop-cpu-rtn``.
 
 Where the configs come from: Qwen3-0.6B, Qwen3-1.7B and Qwen3-4B are the values of the published
 config.json files of Qwen/Qwen3-0.6B, Qwen/Qwen3-1.7B and Qwen/Qwen3-4B; the 9B is transformers'

@@ -53,7 +53,8 @@ STREAMED_RECIPE_BYTES_PER_TOKEN = 24 * 1024
 is on disk, and its onnxruntime session, the weights overridable inputs, maps them from the file (page cache the kernel
 can drop, not counted here); what is counted is the quantized fits the rounds reuse, the rounds' variants
 and their sessions and the calibration activations (per parameter), and the calibration windows' logits
-and reference log-probabilities (per vocabulary entry); fitted above two measured peaks, docs/streaming.md."""
+and reference log-probabilities (per vocabulary entry); fitted above two measured peaks,
+docs/benchmarks.md ("Large models: recipes streamed")."""
 RECIPE_ROUNDS = 3
 """The most rounds a recipe search builds (``quant.recipe_build._ROUNDS``; a test keeps the two equal)."""
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
