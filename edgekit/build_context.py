@@ -83,7 +83,7 @@ class BuildContext:
     parity: ParityResult | None = None
     tokenizer_parity: TokenizerParity | None = None
     recipe_dropped: str | None = None
-    """Why the target's recipe is not built (memory), where a whole-model build runs without it."""
+    """Why the target's recipe is not built (memory), where the build (whole or streamed) runs without it."""
 
     @property
     def log_path(self) -> Path:

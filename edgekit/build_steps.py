@@ -234,9 +234,8 @@ def build_recipe(context: BuildContext) -> None:
     variant = next((v for v in context.plan if v.method == Int4Method.RECIPE.value), None)
     if variant is None:
         return
-    fp32_dir = context.staging / REFERENCE_VARIANT
     if not context.options.streaming:
-        _build_recipe_from(context, variant, fp32_dir)
+        _build_recipe_from(context, variant, context.staging / REFERENCE_VARIANT)
         return
     # A streamed build's fp32 export exists for the search alone, written to disk a layer at a time; the
     # search's session, whose weights are overridable inputs, maps them from the file (quant/probe_session.py).
@@ -264,17 +263,18 @@ def _build_recipe_from(context: BuildContext, variant: VariantSpec, fp32_dir: Pa
     ctx = min(CALIBRATION_CTX, int(config["model"]["context_length"]))
     corpus, windows = _calibration_windows(context, fp32_dir / "tokenizer.json", CALIBRATION_WINDOWS, ctx)
     folder = context.staging / variant.name
+    rtn = f"int4-{Int4Method.RTN.value}"
     with context.reporter.step(f"search and build {variant.name} (per-tensor formats)") as detail:
         outcome = make_recipe_variant(
             fp32_dir,
-            context.staging / f"int4-{Int4Method.RTN.value}",
+            context.staging / rtn,
             folder,
             context.work / "recipe",
             context.target,
             windows.numpy(),
             (corpus, context.options.calibration.seed),
             detail,
-            streamed=context.options.streaming,
+            rtn_head=HeadPrecision(context.variants[rtn]["lm_head"]),  # as built: a streamed export's is int4
         )
     context.warnings.extend(f"{variant.name}: {note}" for note in outcome.notes)
     head = outcome.formats.get("lm_head")

@@ -35,11 +35,13 @@ def recipe_candidates(target: Target) -> tuple[TensorFormat, ...]:
     return DEFAULT_CANDIDATES
 
 
-def recipe_request(target: Target, rtn_model_bytes: int | None = None, streamed: bool = False) -> RecipeRequest:
+def recipe_request(
+    target: Target, rtn_model_bytes: int | None = None, rtn_head: HeadPrecision | None = None
+) -> RecipeRequest:
     """The recipe ``target`` asks for: its objective, its budget as the accuracy bound, its candidates.
 
     ``optimize: loss`` bounds the bytes by ``rtn_model_bytes``, the all-int4 RTN variant's model files.
-    ``streamed``: the RTN variant was exported streamed, which builds an int8 head int4.
+    ``rtn_head``: that variant's LM head as built (the speed baseline's), by default the target's.
     """
     settings, budget = target.recipe, target.budget
     candidates = recipe_candidates(target)
@@ -54,7 +56,7 @@ def recipe_request(target: Target, rtn_model_bytes: int | None = None, streamed:
         min_top1=None if max_bytes is not None else budget.min_top1_agreement,
         min_decode_ratio=settings.min_decode_ratio,
         accuracy_level=target.accuracy_level,
-        head_baseline=_rtn_head(target, streamed),
+        head_baseline=_rtn_head(target, rtn_head or target.lm_head),
         candidates=candidates,
     )
 
@@ -88,12 +90,12 @@ def make_recipe_variant(
     windows: np.ndarray,
     calibration: tuple[Corpus, int],
     progress: Callable[[str], None],
-    streamed: bool = False,
+    rtn_head: HeadPrecision | None = None,
 ) -> RecipeOutcome:
     """Build ``target``'s recipe variant of ``fp32_dir`` into ``out_dir`` from calibration ``windows`` (drawn
     from ``calibration``'s text with its seed); the sensitivity table goes to ``eval/`` beside ``out_dir``.
-    ``streamed``: the build is streamed (its RTN variant's head, the speed baseline, is int4)."""
-    request = recipe_request(target, model_file_bytes(rtn_dir), streamed)
+    ``rtn_head``: the RTN variant's LM head as built, where it is not the target's."""
+    request = recipe_request(target, model_file_bytes(rtn_dir), rtn_head)
     corpus, seed = calibration
     # The tokens themselves: the tokenizer and BOS rule decide them as much as the text and the seed do.
     sampling = (
@@ -104,10 +106,10 @@ def make_recipe_variant(
     return build_recipe_variant(fp32_dir, out_dir, work, rtn_dir, request, windows, key, paths, progress=progress)
 
 
-def _rtn_head(target: Target, streamed: bool) -> TensorFormat | None:
-    """The RTN variant's LM head as a format (None: left float), for the decode-cost bound."""
+def _rtn_head(target: Target, head: HeadPrecision) -> TensorFormat | None:
+    """The RTN variant's LM head ``head`` as a format (None: left float), for the decode-cost bound."""
     block = min(target.block_size, BLOCK_SIZES[-1])
-    if target.lm_head is HeadPrecision.FLOAT:
+    if head is HeadPrecision.FLOAT:
         return None
-    bits = 8 if target.lm_head is HeadPrecision.INT8 and not streamed else 4
+    bits = 8 if head is HeadPrecision.INT8 else 4
     return TensorFormat(bits, block, False, QuantMethod.RTN)

@@ -17,7 +17,7 @@ from edgekit.quant.graph_rewrite import Linear, find_linears
 from edgekit.quant.recipe_build import recipe_formats
 from edgekit.quant.search import Objective, Option, choose
 from edgekit.quant.sensitivity import SENSITIVITY_VERSION, read_table
-from edgekit.targets import get_target, parse_targets, with_max_model_bytes
+from edgekit.targets import HeadPrecision, get_target, parse_targets, with_max_model_bytes
 
 # --- formats ------------------------------------------------------------------------------------------------
 
@@ -288,10 +288,10 @@ def test_the_loss_objective_bounds_the_bytes_by_the_rtn_variants() -> None:
     assert (request.max_model_bytes, request.max_kl, request.min_top1) == (123_456, None, None)
     with pytest.raises(ValueError, match="RTN variant's model bytes"):
         recipe_request(target)
-    # The speed baseline is the RTN variant as built: its int8 head, or int4 where the export streamed.
+    # The speed baseline is the RTN variant as built: the target's int8 head, or int4 where the export streamed.
     assert target.lm_head.value == "int8"
-    for streamed, bits in ((False, 8), (True, 4)):
-        head = recipe_request(target, rtn_model_bytes=1, streamed=streamed).head_baseline
+    for built, bits in ((None, 8), (HeadPrecision.INT4, 4)):
+        head = recipe_request(target, rtn_model_bytes=1, rtn_head=built).head_baseline
         assert head is not None and head.bits == bits
     # --max-model-bytes replaces the objective; the RTN size no longer matters.
     assert recipe_request(with_max_model_bytes(target, 10**6), rtn_model_bytes=5).max_model_bytes == 10**6
