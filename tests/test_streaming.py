@@ -555,9 +555,25 @@ def test_gptq_refuses_linears_its_groups_do_not_divide_before_any_weight_is_read
     assert memory_estimate.plan_resources(*rtn, streaming=False, tied=False, memory=64 * GIB)
 
 
-def _anonymous_memory() -> int:
+# Measured in a fresh interpreter: in the test process the allocator reuses memory earlier tests freed, so
+# a copied weight need not raise RssAnon there.
+_ANONYMOUS_GROWTH = """
+import json, sys
+import numpy as np, onnxruntime as ort
+def anonymous():
     with open("/proc/self/status", encoding="utf-8") as status:
         return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+grown = {}
+for path in sys.argv[1:]:
+    before = anonymous()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # the "initializer appears in graph inputs" warning is the point here
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    session.run(None, {"x": np.ones((1, 4096), np.float32)})
+    grown[path] = anonymous() - before
+    del session
+print(json.dumps(grown))
+"""
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RssAnon from /proc")
@@ -565,7 +581,9 @@ def test_onnxruntime_maps_a_page_aligned_weight_the_graph_may_override(tmp_path:
     """What the streamed recipe search's memory estimate rests on: a weight in a data file written by the
     streamed export's ExternalDataFile and declared a graph input too, as the search's probe graph declares
     every linear's, stays in the file's pages; a constant weight is copied into the process (prepacked)."""
-    import onnxruntime as ort
+    import subprocess
+    import sys
+
     from onnx import TensorProto, helper
 
     k = n = 4096  # 64 MiB of float32
@@ -579,17 +597,15 @@ def test_onnxruntime_maps_a_page_aligned_weight_the_graph_may_override(tmp_path:
         weight.external_data.add(key=key, value=value)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])
-    grown = {}
+    paths = {}
     for overridable in (True, False):
         inputs = [x, helper.make_tensor_value_info("W", TensorProto.FLOAT, [k, n])] if overridable else [x]
         graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g", inputs, [y], [weight])
-        path = tmp_path / f"m{int(overridable)}.onnx"
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
-        before = _anonymous_memory()
-        options = ort.SessionOptions()
-        options.log_severity_level = 3  # the "initializer appears in graph inputs" warning is the point here
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        session.run(None, {"x": np.ones((1, k), np.float32)})
-        grown[overridable] = _anonymous_memory() - before
-        del session
+        paths[overridable] = str(tmp_path / f"m{int(overridable)}.onnx")
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), paths[overridable])
+    child = subprocess.run(
+        [sys.executable, "-c", _ANONYMOUS_GROWTH, paths[True], paths[False]], capture_output=True, text=True, check=True
+    )
+    measured = json.loads(child.stdout.strip().splitlines()[-1])
+    grown = {overridable: measured[path] for overridable, path in paths.items()}
     assert grown[True] < 16 << 20 and grown[False] > 48 << 20, grown
