@@ -411,6 +411,10 @@ def main() -> None:
     parser.add_argument("--prefill-chunks", default="", help="comma-separated chunk sizes for the second table")
     parser.add_argument("--no-levers", action="store_true", help="only the chunk table")
     parser.add_argument("--only", help="only the levers whose name holds this word (and the default)")
+    parser.add_argument(
+        "--against", action="append", default=[], metavar="PKG[:VARIANT]",
+        help="another package's variant as one more lever (a differently built model), repeatable",
+    )  # fmt: skip
     args = parser.parse_args()
 
     from edgekit.runtimes.tuning import machine_class
@@ -432,6 +436,9 @@ def main() -> None:
     for number, name in enumerate(n for n in chosen if n in GRAPH_LEVERS):
         copy = graph_copy(args.package, args.variant, Path(scratch.name) / str(number), GRAPH_LEVERS[name])
         models[name] = load_with(copy, args.variant, {})
+    for other in args.against:
+        folder, _, variant = other.partition(":")
+        models[f"package {other}"] = load_with(Path(folder), variant or None, {})
     for model in models.values():
         for phase in PHASES:
             timing(model, phase, 8, prompts)  # warm-up: allocations, prepacking

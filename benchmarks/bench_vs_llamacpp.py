@@ -112,8 +112,9 @@ def measure(edgekit: Edgekit, llamacpp: LlamaCpp, args: argparse.Namespace) -> l
     return [(name, statistics.median(ours), statistics.median(theirs)) for name, (ours, theirs) in samples.items()]
 
 
-def profile(package: Path, variant: str | None, threads: int) -> list[str]:
-    """Per-op-type milliseconds of one decode step at depth 0 and 512, and of a 512-token prefill."""
+def profile(package: Path, variant: str | None, threads: int, chunk: int | None) -> list[str]:
+    """Per-op-type milliseconds of one decode step at depth 0 and 512, and of a 512-token prefill run in the
+    runtime's pieces of ``chunk`` tokens (one pass where None)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -123,15 +124,18 @@ def profile(package: Path, variant: str | None, threads: int) -> list[str]:
     _, folder = variant_dir(package, read_manifest(package), variant)
     config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
     lines = []
-    for label, past, new in (("decode, depth 0", 0, 1), ("decode, depth 512", 512, 1), ("prefill 512", 0, 512)):
+    step = chunk or 512
+    prefill = [(past, min(step, 512 - past)) for past in range(0, 512, step)]
+    for label, passes in (("decode, depth 0", [(0, 1)]), ("decode, depth 512", [(512, 1)]), ("prefill 512", prefill)):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.enable_profiling = True
         options.profile_file_prefix = f"/tmp/edgekit-profile-{label.replace(' ', '-').replace(',', '')}"
         session = ort.InferenceSession(str(folder / config["filename"]), options, providers=["CPUExecutionProvider"])
-        feed = _feed(session, config, past, new, np)
+        feeds = [_feed(session, config, past, new, np) for past, new in passes]
         for _ in range(3):
-            session.run(None, feed)
+            for feed in feeds:
+                session.run(None, feed)
         path = session.end_profiling()
         totals: dict[str, float] = {}
         for event in json.loads(Path(path).read_text(encoding="utf-8")):
@@ -182,14 +186,16 @@ def main() -> None:
     package_bytes = read_manifest(args.package)["variants"][variant]["bytes"]
     rows = measure(edgekit, llamacpp, args)
     theirs = f"{args.gguf.name} ({args.gguf.stat().st_size / 1e6:.1f} MB)"
-    print(f"edgekit {variant} ({package_bytes / 1e6:.1f} MB) vs llama.cpp {theirs}, {args.threads} threads, "
+    chunk = edgekit.model.info.prefill_chunk
+    pieces = f"prompt by {chunk}" if chunk else "prompt in one pass"
+    print(f"edgekit {variant} ({package_bytes / 1e6:.1f} MB, {pieces}) vs llama.cpp {theirs}, {args.threads} threads, "
           f"medians of {args.rounds} rounds")  # fmt: skip
     print("| measurement | edgekit tok/s | llama.cpp tok/s | ratio |")
     print("|---|---:|---:|---:|")
     for name, ours, theirs in rows:
         print(f"| {name} | {ours:.1f} | {theirs:.1f} | {ours / theirs:.2f}x |")
     if args.profile:
-        for line in profile(args.package, args.variant, args.threads):
+        for line in profile(args.package, args.variant, args.threads, chunk):
             print(line)
 
 

@@ -52,17 +52,18 @@ def record(chosen: RuntimeSettings, manifest: str = HASH, variant: str = "int4-r
     )
 
 
+CHUNK = tuning.DEFAULT_PREFILL_CHUNK
+
+
 @pytest.mark.parametrize(
-    ("cores", "logical", "expected"),
-    [
-        (2, 2, [(2, True), (2, False), (1, True)]),
-        (4, 8, [(4, True), (4, False), (8, True), (2, True)]),
-        (1, 1, [(1, True), (1, False)]),
-        (6, 6, [(6, True), (6, False), (3, True)]),
-    ],
+    ("cores", "logical", "others"),
+    [(2, 2, [(1, True, CHUNK)]), (4, 8, [(8, True, CHUNK), (2, True, CHUNK)]), (1, 1, []), (6, 6, [(3, True, CHUNK)])],
 )
-def test_the_default_comes_first_then_the_arena_then_other_thread_counts(cores, logical, expected) -> None:
-    assert [(c.threads, c.cpu_mem_arena) for c in candidates(cores, logical)] == expected
+def test_the_default_comes_first_then_the_arena_the_prompt_pieces_then_other_thread_counts(
+    cores, logical, others
+) -> None:
+    first = [(cores, True, CHUNK), (cores, False, CHUNK), (cores, True, None), (cores, True, CHUNK // 2)]
+    assert [(c.threads, c.cpu_mem_arena, c.prefill_chunk) for c in candidates(cores, logical)] == first + others
 
 
 def test_a_candidate_within_the_margin_does_not_replace_the_default() -> None:
@@ -140,7 +141,7 @@ def test_load_applies_the_record_unless_told_otherwise(tiny_llama_package: Path,
     write_tuning(record(settings(1, False), manifest_hash, variant))
     with runtime_model.load(tiny_llama_package) as model:
         assert (model.info.threads, model.info.cpu_mem_arena, model.info.settings_from) == (1, False, "tuned")
-        assert model.info.describe() == f"{variant} on cpu, tuned: 1 thread, arena off"
+        assert model.info.describe() == f"{variant} on cpu, tuned: 1 thread, arena off, prompt by {CHUNK}"
         assert len(model.generate_tokens([5, 6, 7], max_new_tokens=3)) == 3
     with runtime_model.load(tiny_llama_package, tuned=False) as model:
         assert model.info.settings_from == "default" and model.info.cpu_mem_arena
@@ -227,3 +228,39 @@ def test_a_record_survives_an_evaluation_rewriting_the_manifest(
     write_manifest(root, manifest)
     with runtime_model.load(root) as model:
         assert model.info.variant_sha256 != fingerprint and model.info.settings_from == "default"
+
+
+@pytest.mark.parametrize(
+    ("length", "chunk", "sizes"), [(40, 16, [16, 16, 8]), (32, 16, [16, 16]), (5, 16, [5]), (7, None, [7])]
+)
+def test_a_prompt_is_cut_into_consecutive_pieces(length: int, chunk: int | None, sizes: list[int]) -> None:
+    tokens = list(range(length))
+    pieces = runtime_model.prompt_pieces(tokens, chunk)
+    assert [len(p) for p in pieces] == sizes and [t for p in pieces for t in p] == tokens
+
+
+def test_a_prompt_in_pieces_generates_what_one_pass_does(tiny_llama_package: Path, monkeypatch) -> None:
+    chunks: list[int | None] = []
+    pieces = runtime_model.prompt_pieces
+
+    def spy(tokens: list[int], chunk: int | None) -> list[list[int]]:
+        chunks.append(chunk)
+        return pieces(tokens, chunk)
+
+    monkeypatch.setattr(runtime_model, "prompt_pieces", spy)
+    prompt = [5 + (7 * i) % 200 for i in range(40)]
+    made = {}
+    for chunk in (None, 16):
+        with runtime_model.load(tiny_llama_package, settings=RuntimeSettings(threads=1, prefill_chunk=chunk)) as model:
+            assert model.info.prefill_chunk == chunk
+            made[chunk] = model.generate_tokens(prompt, max_new_tokens=8)
+    assert chunks == [None, 16]
+    assert made[16] == made[None] and len(made[None]) == 8
+
+
+@pytest.mark.parametrize("chunk", [0, 8, 1 << 21])
+def test_a_record_with_a_prompt_piece_out_of_bounds_is_refused(chunk: int) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        RuntimeSettings(threads=1, prefill_chunk=chunk)

@@ -54,12 +54,16 @@ class ModelInfo:
     """Where the threads and arena came from: ``default``, ``given`` (arguments) or ``tuned`` (``edgekit tune``)."""
     variant_sha256: str = ""
     """The variant's fingerprint (``package.manifest.variant_fingerprint``): what ``edgekit tune`` records are for."""
+    prefill_chunk: int | None = None
+    """Prompt tokens per decoder pass (None: the whole prompt in one); only the CPU provider takes it in pieces."""
 
     def describe(self) -> str:
         """``int4-rtn on cpu``, with the settings where ``edgekit tune`` chose them."""
         shown = f"{self.variant} on {self.provider}"
         if self.settings_from == "tuned":
-            shown += f", tuned: {RuntimeSettings(threads=self.threads, cpu_mem_arena=self.cpu_mem_arena).label()}"
+            chosen = RuntimeSettings(threads=self.threads, cpu_mem_arena=self.cpu_mem_arena,
+                                     prefill_chunk=self.prefill_chunk)  # fmt: skip
+            shown += f", tuned: {chosen.label()}"
         return shown
 
 
@@ -149,7 +153,8 @@ class Model:
         length, allowed = generation_length(self._config, len(tokens), config.max_new_tokens)
         with self._lock, self._runtime_errors():
             generator = self._og.Generator(self._require_open(), self._params(length, config))
-            generator.append_tokens(list(tokens))
+            for piece in prompt_pieces(tokens, self.info.prefill_chunk):
+                generator.append_tokens(piece)
         produced = 0
         while produced < allowed:
             with self._lock, self._runtime_errors():
@@ -197,6 +202,12 @@ class Model:
         if self._model is None:
             raise PackageError("the model was closed", path=self.info.package, fix="load it again")
         return self._model
+
+
+def prompt_pieces(tokens: Sequence[int], chunk: int | None) -> list[list[int]]:
+    """``tokens`` in consecutive pieces of at most ``chunk`` (one piece where ``chunk`` is None)."""
+    step = chunk or max(1, len(tokens))
+    return [list(tokens[start : start + step]) for start in range(0, len(tokens), step)]
 
 
 def generation_length(config: GenaiConfig, prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
@@ -254,9 +265,10 @@ def load(
     the variant's own provider followed by the CPU. A provider that is missing or fails to start is
     skipped with a notice (``on_fallback``, a ``UserWarning`` by default); ``strict=True`` raises
     ``ProviderUnavailableError`` instead. A model the CPU cannot load is a ``PackageError``, not a
-    provider problem. ``threads``: onnxruntime's intra-op threads; ``settings``: threads and memory arena
-    together; without either, the settings ``edgekit tune`` recorded for this package variant on this
-    machine class apply (``tuned=False`` ignores them), else one thread per physical core.
+    provider problem. ``threads``: onnxruntime's intra-op threads; ``settings``: threads, memory arena and
+    the prompt's pieces on the CPU (``RuntimeSettings``) together; without either, the settings
+    ``edgekit tune`` recorded for this package variant on this machine class apply (``tuned=False`` ignores
+    them), else one thread per physical core and the prompt in pieces of ``DEFAULT_PREFILL_CHUNK``.
     ``chat_template``: a Jinja template to use instead of the package's. No native library is ever
     loaded: edgekit's graphs use onnxruntime's built-in operators only.
     """
@@ -280,9 +292,10 @@ def load(
         raise UsageError(f"unknown provider '{unknown[0]}'", path=root, fix=f"use one of: {', '.join(PROVIDERS)}")
     genai_model, provider, skipped = _start(folder, chain, strict, runtime, on_fallback)
     tried = [reason.split(":", 1)[0] for reason in skipped] + [provider]
+    chunk = runtime.prefill_chunk if provider == "cpu" else None  # a GPU takes the prompt whole
     info = ModelInfo(
         str(root), name, provider, runtime.threads, manifest_hash, tried, skipped, runtime.cpu_mem_arena, settings_from,
-        fingerprint,
+        fingerprint, chunk,
     )  # fmt: skip
     rule = recorded_rule(manifest)
     tokenizer = TextTokenizer(folder, add_bos=rule.add_bos_token, bos_token_id=rule.bos_token_id)

@@ -6,9 +6,10 @@ manifest says, and a copy moved to another machine class finds no record and run
 ``load`` applies a record it finds. A record is read as untrusted input (pydantic, bounded values, and a
 thread count the process can use); one that fails any check is ignored.
 
-The candidates are runtime choices that need no rebuild: onnxruntime's intra-op thread count and its CPU
-memory arena. A candidate replaces the default only when it is faster by more than ``MARGIN`` on the
-geometric mean of prefill and decode speed, measured in alternating rounds, so noise does not pick it.
+The candidates are runtime choices that need no rebuild: onnxruntime's intra-op thread count, its CPU
+memory arena, and how many prompt tokens each decoder pass takes on the CPU. A candidate replaces the
+default only when it is faster by more than ``MARGIN`` on the geometric mean of prefill and decode speed,
+measured in alternating rounds, so noise does not pick it.
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ from edgekit.runtimes.cpu_threads import physical_cores, usable_cpus
 from edgekit.safe_io import read_regular_file, user_cache_path, write_text_atomic
 
 MARGIN = 0.05
+DEFAULT_PREFILL_CHUNK = 256
+"""Prompt tokens per decoder pass on the CPU unless a record says otherwise (docs/benchmarks.md, "Prefill in
+chunks": a prompt in pieces of this size was faster than one pass on one machine and no slower on another)."""
 """How much faster than the default a candidate must be to be recorded."""
 _FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
 _MAX_RECORD_BYTES = 1 << 20
@@ -39,10 +43,14 @@ class RuntimeSettings(BaseModel):
     """onnxruntime's intra-op threads."""
     cpu_mem_arena: bool = True
     """onnxruntime's CPU memory arena (``enable_cpu_mem_arena``)."""
+    prefill_chunk: Annotated[int, Field(ge=16, le=1 << 20)] | None = DEFAULT_PREFILL_CHUNK
+    """Prompt tokens per decoder pass on the CPU provider; None: the whole prompt in one pass. Each pass
+    attends to the cache the earlier ones wrote, so the result is the one-pass result up to float rounding."""
 
     def label(self) -> str:
-        """``2 threads, arena on``: how the settings are shown."""
-        return f"{self.threads} thread{'s' * (self.threads != 1)}, arena {'on' if self.cpu_mem_arena else 'off'}"
+        """``2 threads, arena on, prompt by 256``: how the settings are shown."""
+        threads = f"{self.threads} thread{'s' * (self.threads != 1)}, arena {'on' if self.cpu_mem_arena else 'off'}"
+        return f"{threads}, prompt {'in one pass' if self.prefill_chunk is None else f'by {self.prefill_chunk}'}"
 
 
 Speed = Annotated[float, Field(gt=0, allow_inf_nan=False)]
@@ -122,15 +130,19 @@ def write_tuning(record: TuningRecord) -> Path:
 
 
 def candidates(cores: int, logical: int) -> list[RuntimeSettings]:
-    """The settings to measure; the first is the default (one thread per physical core, arena on).
+    """The settings to measure; the first is the default (one thread per physical core, arena on, the prompt
+    by ``DEFAULT_PREFILL_CHUNK``).
 
-    Then the arena off, and the other thread counts worth a try: every logical CPU (hyper-threads), and half
-    the cores (a hybrid laptop's performance cores, a machine others share).
+    Then the arena off, the prompt in one pass and in half the default's pieces, and the other thread counts
+    worth a try: every logical CPU (hyper-threads), and half the cores (a hybrid laptop's performance cores,
+    a machine others share).
     """
     others = sorted({logical, max(1, cores // 2)} - {cores}, reverse=True)
     return [
         RuntimeSettings(threads=cores),
         RuntimeSettings(threads=cores, cpu_mem_arena=False),
+        RuntimeSettings(threads=cores, prefill_chunk=None),
+        RuntimeSettings(threads=cores, prefill_chunk=DEFAULT_PREFILL_CHUNK // 2),
         *(RuntimeSettings(threads=count) for count in others),
     ]
 
