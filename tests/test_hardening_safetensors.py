@@ -51,6 +51,15 @@ CASES = {
         lambda p: write_safetensors(p, {"w": {"dtype": [0, 32], "shape": [1], "data_offsets": [0, 1]}}, bytes(1)),
         "tensor 'w' has unknown dtype [0, 32]",
     ),
+    # The builder's safetensors loader refused these late, as a traceback in its log (exit 1).
+    "metadata-a-list": (
+        lambda p: write_safetensors(p, {"__metadata__": ["pt"], "w": entry("U8", [1], 0, 1)}, bytes(1)),
+        "__metadata__ is not a map of strings to strings",
+    ),
+    "metadata-value-a-number": (
+        lambda p: write_safetensors(p, {"__metadata__": {"format": 5}, "w": entry("U8", [1], 0, 1)}, bytes(1)),
+        "__metadata__ is not a map of strings to strings",
+    ),
     "boolean-shape": (
         lambda p: write_safetensors(p, {"w": entry("U8", [True], 0, 1)}, bytes(1)),
         "tensor 'w' has a malformed shape",

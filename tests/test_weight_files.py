@@ -113,6 +113,28 @@ def test_a_header_that_is_not_json(tmp_path: Path, raw: bytes) -> None:
     assert "header is not JSON" in corrupt(path)
 
 
+@pytest.mark.parametrize("metadata", [["x"], {"format": 5}, "pt", {"a": {"b": "c"}}, 7])
+def test_metadata_that_is_not_strings_to_strings(tmp_path: Path, metadata: object) -> None:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    header = {"__metadata__": metadata, "x": entry("F32", [1], 0, 4)}
+    path = write_safetensors(tmp_path / "meta.safetensors", header, bytes(4))
+    assert "__metadata__ is not a map of strings to strings" in corrupt(path)
+    with pytest.raises(SafetensorError):  # what the builder would meet later, as a traceback in its log
+        load_file(str(path))
+
+
+def test_null_metadata_is_read_as_the_library_reads_it(tmp_path: Path) -> None:
+    from safetensors.numpy import load_file
+
+    path = write_safetensors(
+        tmp_path / "null.safetensors", {"__metadata__": None, "x": entry("F32", [1], 0, 4)}, bytes(4)
+    )
+    assert [i.name for i in read_safetensors_header(path)] == ["x"]
+    assert list(load_file(str(path))) == ["x"]
+
+
 def test_a_header_that_is_a_json_list(tmp_path: Path) -> None:
     path = write_safetensors(tmp_path / "list.safetensors", b"[1, 2]", b"")
     assert "not a JSON object" in corrupt(path)

@@ -47,9 +47,9 @@ class TensorInfo:
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
     """Validate a safetensors file's header against its size and return its tensors.
 
-    Checks the declared header length, that the header is a JSON object, each tensor's dtype, that its
-    byte range matches its shape, and that the ranges tile the data section exactly (no overlap, no gap,
-    no truncation).
+    Checks the declared header length, that the header is a JSON object, its ``__metadata__`` (strings to
+    strings), each tensor's dtype, that its byte range matches its shape, and that the ranges tile the data
+    section exactly (no overlap, no gap, no truncation).
     """
     with open_regular(path, CorruptFileError, _FIX_REDOWNLOAD) as handle:
         size = os.fstat(handle.fileno()).st_size
@@ -77,6 +77,7 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
     ranges: list[tuple[int, int, str]] = []
     for name, entry in header.items():
         if name == "__metadata__":
+            _check_metadata(path, entry)
             continue
         info, begin, end = _parse_tensor_entry(path, name, entry)
         tensors.append(info)
@@ -114,6 +115,16 @@ def layer_indices(paths: list[Path]) -> set[int]:
             if match and not info.name.startswith(_NOT_DECODER):
                 indices.add(int(match.group(1)))
     return indices
+
+
+def _check_metadata(path: Path, metadata: object) -> None:
+    """The safetensors format's ``__metadata__``: null or text keys to text values (what the library reads)."""
+    if metadata is None:
+        return
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise CorruptFileError(
+            "header's __metadata__ is not a map of strings to strings", path=path, fix=_FIX_REDOWNLOAD
+        )
 
 
 def _parse_tensor_entry(path: Path, name: str, entry: object) -> tuple[TensorInfo, int, int]:
