@@ -231,7 +231,15 @@ def test_a_record_survives_an_evaluation_rewriting_the_manifest(
 
 
 @pytest.mark.parametrize(
-    ("length", "chunk", "sizes"), [(40, 16, [16, 16, 8]), (32, 16, [16, 16]), (5, 16, [5]), (7, None, [7])]
+    ("length", "chunk", "sizes"),
+    [
+        (40, 16, [13, 13, 14]),
+        (32, 16, [16, 16]),
+        (33, 16, [11, 11, 11]),
+        (5, 16, [5]),
+        (7, None, [7]),
+        (17, 16, [8, 9]),
+    ],
 )
 def test_a_prompt_is_cut_into_consecutive_pieces(length: int, chunk: int | None, sizes: list[int]) -> None:
     tokens = list(range(length))
@@ -264,3 +272,10 @@ def test_a_record_with_a_prompt_piece_out_of_bounds_is_refused(chunk: int) -> No
 
     with pytest.raises(ValidationError):
         RuntimeSettings(threads=1, prefill_chunk=chunk)
+
+
+def test_a_gpu_provider_takes_the_prompt_whole(tiny_llama_package: Path, monkeypatch) -> None:
+    start = runtime_model._start
+    monkeypatch.setattr(runtime_model, "_start", lambda *args: (start(*args)[0], "cuda", []))
+    with runtime_model.load(tiny_llama_package, settings=RuntimeSettings(threads=1, prefill_chunk=16)) as model:
+        assert model.info.provider == "cuda" and model.info.prefill_chunk is None

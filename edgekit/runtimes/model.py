@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import threading
@@ -205,9 +206,11 @@ class Model:
 
 
 def prompt_pieces(tokens: Sequence[int], chunk: int | None) -> list[list[int]]:
-    """``tokens`` in consecutive pieces of at most ``chunk`` (one piece where ``chunk`` is None)."""
-    step = chunk or max(1, len(tokens))
-    return [list(tokens[start : start + step]) for start in range(0, len(tokens), step)]
+    """``tokens`` in as few consecutive pieces of at most ``chunk`` as hold them, of near-equal length (one
+    piece where ``chunk`` is None): 257 tokens go as 129 and 128, not 256 and a one-token pass."""
+    count = -(-len(tokens) // chunk) if chunk else 1
+    bounds = [len(tokens) * i // max(1, count) for i in range(count + 1)]
+    return [list(tokens[begin:end]) for begin, end in itertools.pairwise(bounds) if end > begin]
 
 
 def generation_length(config: GenaiConfig, prompt_tokens: int, max_new_tokens: int) -> tuple[int, int]:
