@@ -1,33 +1,34 @@
 """Runtime levers of issue #17, side by side: each one a change to a package's session options or graph.
 
 Run: python benchmarks/bench_levers.py PACKAGE [--variant NAME] [--rounds 5] [--gen 64]
-     [--prefill-chunks 64,128,256] [--no-levers] [--only WORD]
+     [--prefill-chunks 64,128,256] [--no-levers] [--only WORD] [--against PKG[:VARIANT]]...
 
 Most levers are the package's variant loaded with one onnxruntime-genai config overlay on top of what
-``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread); seven are edited graphs
-(copies of the package in a temporary folder): the last row of logits expanded to every position (as
-packages did before their logits were declared one position), an MLP's gate and up projections in one
-MatMulNBits (for packages built before the build did that), the LM head over every position, as the
-builder exports it, fp32 compute in every MatMulNBits, (for a recipe with asymmetric formats) each
-activation's block means made by one MatMul with a constant averaging matrix, or by one AveragePool,
-instead of a Reshape and a ReduceMean, and the compute type chosen by phase: the graph's nodes twice under
-an If on the input's length, fp32 compute for a prompt, int8 for a generated token. One more runs prompts
-on a copy of the graph with fp32-compute MatMulNBits (held in memory) and generated tokens on the
-package's graph, two sessions in onnxruntime-genai's decoder pipeline. All of
-them stay loaded, and each round times every phase of every lever once, phase by phase, alternating the
-levers' order, so they see the same machine state and each follows the same kind of work. Each lever's
-model has its own onnxruntime thread pool, whose threads spin for a while after a run, so with many
-levers loaded each timing carries some of the others' spinning: ``--only WORD`` compares the default with
-the matching levers alone.
+``edgekit.load`` sets (one intra-op thread per physical core, one inter-op thread, the prompt in pieces of at
+most ``DEFAULT_PREFILL_CHUNK`` tokens: tables measured before that default ran prompts in one pass); seven are
+edited graphs (copies of the package in a temporary folder): the last row of logits expanded to every position
+(as packages did before their logits were declared one position), an MLP's gate and up projections in one
+MatMulNBits (for packages built before the build did that), the LM head over every position, as the builder
+exports it, fp32 compute in every MatMulNBits, (for a recipe with asymmetric formats) each activation's block
+means made by one MatMul with a constant averaging matrix, or by one AveragePool, instead of a Reshape and a
+ReduceMean, and the compute type chosen by phase: the graph's nodes twice under an If on the input's length,
+fp32 compute for a prompt, int8 for a generated token. One more runs prompts on a copy of the graph with
+fp32-compute MatMulNBits (held in memory) and generated tokens on the package's graph, two sessions in
+onnxruntime-genai's decoder pipeline. All of them stay loaded, and each round times every phase of every lever
+once, phase by phase, alternating the levers' order, so they see the same machine state and each follows the
+same kind of work. Each lever's model has its own onnxruntime thread pool, whose threads spin for a while
+after a run, so with many levers loaded each timing carries some of the others' spinning: ``--only WORD``
+compares the default with the matching levers alone. ``--against PKG[:VARIANT]`` adds another package's
+variant as a lever (a model built differently, say with other recipe formats).
 
 - decode at depth D: D random prompt tokens, then ``--gen`` tokens, the first excluded (llama-bench's ``tg``);
 - prefill of 512 tokens: 512 over the time to the first token (llama-bench's ``pp``).
 
 The table gives medians and each lever's ratio to the default. ``--prefill-chunks`` adds a second table:
-the prompt appended to the generator in chunks of that many tokens (onnxruntime-genai runs one decoder
-pass per chunk) against one pass, for 512- and 2048-token prompts, on the default settings.
-``edgekit tune`` measures the levers that pay on some machines (threads, the arena) on the user's own
-machine and records the winner.
+the prompt appended to the generator in pieces of at most that many tokens, cut as the runtime cuts them
+(onnxruntime-genai runs one decoder pass per piece), against one pass, for 512- and 2048-token prompts.
+``edgekit tune`` measures the levers that pay on some machines (threads, the arena, the prompt's pieces)
+on the user's own machine and records the winner.
 """
 
 from __future__ import annotations
@@ -371,14 +372,14 @@ def timing(model: Any, phase: str, gen: int, prompts: dict[int, list[int]]) -> f
 
 
 def chunked_prefill(model: Any, prompt: list[int], chunk: int | None) -> float:
-    """Prompt tokens per second to the first generated token, the prompt appended ``chunk`` tokens at a time."""
+    """Prompt tokens per second to the first generated token, the prompt appended in pieces of at most ``chunk``."""
     from edgekit.runtimes.generation import GenerationConfig
+    from edgekit.runtimes.model import prompt_pieces
 
     started = time.perf_counter()
     generator = model._og.Generator(model._model, model._params(len(prompt) + 2, GenerationConfig(max_new_tokens=2)))
-    step = chunk or len(prompt)
-    for start in range(0, len(prompt), step):
-        generator.append_tokens(prompt[start : start + step])
+    for piece in prompt_pieces(prompt, chunk):
+        generator.append_tokens(piece)
     generator.generate_next_token()
     return len(prompt) / (time.perf_counter() - started)
 
@@ -437,7 +438,7 @@ def main() -> None:
         copy = graph_copy(args.package, args.variant, Path(scratch.name) / str(number), GRAPH_LEVERS[name])
         models[name] = load_with(copy, args.variant, {})
     for other in args.against:
-        folder, _, variant = other.partition(":")
+        folder, _, variant = other.rpartition(":") if ":" in other else (other, "", "")
         models[f"package {other}"] = load_with(Path(folder), variant or None, {})
     for model in models.values():
         for phase in PHASES:

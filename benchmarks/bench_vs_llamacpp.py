@@ -1,7 +1,8 @@
 """edgekit against llama.cpp on the same CPU, side by side: decode at depth and prefill, interleaved rounds.
 
 Run: python benchmarks/bench_vs_llamacpp.py PACKAGE MODEL.gguf --llamacpp BIN_DIR [--rounds 5] [--threads 2]
-     [--variant NAME] [--depths 0,512,2048] [--prompts 128,512,2048] [--gen 128] [--profile]
+     [--variant NAME] [--depths 0,512,2048] [--prompts 128,512,2048] [--gen 128] [--prefill-chunk N]
+     [--profile]
 
 ``BIN_DIR`` holds ``llama-bench`` (``../shared/tools/build-llamacpp.sh`` builds it from the llama-cpp-python
 sdist with the instruction sets this CPU reports). Every round runs each measurement once for edgekit (the
@@ -10,10 +11,13 @@ alternating order, so both see the same machine state; the table gives each side
 
 - decode at depth D: edgekit appends D prompt tokens, generates ``--gen`` tokens, and counts the tokens
   after the first over their time (llama-bench's ``tg`` at ``-d D``);
-- prefill of P tokens: P over the time to the first token (llama-bench's ``pp``).
+- prefill of P tokens: P over the time to the first token (llama-bench's ``pp``); edgekit takes the prompt
+  as its runtime does, in pieces of at most ``--prefill-chunk`` tokens (default: the runtime's default; 0:
+  one pass).
 
 ``--profile`` adds onnxruntime's per-operator profile of one decode step at depth 0 and 512 and of one
-512-token prefill (the package's decoder run alone, as ``onnxruntime.InferenceSession``), by op type.
+512-token prefill in the same pieces (the package's decoder run alone, as ``onnxruntime.InferenceSession``),
+by op type.
 The machine's CPU model and the flags that matter are printed first.
 """
 
@@ -28,6 +32,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from edgekit.runtimes.tuning import DEFAULT_PREFILL_CHUNK
 
 FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
 
@@ -44,12 +50,13 @@ def machine() -> str:
 class Edgekit:
     """One edgekit package, loaded once; each call times one measurement."""
 
-    def __init__(self, package: Path, variant: str | None, threads: int) -> None:
+    def __init__(self, package: Path, variant: str | None, threads: int, chunk: int | None) -> None:
         import numpy as np
 
         from edgekit import load
+        from edgekit.runtimes.tuning import RuntimeSettings
 
-        self.model = load(package, variant=variant, threads=threads)
+        self.model = load(package, variant=variant, settings=RuntimeSettings(threads=threads, prefill_chunk=chunk))
         self.rng = np.random.default_rng(0)
         self.vocab = min(30000, self.model.vocab_size)
 
@@ -113,8 +120,8 @@ def measure(edgekit: Edgekit, llamacpp: LlamaCpp, args: argparse.Namespace) -> l
 
 
 def profile(package: Path, variant: str | None, threads: int, chunk: int | None) -> list[str]:
-    """Per-op-type milliseconds of one decode step at depth 0 and 512, and of a 512-token prefill run in the
-    runtime's pieces of ``chunk`` tokens (one pass where None)."""
+    """Per-op-type milliseconds of one decode step at depth 0 and 512, and of a 512-token prefill in the
+    runtime's pieces of at most ``chunk`` tokens (one pass where None)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -124,8 +131,10 @@ def profile(package: Path, variant: str | None, threads: int, chunk: int | None)
     _, folder = variant_dir(package, read_manifest(package), variant)
     config = json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["decoder"]
     lines = []
-    step = chunk or 512
-    prefill = [(past, min(step, 512 - past)) for past in range(0, 512, step)]
+    from edgekit.runtimes.model import prompt_pieces
+
+    sizes = [len(piece) for piece in prompt_pieces(range(512), chunk)]
+    prefill = [(sum(sizes[:i]), size) for i, size in enumerate(sizes)]
     for label, passes in (("decode, depth 0", [(0, 1)]), ("decode, depth 512", [(512, 1)]), ("prefill 512", prefill)):
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -175,10 +184,11 @@ def main() -> None:
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[0, 512, 2048])
     parser.add_argument("--prompts", type=lambda s: [int(x) for x in s.split(",")], default=[128, 512, 2048])
+    parser.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, help="0: one pass")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     print(f"machine: {machine()}")
-    edgekit = Edgekit(args.package, args.variant, args.threads)
+    edgekit = Edgekit(args.package, args.variant, args.threads, args.prefill_chunk or None)
     llamacpp = LlamaCpp(args.llamacpp, args.gguf, args.threads)
     from edgekit.package.manifest import read_manifest
 

@@ -73,6 +73,7 @@ def test_bench_reports_speed_per_variant(tiny_llama_package: Path, runner, tmp_p
     import json
 
     from edgekit.cli import main
+    from edgekit.runtimes.tuning import DEFAULT_PREFILL_CHUNK
 
     out = tmp_path / "bench.json"
     args = ["bench", str(tiny_llama_package), "--prompt-tokens", "8", "--gen-tokens", "4", "--runs", "2"]
@@ -82,6 +83,7 @@ def test_bench_reports_speed_per_variant(tiny_llama_package: Path, runner, tmp_p
     assert [row["variant"] for row in rows] == ["fp32", "int4-rtn"]
     for row in rows:
         assert row["provider"] == "cpu" and row["runs"] == 2
+        assert row["prefill_chunk"] == DEFAULT_PREFILL_CHUNK  # the pieces the prefill figure was taken in
         assert row["ttft_s"]["min"] <= row["ttft_s"]["median"] <= row["ttft_s"]["max"]
         assert row["decode_tps"]["median"] > 0 and row["prefill_tps"]["median"] > 0
 

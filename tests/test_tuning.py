@@ -95,6 +95,12 @@ def _tamper(document: dict, change: str) -> dict | str:
         document["measured"][0]["decode_tps"] = float("nan")
     elif change == "another manifest inside":
         document["variant_sha256"] = "cd" * 32
+    elif change == "a piece under the bound":
+        document["settings"]["prefill_chunk"] = 8
+    elif change == "a record from before prompt pieces":  # measured in one pass: its choice is not this one's
+        document["format"] = 2
+        for entry in [document["settings"], *(m["settings"] for m in document["measured"])]:
+            del entry["prefill_chunk"]
     elif change == "not JSON":
         return "{ not json"
     elif change == "huge":
@@ -105,7 +111,7 @@ def _tamper(document: dict, change: str) -> dict | str:
 @pytest.mark.parametrize(
     "change",
     ["zero threads", "more threads than usable CPUs", "an unknown key", "NaN speed", "another manifest inside",
-     "not JSON", "huge"],
+     "a piece under the bound", "a record from before prompt pieces", "not JSON", "huge"],
 )  # fmt: skip
 def test_a_tampered_record_is_ignored(cache: Path, change: str) -> None:
     path = write_tuning(record(settings(1)))
@@ -138,10 +144,11 @@ def test_load_applies_the_record_unless_told_otherwise(tiny_llama_package: Path,
     with runtime_model.load(tiny_llama_package) as model:
         assert model.info.settings_from == "default"
         manifest_hash, variant = model.info.variant_sha256, model.info.variant
-    write_tuning(record(settings(1, False), manifest_hash, variant))
+    write_tuning(record(RuntimeSettings(threads=1, cpu_mem_arena=False, prefill_chunk=None), manifest_hash, variant))
     with runtime_model.load(tiny_llama_package) as model:
         assert (model.info.threads, model.info.cpu_mem_arena, model.info.settings_from) == (1, False, "tuned")
-        assert model.info.describe() == f"{variant} on cpu, tuned: 1 thread, arena off, prompt by {CHUNK}"
+        assert model.info.prefill_chunk is None
+        assert model.info.describe() == f"{variant} on cpu, tuned: 1 thread, arena off, prompt in one pass"
         assert len(model.generate_tokens([5, 6, 7], max_new_tokens=3)) == 3
     with runtime_model.load(tiny_llama_package, tuned=False) as model:
         assert model.info.settings_from == "default" and model.info.cpu_mem_arena
@@ -239,6 +246,7 @@ def test_a_record_survives_an_evaluation_rewriting_the_manifest(
         (5, 16, [5]),
         (7, None, [7]),
         (17, 16, [8, 9]),
+        (257, 256, [128, 129]),
     ],
 )
 def test_a_prompt_is_cut_into_consecutive_pieces(length: int, chunk: int | None, sizes: list[int]) -> None:
@@ -247,22 +255,45 @@ def test_a_prompt_is_cut_into_consecutive_pieces(length: int, chunk: int | None,
     assert [len(p) for p in pieces] == sizes and [t for p in pieces for t in p] == tokens
 
 
-def test_a_prompt_in_pieces_generates_what_one_pass_does(tiny_llama_package: Path, monkeypatch) -> None:
-    chunks: list[int | None] = []
-    pieces = runtime_model.prompt_pieces
+def test_a_bad_piece_size_is_refused_not_an_empty_prompt() -> None:
+    for chunk in (0, -1):
+        with pytest.raises(ValueError, match="at least one token"):
+            runtime_model.prompt_pieces([1, 2, 3], chunk)
 
-    def spy(tokens: list[int], chunk: int | None) -> list[list[int]]:
-        chunks.append(chunk)
-        return pieces(tokens, chunk)
 
-    monkeypatch.setattr(runtime_model, "prompt_pieces", spy)
+class _RecordingGenai:
+    """onnxruntime-genai with each ``append_tokens`` call's length recorded."""
+
+    def __init__(self, og) -> None:
+        self._og, self.appended = og, []
+
+    def __getattr__(self, name: str):
+        return getattr(self._og, name)
+
+    def Generator(self, *args):  # onnxruntime-genai's name
+        generator, appended = self._og.Generator(*args), self.appended
+
+        class Recorded:
+            def __getattr__(self, name: str):
+                return getattr(generator, name)
+
+            def append_tokens(self, tokens) -> None:
+                appended.append(len(tokens))
+                generator.append_tokens(tokens)
+
+        return Recorded()
+
+
+def test_a_prompt_in_pieces_generates_what_one_pass_does(tiny_llama_package: Path) -> None:
     prompt = [5 + (7 * i) % 200 for i in range(40)]
-    made = {}
+    made, appended = {}, {}
     for chunk in (None, 16):
         with runtime_model.load(tiny_llama_package, settings=RuntimeSettings(threads=1, prefill_chunk=chunk)) as model:
             assert model.info.prefill_chunk == chunk
+            model._og = recording = _RecordingGenai(model._og)
             made[chunk] = model.generate_tokens(prompt, max_new_tokens=8)
-    assert chunks == [None, 16]
+            appended[chunk] = recording.appended
+    assert appended == {None: [40], 16: [13, 13, 14]}
     assert made[16] == made[None] and len(made[None]) == 8
 
 
@@ -279,3 +310,14 @@ def test_a_gpu_provider_takes_the_prompt_whole(tiny_llama_package: Path, monkeyp
     monkeypatch.setattr(runtime_model, "_start", lambda *args: (start(*args)[0], "cuda", []))
     with runtime_model.load(tiny_llama_package, settings=RuntimeSettings(threads=1, prefill_chunk=16)) as model:
         assert model.info.provider == "cuda" and model.info.prefill_chunk is None
+
+
+def test_tune_of_a_gpu_variant_leaves_out_the_prompt_pieces(tiny_llama_package: Path, cache: Path, monkeypatch) -> None:
+    from edgekit.runtimes.tune import TuneSettings, tune_package
+
+    start = runtime_model._start
+    monkeypatch.setattr(runtime_model, "_start", lambda *args: (start(*args)[0], "cuda", []))
+    result = tune_package(tiny_llama_package, settings=TuneSettings(1, 16, 4), record=False)
+    expected = candidates(physical_cores(), len(os.sched_getaffinity(0)), pieces=False)
+    assert [m.settings for m in result.record.measured] == expected
+    assert all(s.prefill_chunk == CHUNK for s in expected)

@@ -73,6 +73,7 @@ def bench_variant(package: Path, variant: str, settings: BenchSettings, target: 
             "variant": variant,
             "provider": model.info.provider,
             "runs_on": model.info.describe(),
+            "prefill_chunk": model.info.prefill_chunk,
             "prompt_tokens": settings.prompt_tokens,
             "gen_tokens": settings.gen_tokens,
             "runs": settings.runs,

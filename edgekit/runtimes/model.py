@@ -207,7 +207,9 @@ class Model:
 
 def prompt_pieces(tokens: Sequence[int], chunk: int | None) -> list[list[int]]:
     """``tokens`` in as few consecutive pieces of at most ``chunk`` as hold them, of near-equal length (one
-    piece where ``chunk`` is None): 257 tokens go as 129 and 128, not 256 and a one-token pass."""
+    piece where ``chunk`` is None): 257 tokens go as 128 and 129, not 256 and a one-token pass."""
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"a prompt piece holds at least one token, not {chunk}")
     count = -(-len(tokens) // chunk) if chunk else 1
     bounds = [len(tokens) * i // max(1, count) for i in range(count + 1)]
     return [list(tokens[begin:end]) for begin, end in itertools.pairwise(bounds) if end > begin]
@@ -370,7 +372,7 @@ def _default_chain(manifest: dict[str, Any], variant: str, target: str | None) -
 def _runtime_settings(
     threads: int | None, settings: RuntimeSettings | None, tuned: bool, fingerprint: str, variant: str
 ) -> tuple[RuntimeSettings, str]:
-    """The threads and arena to run with, and where they came from (see ``load``)."""
+    """The threads, arena and prompt pieces to run with, and where they came from (see ``load``)."""
     if threads:
         if threads < 1:
             raise UsageError(f"threads must be at least 1, not {threads}", fix="pass a positive thread count")

@@ -60,8 +60,10 @@ def tune_package(
 ) -> TuneResult:
     """Measure every candidate setting for the variant ``load`` would pick; record the fastest for this machine.
 
-    The default (one thread per physical core, arena on) is kept unless a candidate's geometric mean of
-    prefill and decode speed beats it by more than ``tuning.MARGIN``. ``record=False`` only measures.
+    The default (one thread per physical core, arena on, the prompt in pieces of at most
+    ``tuning.DEFAULT_PREFILL_CHUNK``) is kept unless a candidate's geometric mean of prefill and decode speed
+    beats it by more than ``tuning.MARGIN``. A variant that starts on a GPU provider is not measured in
+    prompt pieces (it takes the prompt whole). ``record=False`` only measures.
     """
     rounds, prompt_tokens, gen_tokens = settings.rounds, settings.prompt_tokens, settings.gen_tokens
     if rounds < 1 or prompt_tokens < 1 or gen_tokens < 2:
@@ -69,21 +71,27 @@ def tune_package(
             "rounds and prompt tokens must be at least 1, generated tokens at least 2",
             fix="pass --rounds 3 --prompt-tokens 512 --gen-tokens 64",
         )
-    options = candidates(physical_cores(), len(usable_cpus()))
+    cores, logical = physical_cores(), len(usable_cpus())
+    options = candidates(cores, logical)
     samples: list[list[tuple[float, float | None]]] = [[] for _ in options]
     prompt: list[int] = []
     name, fingerprint = "", ""
     for number in range(rounds):
-        order = list(range(len(options)))
-        for index in order if number % 2 == 0 else reversed(order):
+        step = 1 if number % 2 == 0 else -1  # the first round runs the default first
+        index = 0 if step == 1 else len(options) - 1
+        while 0 <= index < len(options):
             if progress is not None:
                 progress(f"round {number + 1}/{rounds}: {options[index].label()}")
             with load(package, target, variant=variant, settings=options[index]) as model:
                 if not prompt:
                     prompt = _prompt(model, prompt_tokens, gen_tokens)
                     name, fingerprint = model.info.variant, model.info.variant_sha256
+                    if model.info.provider != "cpu":  # pieces would run as the default does
+                        options = candidates(cores, logical, pieces=False)
+                        samples = [[] for _ in options]
                 time_generation(model, prompt, gen_tokens)  # warm-up: allocations, prepacking
                 samples[index].append(time_generation(model, prompt, gen_tokens))
+            index += step
     measured = [_measurement(candidate, runs) for candidate, runs in zip(options, samples, strict=True)]
     result = TuningRecord(
         variant_sha256=fingerprint,

@@ -26,10 +26,10 @@ from edgekit.runtimes.cpu_threads import physical_cores, usable_cpus
 from edgekit.safe_io import read_regular_file, user_cache_path, write_text_atomic
 
 MARGIN = 0.05
+"""How much faster than the default a candidate must be to be recorded."""
 DEFAULT_PREFILL_CHUNK = 256
 """Prompt tokens per decoder pass on the CPU unless a record says otherwise (docs/benchmarks.md, "Prefill in
 chunks": a prompt in pieces of this size was faster than one pass on one machine and no slower on another)."""
-"""How much faster than the default a candidate must be to be recorded."""
 _FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
 _MAX_RECORD_BYTES = 1 << 20
 
@@ -76,7 +76,8 @@ class TuningRecord(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal[2] = 2
+    format: Literal[3] = 3
+    """3 since the prompt's pieces became a setting: earlier records were measured in one pass, and are ignored."""
     variant_sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
     """The variant's fingerprint (``package.manifest.variant_fingerprint``), not the whole manifest's hash:
     an evaluation that rewrites the manifest leaves the record standing."""
@@ -129,20 +130,21 @@ def write_tuning(record: TuningRecord) -> Path:
     return path
 
 
-def candidates(cores: int, logical: int) -> list[RuntimeSettings]:
+def candidates(cores: int, logical: int, pieces: bool = True) -> list[RuntimeSettings]:
     """The settings to measure; the first is the default (one thread per physical core, arena on, the prompt
     by ``DEFAULT_PREFILL_CHUNK``).
 
     Then the arena off, the prompt in one pass and in half the default's pieces, and the other thread counts
     worth a try: every logical CPU (hyper-threads), and half the cores (a hybrid laptop's performance cores,
-    a machine others share).
+    a machine others share). ``pieces=False`` (a GPU provider, which takes the prompt whole) leaves out the
+    two prompt candidates, which would run as the default does.
     """
     others = sorted({logical, max(1, cores // 2)} - {cores}, reverse=True)
+    prompt = [RuntimeSettings(threads=cores, prefill_chunk=c) for c in (None, DEFAULT_PREFILL_CHUNK // 2)]
     return [
         RuntimeSettings(threads=cores),
         RuntimeSettings(threads=cores, cpu_mem_arena=False),
-        RuntimeSettings(threads=cores, prefill_chunk=None),
-        RuntimeSettings(threads=cores, prefill_chunk=DEFAULT_PREFILL_CHUNK // 2),
+        *(prompt if pieces else []),
         *(RuntimeSettings(threads=count) for count in others),
     ]
 
