@@ -146,6 +146,8 @@ def test_configs_the_builder_took_wrong_validate_and_generate_as_transformers(na
 
     import edgekit
     from edgekit.pipeline import build
+    from edgekit.runtimes.cpu_threads import physical_cores
+    from edgekit.runtimes.tuning import RuntimeSettings
 
     config_class, model_class, settings = ODD_CONFIGS[name]
     config = getattr(transformers, config_class)(**{**_COMMON, **settings})
@@ -167,5 +169,8 @@ def test_configs_the_builder_took_wrong_validate_and_generate_as_transformers(na
         model = load_tiny_model(tmp_path / "src")
         out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=3,
                              min_new_tokens=NEW_TOKENS)  # fmt: skip
-    with edgekit.load(tmp_path / "pkg", variant="fp32") as package:
-        assert package.generate_tokens(prompt, max_new_tokens=NEW_TOKENS) == out[0, len(prompt) :].tolist()
+    for chunk in (None, 16):  # one pass, and two pieces each longer than a window of 8
+        settings = RuntimeSettings(threads=physical_cores(), prefill_chunk=chunk)
+        with edgekit.load(tmp_path / "pkg", variant="fp32", settings=settings) as package:
+            made = package.generate_tokens(prompt, max_new_tokens=NEW_TOKENS)
+            assert made == out[0, len(prompt) :].tolist(), f"prompt in pieces of {chunk}"
