@@ -66,6 +66,10 @@ def test_a_valid_file_passes_and_returns_names_dtypes_and_shapes(tmp_path: Path)
         "c.ids": TensorInfo("c.ids", "I64", (2, 2)),
         "d.scalar": TensorInfo("d.scalar", "F64", ()),
     }
+    raw = path.read_bytes()
+    for name, expected in (("b.bias", np.ones(7, np.float16)), ("c.ids", np.arange(4, dtype=np.int64))):
+        info = infos[name]
+        assert raw[info.offset : info.offset + info.nbytes] == expected.tobytes()
 
 
 def test_a_hand_written_valid_file_passes(tmp_path: Path) -> None:

@@ -137,15 +137,16 @@ def candidates(cores: int, logical: int, pieces: bool = True) -> list[RuntimeSet
     Then the arena off, the prompt in one pass and in half the default's pieces, and the other thread counts
     worth a try: every logical CPU (hyper-threads), and half the cores (a hybrid laptop's performance cores,
     a machine others share). ``pieces=False`` (a GPU provider, which takes the prompt whole) leaves out the
-    two prompt candidates, which would run as the default does.
+    two prompt candidates, which would run as the default does, and says "in one pass" in every candidate.
     """
     others = sorted({logical, max(1, cores // 2)} - {cores}, reverse=True)
+    chunk = DEFAULT_PREFILL_CHUNK if pieces else None
     prompt = [RuntimeSettings(threads=cores, prefill_chunk=c) for c in (None, DEFAULT_PREFILL_CHUNK // 2)]
     return [
-        RuntimeSettings(threads=cores),
-        RuntimeSettings(threads=cores, cpu_mem_arena=False),
+        RuntimeSettings(threads=cores, prefill_chunk=chunk),
+        RuntimeSettings(threads=cores, cpu_mem_arena=False, prefill_chunk=chunk),
         *(prompt if pieces else []),
-        *(RuntimeSettings(threads=count) for count in others),
+        *(RuntimeSettings(threads=count, prefill_chunk=chunk) for count in others),
     ]
 
 

@@ -13,10 +13,8 @@ This is the reader a layer-by-layer consumer (streamed export, GPTQ from disk) u
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,18 +60,9 @@ class CheckpointReader:
         self._index: dict[str, TensorLocation] = {}
         for shard in shards:
             shard = shard.resolve()
-            read_safetensors_header(shard)  # structural checks: ranges tile the file, sizes match shapes
-            with shard.open("rb") as handle:
-                (header_len,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(header_len))
-            for name, entry in header.items():
-                if name == "__metadata__":
-                    continue
-                begin, end = entry["data_offsets"]
-                location = TensorLocation(
-                    shard, 8 + header_len + begin, end - begin, entry["dtype"], tuple(entry["shape"])
-                )
-                self._index[name] = location
+            # The checked header's offsets, not a second read: the file could change in between.
+            for info in read_safetensors_header(shard):
+                self._index[info.name] = TensorLocation(shard, info.offset, info.nbytes, info.dtype, info.shape)
 
     def names(self) -> list[str]:
         """Every tensor name in the checkpoint, sorted."""

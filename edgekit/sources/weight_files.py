@@ -13,7 +13,7 @@ import mmap
 import os
 import re
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,10 @@ class TensorInfo:
     name: str
     dtype: str
     shape: tuple[int, ...]
+    offset: int = field(default=0, compare=False)
+    """Where the tensor's bytes start in the file (header included); 0 where unknown."""
+    nbytes: int = field(default=0, compare=False)
+    """How many bytes it takes there."""
 
 
 def read_safetensors_header(path: Path) -> list[TensorInfo]:
@@ -80,7 +84,7 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
             _check_metadata(path, entry)
             continue
         info, begin, end = _parse_tensor_entry(path, name, entry)
-        tensors.append(info)
+        tensors.append(replace(info, offset=8 + header_len + begin, nbytes=end - begin))
         ranges.append((begin, end, name))
     position = 0
     for begin, end, name in sorted(ranges):
