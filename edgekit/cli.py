@@ -18,7 +18,7 @@ import click
 
 from edgekit.errors import EdgekitError
 from edgekit.interrupts import interrupt_exit_code, interrupts_recorded, was_interrupted
-from edgekit.runtimes.generation import GenerationConfig
+from edgekit.runtimes.generation import MAX_INT32, GenerationConfig
 from edgekit.targets import DEFAULT_TARGET
 from edgekit.terminal_chat import chat_loop, echo_stream
 from edgekit.version import __version__
@@ -270,9 +270,10 @@ def check(package: Path, target: str, junit: Path | None, markdown: Path | None,
               help="Sampling temperature; 0 decodes greedily (always the most likely token).")  # fmt: skip
 @click.option("--top-p", default=DEFAULTS.top_p, show_default=True, type=click.FloatRange(0, 1, min_open=True),
               help="Sample from the fewest tokens whose probabilities add up to P (with --temperature).")  # fmt: skip
-@click.option("--top-k", default=DEFAULTS.top_k, show_default=True, type=click.IntRange(0),
+@click.option("--top-k", default=DEFAULTS.top_k, show_default=True, type=click.IntRange(0, MAX_INT32),
               help="Sample from the K most likely tokens only; 0 means no limit (with --temperature).")  # fmt: skip
-@click.option("--seed", type=int, help="Seed of the sampling, for repeatable output (with --temperature).")
+@click.option("--seed", type=click.IntRange(0, MAX_INT32),
+              help="Seed of the sampling, for repeatable output (with --temperature).")  # fmt: skip
 @click.option("--chat-template", type=click.Path(path_type=Path),
               help="A Jinja chat template file to use instead of the package's.")  # fmt: skip
 @click.option("--provider", "providers", multiple=True, help="Provider chain to try, in order (repeatable).")

@@ -121,3 +121,49 @@ def test_a_model_the_cpu_cannot_load_is_a_package_error_not_a_provider_error(
     with pytest.raises(PackageError) as info:
         load(package, providers=["cpu"])
     assert "cannot load this variant on the CPU" in str(info.value) and "no provider" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("call", "phrase"),
+    [
+        (lambda m: m.generate("hi", temperature="0.5"), "temperature must be a number"),
+        (lambda m: m.generate("hi", top_p=True), "top_p must be a number"),
+        (lambda m: m.generate("hi", top_k=2**31), "top_k must be an integer in 0..2147483647"),
+        (lambda m: m.generate("hi", top_k=1.5), "top_k must be an integer"),
+        (lambda m: m.generate("hi", seed=2**31), "seed must be an integer in 0..2147483647"),
+        (lambda m: m.generate("hi", seed=-1), "seed must be an integer"),
+        (lambda m: m.generate("hi", stop=[5]), "stop must be a string or a sequence of strings"),
+        (lambda m: m.generate("hi", stop=5), "stop must be a string or a sequence of strings"),
+        (lambda m: m.generate("hi", colour="red"), "unknown generation option 'colour'"),
+        (lambda m: m.generate(None), "expected text (a str), not NoneType"),
+        (lambda m: m.generate(b"hi"), "expected text (a str), not bytes"),
+        (lambda m: m.generate("hi \udcff"), "the text is not valid Unicode: it holds '\\udcff'"),
+        (lambda m: m.chat("hello"), "messages must be a list of {'role': ..., 'content': ...} mappings, not str"),
+        (lambda m: m.chat({"role": "user", "content": "x"}), "messages must be a list"),
+        (lambda m: m.chat([{"role": "user", "content": "hi \ud800"}]), "the text is not valid Unicode"),
+        (lambda m: m.generate_tokens([-1]), "token id -1 is not in this model's vocabulary (0..511)"),
+        (lambda m: m.generate_tokens([5, 512]), "token id 512 is not in this model's vocabulary"),
+        (lambda m: m.generate_tokens([5, True]), "token id True is not in this model's vocabulary"),
+        (lambda m: m.generate_tokens(["5"]), "token id '5' is not in"),
+    ],
+)  # fmt: skip
+def test_bad_generation_arguments_are_one_line_usage_errors(tiny_llama_package: Path, call, phrase: str) -> None:
+    """They were a TypeError from inside tokenizers, a wrapped-around token id, a misleading "unknown option",
+    a string read as five messages, or a failure inside onnxruntime-genai with advice to rebuild the package."""
+    from edgekit.errors import UsageError
+
+    with load(tiny_llama_package, variant="fp32") as model:
+        assert model.vocab_size == 512
+        with pytest.raises(UsageError) as info:
+            call(model)
+    assert phrase in str(info.value) and "\n" not in str(info.value)
+
+
+def test_generation_arguments_at_their_limits_work(tiny_llama_package: Path) -> None:
+    import numpy as np
+
+    with load(tiny_llama_package, variant="fp32") as model:
+        assert model.generate("hi", max_new_tokens=3, stop=["", "zzz"]) == model.generate("hi", max_new_tokens=3)
+        sampled = model.generate_tokens(np.array([5, 511]), max_new_tokens=3, temperature=1, top_k=2**31 - 1,
+                                        seed=2**31 - 1)  # fmt: skip
+        assert 1 <= len(sampled) <= 3

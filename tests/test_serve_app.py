@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -235,3 +236,42 @@ def test_create_app_refuses_bad_options(tiny_model: edgekit.Model, options: dict
 
     with pytest.raises(edgekit.errors.UsageError, match=named):
         create_app(tiny_model, **options)
+
+
+@pytest.mark.parametrize(
+    ("options", "phrase"),
+    [
+        ({"max_concurrency": 0}, "max_concurrency must be a positive integer"),
+        ({"max_tokens": True}, "max_tokens must be a positive integer"),
+        ({"max_queue": -1}, "max_queue must be an integer of at least 0"),
+        ({"timeout_s": True}, "timeout_s must be a positive number of seconds"),
+        ({"timeout_s": "5"}, "timeout_s must be a positive number of seconds"),
+        ({"timeout_s": 0}, "timeout_s must be a positive number of seconds"),
+        ({"api_key": 5}, "api_key must be a string"),
+        ({"api_key": "clé"}, "the API key must be printable ASCII"),
+        ({"api_key": ""}, "the API key must be printable ASCII"),
+        ({"model_name": "tiny\udce9"}, "the model name 'tiny\\udce9' is not valid Unicode"),
+        ({"cors_origins": "http://x"}, "cors_origins must be a sequence of origins"),
+    ],
+)  # fmt: skip
+def test_server_options_are_checked_when_made(options: dict[str, Any], phrase: str) -> None:
+    """A non-ASCII key could never match (headers arrive as Latin-1); a key of 5 made every request a 500, a
+    model name that is not Unicode every JSON answer; ``timeout_s=True`` was one second."""
+    from edgekit.errors import UsageError
+    from edgekit.serve.options import ServeOptions
+
+    with pytest.raises(UsageError, match="^" + re.escape(phrase)):
+        ServeOptions(**options)
+
+
+def test_a_package_folder_whose_name_is_not_unicode_needs_a_model_name(tiny_model: edgekit.Model, tmp_path) -> None:
+    from edgekit.errors import UsageError
+    from edgekit.serve.model_facts import model_facts
+
+    odd = tmp_path / "pkg\udce9"
+    odd.symlink_to(tiny_model.info.package)
+    moved = type(tiny_model.info)(**{**tiny_model.info.__dict__, "package": str(odd)})
+    model = type("Stub", (), {"info": moved, "context_length": tiny_model.context_length})()
+    with pytest.raises(UsageError, match="the package folder's name 'pkg\\\\udce9' is not valid Unicode"):
+        model_facts(model, None, None)  # type: ignore[arg-type]
+    assert model_facts(model, "tiny", None).model_id == "tiny"  # type: ignore[arg-type]

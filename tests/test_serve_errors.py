@@ -4,6 +4,7 @@ missing or wrong API keys, full queues and timeouts."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -241,3 +242,49 @@ def test_a_request_past_its_time_limit_is_504(tiny_model: edgekit.Model) -> None
             assert_error(post(base, chat(stream=True), key=None), 504, code="timeout")
     finally:
         app.state.edgekit.close()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "hi \\ud800"}]}',
+         "messages[0].content"),
+        ("/v1/chat/completions",
+         b'{"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udcff"}]}]}',
+         "messages[0].content"),
+        ("/v1/completions", b'{"model": "tiny", "prompt": "\\ud800"}', "prompt"),
+        ("/v1/completions", b'{"model": "tiny", "prompt": "x", "stop": ["\\udfff"]}', "stop"),
+        ("/v1/completions", b'{"model": "\\ud800", "prompt": "x"}', "model"),
+    ],
+)  # fmt: skip
+def test_a_lone_surrogate_is_400_naming_the_field(url: str, path: str, body: bytes, param: str) -> None:
+    """JSON can escape half a UTF-16 pair; no tokenizer encodes it (it was a 500 from inside tokenizers)."""
+    assert "unicode" in assert_error(post(url, content=body, path=path), 400, param=param)["message"].lower()
+
+
+def test_a_seed_beyond_what_the_sampler_takes_is_400(url: str) -> None:
+    """onnxruntime-genai takes a 32-bit seed; 2**31 failed inside it with advice to rebuild the package."""
+    assert_error(post(url, chat(seed=2**31)), 400, param="seed")
+    assert post(url, chat(seed=2**31 - 1, temperature=0.7)).status_code == 200
+
+
+def test_a_client_that_hangs_up_mid_body_is_not_a_server_failure(url: str) -> None:
+    import socket
+
+    def failures() -> int:
+        text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        return sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if 'status="500"' in line)
+
+    before = failures()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                     b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mod")  # fmt: skip
+        time.sleep(0.3)
+    deadline = time.monotonic() + 10
+    while 'status="499"' not in (
+        metrics := httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+    ):
+        assert time.monotonic() < deadline, metrics
+        time.sleep(0.1)
+    assert failures() == before

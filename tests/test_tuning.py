@@ -158,11 +158,15 @@ def test_load_applies_the_record_unless_told_otherwise(tiny_llama_package: Path,
     assert [(s.threads, s.cpu_mem_arena) for s in seen] == [(cores, True), (1, False), (cores, True), (2, True)]
 
 
-def test_a_negative_thread_count_is_a_usage_error(tiny_llama_package: Path) -> None:
+@pytest.mark.parametrize("threads", [-1, 0, True, "2", 10**6, "settings"])
+def test_a_thread_count_outside_the_usable_cpus_is_a_usage_error(tiny_llama_package: Path, threads) -> None:
     from edgekit.errors import UsageError
+    from edgekit.runtimes.cpu_threads import usable_cpus
 
-    with pytest.raises(UsageError, match="threads must be at least 1"):
-        runtime_model.load(tiny_llama_package, threads=-1)
+    cpus = len(usable_cpus())
+    given = {"settings": RuntimeSettings(threads=cpus + 1)} if threads == "settings" else {"threads": threads}
+    with pytest.raises(UsageError, match=rf"threads must be an integer in 1\.\.{cpus} \(the CPUs"):
+        runtime_model.load(tiny_llama_package, **given)
 
 
 def test_tune_measures_every_candidate_records_the_choice_and_run_uses_it(

@@ -102,3 +102,18 @@ def test_a_chat_template_file_that_does_not_compile_is_named_before_the_model_lo
     result = runner.invoke(main, ["run", str(missing_package), "-p", "hi", "--chat-template", str(template)])
     assert result.exit_code == 2, result.output
     assert str(template) in result.output and "does not compile" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["-p", "hi \udcff"], "the text is not valid Unicode: it holds '\\udcff'"),  # a non-UTF-8 byte in argv
+        (["-p", "hi", "--seed", str(2**31)], "--seed"),
+        (["-p", "hi", "--top-k", str(2**31)], "--top-k"),
+    ],
+)  # fmt: skip
+def test_run_refuses_text_and_numbers_the_runtime_cannot_take(runner, tiny_llama_package: Path, args, phrase) -> None:
+    """A lone surrogate ended in a traceback from tokenizers; a 2**31 seed failed inside onnxruntime-genai."""
+    result = runner.invoke(main, ["run", str(tiny_llama_package), *args])
+    assert result.exit_code == 2, result.output
+    assert phrase in result.output and "Traceback" not in result.output

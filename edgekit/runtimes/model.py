@@ -20,6 +20,7 @@ import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from edgekit.package.manifest import read_manifest, variant_fingerprint
 from edgekit.package.verify import variant_dir, verify_files
 from edgekit.package.verify_cache import verify_variant
 from edgekit.runtimes.chat_template import read_chat_template, render_chat, special_tokens
-from edgekit.runtimes.cpu_threads import physical_cores
+from edgekit.runtimes.cpu_threads import physical_cores, usable_cpus
 from edgekit.runtimes.generation import GenerationConfig, cut_at_stop
 from edgekit.runtimes.providers import PROVIDERS, available_providers
 from edgekit.runtimes.tokens import TextTokenizer
@@ -132,6 +133,11 @@ class Model:
                 fix="send the prompt as is (`edgekit run --raw`, Model.generate), or pass a template "
                 "with --chat-template FILE (chat_template= in edgekit.load)",
             )
+        if isinstance(messages, str | bytes | Mapping) or not all(isinstance(m, Mapping) for m in messages):
+            raise UsageError(
+                f"messages must be a list of {{'role': ..., 'content': ...}} mappings, not {type(messages).__name__}",
+                fix='pass [{"role": "user", "content": "Hello"}]',
+            )
         variables = self._template_variables
         return render_chat(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                            variables=variables)  # fmt: skip
@@ -151,6 +157,12 @@ class Model:
 
     def token_stream(self, tokens: Sequence[int], config: GenerationConfig) -> Iterator[int]:
         """Generate ids one at a time; each step holds the model's lock only while it runs."""
+        vocab = self.vocab_size
+        bad = next((t for t in tokens if not _is_token(t, vocab)), None)
+        if bad is not None:
+            raise UsageError(f"token id {bad!r} is not in this model's vocabulary (0..{vocab - 1})",
+                             fix="pass ids the package's tokenizer made")  # fmt: skip
+        tokens = [int(t) for t in tokens]
         length, allowed = generation_length(self._config, len(tokens), config.max_new_tokens)
         with self._lock, self._runtime_errors():
             generator = self._og.Generator(self._require_open(), self._params(length, config))
@@ -186,8 +198,8 @@ class Model:
         search: dict[str, Any] = {"max_length": length, "min_length": 0}
         if config.temperature > 0:
             search.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
-            if config.top_k:
-                search["top_k"] = config.top_k
+            if config.top_k:  # onnxruntime-genai refuses more than the vocabulary, which means the same
+                search["top_k"] = min(config.top_k, self.vocab_size)
         else:
             search["do_sample"] = False
         if config.seed is not None:
@@ -237,13 +249,16 @@ def generation_length(config: GenaiConfig, prompt_tokens: int, max_new_tokens: i
     return length, allowed
 
 
+def _is_token(value: object, vocab: int) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool) and 0 <= int(value) < vocab
+
+
 def _generation_config(options: dict[str, Any]) -> GenerationConfig:
-    stop = options.get("stop") or ()
-    try:
-        return GenerationConfig(**{**options, "stop": (stop,) if isinstance(stop, str) else tuple(stop)})
-    except TypeError as exc:
-        known = ", ".join(GenerationConfig.__annotations__)
-        raise UsageError(f"unknown generation option ({exc})", fix=f"use: {known}") from None
+    unknown = sorted(set(options) - set(GenerationConfig.__dataclass_fields__))
+    if unknown:
+        known = ", ".join(GenerationConfig.__dataclass_fields__)
+        raise UsageError(f"unknown generation option {', '.join(map(repr, unknown))}", fix=f"use: {known}")
+    return GenerationConfig(**options)
 
 
 def load(
@@ -373,12 +388,14 @@ def _runtime_settings(
     threads: int | None, settings: RuntimeSettings | None, tuned: bool, fingerprint: str, variant: str
 ) -> tuple[RuntimeSettings, str]:
     """The threads, arena and prompt pieces to run with, and where they came from (see ``load``)."""
-    if threads:
-        if threads < 1:
-            raise UsageError(f"threads must be at least 1, not {threads}", fix="pass a positive thread count")
-        return RuntimeSettings(threads=min(threads, 4096)), "given"
-    if settings is not None:
-        return settings, "given"
+    cpus = len(usable_cpus())
+    if threads is not None or settings is not None:
+        count = threads if threads is not None else settings.threads if settings is not None else 0
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= cpus:
+            # More threads than CPUs only makes them wait for each other (a million took minutes to start).
+            raise UsageError(f"threads must be an integer in 1..{cpus} (the CPUs this process may use), not {count!r}",
+                             fix=f"pass threads={physical_cores()}, one per physical core")  # fmt: skip
+        return (RuntimeSettings(threads=count) if threads is not None else settings), "given"  # type: ignore[return-value]
     recorded = read_tuning(fingerprint, variant) if tuned else None
     if recorded is not None:
         return recorded, "tuned"

@@ -13,11 +13,25 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import PackageError
+from edgekit.errors import PackageError, UsageError
 from edgekit.safe_io import read_regular_file
 
 TOKENIZER_FILE = "tokenizer.json"
 MAX_TOKENIZER_BYTES = 512 << 20
+
+
+def check_text(text: object) -> None:
+    """A ``UsageError`` unless ``text`` is a string that UTF-8 can encode (no lone surrogate: what Python
+    makes of bytes that were not UTF-8 in a command line or a terminal's input)."""
+    if not isinstance(text, str):
+        raise UsageError(f"expected text (a str), not {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise UsageError(
+            f"the text is not valid Unicode: it holds {text[exc.start : exc.start + 1]!r} (bytes that were not UTF-8)",
+            fix="give UTF-8 text",
+        ) from None
 
 
 class TextTokenizer:
@@ -37,6 +51,7 @@ class TextTokenizer:
 
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Ids of ``text`` with no special tokens added, then BOS in front where the model's rule says so."""
+        check_text(text)
         ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
         wanted = self.add_bos if add_bos is None else add_bos
         if wanted and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:

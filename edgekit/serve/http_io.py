@@ -8,7 +8,7 @@ import json
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 
 from edgekit.serve.openai_schema import APIError
@@ -53,14 +53,17 @@ async def read_json(request: Request, max_body_bytes: int, refusal: APIError | N
         refusal = _too_large(max_body_bytes)
     body = bytearray()
     seen = 0
-    async for chunk in request.stream():
-        seen += len(chunk)
-        if refusal is None:
-            body += chunk
-            if len(body) > max_body_bytes:
-                refusal, body = _too_large(max_body_bytes), bytearray()
-        if refusal is not None and seen > DRAIN_LIMIT:
-            break
+    try:
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if refusal is None:
+                body += chunk
+                if len(body) > max_body_bytes:
+                    refusal, body = _too_large(max_body_bytes), bytearray()
+            if refusal is not None and seen > DRAIN_LIMIT:
+                break
+    except ClientDisconnect:  # hung up before the whole body came: nobody to answer
+        raise ClientGoneError() from None
     if refusal is not None:
         raise refusal
     return parse_json(bytes(body))

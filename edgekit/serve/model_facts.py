@@ -11,6 +11,7 @@ from edgekit.package.genai_config import read_genai_config
 from edgekit.package.manifest import read_manifest
 from edgekit.package.verify import variant_dir
 from edgekit.runtimes.model import Model
+from edgekit.serve.options import check_model_name
 from edgekit.version import __version__
 
 
@@ -61,4 +62,6 @@ def model_facts(model: Model, model_name: str | None, target: str | None) -> Mod
 def _folder_name(root: Path) -> str:
     """The package folder's name as the user wrote it (a link keeps its own name), never ``.`` or ``..``."""
     name = root.absolute().name
-    return name if name not in ("", ".", "..") else root.resolve().name
+    name = name if name not in ("", ".", "..") else root.resolve().name
+    check_model_name(name, "the package folder's name")
+    return name

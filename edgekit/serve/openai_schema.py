@@ -13,8 +13,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from edgekit.runtimes.generation import MAX_INT32
+
 MAX_STOP_STRINGS = 4  # OpenAI's own limit
-MAX_SEED = 2**63 - 1
+MAX_SEED = MAX_INT32  # what onnxruntime-genai's sampler takes
+
+
+def _unicode(text: str) -> str:
+    """``text``, unless it holds a lone surrogate (JSON's ``"\\ud800"``), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"holds {text[exc.start : exc.start + 1]!r}, which is not valid Unicode text") from None
+    return text
 
 
 class APIError(Exception):
@@ -70,6 +81,11 @@ class _Sampling(BaseModel):
     frequency_penalty: Any = None
     logit_bias: Any = None
 
+    @field_validator("model", "user")
+    @classmethod
+    def _text_field(cls, value: str | None) -> str | None:
+        return value if value is None else _unicode(value)
+
     @field_validator("stop")
     @classmethod
     def _stop_strings(cls, value: Any) -> tuple[str, ...]:
@@ -80,7 +96,7 @@ class _Sampling(BaseModel):
             raise ValueError("expected a string or a list of strings")
         if len(strings) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed")
-        return tuple(s for s in strings if s)
+        return tuple(_unicode(s) for s in strings if s)
 
     def include_usage(self) -> bool:
         """Whether a stream ends with a chunk holding the usage counts."""
@@ -106,15 +122,20 @@ class ChatMessage(BaseModel):
     @classmethod
     def _text(cls, value: Any) -> str:
         if isinstance(value, str):
-            return value
+            return _unicode(value)
         if isinstance(value, list):
             texts = []
             for part in value:
                 if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                     raise ValueError("only text content parts ({'type': 'text', 'text': ...}) are supported")
                 texts.append(part["text"])
-            return "".join(texts)
+            return _unicode("".join(texts))
         raise ValueError("expected a string or a list of text parts")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        return value if value is None else _unicode(value)
 
     @field_validator("refusal", "tool_calls", "function_call", "audio", "annotations")
     @classmethod
@@ -164,7 +185,7 @@ class CompletionRequest(_Sampling):
             value = value[0]
         if not isinstance(value, str):
             raise ValueError("expected one prompt string (token-id prompts and several prompts are not supported)")
-        return value
+        return _unicode(value)
 
     def token_limit(self) -> int | None:
         """``max_tokens`` (16 when not given, as OpenAI does)."""

@@ -35,8 +35,27 @@ class ServeOptions:
                 raise UsageError(f"{name} must be a positive integer, not {value!r}")
         if isinstance(self.max_queue, bool) or not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise UsageError(f"max_queue must be an integer of at least 0, not {self.max_queue!r}")
-        if self.timeout_s is not None and not self.timeout_s > 0:
-            raise UsageError(f"timeout_s must be positive (or None for no limit), not {self.timeout_s!r}")
+        timeout = self.timeout_s
+        number = isinstance(timeout, int | float) and not isinstance(timeout, bool)
+        if timeout is not None and (not number or not timeout > 0):
+            raise UsageError(f"timeout_s must be a positive number of seconds (or None for no limit), not {timeout!r}")
+        for name in ("model_name", "target", "api_key"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise UsageError(f"{name} must be a string, not {getattr(self, name)!r}")
+        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable() and self.api_key):
+            # HTTP headers arrive as Latin-1: a key of other characters could never match what a client sends.
+            raise UsageError("the API key must be printable ASCII", fix="choose a key of letters, digits and symbols")
+        if self.model_name is not None:
+            check_model_name(self.model_name, "the model name")
         if isinstance(self.cors_origins, str):
             raise UsageError("cors_origins must be a sequence of origins, not one string",
                              fix=f"use ({self.cors_origins!r},)")  # fmt: skip
+
+
+def check_model_name(name: str, what: str) -> None:
+    """A ``UsageError`` unless ``name`` (the id clients send as ``model``) is text UTF-8 can encode: every
+    JSON answer carries it."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UsageError(f"{what} {name!r} is not valid Unicode", fix="pass --model-name NAME") from None
