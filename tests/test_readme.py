@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,9 +27,14 @@ def test_the_readme_is_a_short_manual() -> None:
 
 
 @pytest.mark.slow
-def test_every_code_block_runs_as_written(tmp_path: Path) -> None:
-    """The quickstart's shell lines, the server's curl lines, and the Python snippets, in README order."""
+def test_every_code_block_runs_as_written(tmp_path: Path, smollm2_package: Path) -> None:
+    """The quickstart's shell lines, the server's curl lines, and the Python snippets, in README order.
+
+    ``demo-out`` starts as a copy of the session's demo build (``edgekit build DEMO.gguf --target laptop-cpu``,
+    what ``edgekit demo`` runs on an empty folder, tests/test_user_errors.py), so ``edgekit demo`` finds its
+    package and asks its question: the same bytes, without building the demo twice in one run."""
     pytest.importorskip("edgekit.demo").demo_gguf_path()
+    shutil.copytree(smollm2_package, tmp_path / "demo-out")
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     for kind, body in BLOCKS[2:]:
         if kind == "bash":

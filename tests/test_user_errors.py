@@ -22,6 +22,25 @@ def test_demo_refuses_a_folder_that_is_not_a_package_and_leaves_it_alone(runner,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mydocs"]
 
 
+def test_demo_builds_the_demo_gguf_for_the_default_target_into_an_empty_folder(runner, tmp_path: Path,
+                                                                              monkeypatch) -> None:  # fmt: skip
+    """What the README's test skips by starting from the session's build of the same file and target."""
+    import edgekit.pipeline
+    from edgekit.demo import demo_gguf_path
+    from edgekit.targets import DEFAULT_TARGET
+
+    calls = []
+
+    def build(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append((args, kwargs))
+        raise UsageError("stop here")
+
+    monkeypatch.setattr(edgekit.pipeline, "build", build)
+    result = runner.invoke(main, ["demo", "-o", str(tmp_path / "demo-out")])
+    assert result.exit_code == 2 and "stop here" in result.output, result.output
+    assert calls == [((demo_gguf_path(), tmp_path / "demo-out", DEFAULT_TARGET), {"force": True})]
+
+
 @pytest.mark.parametrize("target", ["no-such", "edge-cuda"])
 def test_a_target_the_package_was_not_built_for_is_refused(runner, tiny_llama_package: Path, target: str) -> None:
     import edgekit
