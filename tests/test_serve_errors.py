@@ -288,3 +288,20 @@ def test_a_client_that_hangs_up_mid_body_is_not_a_server_failure(url: str) -> No
         assert time.monotonic() < deadline, metrics
         time.sleep(0.1)
     assert failures() == before
+
+
+def test_a_body_that_stops_arriving_is_408(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that declared a body and sent part of it held its connection for as long as it liked."""
+    import socket
+
+    import edgekit.serve.http_io
+
+    monkeypatch.setattr(edgekit.serve.http_io, "BODY_TIMEOUT_S", 0.5)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                     b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mod")  # fmt: skip
+        started = time.monotonic()
+        answer = sock.recv(65536).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert '"code":"request_timeout"' in answer.replace(" ", "") and time.monotonic() - started < 10

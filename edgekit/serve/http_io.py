@@ -16,6 +16,8 @@ from edgekit.serve.openai_schema import APIError
 # A refused body is still read (and dropped) up to this size: a server that answers before the client has
 # sent its body, then closes, makes the kernel reset the connection, and the client never sees the answer.
 DRAIN_LIMIT = 64 << 20
+BODY_TIMEOUT_S = 30.0
+"""The longest wait for the next piece of a request's body."""
 T = TypeVar("T")
 
 
@@ -53,8 +55,16 @@ async def read_json(request: Request, max_body_bytes: int, refusal: APIError | N
         refusal = _too_large(max_body_bytes)
     body = bytearray()
     seen = 0
+    chunks = request.stream().__aiter__()
     try:
-        async for chunk in request.stream():
+        while True:
+            try:  # a client that declares a body and sends it slowly (or never) would hold its connection forever
+                chunk = await asyncio.wait_for(chunks.__anext__(), BODY_TIMEOUT_S)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+                raise APIError(408, f"The request body did not arrive within {BODY_TIMEOUT_S:g} seconds.",
+                               code="request_timeout") from None  # fmt: skip
             seen += len(chunk)
             if refusal is None:
                 body += chunk
