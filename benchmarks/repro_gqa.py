@@ -8,6 +8,8 @@ rotary inside the node, the KV cache shared between past and present as onnxrunt
 decode step at depths 512 and 2048 and a 512-token prefill. Beside each, the same attention in torch
 (``scaled_dot_product_attention`` with ``enable_gqa`` on the cache, rotary not included): another
 library's kernel on this machine with the same threads. A decode step of the model runs 30 of these nodes.
+The last column runs the same node in float16 (cache, activations and arithmetic): the "fp16 KV cache"
+lever, which onnxruntime's CPU kernel would need to be faster than float32 to pay.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ HEADS, KV_HEADS, HEAD_SIZE, MAX_LENGTH = 9, 3, 64, 4096
 CASES = {"decode at depth 512": (1, 512), "decode at depth 2048": (1, 2048), "prefill 512": (512, 0)}
 
 
-def session(threads: int):  # type: ignore[no-untyped-def]
-    """An onnxruntime session over one GroupQueryAttention node with a packed QKV input and rotary."""
+def session(threads: int, dtype: type = np.float32):  # type: ignore[no-untyped-def]
+    """An onnxruntime session over one GroupQueryAttention node with a packed QKV input and rotary, in
+    ``dtype`` (float16: the KV cache, the activations and the node's arithmetic in half precision)."""
     from onnx import TensorProto, helper, numpy_helper
+
+    element = TensorProto.FLOAT16 if dtype == np.float16 else TensorProto.FLOAT
 
     hidden = (HEADS + 2 * KV_HEADS) * HEAD_SIZE
     inv = 1.0 / (10000 ** (np.arange(0, HEAD_SIZE, 2, dtype=np.float32) / HEAD_SIZE))
@@ -39,27 +44,29 @@ def session(threads: int):  # type: ignore[no-untyped-def]
     cache = ["batch", KV_HEADS, "length", HEAD_SIZE]
     graph = helper.make_graph(
         [node], "repro_gqa",
-        [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, "sequence", hidden]),
-         helper.make_tensor_value_info("past_key", TensorProto.FLOAT, cache),
-         helper.make_tensor_value_info("past_value", TensorProto.FLOAT, cache),
+        [helper.make_tensor_value_info("qkv", element, [1, "sequence", hidden]),
+         helper.make_tensor_value_info("past_key", element, cache),
+         helper.make_tensor_value_info("past_value", element, cache),
          helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
          helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [1, "sequence", HEADS * HEAD_SIZE]),
-         helper.make_tensor_value_info("present_key", TensorProto.FLOAT, cache),
-         helper.make_tensor_value_info("present_value", TensorProto.FLOAT, cache)],
-        [numpy_helper.from_array(np.cos(angles), "cos_cache"), numpy_helper.from_array(np.sin(angles), "sin_cache")],
+        [helper.make_tensor_value_info("output", element, [1, "sequence", HEADS * HEAD_SIZE]),
+         helper.make_tensor_value_info("present_key", element, cache),
+         helper.make_tensor_value_info("present_value", element, cache)],
+        [numpy_helper.from_array(np.cos(angles).astype(dtype), "cos_cache"),
+         numpy_helper.from_array(np.sin(angles).astype(dtype), "sin_cache")],
     )  # fmt: skip
     return cpu_session(graph, threads)
 
 
-def time_gqa(sess, sequence: int, depth: int, repeats: int) -> float:  # type: ignore[no-untyped-def]
+def time_gqa(sess, sequence: int, depth: int, repeats: int, dtype: type = np.float32) -> float:  # type: ignore[no-untyped-def]
     """Median seconds of one node call, the cache bound as the same buffer for past and present."""
     import onnxruntime as ort
 
     rng = np.random.default_rng(0)
-    qkv = rng.standard_normal((1, sequence, (HEADS + 2 * KV_HEADS) * HEAD_SIZE), dtype=np.float32)
-    key = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, KV_HEADS, MAX_LENGTH, HEAD_SIZE), np.float32))
-    value = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, KV_HEADS, MAX_LENGTH, HEAD_SIZE), np.float32))
+    qkv = rng.standard_normal((1, sequence, (HEADS + 2 * KV_HEADS) * HEAD_SIZE)).astype(dtype)
+    cache = (1, KV_HEADS, MAX_LENGTH, HEAD_SIZE)
+    key = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal(cache).astype(dtype))
+    value = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal(cache).astype(dtype))
     binding = sess.io_binding()
     binding.bind_cpu_input("qkv", qkv)
     binding.bind_ortvalue_input("past_key", key)
@@ -100,15 +107,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=200)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    sess = session(args.threads)
+    sess, half = session(args.threads), session(args.threads, np.float16)
     print(f"machine: {describe_machine()}")
     print(f"GroupQueryAttention, {HEADS} heads / {KV_HEADS} KV heads x {HEAD_SIZE}, {args.threads} threads\n")
-    print("| case | onnxruntime GQA (us) | torch SDPA (us) | ratio | x 30 layers, GQA (ms) |")
-    print("|---|---:|---:|---:|---:|")
+    print("| case | onnxruntime GQA (us) | torch SDPA (us) | ratio | x 30 layers, GQA (ms) | GQA in float16 (us) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for name, (sequence, depth) in CASES.items():
         repeats = max(5, args.repeats // (50 if sequence > 1 else 1))
         ours, theirs = time_gqa(sess, sequence, depth, repeats), time_torch(sequence, depth, repeats)
-        print(f"| {name} | {ours * 1e6:.0f} | {theirs * 1e6:.0f} | {ours / theirs:.2f}x | {ours * 30e3:.2f} |")
+        fp16 = time_gqa(half, sequence, depth, repeats, np.float16)
+        print(
+            f"| {name} | {ours * 1e6:.0f} | {theirs * 1e6:.0f} | {ours / theirs:.2f}x | {ours * 30e3:.2f} "
+            f"| {fp16 * 1e6:.0f} ({fp16 / ours:.2f}x the time) |"
+        )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from edgekit.errors import UsageError
 from edgekit.interrupts import was_interrupted
 
 
@@ -39,6 +40,8 @@ def chat_loop(model: Any, options: dict[str, Any]) -> None:
             if was_interrupted():  # click turns a Ctrl-C at the prompt into Abort, as it does end of input
                 raise KeyboardInterrupt from None
             break
+        except UnicodeDecodeError:  # a strict (UTF-8 locale) stdin; a lenient one gives surrogates the model refuses
+            raise UsageError("the chat input is not UTF-8 text", fix="type or pipe UTF-8 text") from None
         if not sys.stdin.isatty():
             click.echo(line)  # a piped transcript shows what was asked, as a terminal would
         if not line.strip():

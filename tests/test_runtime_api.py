@@ -135,11 +135,13 @@ def test_a_model_the_cpu_cannot_load_is_a_package_error_not_a_provider_error(
         (lambda m: m.generate("hi", stop=[5]), "stop must be a string or a sequence of strings"),
         (lambda m: m.generate("hi", stop=5), "stop must be a string or a sequence of strings"),
         (lambda m: m.generate("hi", colour="red"), "unknown generation option 'colour'"),
-        (lambda m: m.generate(None), "expected text (a str), not NoneType"),
-        (lambda m: m.generate(b"hi"), "expected text (a str), not bytes"),
+        (lambda m: m.generate(None), "the prompt must be text (a str), not NoneType"),
+        (lambda m: m.generate(b"hi"), "the prompt must be text (a str), not bytes"),
         (lambda m: m.generate("hi \udcff"), "the text is not valid Unicode: it holds '\\udcff'"),
         (lambda m: m.chat("hello"), "messages must be a list of {'role': ..., 'content': ...} mappings, not str"),
         (lambda m: m.chat({"role": "user", "content": "x"}), "messages must be a list"),
+        (lambda m: m.chat(5), "messages must be a list of {'role': ..., 'content': ...} mappings, not int"),
+        (lambda m: m.chat(["hi"]), "mappings, not a list holding str"),
         (lambda m: m.chat([{"role": "user", "content": "hi \ud800"}]), "the text is not valid Unicode"),
         (lambda m: m.generate_tokens([-1]), "token id -1 is not in this model's vocabulary (0..511)"),
         (lambda m: m.generate_tokens([5, 512]), "token id 512 is not in this model's vocabulary"),
@@ -162,8 +164,32 @@ def test_bad_generation_arguments_are_one_line_usage_errors(tiny_llama_package: 
 def test_generation_arguments_at_their_limits_work(tiny_llama_package: Path) -> None:
     import numpy as np
 
+    messages = [{"role": "user", "content": "hello there"}]
     with load(tiny_llama_package, variant="fp32") as model:
         assert model.generate("hi", max_new_tokens=3, stop=["", "zzz"]) == model.generate("hi", max_new_tokens=3)
+        assert model.generate("hi", max_new_tokens=3, stop={"zzz"}) == model.generate("hi", max_new_tokens=3)
+        assert model.generate("hi", max_new_tokens=np.int64(3), temperature=np.float32(0)) == model.generate(
+            "hi", max_new_tokens=3
+        )
+        # A generator of messages is read once: the conversation, not an empty one.
+        assert model.apply_chat_template(m for m in messages) == model.apply_chat_template(messages)
+        assert "hello there" in model.apply_chat_template(messages)
         sampled = model.generate_tokens(np.array([5, 511]), max_new_tokens=3, temperature=1, top_k=2**31 - 1,
                                         seed=2**31 - 1)  # fmt: skip
         assert 1 <= len(sampled) <= 3
+
+
+def test_generation_config_keeps_plain_python_numbers() -> None:
+    import numpy as np
+
+    from edgekit.runtimes.generation import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=np.int64(4), temperature=np.float32(0.5), top_k=np.int32(3),
+                              seed=np.uint16(7), stop=("", "x"))  # fmt: skip
+    assert [type(v) for v in (config.max_new_tokens, config.temperature, config.top_k, config.seed)] == [
+        int,
+        float,
+        int,
+        int,
+    ]
+    assert config.stop == ("x",)

@@ -250,6 +250,7 @@ def test_create_app_refuses_bad_options(tiny_model: edgekit.Model, options: dict
         ({"api_key": 5}, "api_key must be a string"),
         ({"api_key": "clé"}, "the API key must be printable ASCII"),
         ({"api_key": ""}, "the API key must be printable ASCII"),
+        ({"api_key": " sk-1 "}, "the API key must be printable ASCII, without spaces at either end"),
         ({"model_name": "tiny\udce9"}, "the model name 'tiny\\udce9' is not valid Unicode"),
         ({"cors_origins": "http://x"}, "cors_origins must be a sequence of origins"),
     ],

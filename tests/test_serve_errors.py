@@ -305,3 +305,40 @@ def test_a_body_that_stops_arriving_is_408(url: str, monkeypatch: pytest.MonkeyP
         answer = sock.recv(65536).decode("latin-1")
     assert answer.startswith("HTTP/1.1 408"), answer
     assert '"code":"request_timeout"' in answer.replace(" ", "") and time.monotonic() - started < 10
+
+
+def test_a_body_sent_a_byte_at_a_time_still_has_one_deadline(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit is on the whole body: a piece every so often must not keep the connection for ever."""
+    import socket
+
+    import edgekit.serve.http_io
+
+    monkeypatch.setattr(edgekit.serve.http_io, "BODY_TIMEOUT_S", 1.0)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
+                     b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")  # fmt: skip
+        started = time.monotonic()
+        sock.settimeout(0.3)
+        answer = b""
+        while not answer and time.monotonic() - started < 10:
+            try:
+                answer = sock.recv(65536)
+            except TimeoutError:
+                sock.sendall(b" ")  # a byte every 0.3 s: each piece well within the limit
+    assert answer.decode("latin-1").startswith("HTTP/1.1 408"), answer
+    assert time.monotonic() - started < 5
+
+
+def test_a_refused_request_whose_body_stalls_keeps_its_refusal(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    import edgekit.serve.http_io
+
+    monkeypatch.setattr(edgekit.serve.http_io, "BODY_TIMEOUT_S", 0.5)
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")  # fmt: skip
+        answer = sock.recv(65536).decode("latin-1")
+    assert answer.startswith("HTTP/1.1 401"), answer

@@ -136,3 +136,15 @@ def test_run_refuses_text_and_numbers_the_runtime_cannot_take(runner, tiny_llama
     result = runner.invoke(main, ["run", str(tiny_llama_package), *args])
     assert result.exit_code == 2, result.output
     assert phrase in result.output and "Traceback" not in result.output
+
+
+def test_chat_input_that_is_not_utf8_is_one_line(runner, tiny_llama_package: Path, monkeypatch) -> None:
+    """Under a UTF-8 locale Python reads stdin strictly: a stray byte was a UnicodeDecodeError traceback."""
+
+    def undecodable(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+
+    monkeypatch.setattr(click, "prompt", undecodable)
+    result = runner.invoke(main, ["run", str(tiny_llama_package), "--chat"])
+    assert result.exit_code == 2, result.output
+    assert "the chat input is not UTF-8 text" in result.output and "Traceback" not in result.output

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 from edgekit.errors import UsageError
 
@@ -23,26 +24,34 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        # numpy's scalars are Integral and Real too; each value is kept as the plain Python number.
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             raise UsageError(f"max_new_tokens must be a positive integer, not {self.max_new_tokens!r}")
         for name in ("temperature", "top_p"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | float):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), Real):
                 raise UsageError(f"{name} must be a number, not {getattr(self, name)!r}")
+            object.__setattr__(self, name, float(getattr(self, name)))
         if not 0 <= self.temperature <= 100 or not 0 < self.top_p <= 1:
             raise UsageError("temperature must be in 0..100 and top_p in (0, 1]")
         if not _is_int(self.top_k) or not 0 <= self.top_k <= MAX_INT32:
             raise UsageError(f"top_k must be an integer in 0..{MAX_INT32} (0: off), not {self.top_k!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= MAX_INT32):
             raise UsageError(f"seed must be an integer in 0..{MAX_INT32}, not {self.seed!r}")
+        for name in ("max_new_tokens", "top_k", "seed"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, int(getattr(self, name)))
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
-        if not isinstance(stop, tuple | list) or not all(isinstance(text, str) for text in stop):
+        if isinstance(stop, bytes | Mapping) or not isinstance(stop, Iterable):
+            raise UsageError(f"stop must be a string or a sequence of strings, not {self.stop!r}")
+        stop = tuple(stop)
+        if not all(isinstance(text, str) for text in stop):
             raise UsageError(f"stop must be a string or a sequence of strings, not {self.stop!r}")
         # An empty stop string would end every generation before its first character (the server drops them too).
         object.__setattr__(self, "stop", tuple(text for text in stop if text))
 
 
 def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def cut_at_stop(

@@ -18,7 +18,7 @@ import json
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral
 from pathlib import Path
@@ -133,9 +133,13 @@ class Model:
                 fix="send the prompt as is (`edgekit run --raw`, Model.generate), or pass a template "
                 "with --chat-template FILE (chat_template= in edgekit.load)",
             )
-        if isinstance(messages, str | bytes | Mapping) or not all(isinstance(m, Mapping) for m in messages):
+        given = type(messages).__name__
+        refused = isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Iterable)
+        messages = [] if refused else list(messages)  # a generator is read once, here
+        odd = next((f"a list holding {type(m).__name__}" for m in messages if not isinstance(m, Mapping)), None)
+        if refused or odd:
             raise UsageError(
-                f"messages must be a list of {{'role': ..., 'content': ...}} mappings, not {type(messages).__name__}",
+                f"messages must be a list of {{'role': ..., 'content': ...}} mappings, not {odd or given}",
                 fix='pass [{"role": "user", "content": "Hello"}]',
             )
         variables = self._template_variables
@@ -389,12 +393,13 @@ def _runtime_settings(
 ) -> tuple[RuntimeSettings, str]:
     """The threads, arena and prompt pieces to run with, and where they came from (see ``load``)."""
     cpus = len(usable_cpus())
+    threads = None if threads == 0 and not isinstance(threads, bool) else threads  # 0: automatic, as onnxruntime's
     if threads is not None or settings is not None:
         count = threads if threads is not None else settings.threads if settings is not None else 0
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= cpus:
-            # More threads than CPUs only makes them wait for each other (a million took minutes to start).
+            # More threads than CPUs only wait for each other, and each costs a start-up and a stack.
             raise UsageError(f"threads must be an integer in 1..{cpus} (the CPUs this process may use), not {count!r}",
-                             fix=f"pass threads={physical_cores()}, one per physical core")  # fmt: skip
+                             fix=f"use at most {cpus} (the default is {physical_cores()}, one per core)")  # fmt: skip
         return (RuntimeSettings(threads=count) if threads is not None else settings), "given"  # type: ignore[return-value]
     recorded = read_tuning(fingerprint, variant) if tuned else None
     if recorded is not None:

@@ -24,7 +24,7 @@ def check_text(text: object) -> None:
     """A ``UsageError`` unless ``text`` is a string that UTF-8 can encode (no lone surrogate: what Python
     makes of bytes that were not UTF-8 in a command line or a terminal's input)."""
     if not isinstance(text, str):
-        raise UsageError(f"expected text (a str), not {type(text).__name__}")
+        raise UsageError(f"the prompt must be text (a str), not {type(text).__name__}", fix="pass a str")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:

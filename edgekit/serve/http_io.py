@@ -17,7 +17,7 @@ from edgekit.serve.openai_schema import APIError
 # sent its body, then closes, makes the kernel reset the connection, and the client never sees the answer.
 DRAIN_LIMIT = 64 << 20
 BODY_TIMEOUT_S = 30.0
-"""The longest wait for the next piece of a request's body."""
+"""The longest a request's body may take to arrive, from the first read of it."""
 T = TypeVar("T")
 
 
@@ -42,7 +42,8 @@ def check_api_key(request: Request, api_key: str | None) -> APIError | None:
 
 
 async def read_json(request: Request, max_body_bytes: int, refusal: APIError | None = None) -> Any:
-    """The request's JSON body, or ``APIError``: ``refusal`` (given), 413 (too big) or 400 (not JSON).
+    """The request's JSON body, or ``APIError``: ``refusal`` (given), 413 (too big), 408 (the body took over
+    ``BODY_TIMEOUT_S`` to arrive) or 400 (not JSON); ``ClientGoneError`` when the client hung up meanwhile.
 
     The body is read in pieces and never held past ``max_body_bytes``; a declared ``Content-Length`` over
     the limit is refused before anything is read.
@@ -56,15 +57,18 @@ async def read_json(request: Request, max_body_bytes: int, refusal: APIError | N
     body = bytearray()
     seen = 0
     chunks = request.stream().__aiter__()
+    # One deadline for the whole body: a client sending it a byte at a time (or never) would hold its
+    # connection for as long as it liked.
+    deadline = asyncio.get_running_loop().time() + BODY_TIMEOUT_S
     try:
         while True:
-            try:  # a client that declares a body and sends it slowly (or never) would hold its connection forever
-                chunk = await asyncio.wait_for(chunks.__anext__(), BODY_TIMEOUT_S)
+            try:
+                chunk = await asyncio.wait_for(chunks.__anext__(), deadline - asyncio.get_running_loop().time())
             except StopAsyncIteration:
                 break
             except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
-                raise APIError(408, f"The request body did not arrive within {BODY_TIMEOUT_S:g} seconds.",
-                               code="request_timeout") from None  # fmt: skip
+                raise refusal or APIError(408, f"The request body did not arrive within {BODY_TIMEOUT_S:g} seconds.",
+                                          code="request_timeout") from None  # fmt: skip
             seen += len(chunk)
             if refusal is None:
                 body += chunk

@@ -63,5 +63,5 @@ def _folder_name(root: Path) -> str:
     """The package folder's name as the user wrote it (a link keeps its own name), never ``.`` or ``..``."""
     name = root.absolute().name
     name = name if name not in ("", ".", "..") else root.resolve().name
-    check_model_name(name, "the package folder's name")
+    check_model_name(name, "the package folder's name", "pass --model-name NAME (model_name= in create_app)")
     return name

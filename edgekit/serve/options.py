@@ -42,20 +42,22 @@ class ServeOptions:
         for name in ("model_name", "target", "api_key"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
                 raise UsageError(f"{name} must be a string, not {getattr(self, name)!r}")
-        if self.api_key is not None and not (self.api_key.isascii() and self.api_key.isprintable() and self.api_key):
-            # HTTP headers arrive as Latin-1: a key of other characters could never match what a client sends.
-            raise UsageError("the API key must be printable ASCII", fix="choose a key of letters, digits and symbols")
+        key = self.api_key
+        if key is not None and not (key.isascii() and key.isprintable() and key.strip() == key != ""):
+            # HTTP headers arrive as Latin-1 and their values trimmed: such a key could never match a client's.
+            raise UsageError("the API key must be printable ASCII, without spaces at either end",
+                             fix="choose a key of letters, digits and symbols")  # fmt: skip
         if self.model_name is not None:
-            check_model_name(self.model_name, "the model name")
+            check_model_name(self.model_name, "the model name", "pass a --model-name of UTF-8 text")
         if isinstance(self.cors_origins, str):
             raise UsageError("cors_origins must be a sequence of origins, not one string",
                              fix=f"use ({self.cors_origins!r},)")  # fmt: skip
 
 
-def check_model_name(name: str, what: str) -> None:
+def check_model_name(name: str, what: str, fix: str) -> None:
     """A ``UsageError`` unless ``name`` (the id clients send as ``model``) is text UTF-8 can encode: every
     JSON answer carries it."""
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        raise UsageError(f"{what} {name!r} is not valid Unicode", fix="pass --model-name NAME") from None
+        raise UsageError(f"{what} {name!r} is not valid Unicode", fix=fix) from None
