@@ -309,7 +309,36 @@ def _compute_by_phase(model: Any) -> None:
     del graph.value_info[:]
 
 
+def _half_kv_cache(model: Any) -> None:
+    """The KV cache in float16: each GroupQueryAttention runs in half precision on float16 copies of its
+    activations and rotary tables (Casts onnxruntime folds for the tables), its output cast back."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    for value in [*graph.input, *graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.elem_type = TensorProto.FLOAT16
+    nodes: list[Any] = []
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention":
+            nodes.append(node)
+            continue
+        for index in (0, 1, 2, 7, 8):  # query (or packed QKV), key, value, cos cache, sin cache
+            if index < len(node.input) and node.input[index]:
+                half = f"{node.input[index]}/half/{node.name}"
+                nodes.append(helper.make_node("Cast", [node.input[index]], [half], to=TensorProto.FLOAT16,
+                                              name=half))  # fmt: skip
+                node.input[index] = half
+        output, node.output[0] = node.output[0], f"{node.output[0]}/half"
+        nodes.extend([node, helper.make_node("Cast", [node.output[0]], [output], to=TensorProto.FLOAT,
+                                             name=f"{output}/float")])  # fmt: skip
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.value_info[:]
+
+
 GRAPH_LEVERS = {
+    "KV cache in float16 (GroupQueryAttention in half precision)": _half_kv_cache,
     "logits expanded to every position (as before)": _logits_expanded,
     "gate and up projections in one MatMulNBits": _gate_up_fused,
     "LM head over every position (as exported)": _whole_head,
