@@ -244,6 +244,7 @@ def check(package: Path, target: str, junit: Path | None, markdown: Path | None,
     """Exit 0 when PACKAGE's variant for TARGET meets its accuracy budget, 1 when it does not."""
     from edgekit.accuracy.gate import check_package
     from edgekit.accuracy.report import check_markdown, write_junit
+    from edgekit.safe_io import write_output_text
     from edgekit.summary import print_check
 
     result = check_package(
@@ -253,7 +254,7 @@ def check(package: Path, target: str, junit: Path | None, markdown: Path | None,
     if junit:
         write_junit(junit, result.target, result.checks, result.variant)
     if markdown:
-        markdown.write_text(check_markdown(result.target, result.variant, result.passed, result.checks), "utf-8")
+        write_output_text(markdown, check_markdown(result.target, result.variant, result.passed, result.checks))
     sys.exit(0 if result.passed else 1)
 
 
@@ -353,6 +354,7 @@ def bench(package: Path, variants: tuple[str, ...], target: str | None, prompt_t
           runs: int, threads: int | None, json_path: Path | None) -> None:  # fmt: skip
     """Time to first token, prefill and decode tokens/s, and peak RSS of PACKAGE's variants."""
     from edgekit.runtimes.bench import BenchSettings, bench_package
+    from edgekit.safe_io import write_output_text
     from edgekit.summary import print_bench, progress_callback
 
     settings = BenchSettings(prompt_tokens, gen_tokens, runs, threads)
@@ -361,7 +363,7 @@ def bench(package: Path, variants: tuple[str, ...], target: str | None, prompt_t
                                 progress=progress)  # fmt: skip
     print_bench(results)
     if json_path:
-        json_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_output_text(json_path, json.dumps(results, indent=2) + "\n")
 
 
 @main.command()

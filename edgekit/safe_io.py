@@ -89,6 +89,21 @@ def write_text_atomic(path: Path, text: str) -> None:
         partial.unlink(missing_ok=True)
 
 
+def write_output_text(path: Path, text: str) -> None:
+    """Write a file the user named (a report, a JUnit file): a regular file atomically, a device or FIFO in
+    place; an ``OSError`` (a read-only file, a full disk, a path under /proc) is a one-line ``UsageError``."""
+    from edgekit.errors import UsageError
+
+    try:
+        if path.exists() and not path.is_file():  # /dev/stdout, a FIFO a CI step reads: written where it is
+            with open(path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        else:  # through a link to the file it names, not over the link
+            write_text_atomic(path.resolve() if path.is_symlink() else path, text)
+    except OSError as exc:
+        raise UsageError(f"cannot be written ({exc.strerror or exc})", path=path, fix="choose another path") from None
+
+
 def user_cache_path(*parts: str) -> Path:
     """A path in edgekit's folder of the user's cache (``$XDG_CACHE_HOME/edgekit`` on Linux)."""
     import platformdirs

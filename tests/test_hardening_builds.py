@@ -199,3 +199,18 @@ def test_a_hugging_face_cache_snapshot_builds_and_the_package_holds_no_links(
         assert not path.is_symlink(), path
         assert path.is_dir() or path.stat().st_nlink == 1, path
     assert all(p.is_symlink() for p in snapshot.iterdir()), "the cache was modified"
+
+
+def test_every_package_file_gets_the_permissions_a_plain_open_gives(tiny_llama_package: Path) -> None:
+    """onnx's external-data writer creates model.onnx.data private (0600): another user (a service running
+    `edgekit serve`) could read the manifest but not the weights."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {p.relative_to(tiny_llama_package).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in tiny_llama_package.rglob("*")}  # fmt: skip
+    assert any(name.endswith("model.onnx.data") for name in modes)
+    wanted = {name: (0o777 if (tiny_llama_package / name).is_dir() else 0o666) & ~umask for name in modes}
+    assert modes == wanted

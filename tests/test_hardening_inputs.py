@@ -106,6 +106,20 @@ def test_a_hostile_text_file_is_refused_in_one_line(tmp_path: Path, name: str, c
         load_text(path)
 
 
+def test_valid_texts_with_a_byte_order_mark_or_unicode_line_separators_load(tmp_path: Path) -> None:
+    """JSON Lines holding U+2028 or U+0085 unescaped (json.dumps with ensure_ascii=False) were "line 1 is not
+    JSON", and a byte-order mark was either that or part of the scored text."""
+    from edgekit.accuracy.texts import load_text
+
+    lines = [json.dumps({"text": t}, ensure_ascii=False) for t in ("one\u2028two", "three\x85four")]
+    jsonl = tmp_path / "t.jsonl"
+    jsonl.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
+    assert load_text(jsonl).text == "one\u2028two\n\nthree\x85four"
+    txt = tmp_path / "t.txt"
+    txt.write_bytes(b"\xef\xbb\xbfplain text")
+    assert load_text(txt).text == "plain text"
+
+
 def test_a_text_larger_than_the_cap_is_refused_before_tokenizing(tmp_path: Path, monkeypatch) -> None:
     """A 180 MB text took 7 GB in the tokenizer (a red-team pass)."""
     from edgekit.accuracy import texts

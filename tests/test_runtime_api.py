@@ -193,3 +193,26 @@ def test_generation_config_keeps_plain_python_numbers() -> None:
         int,
     ]
     assert config.stop == ("x",)
+
+
+@pytest.mark.parametrize("vocab", [8, 76, 201, 512, 151_936])
+def test_benchmark_prompts_are_ordinary_ids_of_any_vocabulary(vocab: int) -> None:
+    """A vocabulary of 100 tokens or fewer made bench fail (low >= high) and tune pass ids outside it."""
+    from edgekit.runtimes.bench import random_prompt
+
+    ids = random_prompt(vocab, 1000)
+    assert len(ids) == 1000 and all(isinstance(i, int) and 0 <= i < vocab for i in ids)
+    assert min(ids) >= (100 if vocab > 200 else vocab // 4) and max(ids) < min(vocab, 30000)
+    assert random_prompt(vocab, 1000) == ids  # the same prompt for every variant
+
+
+def test_bench_refuses_a_prompt_beyond_the_context_before_making_it(runner, tiny_llama_package: Path) -> None:
+    """10**20 tokens was a numpy traceback; 2 * 10**7 took 20 s and 800 MB before the context check."""
+    import time
+
+    from edgekit.cli import main
+
+    started = time.monotonic()
+    result = runner.invoke(main, ["bench", str(tiny_llama_package), "--prompt-tokens", str(10**20)])
+    assert result.exit_code == 2 and "does not fit the" in result.output and "Traceback" not in result.output
+    assert time.monotonic() - started < 30

@@ -148,3 +148,24 @@ def test_chat_input_that_is_not_utf8_is_one_line(runner, tiny_llama_package: Pat
     result = runner.invoke(main, ["run", str(tiny_llama_package), "--chat"])
     assert result.exit_code == 2, result.output
     assert "the chat input is not UTF-8 text" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("where", ["/dev/full", "/proc/version", "stdout"])
+def test_report_files_that_cannot_be_written_are_one_line(runner, tiny_llama_package: Path, where: str,
+                                                          tmp_path: Path) -> None:  # fmt: skip
+    """A full disk or a path the system refuses was an OSError traceback; /dev/stdout still works."""
+    import os
+
+    path = "/dev/stdout" if where == "stdout" else where
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not on this system")
+    before = os.stat(path, follow_symlinks=False)
+    result = runner.invoke(main, ["bench", str(tiny_llama_package), "--runs", "1", "--gen-tokens", "2",
+                                  "--prompt-tokens", "8", "--json", path])  # fmt: skip
+    if where == "stdout":
+        assert result.exit_code == 0, result.output
+    else:
+        assert result.exit_code == 2, result.output
+        assert f"{path}: cannot be written" in result.output and "Traceback" not in result.output
+    after = os.stat(path, follow_symlinks=False)
+    assert (after.st_mode, after.st_ino) == (before.st_mode, before.st_ino)  # the device is still the device

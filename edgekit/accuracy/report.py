@@ -5,6 +5,7 @@ The chart needs matplotlib (part of the ``export`` extra); without it the report
 
 from __future__ import annotations
 
+import io
 import json
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.accuracy.budget import Check
+from edgekit.safe_io import write_output_text
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -123,7 +125,9 @@ def write_junit(path: Path, target: str, checks: Sequence[Check], deployed: str)
             ET.SubElement(case, "skipped", message=reason)
     suites = ET.Element("testsuites", tests=str(len(checks)), failures=str(failures), skipped=str(skipped))
     suites.append(suite)
-    ET.ElementTree(suites).write(path, encoding="utf-8", xml_declaration=True)
+    document = io.BytesIO()
+    ET.ElementTree(suites).write(document, encoding="utf-8", xml_declaration=True)
+    write_output_text(path, document.getvalue().decode("utf-8"))
 
 
 def check_markdown(target: str, variant: str, passed: bool, checks: Sequence[Check]) -> str:

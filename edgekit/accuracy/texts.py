@@ -75,14 +75,16 @@ def load_text(path: str | Path) -> Corpus:
             fix="pass a shorter excerpt (a few MB hold thousands of windows)",
         )
     try:
-        raw = data.decode("utf-8")
+        raw = data.decode("utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as exc:
         raise UsageError(f"cannot read the text ({exc})", path=path, fix=fix) from None
     if path.suffix.lower() != ".jsonl":
         text = raw
     else:
         parts = []
-        for number, line in enumerate(raw.splitlines(), 1):
+        # JSON Lines are split on "\n" alone: str.splitlines would also split inside a string holding U+2028
+        # or U+0085, which JSON writes unescaped (json.dumps with ensure_ascii=False).
+        for number, line in enumerate(raw.split("\n"), 1):
             if not line.strip():
                 continue
             try:

@@ -43,6 +43,7 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     try:
         yield staging
         raise_if_interrupted()  # a Ctrl-C that a library swallowed still keeps the output from landing
+        _plain_modes(staging, umask)
         if out.exists() and not force:  # made by another command while this one ran: not ours to replace
             raise OutputExistsError(
                 "appeared while this command ran (another command wrote it); nothing was replaced",
@@ -59,6 +60,17 @@ def staged_output(out: Path, *, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _plain_modes(folder: Path, umask: int) -> None:
+    """Every file and folder under ``folder`` with the permissions a plain ``open`` or ``mkdir`` gives:
+    some writers (onnx's external-data writer) create private (0600) files another user could not read."""
+    for root, dirs, files in os.walk(folder):
+        for names, mode in ((dirs, 0o777), (files, 0o666)):
+            for name in names:
+                path = os.path.join(root, name)
+                if not os.path.islink(path):  # a package holds no links; never change what one points at
+                    os.chmod(path, mode & ~umask)
 
 
 @contextlib.contextmanager

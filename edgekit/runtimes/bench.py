@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit.errors import UsageError
 from edgekit.package.manifest import read_manifest
 from edgekit.package.verify import variant_dir
 from edgekit.progress import current_rss_mb
@@ -37,6 +38,14 @@ class BenchSettings:
     seed: int = 0
 
 
+def random_prompt(vocab: int, count: int, seed: int = 0) -> list[int]:
+    """``count`` random ordinary token ids: from 100 (above a vocabulary's special tokens) to 30000, or from
+    a quarter of a vocabulary too small for that (a character-level one of a few dozen tokens)."""
+    low = 100 if vocab > 200 else vocab // 4
+    high = max(low + 1, min(vocab, 30000))
+    return [int(t) for t in np.random.default_rng(seed).integers(low, high, size=count)]
+
+
 def time_generation(model: Model, prompt: list[int], gen_tokens: int) -> tuple[float, float | None]:
     """One generation: (prompt tokens/s to the first new token, new tokens/s after the first; None where the
     model ended the generation at its first token, so there is no decode to time)."""
@@ -56,10 +65,13 @@ def _stats(values: list[float]) -> dict[str, float]:
 def bench_variant(package: Path, variant: str, settings: BenchSettings, target: str | None = None) -> dict[str, Any]:
     """Benchmark one variant: one warm-up, then ``settings.runs`` timed runs."""
     with load(package, target, variant=variant, threads=settings.threads) as model:
-        vocab = _vocab_size(package, variant)
-        rng = np.random.default_rng(settings.seed)
-        # Random ids from the lower vocabulary: ordinary tokens, no special ones, same for every variant.
-        prompt = rng.integers(100, min(vocab, 30000), size=settings.prompt_tokens).tolist()
+        if settings.prompt_tokens >= model.context_length:  # before a prompt of that size is made
+            raise UsageError(
+                f"a {settings.prompt_tokens}-token prompt does not fit the {model.context_length}-token context",
+                fix=f"pass --prompt-tokens below {model.context_length}",
+            )
+        # The same random ordinary ids for every variant.
+        prompt = random_prompt(_vocab_size(package, variant), settings.prompt_tokens, settings.seed)
         ttft, prefill, decode = [], [], []
         for run in range(settings.runs + 1):
             prompt_tps, decode_tps = time_generation(model, prompt, settings.gen_tokens)

@@ -12,10 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from edgekit.errors import UsageError
-from edgekit.runtimes.bench import time_generation
+from edgekit.runtimes.bench import random_prompt, time_generation
 from edgekit.runtimes.cpu_threads import physical_cores, usable_cpus
 from edgekit.runtimes.model import Model, load
 from edgekit.runtimes.tuning import (
@@ -119,15 +117,14 @@ def _measurement(candidate: RuntimeSettings, runs: list[tuple[float, float | Non
 
 
 def _prompt(model: Model, prompt_tokens: int, gen_tokens: int) -> list[int]:
-    """Random ordinary token ids (above the specials, below 30000), as many as fit with ``gen_tokens``."""
+    """Random ordinary token ids (``bench.random_prompt``), as many as fit with ``gen_tokens``."""
     room = model.context_length - gen_tokens - 1
     if room < 1:
         raise UsageError(
             f"{gen_tokens} generated tokens leave no room for a prompt in a {model.context_length}-token context",
             fix="pass fewer --gen-tokens",
         )
-    rng = np.random.default_rng(0)
-    return [int(t) for t in rng.integers(100, max(101, min(model.vocab_size, 30000)), size=min(prompt_tokens, room))]
+    return random_prompt(model.vocab_size, min(prompt_tokens, room))
 
 
 def settings_table(result: TuningRecord) -> list[tuple[str, float, float, float, bool]]:
