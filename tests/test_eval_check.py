@@ -499,3 +499,42 @@ def test_a_malformed_baseline_report_is_one_line(runner, evaluated_package: Path
     assert result.exit_code == 2, result.output
     assert "is not an edgekit evaluation report" in result.stderr
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+@pytest.mark.parametrize("stop", ["manifest", "report"])
+def test_an_evaluation_stopped_before_its_manifest_leaves_the_package_as_it_was(
+    evaluated_package: Path, tmp_path: Path, monkeypatch, stop: str
+) -> None:
+    """A Ctrl-C (or a read-only manifest) after the new reference cache had replaced the old one left files
+    the manifest did not list and one it listed gone: every later `check` and `eval` refused the package."""
+    import edgekit.accuracy.gate as gate
+
+    root = copy_package(evaluated_package, tmp_path / "pkg")
+    before = {p.name: p.read_bytes() for p in (root / EVAL_DIR).iterdir()}
+    manifest = (root / "manifest.json").read_bytes()
+
+    def interrupted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gate, "write_manifest" if stop == "manifest" else "write_report", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_and_record(root, windows=WINDOWS + 1, ctx=CTX)  # another protocol: a new cache
+    assert {p.name: p.read_bytes() for p in (root / EVAL_DIR).iterdir()} == before
+    assert (root / "manifest.json").read_bytes() == manifest
+    verify_files(root, read_manifest(root))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pkg"]  # the backup beside it is gone too
+
+
+def test_a_package_that_cannot_be_updated_is_one_line(evaluated_package: Path, tmp_path: Path, monkeypatch) -> None:
+    import edgekit.accuracy.gate as gate
+    from edgekit.errors import UsageError
+
+    root = copy_package(evaluated_package, tmp_path / "pkg")
+
+    def refused(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(gate, "write_manifest", refused)
+    with pytest.raises(UsageError, match="the package cannot be updated \\(Operation not permitted\\)"):
+        evaluate_and_record(root, windows=WINDOWS + 1, ctx=CTX)
+    verify_files(root, read_manifest(root))

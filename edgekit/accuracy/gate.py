@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ from edgekit.accuracy.report import REPORT_JSON, write_report
 from edgekit.accuracy.texts import Corpus
 from edgekit.errors import PackageError, UsageError
 from edgekit.package.manifest import read_manifest, write_manifest
+from edgekit.package.staging import scratch_folder
 from edgekit.package.verify import verify_files
 from edgekit.targets import Target, get_target, load_targets
 from edgekit.variants import REFERENCE_VARIANT, deploy_variant
@@ -50,6 +56,22 @@ def evaluate_and_record(
     manifest = read_manifest(root)
     if verify:
         verify_files(root, manifest)
+    with _eval_folder_restored_on_failure(root):
+        return _evaluate_and_write(root, manifest, corpus, windows, ctx, targets_file, progress, verify,
+                                   reference_checkpoint)  # fmt: skip
+
+
+def _evaluate_and_write(
+    root: Path,
+    manifest: dict[str, Any],
+    corpus: Corpus | None,
+    windows: int,
+    ctx: int,
+    targets_file: str | Path | None,
+    progress: Progress | None,
+    verify: bool,
+    reference_checkpoint: str | Path | None,
+) -> dict[str, Any]:
     report = evaluate_package(
         root,
         corpus=corpus,
@@ -61,7 +83,6 @@ def evaluate_and_record(
     )
     # Only targets this package can deploy are judged, the ones `edgekit check` accepts.
     report["budgets"] = budget_verdicts(report, deployable_targets(manifest, load_targets(targets_file)))
-    write_report(root / EVAL_DIR, report)
     manifest["evaluation"] = {
         "report": f"{EVAL_DIR}/{REPORT_JSON}",
         "protocol": report["protocol"],
@@ -72,8 +93,47 @@ def evaluate_and_record(
             for target, variants in report["budgets"].items()
         },
     }
-    write_manifest(root, manifest)
+    try:
+        write_report(root / EVAL_DIR, report)
+        write_manifest(root, manifest)
+    except OSError as exc:
+        raise UsageError(f"the package cannot be updated ({exc.strerror or exc})", path=root,
+                         fix="make it writable, or evaluate a copy") from None  # fmt: skip
     return report
+
+
+@contextlib.contextmanager
+def _eval_folder_restored_on_failure(root: Path) -> Iterator[None]:
+    """``eval/`` put back as it was when what runs inside fails or is interrupted: the manifest lists its
+    files, and a half-done evaluation's files (a new reference cache, the old one deleted) would make the
+    package fail its own verification, ``edgekit eval`` included."""
+    folder = root / EVAL_DIR
+    with contextlib.ExitStack() as stack:
+        try:  # beside the package (the same file system: the cache is linked, not copied), else anywhere
+            backup = stack.enter_context(scratch_folder(root))
+        except OSError:
+            backup = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="edgekit-eval-")))
+        kept: list[str] = []
+        for path in sorted(folder.iterdir()) if folder.is_dir() else []:
+            if path.is_file() and not path.is_symlink():
+                if path.suffix == ".npz":  # the cache is replaced, never rewritten in place: a link keeps it
+                    with contextlib.suppress(OSError):  # another file system: copied below
+                        os.link(path, backup / path.name)
+                if not (backup / path.name).exists():
+                    shutil.copy2(path, backup / path.name)
+                kept.append(path.name)
+        try:
+            yield
+        except BaseException:
+            # Best effort, one file at a time: the error that stopped the evaluation is the one to report.
+            for path in folder.iterdir() if folder.is_dir() else []:
+                if path.name not in kept and (path.is_file() or path.is_symlink()):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
+            for name in kept:
+                with contextlib.suppress(OSError):
+                    shutil.move(backup / name, folder / name)
+            raise
 
 
 @dataclass

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.accuracy.budget import Check
-from edgekit.safe_io import write_output_text
+from edgekit.safe_io import write_output_text, write_text_atomic
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
@@ -48,7 +48,7 @@ def write_report(eval_dir: Path, report: dict[str, Any]) -> list[Path]:
     """Write report.json, report.md and (with matplotlib) report.png into ``eval_dir``."""
     eval_dir.mkdir(parents=True, exist_ok=True)
     written = [eval_dir / REPORT_JSON, eval_dir / REPORT_MD]
-    (eval_dir / REPORT_JSON).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_text_atomic(eval_dir / REPORT_JSON, json.dumps(report, indent=2) + "\n")
     protocol = report["protocol"]
     text = [
         "# edgekit evaluation",
@@ -62,7 +62,7 @@ def write_report(eval_dir: Path, report: dict[str, Any]) -> list[Path]:
         markdown_table(report),
         "",
     ]
-    (eval_dir / REPORT_MD).write_text("\n".join(text), encoding="utf-8")
+    write_text_atomic(eval_dir / REPORT_MD, "\n".join(text))
     if _write_chart(eval_dir / REPORT_PNG, report):
         written.append(eval_dir / REPORT_PNG)
     return written
