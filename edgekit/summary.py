@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from edgekit.errors import PackageError
 from edgekit.targets import Precision
 
 if TYPE_CHECKING:
@@ -53,12 +54,12 @@ def _variants_table(manifest: dict[str, Any]) -> Table:
     for name, entry in manifest.get("variants", {}).items():
         table.add_row(
             f"{name} *" if name == default else name,
-            entry["precision"],
-            entry["method"],
-            entry["provider"],
+            str(entry.get("precision") or "-"),
+            str(entry.get("method") or "-"),
+            str(entry.get("provider") or "-"),
             str(entry.get("block_size") or "-"),
             str(entry.get("accuracy_level") if entry.get("accuracy_level") is not None else "default"),
-            _mb(entry["bytes"]),
+            _mb(entry["bytes"]) if entry.get("bytes") is not None else "?",
         )
     return table
 
@@ -130,28 +131,47 @@ def print_build_summary(result: BuildResult, console: Console | None = None) -> 
 
 
 def print_manifest(root: Path, manifest: dict[str, Any], console: Console | None = None) -> None:
-    """Readable form of a package's manifest."""
+    """Readable form of a package's manifest; a field of a shape the schema allows but this view cannot show
+    (a manifest rewritten by hand) is a one-line ``PackageError``, with nothing printed before it."""
+    try:
+        shown = _manifest_lines(root, manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise PackageError(
+            f"has a field edgekit cannot show ({type(exc).__name__}: {str(exc)[:120]})",
+            path=root / "manifest.json",
+            fix="read it with `edgekit info --json`, or rebuild the package",
+        ) from None
     console = console or output_console()
+    for line in shown:
+        console.print(line)
+
+
+def _manifest_lines(root: Path, manifest: dict[str, Any]) -> list[Any]:
+    """What ``print_manifest`` prints, line by line (strings of rich markup, and the variants table)."""
     source = manifest["source"]
-    console.print(f"[bold]{root}[/bold]  edgekit {manifest['edgekit_version']}, schema {manifest['schema_version']}")
-    console.print(f"source: {source['kind']} {source['location']}")
+    version = manifest.get("edgekit_version", "?")
+    lines: list[Any] = [f"[bold]{escape(str(root))}[/bold]  edgekit {version}, schema {manifest['schema_version']}"]
+    lines.append(f"source: {source['kind']} {source['location']}")
     for weight in source.get("weights", []):
-        console.print(f"  {weight['name']}  sha256 {weight['sha256']}")
-    console.print(f"architecture: {manifest['architecture']}, {manifest['parameter_count']:,} parameters")
-    console.print(_variants_table(manifest))
+        lines.append(f"  {weight['name']}  sha256 {weight['sha256']}")
+    count = manifest.get("parameter_count")
+    parameters = f"{count:,}" if count is not None else "?"
+    lines.append(f"architecture: {manifest.get('architecture')}, {parameters} parameters")
+    lines.append(_variants_table(manifest))
     for name, entry in manifest.get("targets", {}).items():
-        console.print(f"target {name}: runs '{entry['variant']}' on {' -> '.join(entry['providers'])}")
+        lines.append(f"target {name}: runs '{entry['variant']}' on {' -> '.join(entry['providers'])}")
     for name, entry in manifest.get("variants", {}).items():
         if isinstance(entry, dict) and isinstance(entry.get("recipe"), dict):
-            console.print(escape(f"recipe {name}: {_recipe_figures(entry['recipe'])}"))
+            lines.append(escape(f"recipe {name}: {_recipe_figures(entry['recipe'])}"))
     validation = manifest.get("validation", {})
     if "skipped" in validation:
-        console.print(f"validation: skipped ({validation['skipped']})")
+        lines.append(f"validation: skipped ({validation['skipped']})")
     elif validation:
-        console.print(f"validation: {validation['variant']} vs PyTorch {_validation_figures(validation)}")
+        lines.append(f"validation: {validation['variant']} vs PyTorch {_validation_figures(validation)}")
     tools = ", ".join(f"{k} {v}" for k, v in manifest.get("tools", {}).items() if v)
-    console.print(f"tools: {tools}")
-    console.print(f"files: {len(manifest.get('files', []))}, {_mb(sum(f['size'] for f in manifest.get('files', [])))}")
+    lines.append(f"tools: {tools}")
+    lines.append(f"files: {len(manifest.get('files', []))}, {_mb(sum(f['size'] for f in manifest.get('files', [])))}")
+    return lines
 
 
 def print_targets(targets: dict[str, Target], console: Console | None = None) -> None:

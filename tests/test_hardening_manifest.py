@@ -137,3 +137,46 @@ def test_a_fifo_in_the_package_is_refused(package: Path) -> None:
     with pytest.raises(PackageError, match="FIFO, socket or device") as info:
         verify_files(package, read_manifest(package))
     assert str(package / "fp32" / "pipe") in str(info.value)
+
+
+def _mutations(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """The manifest with one field deleted or given another shape, for every field two levels deep."""
+    cases = []
+    paths = [(key,) for key in manifest] + [
+        (key, inner) for key, value in manifest.items() if isinstance(value, dict) for inner in value
+    ]
+    for path in paths:
+        for label, value in (("deleted", None), ("null", None), ("seven", 7), ("list", [7]), ("text", "x")):
+            changed = json.loads(json.dumps(manifest))
+            holder = changed
+            for key in path[:-1]:
+                holder = holder[key]
+            if label == "deleted":
+                del holder[path[-1]]
+            else:
+                holder[path[-1]] = value
+            cases.append(("/".join(path) + f" {label}", changed))
+    return cases
+
+
+def test_info_on_a_rewritten_manifest_shows_it_or_says_why_in_one_line(tiny_llama_package: Path,
+                                                                        tmp_path: Path) -> None:  # fmt: skip
+    """Fields the schema lets be missing or null (parameter_count, a variant's bytes, ...) were tracebacks."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    original = json.loads((tiny_llama_package / MANIFEST).read_text(encoding="utf-8"))
+    root = tmp_path / "pkg"
+    root.mkdir()
+    runner, shown, refused = CliRunner(), 0, 0
+    for label, changed in _mutations(original):
+        (root / MANIFEST).write_text(json.dumps(changed), encoding="utf-8")
+        result = runner.invoke(main, ["info", str(root)])
+        assert result.exit_code in (0, 2), (label, result.output, result.exception)
+        assert "Traceback" not in result.output and len(result.output.strip().splitlines()) >= 1, label
+        shown += result.exit_code == 0
+        refused += result.exit_code == 2
+        if result.exit_code == 2:
+            assert result.output.count("\n") == 1 and str(root / MANIFEST) in result.output, (label, result.output)
+    assert shown > 50 and refused > 50  # both paths are exercised
