@@ -12,6 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import snapshot
 
@@ -277,3 +278,21 @@ def test_a_reference_cache_is_read_only_when_its_header_fits(tmp_path: Path) -> 
     assert read_cached_hidden(path, 2, 3) is None
     path.write_bytes(b"not a zip")
     assert read_cached_hidden(path, 2, 3) is None
+
+
+def test_a_long_text_is_tokenized_in_paragraphs_to_the_same_ids(tiny_llama_package: Path, monkeypatch) -> None:
+    """The whole text in one call held hundreds of bytes per character (3.8 GB for 17 MB of text)."""
+    from tokenizers import Tokenizer
+
+    import edgekit.accuracy.texts as texts
+
+    tokenizer = Tokenizer.from_file(str(tiny_llama_package / "fp32" / "tokenizer.json"))
+    text = "\n\n".join(f"Paragraph {i} says something about rivers, hills and {i * 7} towns." for i in range(400))
+    whole = texts.token_ids(tokenizer, text)
+    calls: list[int] = []
+    encode = tokenizer.encode
+    monkeypatch.setattr(texts, "WHOLE_TEXT_CHARS", 2000)
+    spy = type("Spy", (), {"encode": lambda self, piece, **kw: calls.append(len(piece)) or encode(piece, **kw)})()
+    pieced = texts.token_ids(spy, text)
+    assert len(calls) > 10 and max(calls) <= 2 * 500 + 100  # bounded pieces, cut at paragraph breaks
+    assert pieced.dtype == np.int64 and np.array_equal(pieced, whole)

@@ -35,7 +35,7 @@ from edgekit.accuracy.protocol import (
     reference_cache_path,
     write_cached_hidden,
 )
-from edgekit.accuracy.texts import Corpus, builtin_corpus, token_windows
+from edgekit.accuracy.texts import Corpus, builtin_corpus, token_ids, token_windows
 from edgekit.errors import PackageError
 from edgekit.exporters.decoder_session import DecoderSession
 from edgekit.package.manifest import read_manifest
@@ -161,7 +161,7 @@ def evaluate_package(
     first_variant = REFERENCE_VARIANT if not streamed else next(iter(manifest["variants"]))
     reference_dir = root / manifest["variants"][first_variant]["path"]
     tokenizer = Tokenizer.from_file(str(reference_dir / "tokenizer.json"))
-    ids = np.asarray(tokenizer.encode(corpus.text, add_special_tokens=False).ids, dtype=np.int64)
+    ids = token_ids(tokenizer, corpus.text)
     context_length = int(json.loads((reference_dir / "genai_config.json").read_text())["model"]["context_length"])
     ctx = min(ctx, context_length)
     rule = recorded_rule(manifest)

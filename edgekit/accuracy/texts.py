@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -98,6 +99,30 @@ def load_text(path: str | Path) -> Corpus:
     if not text.strip():
         raise UsageError("holds no text", path=path, fix="pass a file with text in it")
     return Corpus(str(path), text)
+
+
+WHOLE_TEXT_CHARS = 4 << 20
+"""Texts up to this many characters are encoded in one call; longer ones in paragraphs of about a quarter of
+it: the tokenizers library holds offsets and masks of every token of one call, some hundreds of bytes per
+character of text, where the ids alone are a few bytes per token."""
+
+
+def token_ids(tokenizer: Any, text: str) -> np.ndarray:
+    """``text``'s token ids (no special tokens added) as int64, encoded in bounded pieces.
+
+    A text longer than ``WHOLE_TEXT_CHARS`` is cut at paragraph breaks (blank lines) where it has them, so
+    the ids differ from one whole-text call only where a tokenizer marks the start of a sequence.
+    """
+    if len(text) <= WHOLE_TEXT_CHARS:
+        return np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    start, step = 0, WHOLE_TEXT_CHARS // 4
+    while start < len(text):
+        end = len(text) if len(text) - start <= step else text.find("\n\n", start + step)
+        end = start + step if end < 0 or end - start > 2 * step else end
+        pieces.append(np.asarray(tokenizer.encode(text[start:end], add_special_tokens=False).ids, dtype=np.int64))
+        start = end
+    return np.concatenate(pieces)
 
 
 def with_bos(windows: np.ndarray, bos_token_id: int | None) -> np.ndarray:

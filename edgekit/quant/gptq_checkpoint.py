@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import numpy as np
 
-from edgekit.accuracy.texts import Corpus, with_bos
+from edgekit.accuracy.texts import Corpus, token_ids, with_bos
 from edgekit.errors import CorruptFileError, UsageError
 from edgekit.quant.gptq import GPTQConfig, Progress
 from edgekit.quant.gptq_format import pack_gptq, quantization_config
@@ -38,7 +38,7 @@ def calibration_tokens(
     import torch
     from tokenizers import Tokenizer
 
-    ids = np.asarray(Tokenizer.from_file(str(tokenizer_file)).encode(corpus.text, add_special_tokens=False).ids)
+    ids = token_ids(Tokenizer.from_file(str(tokenizer_file)), corpus.text)
     if len(ids) <= seq_len:
         raise UsageError(
             f"the calibration text has {len(ids)} tokens, not more than one sample of {seq_len}",
