@@ -538,3 +538,14 @@ def test_a_package_that_cannot_be_updated_is_one_line(evaluated_package: Path, t
     with pytest.raises(UsageError, match="the package cannot be updated \\(Operation not permitted\\)"):
         evaluate_and_record(root, windows=WINDOWS + 1, ctx=CTX)
     verify_files(root, read_manifest(root))
+
+
+@pytest.mark.parametrize("tolerance", ["nan", "inf", "-0.1"])
+def test_a_baseline_tolerance_that_is_not_a_finite_share_is_refused(runner, evaluated_package: Path,
+                                                                     tolerance: str) -> None:  # fmt: skip
+    """NaN was accepted, and then failed every baseline check (NaN compares false with everything)."""
+    report = evaluated_package / EVAL_DIR / "report.json"
+    result = runner.invoke(main, ["check", str(evaluated_package), "-t", "laptop-cpu", "--baseline", str(report),
+                                  "--baseline-tolerance", tolerance])  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and ("baseline tolerance" in result.output or "-0.1" in result.output)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -164,6 +165,13 @@ def check_package(
     (every variant and the report) is verified against its manifest first: a package with a changed,
     missing or unlisted file never passes.
     """
+    if (
+        isinstance(baseline_tolerance, bool)
+        or not isinstance(baseline_tolerance, int | float)
+        or not (0 <= baseline_tolerance < math.inf)
+    ):  # NaN compares false with everything: it would fail every baseline check
+        raise UsageError(f"the baseline tolerance must be a finite number of at least 0, not {baseline_tolerance!r}",
+                         fix="pass --baseline-tolerance 0.05 (5% worse at most)")  # fmt: skip
     root = Path(package)
     manifest = read_manifest(root)
     verify_files(root, manifest)
