@@ -89,11 +89,19 @@ def write_text_atomic(path: Path, text: str) -> None:
         partial.unlink(missing_ok=True)
 
 
+def not_unicode(text: str) -> str | None:
+    """The first character of ``text`` that UTF-8 cannot encode (a lone surrogate: JSON's ``"\\ud800"``, or
+    what Python makes of a byte that was not UTF-8 in argv or on stdin), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return text[exc.start]
+    return None
+
+
 def write_output_text(path: Path, text: str) -> None:
     """Write a file the user named (a report, a JUnit file): a regular file atomically, a device or FIFO in
     place; an ``OSError`` (a read-only file, a full disk, a path under /proc) is a one-line ``UsageError``."""
-    from edgekit.errors import UsageError
-
     try:
         if path.exists() and not path.is_file():  # /dev/stdout, a FIFO a CI step reads: written where it is
             with open(path, "w", encoding="utf-8") as handle:

@@ -4,6 +4,7 @@ missing or wrong API keys, full queues and timeouts."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -268,18 +269,22 @@ def test_a_seed_beyond_what_the_sampler_takes_is_400(url: str) -> None:
     assert post(url, chat(seed=2**31 - 1, temperature=0.7)).status_code == 200
 
 
-def test_a_client_that_hangs_up_mid_body_is_not_a_server_failure(url: str) -> None:
-    import socket
+def part_of_a_body(url: str, first: bytes, key: str = KEY) -> socket.socket:
+    """A raw connection that has sent a completion request declaring a 100-byte body, and ``first`` of it."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=20)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + key.encode() +
+                 b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n" + first)  # fmt: skip
+    return sock
 
+
+def test_a_client_that_hangs_up_mid_body_is_not_a_server_failure(url: str) -> None:
     def failures() -> int:
         text = httpx.get(f"{url}/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
         return sum(int(line.rsplit(" ", 1)[1]) for line in text.splitlines() if 'status="500"' in line)
 
     before = failures()
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port))) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
-                     b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mod")  # fmt: skip
+    with part_of_a_body(url, b'{"mod'):
         time.sleep(0.3)
     deadline = time.monotonic() + 10
     while 'status="499"' not in (
@@ -292,15 +297,10 @@ def test_a_client_that_hangs_up_mid_body_is_not_a_server_failure(url: str) -> No
 
 def test_a_body_that_stops_arriving_is_408(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that declared a body and sent part of it held its connection for as long as it liked."""
-    import socket
-
     import edgekit.serve.http_io
 
     monkeypatch.setattr(edgekit.serve.http_io, "BODY_TIMEOUT_S", 0.5)
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=20) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
-                     b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"mod")  # fmt: skip
+    with part_of_a_body(url, b'{"mod') as sock:
         started = time.monotonic()
         answer = sock.recv(65536).decode("latin-1")
     assert answer.startswith("HTTP/1.1 408"), answer
@@ -309,15 +309,10 @@ def test_a_body_that_stops_arriving_is_408(url: str, monkeypatch: pytest.MonkeyP
 
 def test_a_body_sent_a_byte_at_a_time_still_has_one_deadline(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The limit is on the whole body: a piece every so often must not keep the connection for ever."""
-    import socket
-
     import edgekit.serve.http_io
 
     monkeypatch.setattr(edgekit.serve.http_io, "BODY_TIMEOUT_S", 1.0)
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=20) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode() +
-                     b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n")  # fmt: skip
+    with part_of_a_body(url, b"") as sock:
         started = time.monotonic()
         sock.settimeout(0.3)
         answer = b""
@@ -331,14 +326,9 @@ def test_a_body_sent_a_byte_at_a_time_still_has_one_deadline(url: str, monkeypat
 
 
 def test_a_refused_request_whose_body_stalls_keeps_its_refusal(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    import socket
-
     import edgekit.serve.http_io
 
     monkeypatch.setattr(edgekit.serve.http_io, "BODY_TIMEOUT_S", 0.5)
-    host, port = url.removeprefix("http://").split(":")
-    with socket.create_connection((host, int(port)), timeout=20) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer wrong\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")  # fmt: skip
+    with part_of_a_body(url, b"{", key="wrong") as sock:
         answer = sock.recv(65536).decode("latin-1")
     assert answer.startswith("HTTP/1.1 401"), answer

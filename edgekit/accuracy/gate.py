@@ -58,48 +58,33 @@ def evaluate_and_record(
     if verify:
         verify_files(root, manifest)
     with _eval_folder_restored_on_failure(root):
-        return _evaluate_and_write(root, manifest, corpus, windows, ctx, targets_file, progress, verify,
-                                   reference_checkpoint)  # fmt: skip
-
-
-def _evaluate_and_write(
-    root: Path,
-    manifest: dict[str, Any],
-    corpus: Corpus | None,
-    windows: int,
-    ctx: int,
-    targets_file: str | Path | None,
-    progress: Progress | None,
-    verify: bool,
-    reference_checkpoint: str | Path | None,
-) -> dict[str, Any]:
-    report = evaluate_package(
-        root,
-        corpus=corpus,
-        windows=windows,
-        ctx=ctx,
-        progress=progress,
-        reference_checkpoint=reference_checkpoint,
-        verify_checkpoint=verify,
-    )
-    # Only targets this package can deploy are judged, the ones `edgekit check` accepts.
-    report["budgets"] = budget_verdicts(report, deployable_targets(manifest, load_targets(targets_file)))
-    manifest["evaluation"] = {
-        "report": f"{EVAL_DIR}/{REPORT_JSON}",
-        "protocol": report["protocol"],
-        "reference": report["reference"],
-        "variants": report["variants"],
-        "budgets": {
-            target: {variant: verdict["passed"] for variant, verdict in variants.items()}
-            for target, variants in report["budgets"].items()
-        },
-    }
-    try:
-        write_report(root / EVAL_DIR, report)
-        write_manifest(root, manifest)
-    except OSError as exc:
-        raise UsageError(f"the package cannot be updated ({exc.strerror or exc})", path=root,
-                         fix="make it writable, or evaluate a copy") from None  # fmt: skip
+        report = evaluate_package(
+            root,
+            corpus=corpus,
+            windows=windows,
+            ctx=ctx,
+            progress=progress,
+            reference_checkpoint=reference_checkpoint,
+            verify_checkpoint=verify,
+        )
+        # Only targets this package can deploy are judged, the ones `edgekit check` accepts.
+        report["budgets"] = budget_verdicts(report, deployable_targets(manifest, load_targets(targets_file)))
+        manifest["evaluation"] = {
+            "report": f"{EVAL_DIR}/{REPORT_JSON}",
+            "protocol": report["protocol"],
+            "reference": report["reference"],
+            "variants": report["variants"],
+            "budgets": {
+                target: {variant: verdict["passed"] for variant, verdict in variants.items()}
+                for target, variants in report["budgets"].items()
+            },
+        }
+        try:
+            write_report(root / EVAL_DIR, report)
+            write_manifest(root, manifest)
+        except OSError as exc:
+            raise UsageError(f"the package cannot be updated ({exc.strerror or exc})", path=root,
+                             fix="make it writable, or evaluate a copy") from None  # fmt: skip
     return report
 
 

@@ -18,7 +18,6 @@ import numpy as np
 
 from edgekit.errors import UsageError
 from edgekit.package.manifest import read_manifest
-from edgekit.package.verify import variant_dir
 from edgekit.progress import current_rss_mb
 from edgekit.runtimes.model import GenerationConfig, Model, load
 
@@ -71,7 +70,7 @@ def bench_variant(package: Path, variant: str, settings: BenchSettings, target: 
                 fix=f"pass --prompt-tokens below {model.context_length}",
             )
         # The same random ordinary ids for every variant.
-        prompt = random_prompt(_vocab_size(package, variant), settings.prompt_tokens, settings.seed)
+        prompt = random_prompt(model.vocab_size, settings.prompt_tokens, settings.seed)
         ttft, prefill, decode = [], [], []
         for run in range(settings.runs + 1):
             prompt_tps, decode_tps = time_generation(model, prompt, settings.gen_tokens)
@@ -94,13 +93,6 @@ def bench_variant(package: Path, variant: str, settings: BenchSettings, target: 
             "decode_tps": _stats(decode) if decode else None,
             "peak_rss_mb": round(current_rss_mb(), 1),
         }
-
-
-def _vocab_size(package: Path, variant: str) -> int:
-    import json
-
-    _, folder = variant_dir(package, read_manifest(package), variant)
-    return int(json.loads((folder / "genai_config.json").read_text(encoding="utf-8"))["model"]["vocab_size"])
 
 
 def bench_package(

@@ -41,13 +41,11 @@ class GenerationConfig:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, int(getattr(self, name)))
         stop = () if self.stop is None else (self.stop,) if isinstance(self.stop, str) else self.stop
-        if isinstance(stop, bytes | Mapping) or not isinstance(stop, Iterable):
-            raise UsageError(f"stop must be a string or a sequence of strings, not {self.stop!r}")
-        stop = tuple(stop)
-        if not all(isinstance(text, str) for text in stop):
+        texts = None if isinstance(stop, bytes | Mapping) or not isinstance(stop, Iterable) else tuple(stop)
+        if texts is None or not all(isinstance(text, str) for text in texts):
             raise UsageError(f"stop must be a string or a sequence of strings, not {self.stop!r}")
         # An empty stop string would end every generation before its first character (the server drops them too).
-        object.__setattr__(self, "stop", tuple(text for text in stop if text))
+        object.__setattr__(self, "stop", tuple(text for text in texts if text))
 
 
 def _is_int(value: object) -> bool:

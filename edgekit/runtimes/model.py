@@ -257,6 +257,15 @@ def _is_token(value: object, vocab: int) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool) and 0 <= int(value) < vocab
 
 
+def _check_threads(count: object) -> None:
+    """A ``UsageError`` unless ``count`` is a thread count within the CPUs this process may use: more threads
+    than CPUs only wait for each other, and each costs a start-up and a stack."""
+    cpus = len(usable_cpus())
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= cpus:
+        raise UsageError(f"threads must be an integer in 1..{cpus} (the CPUs this process may use), not {count!r}",
+                         fix=f"use at most {cpus} (the default is {physical_cores()}, one per core)")  # fmt: skip
+
+
 def _generation_config(options: dict[str, Any]) -> GenerationConfig:
     unknown = sorted(set(options) - set(GenerationConfig.__dataclass_fields__))
     if unknown:
@@ -392,15 +401,13 @@ def _runtime_settings(
     threads: int | None, settings: RuntimeSettings | None, tuned: bool, fingerprint: str, variant: str
 ) -> tuple[RuntimeSettings, str]:
     """The threads, arena and prompt pieces to run with, and where they came from (see ``load``)."""
-    cpus = len(usable_cpus())
     threads = None if threads == 0 and not isinstance(threads, bool) else threads  # 0: automatic, as onnxruntime's
-    if threads is not None or settings is not None:
-        count = threads if threads is not None else settings.threads if settings is not None else 0
-        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= cpus:
-            # More threads than CPUs only wait for each other, and each costs a start-up and a stack.
-            raise UsageError(f"threads must be an integer in 1..{cpus} (the CPUs this process may use), not {count!r}",
-                             fix=f"use at most {cpus} (the default is {physical_cores()}, one per core)")  # fmt: skip
-        return (RuntimeSettings(threads=count) if threads is not None else settings), "given"  # type: ignore[return-value]
+    if threads is not None:
+        _check_threads(threads)
+        return RuntimeSettings(threads=threads), "given"
+    if settings is not None:
+        _check_threads(settings.threads)
+        return settings, "given"
     recorded = read_tuning(fingerprint, variant) if tuned else None
     if recorded is not None:
         return recorded, "tuned"

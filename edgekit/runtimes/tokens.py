@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.errors import PackageError, UsageError
-from edgekit.safe_io import read_regular_file
+from edgekit.safe_io import not_unicode, read_regular_file
 
 TOKENIZER_FILE = "tokenizer.json"
 MAX_TOKENIZER_BYTES = 512 << 20
@@ -25,13 +25,10 @@ def check_text(text: object) -> None:
     makes of bytes that were not UTF-8 in a command line or a terminal's input)."""
     if not isinstance(text, str):
         raise UsageError(f"the prompt must be text (a str), not {type(text).__name__}", fix="pass a str")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise UsageError(
-            f"the text is not valid Unicode: it holds {text[exc.start : exc.start + 1]!r} (bytes that were not UTF-8)",
-            fix="give UTF-8 text",
-        ) from None
+    odd = not_unicode(text)
+    if odd is not None:
+        raise UsageError(f"the text is not valid Unicode: it holds {odd!r} (bytes that were not UTF-8)",
+                         fix="give UTF-8 text")  # fmt: skip
 
 
 class TextTokenizer:

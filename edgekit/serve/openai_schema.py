@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgekit.runtimes.generation import MAX_INT32
+from edgekit.safe_io import not_unicode
 
 MAX_STOP_STRINGS = 4  # OpenAI's own limit
 MAX_SEED = MAX_INT32  # what onnxruntime-genai's sampler takes
@@ -21,10 +22,9 @@ MAX_SEED = MAX_INT32  # what onnxruntime-genai's sampler takes
 
 def _unicode(text: str) -> str:
     """``text``, unless it holds a lone surrogate (JSON's ``"\\ud800"``), which no tokenizer can encode."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        raise ValueError(f"holds {text[exc.start : exc.start + 1]!r}, which is not valid Unicode text") from None
+    odd = not_unicode(text)
+    if odd is not None:
+        raise ValueError(f"holds {odd!r}, which is not valid Unicode text")
     return text
 
 

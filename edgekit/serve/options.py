@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from edgekit.errors import UsageError
+from edgekit.safe_io import not_unicode
 
 DEFAULT_PORT = 8000
 
@@ -57,7 +58,5 @@ class ServeOptions:
 def check_model_name(name: str, what: str, fix: str) -> None:
     """A ``UsageError`` unless ``name`` (the id clients send as ``model``) is text UTF-8 can encode: every
     JSON answer carries it."""
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:
-        raise UsageError(f"{what} {name!r} is not valid Unicode", fix=fix) from None
+    if not_unicode(name) is not None:
+        raise UsageError(f"{what} {name!r} is not valid Unicode", fix=fix)
