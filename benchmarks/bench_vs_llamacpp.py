@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from edgekit.runtimes.cpu_threads import usable_cpus
 from edgekit.runtimes.tuning import DEFAULT_PREFILL_CHUNK
 
 FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8")
@@ -180,7 +181,7 @@ def main() -> None:
     parser.add_argument("--llamacpp", type=Path, required=True, help="folder with llama-bench")
     parser.add_argument("--variant", help="package variant (default: the deployed one)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=min(2, len(usable_cpus())), help="default: 2, or 1 on one CPU")
     parser.add_argument("--gen", type=int, default=128)
     parser.add_argument("--depths", type=lambda s: [int(x) for x in s.split(",")], default=[0, 512, 2048])
     parser.add_argument("--prompts", type=lambda s: [int(x) for x in s.split(",")], default=[128, 512, 2048])

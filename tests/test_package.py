@@ -149,6 +149,21 @@ def test_a_stale_partial_of_a_dead_process_is_removed(tmp_path: Path) -> None:
     assert partials(out) == [alive]
 
 
+def test_work_space_beside_a_dead_builds_staging_folder_is_swept(tmp_path: Path) -> None:
+    # The build's evaluation keeps a backup of eval/ beside the package it evaluates, which during a build is
+    # the staging folder: a kill there leaves "..pkg.partial-PID-x.partial-PID-work-y", swept like the rest.
+    out = tmp_path / "pkg"
+    nested = tmp_path / f"..pkg.partial-{dead_pid()}-abc123.partial-{dead_pid()}-work-xyz"
+    nested.mkdir()
+    (nested / "reference.npz").write_bytes(b"x")
+    alive = tmp_path / f"..pkg.partial-{os.getppid()}-abc.partial-{os.getppid()}-work-xyz"
+    alive.mkdir()
+    with staged_output(out, force=False) as staging:
+        (staging / "f").write_text("1")
+    assert not nested.exists()
+    assert alive.is_dir()
+
+
 # --- manifest and verification -----------------------------------------------------------------------
 
 

@@ -7,6 +7,7 @@ killed outright carry their process id and are swept by the next build for the s
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -95,7 +96,7 @@ def _restore_retired(out: Path) -> None:
     if out.exists() or out.is_symlink():
         return
     prefix = f".{out.name}{_PARTIAL}"
-    for candidate in sorted(out.parent.glob(f"{prefix}*-old")):
+    for candidate in sorted(out.parent.glob(f"{glob.escape(prefix)}*-old")):
         pid_text = candidate.name[len(prefix) : -len("-old")]
         if pid_text.isdigit() and not _process_alive(int(pid_text)) and (candidate / MANIFEST).is_file():
             candidate.rename(out)
@@ -103,12 +104,16 @@ def _restore_retired(out: Path) -> None:
 
 
 def remove_stale_partials(out: Path) -> None:
-    """Delete partial build folders for ``out`` whose owning process no longer runs."""
-    prefix = f".{out.name}{_PARTIAL}"
-    for candidate in out.parent.glob(f"{prefix}*"):
-        pid_text = candidate.name[len(prefix) :].split("-", 1)[0]
-        if pid_text.isdigit() and not _process_alive(int(pid_text)):
-            _remove(candidate)
+    """Delete partial build folders for ``out`` whose owning process no longer runs.
+
+    Work folders made beside one of those partial folders (a build's evaluation works beside the staging
+    folder it evaluates) start with one more dot and carry the same process id; they go too.
+    """
+    for prefix in (f".{out.name}{_PARTIAL}", f"..{out.name}{_PARTIAL}"):
+        for candidate in out.parent.glob(f"{glob.escape(prefix)}*"):
+            pid_text = candidate.name[len(prefix) :].split("-", 1)[0]
+            if pid_text.isdigit() and not _process_alive(int(pid_text)):
+                _remove(candidate)
 
 
 def _remove(path: Path) -> None:
