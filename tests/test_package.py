@@ -164,6 +164,18 @@ def test_work_space_beside_a_dead_builds_staging_folder_is_swept(tmp_path: Path)
     assert alive.is_dir()
 
 
+def test_the_sweep_matches_out_by_name_not_by_pattern(tmp_path: Path) -> None:
+    out = tmp_path / "pk[g]"  # unescaped, "[g]" would match the plain "g" of another OUT's leftovers
+    ours = tmp_path / f".pk[g].partial-{dead_pid()}-abc"
+    ours.mkdir()
+    other = tmp_path / f".pkg.partial-{dead_pid()}-abc"
+    other.mkdir()
+    with staged_output(out, force=False) as staging:
+        (staging / "f").write_text("1")
+    assert not ours.exists()
+    assert other.is_dir()
+
+
 # --- manifest and verification -----------------------------------------------------------------------
 
 

@@ -28,6 +28,7 @@ EXPECTED_CHAINS = {
     "laptop-cpu-rtn": ("cpu",),
     "laptop-cpu-gptq": ("cpu",),
     "laptop-cpu-recipe": ("cpu",),
+    "laptop-cpu-fast": ("cpu",),
     "laptop-dml": ("dml", "cpu"),
     "edge-cuda": ("cuda", "cpu"),
     "edge-arm-cpu": ("cpu",),
@@ -71,6 +72,7 @@ def test_bundled_targets_yaml_parses_with_the_expected_provider_chains() -> None
         "laptop-cpu-rtn": "int8",
         "laptop-cpu-gptq": "int8",
         "laptop-cpu-recipe": "int8",
+        "laptop-cpu-fast": "int8",
         "laptop-dml": "int4",
         "edge-cuda": "int4",
         "edge-arm-cpu": "int8",
@@ -80,6 +82,10 @@ def test_bundled_targets_yaml_parses_with_the_expected_provider_chains() -> None
     assert [m.value for m in targets["laptop-cpu"].int4_methods] == ["rtn", "recipe"]
     assert targets["laptop-cpu"].recipe.optimize == "loss"
     assert [m.value for m in targets["laptop-cpu-recipe"].int4_methods] == ["rtn", "recipe"]
+    # The speed-first profile is laptop-cpu with a higher decode bound, nothing else changed.
+    fast, default = targets["laptop-cpu-fast"], targets["laptop-cpu"]
+    assert fast.recipe.min_decode_ratio > default.recipe.min_decode_ratio
+    assert fast.model_dump(exclude={"description", "recipe"}) == default.model_dump(exclude={"description", "recipe"})
 
 
 def test_get_target_returns_the_named_profile() -> None:
