@@ -29,13 +29,26 @@ class EdgekitError(Exception):
         super().__init__(self.one_line())
 
     def one_line(self) -> str:
-        """The message as one line: ``PATH: PROBLEM. FIX``."""
-        text = self.problem.rstrip(".")
+        """The message as one line: ``PATH: PROBLEM. FIX``, each part printable and of bounded length."""
+        text = _shown(self.problem).rstrip(".")
         if self.path:
-            text = f"{self.path}: {text}"
+            text = f"{_shown(self.path)}: {text}"
         if self.fix:
-            text = f"{text}. {self.fix.rstrip('.')}"
-        return " ".join(text.split()) + "."
+            text = f"{text}. {_shown(self.fix).rstrip('.')}"
+        return text + "."
+
+
+_MAX_PART = 1000
+"""Characters kept of each part of a message: they quote values from strangers' files, which can be huge."""
+
+
+def _shown(text: str) -> str:
+    """``text`` on one line, unprintable characters escaped (an escape sequence quoted from a stranger's file
+    would otherwise reach the user's terminal), cut to ``_MAX_PART`` characters."""
+    text = " ".join(text.split())
+    if not text.isprintable():
+        text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    return text if len(text) <= _MAX_PART else text[: _MAX_PART - 1] + "…"
 
 
 class UsageError(EdgekitError):

@@ -295,7 +295,8 @@ def check_build_resources(
 ) -> ResourcePlan:
     """The check of a Hugging Face folder's build, before any weight is read (see ``plan_resources``)."""
     config = checked.config
-    tied = bool(config.get("tie_word_embeddings", config.get("text_config", {}).get("tie_word_embeddings", False)))
+    text = checked.architecture.text_section(config)
+    tied = bool(config.get("tie_word_embeddings", text.get("tie_word_embeddings", False)))
     shapes = _weights(sorted(hf_folder.glob("*.safetensors")))
     quantized = checked.quantization is not None
     return plan_resources(shapes, checked.architecture, target, out, checked.folder, streaming=streaming, tied=tied,

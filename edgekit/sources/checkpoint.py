@@ -14,15 +14,16 @@ import os
 import re
 import stat
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgekit.errors import SourceError
+from edgekit.errors import SourceError, first_line
 from edgekit.safe_io import file_kind, open_regular, read_regular_file, require_regular
 from edgekit.sources.prequantized import quantization_method
 from edgekit.sources.registry import Architecture, lookup_architecture, supported_architectures
-from edgekit.sources.weight_files import layer_indices
+from edgekit.sources.weight_files import embedding_shapes, layer_indices
 from edgekit.sources.weight_files import parameter_count as parameter_count_of
 
 log = logging.getLogger(__name__)
@@ -96,22 +97,49 @@ def read_config(folder: Path) -> dict[str, Any]:
     path = folder / "config.json"
     if not path.exists():
         raise SourceError("no config.json in this folder", path=folder, fix=_FOLDER_FIX)
-    data = read_regular_file(path, MAX_CONFIG_BYTES, SourceError, "restore config.json from the model's source")
-    try:
-        config = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
-        raise SourceError(
-            f"is not valid JSON ({exc})", path=path, fix="restore config.json from the model's source"
-        ) from None
+    config = _read_json_object(path, MAX_CONFIG_BYTES, "restore config.json from the model's source")
     if not isinstance(config, dict):
         raise SourceError("must hold a JSON object", path=path, fix="restore config.json from the model's source")
     return config
+
+
+_MAX_JSON_DEPTH = 32
+"""Nesting a checkpoint's JSON file may have: real ones nest a few levels; libraries that copy a config
+(``copy.deepcopy``, transformers) recurse once per level and fail far below json's own limit."""
+
+
+def _read_json_object(path: Path, limit: int, fix: str) -> Any:
+    """Parse a checkpoint's JSON file of at most ``limit`` bytes, nested at most ``_MAX_JSON_DEPTH`` levels."""
+    data = read_regular_file(path, limit, SourceError, fix)
+    too_deep = SourceError(f"nests lists or objects more than {_MAX_JSON_DEPTH} levels deep", path=path, fix=fix)
+    try:
+        value = json.loads(data)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
+        raise SourceError(f"is not valid JSON ({first_line(exc, 200)})", path=path, fix=fix) from None
+    except RecursionError:
+        raise too_deep from None
+    if _nesting(value) > _MAX_JSON_DEPTH:
+        raise too_deep
+    return value
+
+
+def _nesting(value: Any) -> int:
+    """How many levels of lists and objects ``value`` nests (without recursion: it may be deep)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth)
+            if depth <= _MAX_JSON_DEPTH:
+                stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
     """Run every check that needs no weights: config, architecture, remote code, weights, tokenizer."""
     config = read_config(folder)
     config_path = folder / "config.json"
+    _inside(config_path, folder)  # its values go into the package like the files staging links
     if "auto_map" in config and config.get("model_type") not in supported_architectures():
         raise SourceError(
             f"declares custom model code (auto_map) for architecture '{config.get('model_type')}'; "
@@ -131,7 +159,9 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
     if safetensors:
         parameter_count = parameter_count_of(safetensors)
         weights, is_pickle = safetensors, False
-        _check_layer_count(config, config_path, layer_indices(safetensors))
+        _check_weight_indexes(folder, safetensors)
+        _check_layer_count(architecture.text_section(config), config_path, layer_indices(safetensors))
+        _check_embedding_shape(architecture.text_section(config), config_path, embedding_shapes(safetensors))
     elif pickles:
         if not allow_pickle:
             raise SourceError(
@@ -173,10 +203,32 @@ def check_config_values(config: dict[str, Any], path: Path) -> None:
                 )
 
 
-def _check_layer_count(config: dict[str, Any], path: Path, indices: set[int]) -> None:
-    """The config's layer count must be the number of layers the weight files hold."""
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    declared = text.get("num_hidden_layers") if isinstance(text, dict) else None
+def _check_weight_indexes(folder: Path, weight_files: list[Path]) -> None:
+    """Each ``*.safetensors.index.json`` must map tensor names to weight files of this folder, by bare name.
+
+    transformers opens whatever file an index names: an absolute path or ``..`` would make the build read a
+    file, a device or a pipe that the header checks never saw.
+    """
+    names = {path.name for path in weight_files}
+    fix = "restore the index from the model's source (or delete it if one weight file holds every tensor)"
+    for index in sorted(folder.glob("*.safetensors.index.json")):
+        data = _read_json_object(index, MAX_CONFIG_BYTES, fix)
+        weight_map = data.get("weight_map") if isinstance(data, dict) else None
+        if not isinstance(weight_map, dict):
+            raise SourceError("has no 'weight_map' object", path=index, fix=fix)
+        for tensor, file_name in weight_map.items():
+            if not isinstance(file_name, str) or file_name not in names:
+                raise SourceError(
+                    f"puts tensor '{tensor[:100]}' in {str(file_name)[:200]!r}, which is not a weight file of "
+                    "this folder",
+                    path=index,
+                    fix=fix,
+                )
+
+
+def _check_layer_count(text: Mapping[str, Any], path: Path, indices: set[int]) -> None:
+    """The layer count of the config's text section must be the number of layers the weight files hold."""
+    declared = text.get("num_hidden_layers")
     if not isinstance(declared, int) or not indices:
         return
     if indices != set(range(declared)):
@@ -186,6 +238,22 @@ def _check_layer_count(config: dict[str, Any], path: Path, indices: set[int]) ->
             path=path,
             fix="use the config.json that came with these weights",
         )
+
+
+def _check_embedding_shape(text: Mapping[str, Any], path: Path, shapes: dict[str, tuple[int, ...]]) -> None:
+    """The token embedding must be [vocab_size, hidden_size] as the config's text section says: transformers
+    refuses a mismatch too, but only once it has read the weights, in a message of many lines."""
+    declared = (text.get("vocab_size"), text.get("hidden_size"))
+    if not all(isinstance(value, int) for value in declared):
+        return
+    for name, shape in shapes.items():
+        if shape != declared:
+            raise SourceError(
+                f"declares vocab_size {declared[0]} and hidden_size {declared[1]} but the weights' '{name}' "
+                f"is {list(shape)}",
+                path=path,
+                fix="use the config.json that came with these weights",
+            )
 
 
 def stage_folder(checked: CheckedFolder, stage: Path, *, packaged: bool = True) -> Path:
@@ -202,11 +270,12 @@ def stage_folder(checked: CheckedFolder, stage: Path, *, packaged: bool = True) 
     for item in sorted(checked.folder.iterdir()):
         if item.name == "config.json" or not item.is_file() or not item.name.endswith(_STAGED_SUFFIXES):
             continue
+        # Pickles become one model.safetensors below (or are not used): no index of theirs applies.
+        if item.name.endswith(".bin.index.json") or (checked.pickle_weights and item.name.endswith(".index.json")):
+            continue
         (stage / item.name).symlink_to(_inside(item, checked.folder) if packaged else item.resolve())
     if checked.pickle_weights:
         _convert_pickles(checked.weight_files, stage / "model.safetensors")
-        for index in stage.glob("pytorch_model*.index.json"):
-            index.unlink()
     return stage
 
 

@@ -110,13 +110,27 @@ class Architecture:
     """Name suffixes of the linears GPTQ leaves float (the builder keeps them float and refuses packed ones)."""
     rope_types: tuple[str, ...] = ("default", "linear")
     """The ``rope_type`` values the builder exports as transformers computes them (yarn: other frequencies)."""
+    composite: bool = False
+    """config.json nests the text model's settings under ``text_config`` (a multimodal config)."""
     notes: str = ""
+
+    def text_section(self, config: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The part of config.json the text model is built from: ``text_config`` for a composite config, the
+        config itself otherwise (transformers ignores a ``text_config`` there, so the checks must too)."""
+        nested = config.get("text_config")
+        return nested if self.composite and isinstance(nested, Mapping) else config
 
     def check_config(self, config: Mapping[str, Any], path: Path) -> None:
         """Refuse, before any weight is read, a config the builder would export wrong or not run: a rope type
         it does not implement for this family, a head size onnxruntime's attention kernel does not take."""
-        text = config.get("text_config")
-        section: Mapping[str, Any] = text if isinstance(text, Mapping) else config
+        if self.composite and not isinstance(config.get("text_config"), Mapping):
+            raise UnsupportedArchitectureError(
+                f"has no 'text_config' object, where a {self.model_type} config holds the text model's settings",
+                path=path,
+                fix="restore config.json from the model's source",
+            )
+        section = self.text_section(config)
+        _check_rope_entries(section, path)
         for rope_type in _rope_types(section):
             if rope_type not in self.rope_types:
                 raise UnsupportedArchitectureError(
@@ -153,6 +167,19 @@ class Architecture:
         config = json.loads(path.read_text(encoding="utf-8"))
         config["tokenizer_class"] = self.genai_tokenizer_class
         path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _check_rope_entries(section: Mapping[str, Any], path: Path) -> None:
+    """Rope settings per attention kind (Gemma 3's ``full_attention`` / ``sliding_attention``) must be objects."""
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = section.get(key)
+        if rope is not None and not isinstance(rope, Mapping):
+            raise UnsupportedArchitectureError(f"'{key}' is not an object", path=path,
+                                               fix="restore config.json from the model's source")  # fmt: skip
+        for kind in ("full_attention", "sliding_attention"):
+            if isinstance(rope, Mapping) and kind in rope and not isinstance(rope[kind], Mapping):
+                raise UnsupportedArchitectureError(f"'{key}.{kind}' is not an object", path=path,
+                                                   fix="restore config.json from the model's source")  # fmt: skip
 
 
 def _rope_types(section: Mapping[str, Any]) -> list[str]:
@@ -325,6 +352,7 @@ register(
     Architecture(
         "qwen3_5",
         "Qwen3_5ForConditionalGeneration",
+        composite=True,
         config_fixes=(_mrope_section_default, _tie_text_config),
         tolerance=ParityTolerance(builder_approximation=_qwen3_5_l2norm_without_epsilon),
         # transformers re-saves the tokenizer as Qwen3_5Tokenizer, a class onnxruntime-genai rejects;

@@ -106,7 +106,7 @@ def parameter_count(paths: list[Path]) -> int:
     return sum(math.prod(info.shape) for path in paths for info in read_safetensors_header(path.resolve()))
 
 
-_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d{1,9})\.")  # not int() of a 5,000-digit index
 _NOT_DECODER = ("mtp.", "visual.", "vision_tower.", "model.visual.", "model.vision_tower.")
 
 
@@ -119,6 +119,16 @@ def layer_indices(paths: list[Path]) -> set[int]:
             if match and not info.name.startswith(_NOT_DECODER):
                 indices.add(int(match.group(1)))
     return indices
+
+
+def embedding_shapes(paths: list[Path]) -> dict[str, tuple[int, ...]]:
+    """The shapes of the decoder's token embeddings (``*embed_tokens.weight``) these safetensors files hold."""
+    return {
+        info.name: info.shape
+        for path in paths
+        for info in read_safetensors_header(path.resolve())
+        if info.name.endswith("embed_tokens.weight") and not info.name.startswith(_NOT_DECODER)
+    }
 
 
 def _check_metadata(path: Path, metadata: object) -> None:
@@ -137,7 +147,8 @@ def _parse_tensor_entry(path: Path, name: str, entry: object) -> tuple[TensorInf
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:  # a list or dict is not even hashable
         raise CorruptFileError(f"tensor '{name}' has unknown dtype {dtype!r}", path=path, fix=_FIX_REDOWNLOAD)
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    # Dimensions past 2^63 are refused by the safetensors library itself, once the build loads the file.
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 63 for d in shape):
         raise CorruptFileError(f"tensor '{name}' has a malformed shape", path=path, fix=_FIX_REDOWNLOAD)
     if (
         not isinstance(offsets, list)
