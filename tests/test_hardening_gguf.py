@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import numpy as np
 import pytest
 from limited import MiB, assert_refused_quickly, run_limited
 
-from edgekit.errors import CorruptFileError, SourceError
+from edgekit.errors import CorruptFileError, SourceError, UnsupportedArchitectureError
 from edgekit.sources.gguf_header import read_gguf_header
 from edgekit.sources.weight_files import check_gguf
 
@@ -229,17 +230,22 @@ def write_tiny_gguf(
     tokenizer_model: str | None = "llama",
     hyperparameters: bool = True,
     feed_forward_length: int = 16,
+    block_count: int = 1,
+    tensors: dict[str, np.ndarray] | None = None,
+    bos_token_id: int | None = None,
 ) -> Path:
     """A complete one-block llama GGUF (hidden size 8, 16 tokens) that transformers imports as it is.
 
     ``tokenizer_model=None`` leaves out the tokenizer metadata, ``hyperparameters=False`` the llama.* shape
-    keys, and ``feed_forward_length`` declares that width whatever the tensors hold.
+    keys, and ``feed_forward_length`` and ``block_count`` declare those whatever the tensors hold.
+    ``tensors`` replace or add tensors by GGUF name (numpy shapes are Hugging Face's, [out, in]);
+    ``bos_token_id`` is written as a signed 32-bit integer.
     """
     from gguf import GGUFWriter
 
     writer = GGUFWriter(str(path), "llama")
     if hyperparameters:
-        writer.add_block_count(1)
+        writer.add_block_count(block_count)
         writer.add_context_length(64)
         writer.add_embedding_length(8)
         writer.add_feed_forward_length(feed_forward_length)
@@ -251,11 +257,17 @@ def write_tiny_gguf(
         writer.add_token_list(TINY_TOKENS)
         writer.add_token_scores([0.0] * len(TINY_TOKENS))
         writer.add_token_types([2, 3, 3] + [1] * (len(TINY_TOKENS) - 3))
+    if bos_token_id is not None:
+        writer.add_int32("tokenizer.ggml.bos_token_id", bos_token_id)
     rng = np.random.default_rng(0)
-    writer.add_tensor("token_embd.weight", rng.standard_normal((len(TINY_TOKENS), 8), dtype=np.float32))
-    writer.add_tensor("output_norm.weight", rng.standard_normal(8, dtype=np.float32))
-    for name, shape in _TINY_BLOCK.items():
-        writer.add_tensor(f"blk.0.{name}.weight", rng.standard_normal(shape, dtype=np.float32))
+    arrays = {
+        "token_embd.weight": rng.standard_normal((len(TINY_TOKENS), 8), dtype=np.float32),
+        "output_norm.weight": rng.standard_normal(8, dtype=np.float32),
+        **{f"blk.0.{name}.weight": rng.standard_normal(shape, dtype=np.float32) for name, shape in _TINY_BLOCK.items()},
+        **(tensors or {}),
+    }
+    for name, array in arrays.items():
+        writer.add_tensor(name, array)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -305,17 +317,20 @@ def test_a_gguf_without_tokenizer_metadata_is_refused_before_the_build(tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("case", "options"),
-    [("no-hyperparameters", {"hyperparameters": False}), ("wider-than-its-tensors", {"feed_forward_length": 1 << 20})],
+    ("case", "options", "phrase"),
+    [
+        # transformers' default block count (Llama-2-7B's 32) is refused against the file's one layer first
+        ("no-hyperparameters", {"hyperparameters": False}, "its metadata declares 32 layers but the file holds"),
+        ("wider-than-its-tensors", {"feed_forward_length": 1 << 20}, "but the file holds only 792"),
+    ],
 )
 def test_metadata_declaring_a_bigger_model_than_the_file_is_refused_before_allocating(
-    tmp_path: Path, case: str, options: dict
+    tmp_path: Path, case: str, options: dict, phrase: str
 ) -> None:
     """transformers would fill the gaps with defaults (Llama-2-7B's shapes) and random weights."""
     error = _build_refused(write_tiny_gguf(tmp_path / f"{case}.gguf", **options), tmp_path)
     assert isinstance(error, CorruptFileError)
-    assert "its metadata describes a model of" in str(error)
-    assert "but the file holds only 792" in str(error)
+    assert phrase in str(error)
 
 
 def test_metadata_transformers_cannot_use_is_one_line(tmp_path: Path) -> None:
@@ -323,3 +338,74 @@ def test_metadata_transformers_cannot_use_is_one_line(tmp_path: Path) -> None:
     error = _build_refused(source, tmp_path)
     assert "transformers cannot import this GGUF file (ValueError: " in str(error)
     assert "'bogus'" in str(error)
+
+
+def test_a_block_count_past_any_real_model_is_refused_before_the_model_is_laid_out(tmp_path: Path) -> None:
+    started = time.monotonic()
+    error = _build_refused(write_tiny_gguf(tmp_path / "deep.gguf", block_count=2**32 - 1), tmp_path)
+    assert "its metadata gives 'num_hidden_layers' is 4294967295" in str(error)
+    assert time.monotonic() - started < 60  # laying out 4 billion layers would not end
+
+
+@pytest.mark.parametrize(
+    ("case", "options", "phrase"),
+    [
+        ("no-layers", {"block_count": 0}, "'num_hidden_layers' is 0"),
+        (
+            "a-layer-left-out",
+            {"tensors": {f"blk.1.{n}.weight": np.ones(shape, np.float32) for n, shape in _TINY_BLOCK.items()}},
+            "its metadata declares 1 layers but the file holds tensors of layers 0..1 (2 of them)",
+        ),
+        (
+            "a-bias-left-out",
+            {"tensors": {"blk.0.attn_q.bias": np.full(8, 5.0, np.float32)}},
+            "holds tensor 'blk.0.attn_q.bias', which the model its metadata describes has no place for",
+        ),
+        (
+            "transposed-same-size",
+            {"tensors": {"blk.0.ffn_gate.weight": np.ones((8, 16), np.float32)}},
+            "tensor 'blk.0.ffn_gate.weight' has shape [8, 16] where the model its metadata describes has [16, 8]",
+        ),
+        (
+            "flat-embedding",
+            {"tensors": {"token_embd.weight": np.ones(len(TINY_TOKENS) * 8, np.float32)}},
+            "tensor 'token_embd.weight' has shape [128] where",
+        ),
+        ("negative-bos", {"bos_token_id": -2}, "tokenizer.ggml.bos_token_id is -2; a token id is never negative"),
+    ],
+)
+def test_a_file_whose_tensors_are_not_the_model_its_metadata_describes_is_refused(
+    tmp_path: Path, case: str, options: dict, phrase: str
+) -> None:
+    """Each of these was built without a word before: layers or a bias dropped, a matrix reshaped to fit."""
+    error = _build_refused(write_tiny_gguf(tmp_path / f"{case}.gguf", **options), tmp_path)
+    assert isinstance(error, CorruptFileError)
+    assert phrase in str(error)
+
+
+def test_the_tiny_gguf_builds_as_written(tmp_path: Path) -> None:
+    """The file the refusals above start from imports (so each refusal is about its one change)."""
+    from edgekit.sources.gguf_import import import_gguf
+
+    result = import_gguf(write_tiny_gguf(tmp_path / "tiny.gguf"), tmp_path / "hf")
+    assert result.config["num_hidden_layers"] == 1
+
+
+def test_metadata_arrays_are_bounded_by_the_file_size(tmp_path: Path) -> None:
+    """gguf's reader makes a Python object of every array element: a 1 MB file of a million bytes in an array
+    took 18 s and 700 MB before."""
+    many = kv("tokenizer.ggml.token_type", ARRAY, struct.pack("<IQ", 0, 1_000_000) + bytes(1_000_000))
+    path = tmp_path / "arrays.gguf"
+    path.write_bytes(gguf_bytes(kvs=[ARCH, many]))
+    with pytest.raises(CorruptFileError, match="its metadata arrays hold over 262,144 elements"):
+        read_gguf_header(path)
+
+
+def test_an_architecture_name_of_over_4_kib_is_an_unknown_architecture(tmp_path: Path) -> None:
+    from edgekit.sources.gguf_import import gguf_architecture
+
+    long_name = kv("general.architecture", STRING, struct.pack("<Q", 5000) + b"\xff" * 5000)
+    path = tmp_path / "long-name.gguf"
+    path.write_bytes(gguf_bytes(kvs=[long_name]))
+    with pytest.raises(UnsupportedArchitectureError, match="GGUF architecture 'unknown' is not supported"):
+        gguf_architecture(path)

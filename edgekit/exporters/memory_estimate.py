@@ -162,7 +162,7 @@ def estimate_from_shapes(
     if streaming:
         peak = BASE_BYTES + STREAMED_BYTES_PER_LAYER_PARAM * largest + STREAMED_BLOCK_BYTES
         if recipe:
-            vocabulary = max((shape[0] for name, shape in shapes.items() if "embed_tokens" in name), default=0)
+            vocabulary = max((s[0] for name, s in shapes.items() if "embed_tokens" in name and len(s) == 2), default=0)
             search = STREAMED_RECIPE_BYTES_PER_PARAM * parameters + STREAMED_RECIPE_BYTES_PER_TOKEN * vocabulary
             peak = max(peak, BASE_BYTES + search + hessians)
     else:
@@ -187,7 +187,7 @@ def _gptq_peak(
     one_pass: bool,
 ) -> int:
     """The peak of a GPTQ pass over ``calibration_tokens`` (``inputs``: each layer's input widths)."""
-    hidden = max((shape[1] for name, shape in shapes.items() if "embed_tokens" in name), default=0)
+    hidden = max((shape[1] for name, shape in shapes.items() if "embed_tokens" in name and len(shape) == 2), default=0)
     widest = max((max(dims) for dims in inputs.values()), default=hidden)
     if one_pass:
         # Every token's activations at the layer's widest stop: before down_proj, the layer's input,

@@ -32,6 +32,10 @@ KEPT_STRING = 4096  # longer string values are skipped, not read
 # stored merged); these caps keep a crafted file's Python objects far below 1 GiB.
 MAX_KEYS = 1 << 16
 MAX_TENSORS = 1 << 16
+# The gguf package's reader makes Python objects of every array element (hundreds of bytes each): a
+# vocabulary's arrays hold about a million at most, and a real file's weights are far larger than they are.
+MIN_ARRAY_BUDGET = 1 << 18
+ARRAY_ELEMENTS_PER_FILE_BYTE = 1 / 64
 FIX = "download or copy the GGUF file again; it is truncated or not a GGUF file"
 
 # Value types: (struct format, byte size) of the fixed-size ones; 8 is a string, 9 an array.
@@ -72,6 +76,7 @@ class _Cursor:
 
     def __init__(self, handle: IO[bytes], size: int, path: Path) -> None:
         self.handle, self.size, self.path, self.pos = handle, size, path, 0
+        self.array_elements = 0
 
     def fail(self, problem: str) -> CorruptFileError:
         return CorruptFileError(problem, path=self.path, fix=FIX)
@@ -133,7 +138,8 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     """Parse and check a GGUF file's header without reading tensor data; ``CorruptFileError`` if malformed.
 
     Checks: magic and version; tensor and key counts against the file size; every string length against
-    the bytes left; known value types and no nested arrays; no duplicate keys or tensor names;
+    the bytes left; known value types and no nested arrays; metadata arrays of at most max(2^18, file bytes
+    / 64) elements in all; no duplicate keys or tensor names;
     ``general.alignment`` a uint32 power of two up to 1 MiB; at most 4 dimensions per tensor, each above
     zero; a known ggml type whose block size divides the first dimension; each tensor's data aligned,
     inside the file, and not overlapping another's.
@@ -207,6 +213,13 @@ def _read_value(cursor: _Cursor, value_type: int, key: str) -> Any:
             raise cursor.fail(f"the metadata key '{key}' holds nested arrays, which GGUF readers refuse")
         else:
             raise cursor.fail(f"the array '{key}' has unknown element type {element_type}")
+        cursor.array_elements += count
+        budget = max(MIN_ARRAY_BUDGET, int(cursor.size * ARRAY_ELEMENTS_PER_FILE_BYTE))
+        if cursor.array_elements > budget:
+            raise cursor.fail(
+                f"its metadata arrays hold over {budget:,} elements (at '{key}'), more than a "
+                f"{cursor.size:,}-byte model file's vocabulary can have"
+            )
         return None
     raise cursor.fail(f"the metadata key '{key}' has unknown value type {value_type}")
 

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import CorruptFileError, EdgekitError, ExportError, SourceError, UnsupportedArchitectureError
+from edgekit.sources.checkpoint import check_config_values
+from edgekit.sources.gguf_header import GGUFHeader, read_gguf_header
 from edgekit.sources.registry import Architecture, lookup_architecture
 from edgekit.sources.weight_files import open_gguf, release_gguf_pages
 
@@ -72,9 +74,8 @@ def gguf_architecture(path: Path) -> Architecture:
     Also refuses a file without tokenizer metadata (``check_gguf_tokenizer``): this is the GGUF check the
     build's precheck runs, and such a file can only fail later, inside transformers.
     """
-    reader = open_gguf(path)
-    field = reader.fields.get("general.architecture")
-    arch = str(field.contents()) if field is not None else "unknown"
+    open_gguf(path)  # the header checks first
+    arch = _architecture_name(path)
     model_type = {"gemma3": "gemma3_text", "qwen35": "qwen3_5"}.get(arch, arch)
     try:
         architecture = lookup_architecture({"model_type": model_type}, path)
@@ -84,6 +85,12 @@ def gguf_architecture(path: Path) -> Architecture:
         ) from None
     check_gguf_tokenizer(path)
     return architecture
+
+
+def _architecture_name(path: Path) -> str:
+    """``general.architecture`` as the checked header read it: a string of at most 4 KiB, else "unknown"."""
+    value = read_gguf_header(path).metadata.get("general.architecture")
+    return value if isinstance(value, str) else "unknown"
 
 
 def check_gguf_tokenizer(path: Path) -> None:
@@ -100,6 +107,11 @@ def check_gguf_tokenizer(path: Path) -> None:
             path=path,
             fix=_NO_TOKENIZER_FIX,
         )
+    for key, value in read_gguf_header(path).metadata.items():
+        # A negative id (an int32 in the file) would count from the vocabulary's end in Python.
+        if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") and isinstance(value, int) and value < 0:
+            raise CorruptFileError(f"{key} is {value}; a token id is never negative", path=path,
+                                   fix="convert the checkpoint again with a current llama.cpp")  # fmt: skip
 
 
 def import_gguf(path: Path, out: Path) -> GGUFImport:
@@ -170,15 +182,17 @@ def _tensor_plan(path: Path, config: Any, parsed: dict[str, Any]) -> _TensorPlan
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
+    header = read_gguf_header(path)
+    _check_layers(path, config, header)
     with _as_source_error(path), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     _check_declared_size(path, skeleton)
-    gguf_arch = str(open_gguf(path).fields["general.architecture"].contents())
-    processor = TENSOR_PROCESSORS.get(gguf_arch, TensorProcessor)(config=parsed.get("config", {}))
+    processor = TENSOR_PROCESSORS.get(_architecture_name(path), TensorProcessor)(config=parsed.get("config", {}))
     with _as_source_error(path):
         mapping = get_gguf_hf_weights_map(skeleton, processor)
     shapes = {name: tuple(parameter.shape) for name, parameter in skeleton.state_dict().items()}
-    names = {t.name: mapping[t.name] for t in open_gguf(path).tensors if mapping.get(t.name) in shapes}
+    names = {t.name: mapping[t.name] for t in header.tensors if mapping.get(t.name) in shapes}
+    _check_mapped(path, header, names, shapes)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     wanted = {name for name in shapes if not (tied and name == "lm_head.weight")}
     missing = sorted(wanted - set(names.values()))
@@ -192,6 +206,50 @@ def _tensor_plan(path: Path, config: Any, parsed: dict[str, Any]) -> _TensorPlan
     return _TensorPlan(type(skeleton).__name__, names, {n: shapes[n] for n in names.values()}, processor)
 
 
+def _check_layers(path: Path, config: Any, header: GGUFHeader) -> None:
+    """The config transformers made from the metadata: sizes in range, and as many layers as the file holds
+    ``blk.N`` tensors for (checked before the model's skeleton is built, which takes time per layer)."""
+    try:
+        check_config_values(config.to_dict(), path)
+    except SourceError as exc:
+        raise CorruptFileError(f"its metadata gives {exc.problem}", path=path, fix=_DECLARED_SIZE_FIX) from None
+    held = {int(m.group(1)) for t in header.tensors if (m := _BLOCK_NAME.match(t.name))}
+    declared = config.num_hidden_layers
+    if held != set(range(declared)):
+        raise CorruptFileError(
+            f"its metadata declares {declared} layers but the file holds tensors of "
+            + (f"layers {min(held)}..{max(held)} ({len(held)} of them)" if held else "none"),
+            path=path,
+            fix=_DECLARED_SIZE_FIX,
+        )
+
+
+# Tensors llama.cpp's converter adds that transformers computes from the config instead.
+_COMPUTED_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+
+
+def _check_mapped(path: Path, header: GGUFHeader, names: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> None:
+    """Every tensor of the file has a place in the model, of its shape: a tensor left out (a bias, an extra
+    layer) or one reshaped to fit (a transposed matrix of the same size) would build a different model."""
+    for tensor in header.tensors:
+        if tensor.name not in names:
+            if tensor.name in _COMPUTED_TENSORS:
+                continue
+            raise CorruptFileError(
+                f"holds tensor '{tensor.name}', which the model its metadata describes has no place for",
+                path=path,
+                fix=_DECLARED_SIZE_FIX,
+            )
+        expected = shapes[names[tensor.name]]
+        if tuple(reversed(tensor.shape)) != expected:  # GGUF lists the fastest-varying dimension first
+            raise CorruptFileError(
+                f"tensor '{tensor.name}' has shape {list(reversed(tensor.shape))} where the model its metadata "
+                f"describes has {list(expected)}",
+                path=path,
+                fix=_DECLARED_SIZE_FIX,
+            )
+
+
 def _require_transformers_reader(path: Path) -> None:
     """Refuse a GGUF architecture transformers cannot read (its config keys, tokenizer and tensor names).
 
@@ -200,7 +258,7 @@ def _require_transformers_reader(path: Path) -> None:
     """
     from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
 
-    arch = str(open_gguf(path).fields["general.architecture"].contents())
+    arch = _architecture_name(path)
     if arch not in GGUF_SUPPORTED_ARCHITECTURES:
         raise SourceError(
             f"is a '{arch}' GGUF file, which transformers (whose GGUF reader edgekit uses for the config, "
