@@ -8,10 +8,11 @@ in that order; nothing in a step mutates what an earlier step returned, it adds 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -127,6 +128,28 @@ def prepare_source(context: BuildContext) -> None:
             parameters = checked.parameter_count or parameter_count(sorted(staged.glob("*.safetensors")))
         rule = source_tokenizer_rule(staged, gguf=spec.path if spec.kind == "gguf" else None, origin=spec.origin)
     context.source = PreparedSource(staged, checked, files, parameters, rule)
+
+
+@contextlib.contextmanager
+def named_by_source(context: BuildContext) -> Iterator[None]:
+    """A source error about a file of the build's scratch folder names the user's file instead: the staged
+    copy of a checkpoint's file (a link to it), or the GGUF file whose metadata transformers wrote out."""
+    work = context.work.absolute()
+    try:
+        yield
+    except SourceError as exc:
+        where = Path(exc.path).absolute() if exc.path is not None else None
+        if where is None or not where.is_relative_to(work) or context.spec.path is None:
+            raise
+        if context.spec.kind == "gguf":
+            raise type(exc)(f"{exc.problem} (in what transformers made of the file's metadata)",
+                            path=context.spec.path, fix=_GGUF_FIX) from None  # fmt: skip
+        staged = work / "staged"
+        path = context.spec.path / where.relative_to(staged) if where.is_relative_to(staged) else context.spec.path
+        raise type(exc)(exc.problem, path=path, fix=exc.fix) from None
+
+
+_GGUF_FIX = "convert the checkpoint again with a current llama.cpp, or build from the Hugging Face folder"
 
 
 def plan_variants_step(context: BuildContext) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from edgekit.build_context import BUILD_LOG, BuildContext, BuildOptions, CalibrationSettings, EvalSettings
-from edgekit.build_steps import BUILD_STEPS, tool_version
+from edgekit.build_steps import BUILD_STEPS, named_by_source, tool_version
 from edgekit.errors import (
     EdgekitError,
     ExportError,
@@ -109,8 +109,9 @@ def build(
         _log_kept_on_failure(staging, out_path),
     ):
         context = BuildContext(spec, profile, options, staging, work, reporter, prechecked)
-        for step in BUILD_STEPS:
-            step(context)
+        with named_by_source(context):
+            for step in BUILD_STEPS:
+                step(context)
         result = BuildResult(staging, read_manifest(staging), reporter.records, context.warnings)
     result.out = out_path.absolute()
     return result

@@ -200,3 +200,12 @@ def test_a_config_json_linking_outside_the_checkpoint_is_refused(tmp_path: Path,
     (source / "config.json").symlink_to(outside)
     with pytest.raises(SourceError, match="is a link to a file outside the checkpoint"):
         check_folder(source)
+
+
+def test_an_error_about_a_staged_file_names_the_checkpoints_own(runner, tmp_path: Path, tiny_checkpoints) -> None:
+    """The build checks the tokenizer files through its scratch copy (links to them); the user fixes theirs."""
+    source = copy_of(tiny_checkpoints, tmp_path)
+    (source / "chat_template.jinja").write_text("{% for %}")
+    result = runner.invoke(main, ["build", str(source), "-o", str(tmp_path / "out"), "-q"])
+    assert result.exit_code == 2, result.output
+    assert f"error: {source}: the chat template" in result.output and "partial" not in result.output

@@ -409,3 +409,12 @@ def test_an_architecture_name_of_over_4_kib_is_an_unknown_architecture(tmp_path:
     path.write_bytes(gguf_bytes(kvs=[long_name]))
     with pytest.raises(UnsupportedArchitectureError, match="GGUF architecture 'unknown' is not supported"):
         gguf_architecture(path)
+
+
+def test_an_error_in_what_transformers_made_of_the_metadata_names_the_gguf_file(tmp_path: Path) -> None:
+    """Not the build's scratch copy of the imported config (gone when the command ends), nor a fix for a folder's
+    config.json: the tiny file's heads are 4 wide, which the checks of the imported folder refuse."""
+    error = _build_refused(write_tiny_gguf(tmp_path / "narrow-heads.gguf"), tmp_path)
+    assert "has a head size of 4" in str(error)
+    assert "(in what transformers made of the file's metadata)" in str(error)
+    assert "partial" not in str(error) and "convert the checkpoint again" in str(error)
