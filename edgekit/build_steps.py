@@ -141,9 +141,10 @@ def named_by_source(context: BuildContext) -> Iterator[None]:
         where = Path(exc.path).absolute() if exc.path is not None else None
         if where is None or not where.is_relative_to(work) or context.spec.path is None:
             raise
-        if context.spec.kind == "gguf":
+        if context.spec.kind == "gguf":  # a fix about the folder's own files does not apply to a GGUF file
+            fix = _GGUF_FIX if not exc.fix or ".json" in exc.fix or ".jinja" in exc.fix else exc.fix
             raise type(exc)(f"{exc.problem} (in what transformers made of the file's metadata)",
-                            path=context.spec.path, fix=_GGUF_FIX) from None  # fmt: skip
+                            path=context.spec.path, fix=fix) from None  # fmt: skip
         staged = work / "staged"
         path = context.spec.path / where.relative_to(staged) if where.is_relative_to(staged) else context.spec.path
         raise type(exc)(exc.problem, path=path, fix=exc.fix) from None

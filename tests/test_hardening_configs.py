@@ -37,10 +37,10 @@ def write_safetensors(path: Path, header: dict) -> Path:
 
 
 def index_of(folder: Path) -> tuple[Path, dict]:
-    """The folder's weight index, written the Hugging Face way for its one weight file."""
-    (weights,) = folder.glob("*.safetensors")
+    """The folder's weights as one shard of a sharded checkpoint, with its index written the Hugging Face way."""
+    weights = (folder / "model.safetensors").rename(folder / "model-00001-of-00001.safetensors")
     data = {"metadata": {}, "weight_map": {info.name: weights.name for info in read_safetensors_header(weights)}}
-    index = folder / f"{weights.name}.index.json"
+    index = folder / "model.safetensors.index.json"
     index.write_text(json.dumps(data))
     check_folder(folder)  # the index as written is fine
     return index, data
@@ -62,7 +62,7 @@ def test_an_index_naming_a_file_that_is_not_a_weight_file_of_the_folder_is_refus
         "absolute": str(outside),
         "parent": "../elsewhere.safetensors",
         "missing": "model-00002-of-00002.safetensors",
-        "not a string": ["model.safetensors"],
+        "not a string": ["model-00001-of-00001.safetensors"],
     }[where]
     index.write_text(json.dumps(data))
     with pytest.raises(SourceError, match="which is not a weight file of this folder") as info:
@@ -85,6 +85,14 @@ def test_a_pickle_index_is_never_staged(tmp_path: Path, tiny_checkpoints) -> Non
     staged = stage_folder(check_folder(source), tmp_path / "staged")
     assert not (staged / "pytorch_model.bin.index.json").exists()
     assert (staged / index.name).exists()  # the checked safetensors index is
+
+
+def test_an_index_beside_a_single_weight_file_is_neither_read_nor_handed_on(tmp_path: Path, tiny_checkpoints) -> None:
+    """transformers loads model.safetensors where it exists; a stale index beside it is no reason to refuse."""
+    source = copy_of(tiny_checkpoints, tmp_path)
+    (source / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "/dev/zero"}}))
+    staged = stage_folder(check_folder(source), tmp_path / "staged")
+    assert not (staged / "model.safetensors.index.json").exists()
 
 
 # --- config.json ----------------------------------------------------------------------------------------------

@@ -81,6 +81,12 @@ def test_a_manifest_key_given_twice_is_refused(tmp_path: Path) -> None:
         ({"head_size": -1}, "head_size"),
         ({"inputs": {"input_ids": "x" * 300}}, "inputs"),
         ({"session_options": {"log_id": "a" * 500}}, "log_id"),
+        # onnxruntime-genai formats these names with snprintf: %s crashed it, %n writes memory
+        ({"inputs": {"past_key_names": "past_key_values.%s.key"}}, "inputs"),
+        ({"inputs": {"past_key_names": "past_key_values.%d.%n"}}, "inputs"),
+        ({"outputs": {"present_value_names": "present.value"}}, "must hold one %d"),
+        ({"inputs": {"input_ids": "input_%d_ids"}}, "must not hold one %d"),
+        ({"filename": "model.onnx_data"}, "filename"),  # the graph, whose external data edgekit checks
     ],
 )
 def test_values_are_typed_and_bounded(decoder: dict[str, Any], phrase: str) -> None:

@@ -153,15 +153,20 @@ def test_work_space_beside_a_dead_builds_staging_folder_is_swept(tmp_path: Path)
     # The build's evaluation keeps a backup of eval/ beside the package it evaluates, which during a build is
     # the staging folder: a kill there leaves "..pkg.partial-PID-x.partial-PID-work-y", swept like the rest.
     out = tmp_path / "pkg"
-    nested = tmp_path / f"..pkg.partial-{dead_pid()}-abc123.partial-{dead_pid()}-work-xyz"
+    dead = dead_pid()
+    nested = tmp_path / f"..pkg.partial-{dead}-abc123.partial-{dead}-work-xyz"
     nested.mkdir()
     (nested / "reference.npz").write_bytes(b"x")
     alive = tmp_path / f"..pkg.partial-{os.getppid()}-abc.partial-{os.getppid()}-work-xyz"
     alive.mkdir()
+    # the output ".pkg" has the same prefix: its package moved aside by a killed --force build is not ours
+    retired_of_dot_pkg = tmp_path / f"..pkg.partial-{dead_pid()}-old"
+    retired_of_dot_pkg.mkdir()
     with staged_output(out, force=False) as staging:
         (staging / "f").write_text("1")
     assert not nested.exists()
     assert alive.is_dir()
+    assert retired_of_dot_pkg.is_dir()
 
 
 def test_the_sweep_matches_out_by_name_not_by_pattern(tmp_path: Path) -> None:

@@ -29,7 +29,10 @@ Count = Annotated[int, Field(ge=1, le=1 << 16)]
 Size = Annotated[int, Field(ge=1, le=1 << 24)]
 TokenId = Annotated[int, Field(ge=0, le=1 << 24)]
 TokenIds = TokenId | Annotated[list[TokenId], Field(max_length=64)]
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.%:/-]{1,128}$")]
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{1,128}$")]
+# onnxruntime-genai formats a ``*_names`` value with the layer index (snprintf): exactly one ``%d``, nothing
+# else a format could read (``%s`` crashed it, ``%n`` writes memory).
+LayerNames = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:/-]{0,64}%d[A-Za-z0-9_.:/-]{0,64}$")]
 Flag = Literal["0", "1"]
 
 
@@ -90,15 +93,23 @@ class Decoder(_Strict):
     """The decoder graph: its file, shapes, input and output names, and session options."""
 
     session_options: SessionOptions = SessionOptions()
-    filename: str
+    filename: Annotated[str, StringConstraints(pattern=r"^[\w.-]{1,128}\.onnx$")]  # a graph, not its data file
     head_size: Count
     hidden_size: Size
     num_attention_heads: Count
     num_hidden_layers: Count
     num_key_value_heads: Count
-    inputs: Annotated[dict[Name, Name], Field(max_length=64)]
-    outputs: Annotated[dict[Name, Name], Field(max_length=64)]
+    inputs: Annotated[dict[Name, Name | LayerNames], Field(max_length=64)]
+    outputs: Annotated[dict[Name, Name | LayerNames], Field(max_length=64)]
     sliding_window: SlidingWindow | None = None
+
+    @model_validator(mode="after")
+    def _layer_names_only_where_formatted(self) -> Decoder:
+        for names in (self.inputs, self.outputs):
+            for key, value in names.items():
+                if ("%" in value) != key.endswith("_names"):
+                    raise ValueError(f"'{key}' must {'' if key.endswith('_names') else 'not '}hold one %d")
+        return self
 
 
 class ModelSection(_Strict):

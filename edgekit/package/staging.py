@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -107,13 +108,18 @@ def remove_stale_partials(out: Path) -> None:
     """Delete partial build folders for ``out`` whose owning process no longer runs.
 
     Work folders made beside one of those partial folders (a build's evaluation works beside the staging
-    folder it evaluates) start with one more dot and carry the same process id; they go too.
+    folder it evaluates) go too: ``..OUT.partial-PID-*.partial-PID-work-*``, matched whole, since the prefix
+    ``..OUT.partial-`` alone is also that of the output ``.OUT``'s own folders.
     """
-    for prefix in (f".{out.name}{_PARTIAL}", f"..{out.name}{_PARTIAL}"):
-        for candidate in out.parent.glob(f"{glob.escape(prefix)}*"):
-            pid_text = candidate.name[len(prefix) :].split("-", 1)[0]
-            if pid_text.isdigit() and not _process_alive(int(pid_text)):
-                _remove(candidate)
+    prefix = f".{out.name}{_PARTIAL}"
+    for candidate in out.parent.glob(f"{glob.escape(prefix)}*"):
+        pid_text = candidate.name[len(prefix) :].split("-", 1)[0]
+        if pid_text.isdigit() and not _process_alive(int(pid_text)):
+            _remove(candidate)
+    nested = re.compile(rf"\.{re.escape(prefix)}(\d+)-.+{re.escape(_PARTIAL)}\1-work-.+", re.DOTALL)
+    for candidate in out.parent.glob(f".{glob.escape(prefix)}*"):
+        if (match := nested.fullmatch(candidate.name)) and not _process_alive(int(match.group(1))):
+            _remove(candidate)
 
 
 def _remove(path: Path) -> None:

@@ -212,6 +212,8 @@ def _check_weight_indexes(folder: Path, weight_files: list[Path]) -> None:
     names = {path.name for path in weight_files}
     fix = "restore the index from the model's source (or delete it if one weight file holds every tensor)"
     for index in sorted(folder.glob("*.safetensors.index.json")):
+        if _index_unused(index):
+            continue
         data = _read_json_object(index, MAX_CONFIG_BYTES, fix)
         weight_map = data.get("weight_map") if isinstance(data, dict) else None
         if not isinstance(weight_map, dict):
@@ -224,6 +226,11 @@ def _check_weight_indexes(folder: Path, weight_files: list[Path]) -> None:
                     path=index,
                     fix=fix,
                 )
+
+
+def _index_unused(index: Path) -> bool:
+    """transformers opens ``model.safetensors`` where it exists and never reads the index beside it."""
+    return index.name == "model.safetensors.index.json" and (index.parent / "model.safetensors").is_file()
 
 
 def _check_layer_count(text: Mapping[str, Any], path: Path, indices: set[int]) -> None:
@@ -272,6 +279,8 @@ def stage_folder(checked: CheckedFolder, stage: Path, *, packaged: bool = True) 
             continue
         # Pickles become one model.safetensors below (or are not used): no index of theirs applies.
         if item.name.endswith(".bin.index.json") or (checked.pickle_weights and item.name.endswith(".index.json")):
+            continue
+        if _index_unused(item):  # left unchecked, so not handed on either
             continue
         (stage / item.name).symlink_to(_inside(item, checked.folder) if packaged else item.resolve())
     if checked.pickle_weights:

@@ -34,7 +34,7 @@ MAX_KEYS = 1 << 16
 MAX_TENSORS = 1 << 16
 # The gguf package's reader makes Python objects of every array element (hundreds of bytes each): a
 # vocabulary's arrays hold about a million at most, and a real file's weights are far larger than they are.
-MIN_ARRAY_BUDGET = 1 << 18
+MIN_ARRAY_BUDGET = 1 << 20
 ARRAY_ELEMENTS_PER_FILE_BYTE = 1 / 64
 FIX = "download or copy the GGUF file again; it is truncated or not a GGUF file"
 
@@ -138,7 +138,7 @@ def read_gguf_header(path: Path) -> GGUFHeader:
     """Parse and check a GGUF file's header without reading tensor data; ``CorruptFileError`` if malformed.
 
     Checks: magic and version; tensor and key counts against the file size; every string length against
-    the bytes left; known value types and no nested arrays; metadata arrays of at most max(2^18, file bytes
+    the bytes left; known value types and no nested arrays; metadata arrays of at most max(2^20, file bytes
     / 64) elements in all; no duplicate keys or tensor names;
     ``general.alignment`` a uint32 power of two up to 1 MiB; at most 4 dimensions per tensor, each above
     zero; a known ggml type whose block size divides the first dimension; each tensor's data aligned,
@@ -205,21 +205,23 @@ def _read_value(cursor: _Cursor, value_type: int, key: str) -> Any:
     if value_type == _ARRAY:
         element_type = cursor.u32(f"the element type of '{key}'")
         count = cursor.u64(f"the length of '{key}'")
-        if element_type in _SCALARS:
-            cursor.skip(count * _SCALARS[element_type][1], f"the array '{key}'")
-        elif element_type == _STRING:
-            cursor.skip_strings(count, f"the array '{key}' of {count} strings")
-        elif element_type == _ARRAY:
+        if element_type == _ARRAY:
             raise cursor.fail(f"the metadata key '{key}' holds nested arrays, which GGUF readers refuse")
-        else:
+        if element_type != _STRING and element_type not in _SCALARS:
             raise cursor.fail(f"the array '{key}' has unknown element type {element_type}")
+        width = 8 if element_type == _STRING else _SCALARS[element_type][1]  # a string's length, at least
+        cursor.need(count * width, f"the array '{key}'")
         cursor.array_elements += count
         budget = max(MIN_ARRAY_BUDGET, int(cursor.size * ARRAY_ELEMENTS_PER_FILE_BYTE))
-        if cursor.array_elements > budget:
+        if cursor.array_elements > budget:  # before walking the array: a string array is walked element by element
             raise cursor.fail(
                 f"its metadata arrays hold over {budget:,} elements (at '{key}'), more than a "
                 f"{cursor.size:,}-byte model file's vocabulary can have"
             )
+        if element_type == _STRING:
+            cursor.skip_strings(count, f"the array '{key}' of {count} strings")
+        else:
+            cursor.skip(count * width, f"the array '{key}'")
         return None
     raise cursor.fail(f"the metadata key '{key}' has unknown value type {value_type}")
 

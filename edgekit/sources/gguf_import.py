@@ -224,17 +224,23 @@ def _check_layers(path: Path, config: Any, header: GGUFHeader) -> None:
         )
 
 
-# Tensors llama.cpp's converter adds that transformers computes from the config instead.
-_COMPUTED_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
+# Rope scaling llama.cpp's converter stores as tensors (Llama 3.1's llama3 frequencies, Phi-3.5's longrope
+# factors): transformers' GGUF reader keeps neither the tensors nor the scaling in its config.
+_ROPE_SCALING_TENSORS = ("rope_freqs.weight", "rope_factors_long.weight", "rope_factors_short.weight")
 
 
 def _check_mapped(path: Path, header: GGUFHeader, names: dict[str, str], shapes: dict[str, tuple[int, ...]]) -> None:
     """Every tensor of the file has a place in the model, of its shape: a tensor left out (a bias, an extra
     layer) or one reshaped to fit (a transposed matrix of the same size) would build a different model."""
     for tensor in header.tensors:
+        if tensor.name in _ROPE_SCALING_TENSORS:
+            raise SourceError(
+                f"holds '{tensor.name}', rope scaling that transformers' GGUF reader drops: the imported model "
+                "would compute every position's rotation differently from the file's",
+                path=path,
+                fix="build from the model's Hugging Face folder (safetensors), whose config keeps the rope scaling",
+            )
         if tensor.name not in names:
-            if tensor.name in _COMPUTED_TENSORS:
-                continue
             raise CorruptFileError(
                 f"holds tensor '{tensor.name}', which the model its metadata describes has no place for",
                 path=path,
