@@ -43,12 +43,17 @@ _MAX_PART = 1000
 
 
 def _shown(text: str) -> str:
-    """``text`` on one line, unprintable characters escaped (an escape sequence quoted from a stranger's file
-    would otherwise reach the user's terminal), cut to ``_MAX_PART`` characters."""
-    text = " ".join(text.split())
-    if not text.isprintable():
-        text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    """``text`` on one line, unprintable characters escaped, cut to ``_MAX_PART`` characters."""
+    text = printable(" ".join(text.split()))
     return text if len(text) <= _MAX_PART else text[: _MAX_PART - 1] + "…"
+
+
+def printable(text: str) -> str:
+    """``text`` with every unprintable character (controls, line breaks, lone surrogates) written as its
+    Python escape: a terminal escape sequence in a stranger's file must not reach the user's terminal."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 class UsageError(EdgekitError):

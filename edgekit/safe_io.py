@@ -132,10 +132,17 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-")) > 20:  # 2^64 has 20 digits; nothing a file of edgekit's holds is larger
+        raise ValueError(f"the integer {text[:24]}... has more than 20 digits")
+    return int(text)
+
+
 def strict_json_loads(data: str | bytes) -> Any:
-    """``json.loads`` that refuses an object naming a key twice (``DuplicateKeyError``, a ``ValueError``).
+    """``json.loads`` that refuses an object naming a key twice (``DuplicateKeyError``, a ``ValueError``) and
+    an integer of more than 20 digits (a ``ValueError``: no float or C integer holds it).
 
     Python keeps a repeated key's last value; onnxruntime-genai's and other native parsers may act on every
     copy, so a file checked here must mean one thing to all of them.
     """
-    return json.loads(data, object_pairs_hook=_unique_pairs)
+    return json.loads(data, object_pairs_hook=_unique_pairs, parse_int=_bounded_int)

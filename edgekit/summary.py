@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from edgekit.errors import PackageError
+from edgekit.errors import PackageError, printable
 from edgekit.targets import Precision
 
 if TYPE_CHECKING:
@@ -36,6 +36,11 @@ def output_console() -> Console:
     return Console() if sys.stdout.isatty() else Console(width=PIPED_WIDTH)
 
 
+def _shown(value: object) -> str:
+    """A value from a package or report as plain text for rich: no markup, no terminal escapes."""
+    return escape(printable(str(value)))
+
+
 def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = ()) -> Table:
     """A table whose cells wrap or fold instead of being cut with an ellipsis."""
     table = Table(title=title)
@@ -52,15 +57,16 @@ def _variants_table(manifest: dict[str, Any]) -> Table:
     table = _table("variants", ("variant", "precision", "method", "provider", "block", "acc. level", "size"))
     default = manifest.get("default_variant")
     for name, entry in manifest.get("variants", {}).items():
-        table.add_row(
+        cells = (
             f"{name} *" if name == default else name,
-            str(entry.get("precision") or "-"),
-            str(entry.get("method") or "-"),
-            str(entry.get("provider") or "-"),
-            str(entry.get("block_size") or "-"),
-            str(entry.get("accuracy_level") if entry.get("accuracy_level") is not None else "default"),
+            entry.get("precision") or "-",
+            entry.get("method") or "-",
+            entry.get("provider") or "-",
+            entry.get("block_size") or "-",
+            entry.get("accuracy_level") if entry.get("accuracy_level") is not None else "default",
             _mb(entry["bytes"]) if entry.get("bytes") is not None else "?",
         )
+        table.add_row(*map(_shown, cells))
     return table
 
 
@@ -150,26 +156,26 @@ def _manifest_lines(root: Path, manifest: dict[str, Any]) -> list[Any]:
     """What ``print_manifest`` prints, line by line (strings of rich markup, and the variants table)."""
     source = manifest["source"]
     version = manifest.get("edgekit_version", "?")
-    lines: list[Any] = [f"[bold]{escape(str(root))}[/bold]  edgekit {version}, schema {manifest['schema_version']}"]
-    lines.append(f"source: {source['kind']} {source['location']}")
+    lines: list[Any] = [f"[bold]{_shown(root)}[/bold]  edgekit {_shown(version)}, schema {manifest['schema_version']}"]
+    lines.append(f"source: {_shown(source['kind'])} {_shown(source['location'])}")
     for weight in source.get("weights", []):
-        lines.append(f"  {weight['name']}  sha256 {weight['sha256']}")
+        lines.append(f"  {_shown(weight['name'])}  sha256 {_shown(weight['sha256'])}")
     count = manifest.get("parameter_count")
     parameters = f"{count:,}" if count is not None else "?"
-    lines.append(f"architecture: {manifest.get('architecture')}, {parameters} parameters")
+    lines.append(f"architecture: {_shown(manifest.get('architecture'))}, {parameters} parameters")
     lines.append(_variants_table(manifest))
     for name, entry in manifest.get("targets", {}).items():
-        lines.append(f"target {name}: runs '{entry['variant']}' on {' -> '.join(entry['providers'])}")
+        lines.append(_shown(f"target {name}: runs '{entry['variant']}' on {' -> '.join(map(str, entry['providers']))}"))
     for name, entry in manifest.get("variants", {}).items():
         if isinstance(entry, dict) and isinstance(entry.get("recipe"), dict):
-            lines.append(escape(f"recipe {name}: {_recipe_figures(entry['recipe'])}"))
+            lines.append(_shown(f"recipe {name}: {_recipe_figures(entry['recipe'])}"))
     validation = manifest.get("validation", {})
     if "skipped" in validation:
-        lines.append(f"validation: skipped ({validation['skipped']})")
+        lines.append(f"validation: skipped ({_shown(validation['skipped'])})")
     elif validation:
-        lines.append(f"validation: {validation['variant']} vs PyTorch {_validation_figures(validation)}")
+        lines.append(_shown(f"validation: {validation['variant']} vs PyTorch {_validation_figures(validation)}"))
     tools = ", ".join(f"{k} {v}" for k, v in manifest.get("tools", {}).items() if v)
-    lines.append(f"tools: {tools}")
+    lines.append(f"tools: {_shown(tools)}")
     lines.append(f"files: {len(manifest.get('files', []))}, {_mb(sum(f['size'] for f in manifest.get('files', [])))}")
     return lines
 
@@ -211,17 +217,17 @@ def print_eval_report(report: dict[str, Any], console: Console | None = None) ->
     protocol = report["protocol"]
     columns = ("perplexity", "ppl_ratio", "kl_mean", "kl_p99", "top1_agreement", "bytes", "bits_per_weight")
     headers = ("perplexity", "PPL ratio", "mean KL", "KL p99", "top-1 agree", "size", "bits per weight")
-    title = f"{protocol['text']}: {protocol['windows']} x {protocol['ctx']} tokens"
+    title = _shown(f"{protocol['text']}: {protocol['windows']} x {protocol['ctx']} tokens")
     table = _table(title, ("variant", *headers), right=headers)
     for name, row in report["variants"].items():
-        table.add_row(name, *(format_metric(c, row.get(c)) for c in columns))
+        table.add_row(_shown(name), *(_shown(format_metric(c, row.get(c))) for c in columns))
     console.print(table)
     for target, variants in report.get("budgets", {}).items():
         verdicts = ", ".join(f"{v} {'pass' if r['passed'] else 'FAIL'}" for v, r in variants.items())
-        console.print(f"budget {target}: {verdicts}")
+        console.print(_shown(f"budget {target}: {verdicts}"))
     if "reference" in report:
-        console.print(f"reference: {report['reference']['description']}")
-    console.print(f"reference cache: {report['reference_cache']}")
+        console.print(f"reference: {_shown(report['reference']['description'])}")
+    console.print(f"reference cache: {_shown(report['reference_cache'])}")
 
 
 def print_check(result: CheckResult, console: Console | None = None) -> None:
@@ -229,19 +235,20 @@ def print_check(result: CheckResult, console: Console | None = None) -> None:
     from edgekit.accuracy.report import decides, format_metric
 
     console = console or output_console()
-    title = f"edgekit check {result.target} (deploys {result.variant})"
+    title = _shown(f"edgekit check {result.target} (deploys {result.variant})")
     table = _table(title, ("variant", "check", "metric", "value", "limit", "result"))
     for c in result.checks:
         outcome = "[green]pass[/green]" if c.passed else "[red]FAIL[/red]" if decides(c, result.variant) else "fail*"
-        table.add_row(
-            c.variant, c.kind, c.metric, format_metric(c.metric, c.value), format_metric(c.metric, c.limit), outcome
-        )
+        cells = (c.variant, c.kind, c.metric, format_metric(c.metric, c.value), format_metric(c.metric, c.limit))
+        table.add_row(*map(_shown, cells), outcome)
     console.print(table)
     protocol = result.protocol
     if protocol:  # the last evaluation decides: say which one it was
         console.print(
-            f"measured on {protocol.get('windows')} windows of {protocol.get('ctx')} tokens of "
-            f"{escape(str(protocol.get('text')))} ({protocol.get('tokens_scored')} tokens scored)",
+            _shown(
+                f"measured on {protocol.get('windows')} windows of {protocol.get('ctx')} tokens of "
+                f"{protocol.get('text')} ({protocol.get('tokens_scored')} tokens scored)"
+            ),
             highlight=False,
         )
     if any(not c.passed and not decides(c, result.variant) for c in result.checks):

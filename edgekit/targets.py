@@ -26,6 +26,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     Strict,
+    StringConstraints,
     ValidationError,
     model_validator,
 )
@@ -330,7 +331,10 @@ class TargetsFile(_Strict):
     model_config = ConfigDict(title="edgekit targets.yaml")
 
     schema_version: Annotated[SchemaVersion, BeforeValidator(_exact_int)]
-    targets: dict[str, Target] = Field(min_length=1)
+    # A target's name goes into packages' manifests, tables and JUnit files: letters, digits, ".", "_", "-".
+    targets: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")], Target] = Field(
+        min_length=1
+    )
 
     @model_validator(mode="after")
     def _name_targets(self) -> TargetsFile:
@@ -402,7 +406,9 @@ def get_target(name: str, path: str | Path | None = None) -> Target:
 
 def targets_json_schema() -> dict[str, Any]:
     """JSON Schema of targets.yaml, generated from the models, for editors that validate YAML against a schema."""
-    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **TargetsFile.model_json_schema()}
+    schema = TargetsFile.model_json_schema()
+    schema["properties"]["targets"]["additionalProperties"] = False  # a name outside the pattern is an error
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 # --- one line for every problem -------------------------------------------------------------------------------

@@ -87,6 +87,7 @@ def test_renders_what_transformers_renders(template: str, add_generation_prompt:
             "{% endfor %}",
             "built a value of",
         ),
+        ("{{" + "(" * 300 + "1" + ")" * 300 + "}}", "nested too deeply"),  # jinja's parser recursed out
     ],
 )
 def test_a_hostile_template_is_a_one_line_error_within_seconds(template: str, phrase: str) -> None:

@@ -278,6 +278,14 @@ def test_a_reference_cache_is_read_only_when_its_header_fits(tmp_path: Path) -> 
     assert read_cached_hidden(path, 2, 3) is None
     path.write_bytes(b"not a zip")
     assert read_cached_hidden(path, 2, 3) is None
+    for offset, value in ((8, 98), (6, 1)):  # a compression method zipfile lacks; the encrypted flag
+        write_cached_hidden(path, good)
+        data = bytearray(path.read_bytes())
+        central = data.rfind(b"PK\x01\x02")
+        for header, shift in ((0, offset), (central, offset + 2)):  # the local and the central header
+            data[header + shift : header + shift + 2] = value.to_bytes(2, "little")
+        path.write_bytes(bytes(data))
+        assert read_cached_hidden(path, 2, 3) is None
 
 
 def test_a_long_text_is_tokenized_in_paragraphs_to_the_same_ids(tiny_llama_package: Path, monkeypatch) -> None:

@@ -69,6 +69,12 @@ MALFORMED = {
     "provider-a-mapping": lambda m: m["variants"]["fp32"].update(provider={}),
     "validation-figure-a-string": lambda m: m.update(validation={"variant": "fp32", "max_abs_diff": "x"}),
     "build-step-without-seconds": lambda m: m.update(build_steps=[{"name": "x", "peak_rss_mb": 1}]),
+    # names go into rich tables, JUnit files and terminal lines: "[/x]" was a MarkupError traceback
+    "variant-name-markup": lambda m: m.update(variants={"[/x]": {"path": "fp32"}}),
+    "variant-name-escape": lambda m: m.update(variants={"\x1b]0;x\x07": {"path": "fp32"}}),
+    "default-variant-markup": lambda m: m.update(default_variant="[b]fp32"),
+    "target-name-markup": lambda m: m.update(targets={"[/x]": {"variant": "fp32"}}),
+    "bytes-past-any-float": lambda m: m["variants"]["fp32"].update(bytes=10**400),
 }
 
 
@@ -180,3 +186,23 @@ def test_info_on_a_rewritten_manifest_shows_it_or_says_why_in_one_line(tiny_llam
         if result.exit_code == 2:
             assert result.output.count("\n") == 1 and str(root / MANIFEST) in result.output, (label, result.output)
     assert shown > 50 and refused > 50  # both paths are exercised
+
+
+def test_info_prints_a_packages_text_as_text(tiny_llama_package: Path, tmp_path: Path) -> None:
+    """Markup and terminal escapes in the manifest's free text (a path, tool versions) are shown, not obeyed."""
+    from click.testing import CliRunner
+
+    from edgekit.cli import main
+
+    manifest = json.loads((tiny_llama_package / MANIFEST).read_text(encoding="utf-8"))
+    manifest["source"]["location"] = "/m/[/x][link=https://evil.example]docs[/link]\x1b]0;OWNED\x07"
+    manifest["architecture"] = "[bold red]llama"
+    manifest["tools"] = {"edgekit": "\x1b[2J1.0"}
+    root = tmp_path / "pkg"
+    root.mkdir()
+    (root / MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    result = CliRunner().invoke(main, ["info", str(root)])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert "\x1b" not in result.output and "\x07" not in result.output
+    assert "[/x][link=https://evil.example]docs[/link]\\x1b]0;OWNED\\x07" in result.output
+    assert "[bold red]llama" in result.output and "\\x1b[2J1.0" in result.output

@@ -325,7 +325,9 @@ def test_the_json_schema_knows_every_key_the_parser_accepts() -> None:
     from edgekit.targets import Target
 
     schema = targets_json_schema()
-    assert schema["properties"]["targets"]["additionalProperties"] == {"$ref": "#/$defs/Target"}
+    targets = schema["properties"]["targets"]
+    assert targets["patternProperties"] == {r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$": {"$ref": "#/$defs/Target"}}
+    assert targets["additionalProperties"] is False
     assert set(schema["$defs"]["Target"]["properties"]) == set(Target.model_fields)
     assert "memory_limit_mb" not in schema["$defs"]["Target"]["properties"]  # never enforced: removed
 
@@ -409,3 +411,11 @@ def test_a_hostile_targets_file_is_refused_at_once(text: str, phrase: str, tmp_p
     path.write_text(text, encoding="utf-8")
     with pytest.raises(TargetError, match=phrase):
         load_targets(path)
+
+
+@pytest.mark.parametrize("name", ["my target", "[bold]x", "\x1b[31mred", "-flag", "x" * 65])
+def test_a_target_name_outside_letters_digits_and_dot_dash_underscore_is_refused(tmp_path: Path, name: str) -> None:
+    """A target's name goes into packages' manifests, rich tables and JUnit files."""
+    data = mutated(lambda d: d["targets"].update({name: d["targets"]["laptop-cpu"]}))
+    with pytest.raises(TargetError, match="targets"):
+        load_targets(write_targets(tmp_path, data))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -28,6 +27,7 @@ from edgekit.errors import PackageError, UsageError
 from edgekit.package.manifest import read_manifest, write_manifest
 from edgekit.package.staging import scratch_folder
 from edgekit.package.verify import verify_files
+from edgekit.safe_io import strict_json_loads
 from edgekit.targets import Target, get_target, load_targets
 from edgekit.variants import REFERENCE_VARIANT, deploy_variant
 
@@ -215,8 +215,8 @@ def _load_report(path: Path, *, missing_fix: str) -> dict[str, Any]:
     if not path.is_file():
         raise PackageError("no evaluation report", path=path, fix=missing_fix)
     try:
-        report = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
+        report = strict_json_loads(path.read_bytes())
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, a duplicate key, an integer of over 20 digits
         raise PackageError(f"is not valid JSON ({exc})", path=path, fix=missing_fix) from None
     except RecursionError:
         raise PackageError("is nested too deeply to be a report", path=path, fix=missing_fix) from None

@@ -109,8 +109,8 @@ def read_cached_hidden(path: Path, windows: int, scored: int) -> np.ndarray | No
                 return None
             with archive.open(member) as stream:
                 return np.asarray(np.lib.format.read_array(stream, allow_pickle=False), dtype=np.float32)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-        return None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError):
+        return None  # a compression method or encryption flag zipfile cannot read, too
 
 
 def write_cached_hidden(path: Path, hidden: np.ndarray) -> None:

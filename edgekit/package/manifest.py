@@ -119,6 +119,8 @@ class _Open(BaseModel):
 
 
 Number = StrictInt | StrictFloat
+# Variant and target names: they name folders, go into tables, JUnit files and terminal lines.
+Name = Annotated[StrictStr, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
 
 
 class _Source(_Open):
@@ -156,7 +158,7 @@ class _File(_Open):
 
 
 class _TargetEntry(_Open):
-    variant: StrictStr
+    variant: Name
     providers: list[Any] = []
 
 
@@ -176,14 +178,14 @@ class _Shape(_Open):
     """The types of the manifest fields edgekit reads and prints (a hostile manifest gets no further)."""
 
     files: list[_File] = []
-    default_variant: StrictStr | None = None
-    targets: dict[str, _TargetEntry] = {}
+    default_variant: Name | None = None
+    targets: dict[Name, _TargetEntry] = {}
     edgekit_version: StrictStr | None = None
     source: _Source = _Source(kind="", location="")
     architecture: StrictStr | None = None
     parameter_count: StrictInt | None = None
-    target: StrictStr | None = None
-    variants: dict[str, _Variant] = {}
+    target: Name | None = None
+    variants: dict[Name, _Variant] = {}
     tokenizer: _Tokenizer = _Tokenizer()
     validation: _Validation = _Validation()
     tools: dict[str, StrictStr | None] = {}

@@ -94,6 +94,9 @@ def require_compiles(template: str, path: Path) -> None:
         raise UsageError(
             f"does not compile as a chat template ({first_line(exc, 200)})", path=path, fix=_FIX_TEMPLATE
         ) from None
+    except RecursionError:  # jinja's parser recurses once per nested bracket
+        raise UsageError("does not compile as a chat template (nested too deeply)", path=path,
+                         fix=_FIX_TEMPLATE) from None  # fmt: skip
 
 
 def render_chat(
@@ -116,6 +119,8 @@ def render_chat(
         compiled = environment.from_string(template)
     except jinja2.TemplateError as exc:
         raise UsageError(f"the chat template does not compile ({first_line(exc, 200)})", fix=_FIX_TEMPLATE) from None
+    except RecursionError:  # jinja's parser recurses once per nested bracket
+        raise UsageError("the chat template does not compile (nested too deeply)", fix=_FIX_TEMPLATE) from None
     context = {**(variables or {}), "messages": list(messages), "add_generation_prompt": add_generation_prompt}
     deadline = time.monotonic() + time_limit_s
     try:
