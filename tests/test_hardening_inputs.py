@@ -304,3 +304,18 @@ def test_a_long_text_is_tokenized_in_paragraphs_to_the_same_ids(tiny_llama_packa
     pieced = texts.token_ids(spy, text)
     assert len(calls) > 10 and max(calls) <= 2 * 500 + 100  # bounded pieces, cut at paragraph breaks
     assert pieced.dtype == np.int64 and np.array_equal(pieced, whole)
+
+
+def test_a_tokenizer_pattern_that_panics_the_library_is_one_line(tiny_llama_package: Path, tmp_path: Path) -> None:
+    """tokenizers raises a Rust panic as a BaseException, which no `except Exception` caught (a red-team pass)."""
+    from edgekit.errors import PackageError
+    from edgekit.runtimes.tokens import TextTokenizer
+
+    variant = tiny_llama_package / "int4-rtn"
+    tokenizer = json.loads((variant / "tokenizer.json").read_text(encoding="utf-8"))
+    split = {"type": "Split", "pattern": {"Regex": "(a|aa)+c"}, "behavior": "Isolated", "invert": False}
+    tokenizer["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [split, tokenizer["pre_tokenizer"]]}
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tokenizer), encoding="utf-8")
+    text = TextTokenizer(tmp_path, add_bos=False, bos_token_id=None)
+    with pytest.raises(PackageError, match="the package's tokenizer failed on this text"):
+        text.encode("a" * 3000 + "hi")  # no "c": the regex backtracks past its limit

@@ -5,6 +5,7 @@ are in test_package.py.)"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +76,8 @@ MALFORMED = {
     "default-variant-markup": lambda m: m.update(default_variant="[b]fp32"),
     "target-name-markup": lambda m: m.update(targets={"[/x]": {"variant": "fp32"}}),
     "bytes-past-any-float": lambda m: m["variants"]["fp32"].update(bytes=10**400),
+    # an unpacked archive's folders come from these paths: 40,000 levels took 1.6 GB from 267 bytes
+    "path-thousands-of-levels-deep": lambda m: m["files"][0].update(path="a/" * 40_000 + "x"),
 }
 
 
@@ -206,3 +209,13 @@ def test_info_prints_a_packages_text_as_text(tiny_llama_package: Path, tmp_path:
     assert "\x1b" not in result.output and "\x07" not in result.output
     assert "[/x][link=https://evil.example]docs[/link]\\x1b]0;OWNED\\x07" in result.output
     assert "[bold red]llama" in result.output and "\\x1b[2J1.0" in result.output
+
+
+def test_a_folder_path_too_long_for_the_system_is_one_line(package: Path, monkeypatch) -> None:
+    monkeypatch.chdir(package / "fp32")
+    for _ in range(40):  # each name is allowed, the whole path (made one level at a time) is not
+        os.mkdir("d" * 200)
+        os.chdir("d" * 200)
+    monkeypatch.chdir(package)
+    with pytest.raises(PackageError, match="cannot be read"):
+        verify_files(package, read_manifest(package))

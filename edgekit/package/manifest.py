@@ -152,7 +152,7 @@ class _Validation(_Open):
 
 
 class _File(_Open):
-    path: StrictStr
+    path: Annotated[StrictStr, StringConstraints(max_length=1024)]  # real ones are a folder and a file name
     size: Annotated[StrictInt, Field(ge=0)]
     sha256: Annotated[StrictStr, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 

@@ -39,17 +39,10 @@ def verify_files(root: Path, manifest: dict[str, Any], subfolder: str | None = N
     folder = root if subfolder is None else root / subfolder
     if folder.is_symlink():
         raise PackageError("is a symbolic link; packages hold plain files only", path=folder)
-    present = set()
-    for path in folder.rglob("*"):
-        relative = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            raise PackageError("is a symbolic link; packages hold plain files only", path=path)
-        if path.is_file() and path.stat().st_nlink > 1:
-            raise PackageError("is a hard link; packages hold plain files only", path=path)
-        if not path.is_file() and not path.is_dir():
-            raise PackageError("is a FIFO, socket or device; packages hold plain files only", path=path)
-        if path.is_file() and relative != MANIFEST:
-            present.add(relative)
+    try:
+        present = _present_files(root, folder)
+    except OSError as exc:  # a name too long for this system, a folder that cannot be listed
+        raise PackageError(f"cannot be read ({exc.strerror or exc})", path=folder, fix="rebuild the package") from None
     extra = sorted(present - set(listed))
     if extra:
         raise PackageError("is not listed in the manifest", path=root / extra[0], fix="rebuild the package")
@@ -68,6 +61,22 @@ def verify_files(root: Path, manifest: dict[str, Any], subfolder: str | None = N
     from edgekit.package.references import check_references
 
     check_references(root, {r: e["size"] for r, e in all_listed.items()}, subfolder)
+
+
+def _present_files(root: Path, folder: Path) -> set[str]:
+    """The plain files under ``folder`` (relative to ``root``); a link, hard link or special file is refused."""
+    present: set[str] = set()
+    for path in folder.rglob("*"):
+        relative = path.relative_to(root).as_posix()
+        if path.is_symlink():
+            raise PackageError("is a symbolic link; packages hold plain files only", path=path)
+        if path.is_file() and path.stat().st_nlink > 1:
+            raise PackageError("is a hard link; packages hold plain files only", path=path)
+        if not path.is_file() and not path.is_dir():
+            raise PackageError("is a FIFO, socket or device; packages hold plain files only", path=path)
+        if path.is_file() and relative != MANIFEST:
+            present.add(relative)
+    return present
 
 
 def is_inside(relative: str) -> bool:

@@ -49,7 +49,13 @@ class TextTokenizer:
     def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Ids of ``text`` with no special tokens added, then BOS in front where the model's rule says so."""
         check_text(text)
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+        try:
+            ids: list[int] = self._tokenizer.encode(text, add_special_tokens=False).ids
+        except (KeyboardInterrupt, SystemExit, MemoryError):
+            raise
+        except BaseException as exc:  # a pattern of the file that panics the Rust library (a BaseException)
+            raise PackageError(f"the package's tokenizer failed on this text ({type(exc).__name__}: "
+                               f"{str(exc)[:200]})", fix="rebuild the package") from None  # fmt: skip
         wanted = self.add_bos if add_bos is None else add_bos
         if wanted and self.bos_token_id is not None and ids[:1] != [self.bos_token_id]:
             ids = [self.bos_token_id, *ids]
