@@ -213,3 +213,20 @@ def test_a_manifest_without_a_file_list_lists_nothing(tmp_path: Path, nothing_st
     # Found by fuzz_archive: a manifest with no "files" key ended in a KeyError instead of a refusal.
     archive = write_tar(tmp_path / "nofiles.tar", [member("manifest.json", b'{"schema_version": 1}'), member("a", b"")])
     assert "member 'a' is not listed in the archive's manifest.json" in refuse(archive, tmp_path / "dest")
+
+
+def test_a_member_with_a_huge_pax_header_is_refused(package: Path, tmp_path: Path, nothing_staged: None) -> None:
+    """tarfile keeps every member's pax header: 16 MiB each made a 1.6 MB archive hold 1.7 GB (a red-team pass)."""
+    import io
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for index, (name, data, _, _) in enumerate(package_members(package)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            if index == 1:
+                info.pax_headers = {"comment": "x" * 100_000}
+            tar.addfile(info, io.BytesIO(data))
+    archive = tmp_path / "pax.tar.gz"
+    archive.write_bytes(gzip.compress(raw.getvalue(), mtime=0))
+    assert "has a pax header of over 65536 characters" in refuse(archive, tmp_path / "dest")

@@ -13,6 +13,7 @@ from typing import Any
 from edgekit.errors import PackageError
 from edgekit.package.manifest import MANIFEST
 
+MAX_PAX_CHARACTERS = 1 << 16
 FIX_ARCHIVE = "ask for the archive again, or make one with `edgekit pack`"
 _FORBIDDEN_CHARACTERS = frozenset("\\:") | frozenset(chr(c) for c in range(32)) | {"\x7f"}
 
@@ -36,6 +37,10 @@ class HeaderChecks:
     def check(self, member: tarfile.TarInfo) -> None:
         """Refuse ``member`` (naming it) if its name, type or place is unsafe, or the manifest disagrees."""
         name = checked_name(self.path, member)
+        # tarfile keeps every member's pax header: what `pack` writes (a long name, a size) is a few hundred
+        # bytes, and a 16 MiB header per member would hold gigabytes for a few-megabyte archive.
+        if sum(len(key) + len(value) for key, value in member.pax_headers.items()) > MAX_PAX_CHARACTERS:
+            raise refuse_member(self.path, member.name, f"has a pax header of over {MAX_PAX_CHARACTERS} characters")
         if not (member.isfile() or member.isdir()) or member.issparse():
             raise refuse_member(
                 self.path, member.name, f"is a {member_kind(member)}; package archives hold plain files only"
