@@ -88,6 +88,10 @@ def test_renders_what_transformers_renders(template: str, add_generation_prompt:
             "built a value of",
         ),
         ("{{" + "(" * 300 + "1" + ")" * 300 + "}}", "nested too deeply"),  # jinja's parser recursed out
+        # each under the bound alone, a gigabyte together (a red-team pass)
+        ("{{ ('{0:>999999}' * 1000).format('x') }}", "widths of 999999000 characters in all"),
+        ("{% set l = ['y'] * 100000 %}{{ ('a' * 100).join(l) }}", "joined a string of 10099900 characters"),
+        ("{% set l = ['y'] * 100000 %}{{ l | join('a' * 100) }}", "joined a string of 10099900 characters"),
     ],
 )
 def test_a_hostile_template_is_a_one_line_error_within_seconds(template: str, phrase: str) -> None:

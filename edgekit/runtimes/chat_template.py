@@ -37,6 +37,8 @@ MAX_TEMPLATE_BYTES = 1 << 20
 _TEMPLATE_NAME = "<edgekit chat template>"
 _FOREIGN_TEMPLATE_NAME = "<template>"  # what jinja names a template transformers compiles from a string
 _WIDE_FORMAT = re.compile(r"\d{7,}")  # a width or precision of a million characters or more
+# Widths of a format string: "%-20s" (printf style) and "{0:>20}" (str.format style), each of which pads.
+_FORMAT_WIDTHS = re.compile(r"%[-+ #0]*(\d+)|\{[^{}]*:[^{}\d]*(\d+)")
 # transformers passes these to every template (``special_tokens_map``).
 _SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -230,6 +232,18 @@ def _check_size(operator: str, left: Any, right: Any) -> None:
 def _check_format(text: str) -> None:
     if _WIDE_FORMAT.search(text):
         raise TemplateLimitError("it formatted with a width of a million characters or more")
+    widths = sum(int(a or b) for a, b in _FORMAT_WIDTHS.findall(text))
+    if widths > MAX_OUTPUT_CHARS:  # each width under a million, a thousand of them still a gigabyte
+        raise TemplateLimitError(f"it formatted with widths of {widths} characters in all")
+
+
+def _check_join(separator: Any, items: Any) -> None:
+    """A join whose result would pass the output bound (a long separator between a million items)."""
+    if isinstance(items, str | list | tuple) and isinstance(separator, str):
+        pieces = sum(len(item) if isinstance(item, str) else 1 for item in items)
+        size = pieces + len(separator) * max(len(items) - 1, 0)
+        if size > MAX_OUTPUT_CHARS:
+            raise TemplateLimitError(f"it joined a string of {size} characters")
 
 
 def _bounded(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -263,6 +277,15 @@ def _bounded_format(function: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def _bounded_join(function: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(function)  # jinja's join takes the eval context first
+    def call(context: Any, value: Any, d: Any = "", *args: Any, **kwargs: Any) -> Any:
+        _check_join(d, value)
+        return function(context, value, d, *args, **kwargs)
+
+    return call
+
+
 def _raise_exception(message: str) -> None:
     import jinja2
 
@@ -291,6 +314,8 @@ def _environment() -> Any:
             receiver = getattr(getattr(__obj, "__wrapped__", __obj), "__self__", None)  # jinja wraps str.format
             if isinstance(receiver, str) and getattr(__obj, "__name__", "") in ("format", "format_map"):
                 _check_format(receiver)
+            if isinstance(receiver, str) and getattr(__obj, "__name__", "") == "join" and args:
+                _check_join(receiver, args[0])
             return super().call(__context, __obj, *args, **kwargs)
 
         def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
@@ -320,6 +345,7 @@ def _environment() -> Any:
     environment.filters["tojson"] = _bounded(_tojson)
     environment.filters["format"] = _bounded_format(environment.filters["format"])
     environment.filters["replace"] = _bounded_replace(environment.filters["replace"])
+    environment.filters["join"] = _bounded_join(environment.filters["join"])
     range_function: Callable[..., Any] = environment.globals["range"]  # type: ignore[assignment]
     environment.globals["raise_exception"] = _raise_exception
     environment.globals["strftime_now"] = _strftime_now
