@@ -22,6 +22,11 @@ _NONBLOCK = getattr(os, "O_NONBLOCK", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
+PLAIN_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""The form of a name that becomes a folder, a rich table cell, a JUnit attribute and a terminal line (variant
+and target names): letters, digits, ".", "_" and "-", no markup, no escapes."""
+
+
 def file_kind(mode: int) -> str:
     """What a non-regular ``st_mode`` is, in words."""
     if stat.S_ISDIR(mode):

@@ -34,7 +34,7 @@ from pydantic.json_schema import JsonDict
 from pydantic_core import PydanticCustomError
 
 from edgekit.errors import TargetError
-from edgekit.safe_io import read_regular_file
+from edgekit.safe_io import PLAIN_NAME, read_regular_file
 
 SchemaVersion = Literal[1]
 SCHEMA_VERSION: int = get_args(SchemaVersion)[0]
@@ -331,10 +331,7 @@ class TargetsFile(_Strict):
     model_config = ConfigDict(title="edgekit targets.yaml")
 
     schema_version: Annotated[SchemaVersion, BeforeValidator(_exact_int)]
-    # A target's name goes into packages' manifests, tables and JUnit files: letters, digits, ".", "_", "-".
-    targets: dict[Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")], Target] = Field(
-        min_length=1
-    )
+    targets: dict[Annotated[str, StringConstraints(pattern=PLAIN_NAME)], Target] = Field(min_length=1)
 
     @model_validator(mode="after")
     def _name_targets(self) -> TargetsFile:

@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from edgekit.errors import EdgekitError, PackageError
-from edgekit.safe_io import open_regular, strict_json_loads, write_text_atomic
+from edgekit.safe_io import PLAIN_NAME, open_regular, strict_json_loads, write_text_atomic
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA_VERSION = 1
@@ -119,8 +119,7 @@ class _Open(BaseModel):
 
 
 Number = StrictInt | StrictFloat
-# Variant and target names: they name folders, go into tables, JUnit files and terminal lines.
-Name = Annotated[StrictStr, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+Name = Annotated[StrictStr, StringConstraints(pattern=PLAIN_NAME)]  # variant and target names
 
 
 class _Source(_Open):

@@ -23,8 +23,7 @@ from edgekit.errors import SourceError, first_line
 from edgekit.safe_io import file_kind, open_regular, read_regular_file, require_regular
 from edgekit.sources.prequantized import quantization_method
 from edgekit.sources.registry import Architecture, lookup_architecture, supported_architectures
-from edgekit.sources.weight_files import embedding_shapes, layer_indices
-from edgekit.sources.weight_files import parameter_count as parameter_count_of
+from edgekit.sources.weight_files import element_count, embedding_shapes, layer_indices, tensor_infos
 
 log = logging.getLogger(__name__)
 
@@ -157,11 +156,13 @@ def check_folder(folder: Path, *, allow_pickle: bool = False) -> CheckedFolder:
     safetensors = sorted(folder.glob("*.safetensors"))
     pickles = sorted(p for p in folder.glob("*.bin") if p.name.startswith("pytorch_model"))
     if safetensors:
-        parameter_count = parameter_count_of(safetensors)
+        infos = tensor_infos(safetensors)  # every header read once, for the count and the checks below
+        parameter_count = element_count(infos)
         weights, is_pickle = safetensors, False
         _check_weight_indexes(folder, safetensors)
-        _check_layer_count(architecture.text_section(config), config_path, layer_indices(safetensors))
-        _check_embedding_shape(architecture.text_section(config), config_path, embedding_shapes(safetensors))
+        text = architecture.text_section(config)
+        _check_layer_count(text, config_path, layer_indices(infos))
+        _check_embedding_shape(text, config_path, embedding_shapes(infos))
     elif pickles:
         if not allow_pickle:
             raise SourceError(

@@ -101,32 +101,40 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
     return tensors
 
 
+def tensor_infos(paths: list[Path]) -> list[TensorInfo]:
+    """Every tensor the headers of the given safetensors files declare (each header checked)."""
+    return [info for path in paths for info in read_safetensors_header(path.resolve())]
+
+
 def parameter_count(paths: list[Path]) -> int:
     """Total number of tensor elements declared in the headers of the given safetensors files."""
-    return sum(math.prod(info.shape) for path in paths for info in read_safetensors_header(path.resolve()))
+    return element_count(tensor_infos(paths))
+
+
+def element_count(infos: list[TensorInfo]) -> int:
+    """Total number of elements of these tensors."""
+    return sum(math.prod(info.shape) for info in infos)
 
 
 _LAYER_NAME = re.compile(r"(?:^|\.)layers\.(\d{1,9})\.")  # not int() of a 5,000-digit index
 _NOT_DECODER = ("mtp.", "visual.", "vision_tower.", "model.visual.", "model.vision_tower.")
 
 
-def layer_indices(paths: list[Path]) -> set[int]:
-    """The decoder layer indices the tensors of these safetensors files belong to (vision and MTP excluded)."""
+def layer_indices(infos: list[TensorInfo]) -> set[int]:
+    """The decoder layer indices these tensors belong to (vision and MTP excluded)."""
     indices = set()
-    for path in paths:
-        for info in read_safetensors_header(path.resolve()):
-            match = _LAYER_NAME.search(info.name)
-            if match and not info.name.startswith(_NOT_DECODER):
-                indices.add(int(match.group(1)))
+    for info in infos:
+        match = _LAYER_NAME.search(info.name)
+        if match and not info.name.startswith(_NOT_DECODER):
+            indices.add(int(match.group(1)))
     return indices
 
 
-def embedding_shapes(paths: list[Path]) -> dict[str, tuple[int, ...]]:
-    """The shapes of the decoder's token embeddings (``*embed_tokens.weight``) these safetensors files hold."""
+def embedding_shapes(infos: list[TensorInfo]) -> dict[str, tuple[int, ...]]:
+    """The shapes of the decoder's token embeddings (``*embed_tokens.weight``) among these tensors."""
     return {
         info.name: info.shape
-        for path in paths
-        for info in read_safetensors_header(path.resolve())
+        for info in infos
         if info.name.endswith("embed_tokens.weight") and not info.name.startswith(_NOT_DECODER)
     }
 
