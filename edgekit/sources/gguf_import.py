@@ -26,9 +26,9 @@ import numpy as np
 
 from edgekit.errors import CorruptFileError, EdgekitError, ExportError, SourceError, UnsupportedArchitectureError
 from edgekit.sources.checkpoint import check_config_values
-from edgekit.sources.gguf_header import GGUFHeader, read_gguf_header
+from edgekit.sources.gguf_header import GGUFHeader
 from edgekit.sources.registry import Architecture, lookup_architecture
-from edgekit.sources.weight_files import open_gguf, release_gguf_pages
+from edgekit.sources.weight_files import checked_gguf_header, open_gguf, release_gguf_pages
 
 # GGUF tensor name -> Hugging Face name, for the tensors whose values must survive the import unchanged.
 _TENSOR_NAMES = {
@@ -89,7 +89,7 @@ def gguf_architecture(path: Path) -> Architecture:
 
 def _architecture_name(path: Path) -> str:
     """``general.architecture`` as the checked header read it: a string of at most 4 KiB, else "unknown"."""
-    value = read_gguf_header(path).metadata.get("general.architecture")
+    value = checked_gguf_header(path).metadata.get("general.architecture")
     return value if isinstance(value, str) else "unknown"
 
 
@@ -107,7 +107,7 @@ def check_gguf_tokenizer(path: Path) -> None:
             path=path,
             fix=_NO_TOKENIZER_FIX,
         )
-    for key, value in read_gguf_header(path).metadata.items():
+    for key, value in checked_gguf_header(path).metadata.items():
         # A negative id (an int32 in the file) would count from the vocabulary's end in Python.
         if key.startswith("tokenizer.ggml.") and key.endswith("_token_id") and isinstance(value, int) and value < 0:
             raise CorruptFileError(f"{key} is {value}; a token id is never negative", path=path,
@@ -182,7 +182,7 @@ def _tensor_plan(path: Path, config: Any, parsed: dict[str, Any]) -> _TensorPlan
     from transformers import AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map
 
-    header = read_gguf_header(path)
+    header = checked_gguf_header(path)
     _check_layers(path, config, header)
     with _as_source_error(path), torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=False)

@@ -40,9 +40,9 @@ def source_tokenizer_rule(hf_folder: Path, *, gguf: Path | None, origin: str | P
     does. A config or tokenizer file transformers cannot take is a ``SourceError`` naming ``origin``."""
     gguf_metadata = None
     if gguf is not None:
-        from edgekit.sources.gguf_header import read_gguf_header
+        from edgekit.sources.weight_files import checked_gguf_header
 
-        gguf_metadata = read_gguf_header(gguf).metadata
+        gguf_metadata = checked_gguf_header(gguf).metadata
     try:
         return tokenizer_rule(hf_folder, gguf_metadata)
     except (EdgekitError, KeyboardInterrupt, MemoryError):

@@ -20,7 +20,7 @@ from typing import Any
 from edgekit.errors import CorruptFileError
 from edgekit.safe_io import open_regular, require_regular, strict_json_loads
 from edgekit.sources.gguf_header import FIX as GGUF_FIX
-from edgekit.sources.gguf_header import read_gguf_header
+from edgekit.sources.gguf_header import GGUFHeader, read_gguf_header
 
 # safetensors' own loader caps the header at 100 MB; a real header is a few hundred KB (about 120 bytes per
 # tensor). Tiny JSON entries take about ten times their size as Python objects, so edgekit's cap is lower:
@@ -180,7 +180,7 @@ def _parse_tensor_entry(path: Path, name: str, entry: object) -> tuple[TensorInf
 def _gguf_reader(path: str, size: int, mtime_ns: int) -> Any:
     from gguf import GGUFReader
 
-    read_gguf_header(Path(path))  # the gguf reader trusts the file's counts; check them first
+    checked_gguf_header(Path(path))  # the gguf reader trusts the file's counts; check them first
     try:
         return GGUFReader(path)
     except ImportError:
@@ -201,6 +201,18 @@ def open_gguf(path: Path) -> Any:
     """
     stat = path.stat()
     return _gguf_reader(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+def checked_gguf_header(path: Path) -> GGUFHeader:
+    """``read_gguf_header`` of ``path``, shared between callers while the file is unchanged (walking a real
+    file's vocabulary takes a noticeable fraction of a second, and the build asks several times)."""
+    stat = path.stat()
+    return _gguf_header(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=2)
+def _gguf_header(path: str, size: int, mtime_ns: int) -> GGUFHeader:
+    return read_gguf_header(Path(path))
 
 
 def release_gguf_pages(reader: Any) -> None:
